@@ -1,0 +1,47 @@
+"""The hooks a green-mlops plugin can implement.
+
+A plugin is a module (or object) with functions named like the specs below, decorated with
+:data:`hookimpl`, and advertised through the ``green_mlops`` entry-point group::
+
+    # pyproject.toml of your plugin
+    [project.entry-points.green_mlops]
+    my_meter = "my_package.my_meter"
+
+The built-in plugins in ``green_mlops.plugins`` are registered the same way, so a third-party
+plugin is exactly as privileged as a built-in one. Any plugin can be switched off by name with
+``GREEN_MLOPS_DISABLE_PLUGINS=name,name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from green_mlops.config import Settings
+    from green_mlops.meters import Meter, MeterUnavailable
+
+PROJECT_NAME = "green_mlops"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def green_mlops_meters(settings: Settings) -> Sequence[Meter | MeterUnavailable] | None:
+    """Return the energy meters this plugin can provide on this machine.
+
+    Called once each time a :class:`~green_mlops.tracker.Tracker` starts, in the thread that
+    starts it, and by ``green-mlops doctor``. Keep it fast (it delays the start): open handles,
+    do not measure.
+
+    Return :class:`~green_mlops.meters.Meter` instances for what can be measured, and a
+    :class:`~green_mlops.meters.MeterUnavailable` for what the plugin would measure but cannot
+    here (no driver, permission denied, unsupported counter), with the fix. Return ``None`` or
+    an empty list when the plugin has nothing to say about this machine.
+
+    The engine keeps, for each component (GPU, CPU, RAM), the meters with the best method
+    (counter over sampled power over estimate); the others are reported as superseded.
+    """

@@ -1,0 +1,143 @@
+"""The meter contract: what a plugin hands the engine, and what the engine reads from it.
+
+A meter measures one or more *devices* (a GPU, a CPU package, a DRAM domain, "the CPU" as a
+whole for an estimate). The engine's sampler thread calls :meth:`Meter.sample` every
+``max_interval_s`` seconds at most, and the meter answers with the *cumulative* energy in joules
+of each device since :meth:`Meter.start`. How it gets there is the meter's business:
+
+* ``counter``: read a hardware energy counter (NVML total energy, RAPL ``energy_uj``), unwrap it;
+* ``sampled-power``: read instantaneous power and integrate it over the sample intervals;
+* ``estimate``: model power from utilisation (TDP x load, W per GB in use) and integrate that.
+
+A device that cannot be read right now is answered with a :class:`DeviceError` (never with
+0 J): the engine keeps its last good value, marks the device degraded and says why.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Component",
+    "Device",
+    "DeviceError",
+    "Meter",
+    "MeterUnavailable",
+    "Method",
+    "Readings",
+]
+
+
+class Method(str, enum.Enum):
+    """How a device's energy is obtained, best first."""
+
+    COUNTER = "counter"
+    SAMPLED_POWER = "sampled-power"
+    ESTIMATE = "estimate"
+
+    @property
+    def rank(self) -> int:
+        """0 for the most trustworthy method; used to pick one meter per component."""
+        return list(Method).index(self)
+
+
+class Component(str, enum.Enum):
+    """What part of the machine a device is. Metric keys use these names."""
+
+    GPU = "gpu"
+    CPU = "cpu"
+    RAM = "ram"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Device:
+    """One measured thing.
+
+    ``id`` is unique within a tracker and stable across runs on the same machine
+    (``gpu:0``, ``cpu:package-0``, ``ram:package-0``, ``cpu:estimate``).
+    ``uncertainty`` is the relative half-width of the band around the measured energy
+    (0.05 means +/-5 %), as documented by the meter.
+    """
+
+    id: str
+    component: Component
+    method: Method
+    uncertainty: float
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceError:
+    """A device that could not be read in this sample, with the reason (shown to the user)."""
+
+    reason: str
+
+
+Readings = Mapping[str, "float | DeviceError"]
+"""Cumulative joules since ``start()`` per device id, or the error that prevented the read."""
+
+
+class Meter(abc.ABC):
+    """Base class for energy meters provided through the ``green_mlops_meters`` hook.
+
+    Subclasses set :attr:`name` and :attr:`devices` and implement :meth:`sample`.
+    All methods are called from the engine's sampler thread, except :meth:`start`, which the
+    engine calls once from the thread that starts tracking; the engine serialises the calls.
+    """
+
+    #: Short name shown in provenance and ``green-mlops doctor`` (usually the plugin's name).
+    name: str = ""
+    #: Longest interval between two samples that keeps the meter correct (counter wraparound,
+    #: power integration resolution). The sampler honours the smallest value of all meters.
+    max_interval_s: float = 1.0
+
+    def __init__(self, devices: list[Device]) -> None:
+        self.devices: list[Device] = list(devices)
+
+    def start(self) -> None:
+        """Take the zero point. Called once before the first :meth:`sample`."""
+
+    @abc.abstractmethod
+    def sample(self, now: float) -> Readings:
+        """Return cumulative joules per device since :meth:`start`.
+
+        ``now`` is ``time.monotonic()`` at the moment of the call, for meters that integrate
+        power. Must not raise for a single failing device: return a :class:`DeviceError` for it.
+        If the whole meter fails, raising is fine: every device is then marked failed.
+        """
+
+    def close(self) -> None:
+        """Release handles. Called once when the tracker stops."""
+
+    def notes(self) -> list[str]:
+        """Provenance notes for the run: the basis of an estimate, inferred counter wraps, gaps.
+
+        Read by the engine when it builds a snapshot; return a fresh list, most recent last.
+        """
+        return []
+
+
+@dataclass(frozen=True)
+class MeterUnavailable:
+    """A meter that a plugin could not provide on this machine, with the reason and the fix.
+
+    Returned from the ``green_mlops_meters`` hook instead of a :class:`Meter`, so that
+    ``green-mlops doctor`` and the run's provenance can say what is not measured and why.
+    """
+
+    name: str
+    component: Component
+    reason: str
+    fix: str = ""
+    #: True when the absence is normal here (no NVIDIA driver on a CPU-only host): listed by
+    #: ``green-mlops doctor`` and in provenance, but not warned about at every start.
+    quiet: bool = False
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        text = f"{self.name} ({self.component.value}): {self.reason}"
+        return f"{text}. Fix: {self.fix}" if self.fix else text

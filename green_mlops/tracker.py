@@ -1,0 +1,426 @@
+"""The Tracker: energy per device, component and phase, measured by the shared sampler thread.
+
+    from green_mlops import Tracker
+
+    with Tracker() as tracker:
+        with tracker.phase("train"):
+            train()
+        with tracker.phase("validation"):
+            validate()
+    print(tracker.stop().kwh)
+
+How phases are attributed: entering or leaving a phase only records a timestamp (O(1), no
+syscall in the caller's thread) and wakes the sampler, which reads the meters a moment later.
+The energy of each sample interval is split over the phases active in it in proportion to time,
+so a boundary's attribution error is confined to the few milliseconds between the boundary and
+the sample it triggered. Phases nest; energy goes to the innermost phase, and energy outside
+any phase goes to ``other``: the phases always sum to the total.
+
+After :meth:`Tracker.start`, no method raises into the caller: failures are recorded in the
+snapshot's ``problems`` and logged once.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from green_mlops.config import Settings
+from green_mlops.meters import Component, Device, DeviceError, Meter, MeterUnavailable
+from green_mlops.snapshot import (
+    OTHER_PHASE,
+    DeviceEnergy,
+    PhaseEnergy,
+    Snapshot,
+    TimelinePoint,
+)
+
+log = logging.getLogger("green_mlops")
+
+__all__ = ["Tracker", "offers_from_plugins", "select_meters"]
+
+_MAX_TIMELINE = 4096
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(message: str) -> None:
+    with _warned_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    log.warning("green-mlops: %s", message)
+
+
+def select_meters(
+    offers: Sequence[Meter | MeterUnavailable],
+) -> tuple[list[Meter], list[Meter], list[MeterUnavailable]]:
+    """Split plugin offers into (used, superseded, unavailable).
+
+    For each component, the meter whose best device method ranks highest wins (counter over
+    sampled power over estimate); ties go to the first offer. ``other`` devices never compete.
+    """
+    meters = [o for o in offers if isinstance(o, Meter)]
+    unavailable = [o for o in offers if isinstance(o, MeterUnavailable)]
+    winner: dict[Component, Meter] = {}
+    for meter in meters:
+        for component in {d.component for d in meter.devices} - {Component.OTHER}:
+            best = min(d.method.rank for d in meter.devices if d.component == component)
+            current = winner.get(component)
+            if current is None or best < min(
+                d.method.rank for d in current.devices if d.component == component
+            ):
+                winner[component] = meter
+    used, superseded = [], []
+    for meter in meters:
+        mine = {d.component for d in meter.devices}
+        if Component.OTHER in mine or any(winner.get(c) is meter for c in mine):
+            used.append(meter)
+        else:
+            superseded.append(meter)
+    return used, superseded, unavailable
+
+
+class _DeviceState:
+    __slots__ = ("device", "failures", "joules", "meter", "problem")
+
+    def __init__(self, meter: Meter, device: Device) -> None:
+        self.meter = meter
+        self.device = device
+        self.joules = 0.0
+        self.problem: str | None = None
+        self.failures = 0
+
+
+class Tracker:
+    """Measures energy from :meth:`start` to :meth:`stop`, per device, component and phase.
+
+    Args:
+        settings: resolved settings; by default ``Settings.load(**overrides)``.
+        meters: use these meters instead of asking the plugins (for tests and embedding).
+        **overrides: settings as keyword arguments (``sample_interval_s=0.1``, ...).
+
+    Raises:
+        ConfigError: at construction, for an invalid setting.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        meters: Sequence[Meter | MeterUnavailable] | None = None,
+        **overrides: Any,
+    ) -> None:
+        if settings is None:
+            settings = Settings.load(**overrides)
+        elif overrides:
+            settings = settings.replace(**overrides)
+        self.settings = settings
+        self._offers = None if meters is None else list(meters)
+        self._lock = threading.RLock()
+        self._events: collections.deque[tuple[float, bool, str]] = collections.deque()
+        self._stack: list[str] = []
+        self._meters: list[Meter] = []
+        self._superseded: list[Meter] = []
+        self._unavailable: list[MeterUnavailable] = []
+        self._states: dict[str, _DeviceState] = {}
+        self._phase_joules: dict[str, dict[str, float]] = {}
+        self._phase_seconds: dict[str, float] = {}
+        self._phase_entries: dict[str, int] = {}
+        self._problems: dict[str, None] = {}
+        self._timeline: list[TimelinePoint] = []
+        self._timeline_step = settings.log_interval_s
+        self._pid = os.getpid()
+        self._started = False
+        self._final: Snapshot | None = None
+        self._t0 = self._last = self._last_timeline = 0.0
+        self._unix0 = 0.0
+        self.interval_s = settings.sample_interval_s
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._started and self._final is None and os.getpid() == self._pid
+
+    def start(self) -> Tracker:
+        """Discover meters and start measuring. Calling it again while running does nothing."""
+        if self._started:
+            return self
+        offers = self._offers if self._offers is not None else offers_from_plugins(self.settings)
+        self._meters, self._superseded, self._unavailable = select_meters(offers)
+        for item in self._unavailable:
+            if not item.quiet:
+                _warn_once(item.describe())
+        started: list[Meter] = []
+        for meter in self._meters:
+            try:
+                meter.start()
+            except Exception as exc:
+                self._problem(f"meter {meter.name} failed to start: {exc}")
+                continue
+            started.append(meter)
+            for device in meter.devices:
+                self._states[device.id] = _DeviceState(meter, device)
+        self._meters = started
+        if started:
+            self.interval_s = min(
+                [self.settings.sample_interval_s, *(m.max_interval_s for m in started)]
+            )
+        self._t0 = self._last = self._last_timeline = time.monotonic()
+        self._unix0 = time.time()
+        self._timeline.append(TimelinePoint(self._unix0, {}))
+        self._started = True
+        from green_mlops.sampler import get_sampler
+
+        get_sampler().add(self)
+        return self
+
+    def stop(self) -> Snapshot:
+        """Stop measuring and return the final snapshot. Idempotent; never raises."""
+        if self._final is not None:
+            return self._final
+        if not self._started:
+            return self._empty("the tracker was never started")
+        if os.getpid() != self._pid:
+            return self._empty("this tracker was started in another process (before a fork)")
+        try:
+            from green_mlops.sampler import get_sampler
+
+            get_sampler().remove(self)
+            with self._lock:
+                self.sample_now(time.monotonic())
+                self._append_timeline(force=True)
+                final = self._build(running=False)
+                self._final = final
+            for meter in self._meters:
+                try:
+                    meter.close()
+                except Exception as exc:
+                    self._problem(f"meter {meter.name} failed to close: {exc}")
+            return final
+        except Exception as exc:  # never raise into training code
+            log.exception("green-mlops: stopping the tracker failed")
+            self._final = self._empty(f"stopping failed: {exc}")
+            return self._final
+
+    def __enter__(self) -> Tracker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def enter(self, name: str, *, precise: bool = True) -> None:
+        """Mark the start of phase ``name``. ``precise`` wakes the sampler for a fresh read;
+        leave it False for very frequent phases (per-batch data wait)."""
+        if self._final is not None:
+            return
+        self._events.append((time.monotonic(), True, name))
+        if precise and self._started:
+            self._wake()
+
+    def exit(self, name: str, *, precise: bool = True) -> None:
+        """Mark the end of phase ``name`` (the innermost open phase of that name)."""
+        if self._final is not None:
+            return
+        self._events.append((time.monotonic(), False, name))
+        if precise and self._started:
+            self._wake()
+
+    @contextlib.contextmanager
+    def phase(self, name: str, *, precise: bool = True) -> Iterator[None]:
+        """Context manager around :meth:`enter` / :meth:`exit`."""
+        self.enter(name, precise=precise)
+        try:
+            yield
+        finally:
+            self.exit(name, precise=precise)
+
+    @property
+    def current_phase(self) -> str:
+        """The innermost open phase as of the last sample (``other`` outside phases)."""
+        return self._stack[-1] if self._stack else OTHER_PHASE
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The energy so far. Reads the meters now (in the caller's thread); never raises."""
+        if self._final is not None:
+            return self._final
+        if not self.running:
+            return self._empty("the tracker is not running")
+        try:
+            with self._lock:
+                self.sample_now(time.monotonic())
+                return self._build(running=True)
+        except Exception as exc:
+            self._problem(f"snapshot failed: {exc}")
+            return self._empty(f"snapshot failed: {exc}")
+
+    def sample_now(self, now: float) -> None:
+        """Read every meter and attribute the energy since the last sample (sampler's entry)."""
+        with self._lock:
+            if self._final is not None or os.getpid() != self._pid:
+                return
+            deltas: dict[str, float] = {}
+            for meter in self._meters:
+                try:
+                    readings = meter.sample(now)
+                except Exception as exc:
+                    readings = {
+                        d.id: DeviceError(f"{type(exc).__name__}: {exc}") for d in meter.devices
+                    }
+                for device in meter.devices:
+                    state = self._states.get(device.id)
+                    if state is None:
+                        continue
+                    value = readings.get(device.id, DeviceError("no reading returned"))
+                    if isinstance(value, DeviceError):
+                        state.failures += 1
+                        if state.problem != value.reason:
+                            state.problem = value.reason
+                            self._problem(f"{device.id} ({meter.name}): {value.reason}")
+                        continue
+                    state.problem = None
+                    if value > state.joules:
+                        deltas[device.id] = value - state.joules
+                        state.joules = value
+            self._attribute(now, deltas)
+            self._append_timeline()
+
+    def _attribute(self, now: float, deltas: dict[str, float]) -> None:
+        """Split ``deltas`` (energy of [last, now]) over the phases active in that interval."""
+        segments: dict[str, float] = {}
+        cursor = self._last
+        while self._events and self._events[0][0] <= now:
+            t, entering, name = self._events.popleft()
+            t = max(t, cursor)
+            leaf = self.current_phase
+            segments[leaf] = segments.get(leaf, 0.0) + (t - cursor)
+            cursor = t
+            if entering:
+                self._stack.append(name)
+                self._phase_entries[name] = self._phase_entries.get(name, 0) + 1
+            elif name in self._stack:
+                del self._stack[len(self._stack) - 1 - self._stack[::-1].index(name)]
+        leaf = self.current_phase
+        segments[leaf] = segments.get(leaf, 0.0) + max(0.0, now - cursor)
+        span = sum(segments.values())
+        for phase, seconds in segments.items():
+            self._phase_seconds[phase] = self._phase_seconds.get(phase, 0.0) + seconds
+            share = seconds / span if span > 0 else (1.0 if phase == leaf else 0.0)
+            if share <= 0:
+                continue
+            bucket = self._phase_joules.setdefault(phase, {})
+            for device, joules in deltas.items():
+                bucket[device] = bucket.get(device, 0.0) + joules * share
+        self._last = max(self._last, now)
+
+    def _append_timeline(self, *, force: bool = False) -> None:
+        if not force and self._last - self._last_timeline < self._timeline_step:
+            return
+        self._last_timeline = self._last
+        totals: dict[str, float] = {}
+        for state in self._states.values():
+            key = state.device.component.value
+            totals[key] = totals.get(key, 0.0) + state.joules
+        self._timeline.append(TimelinePoint(self._unix(self._last), totals))
+        if len(self._timeline) > _MAX_TIMELINE:  # halve the resolution, keep first and last
+            self._timeline = self._timeline[::2] + (
+                [self._timeline[-1]] if len(self._timeline) % 2 == 0 else []
+            )
+            self._timeline_step *= 2
+
+    def _build(self, *, running: bool) -> Snapshot:
+        devices = tuple(
+            DeviceEnergy(
+                device=s.device.id,
+                component=s.device.component.value,
+                meter=s.meter.name,
+                method=s.device.method.value,
+                joules=s.joules,
+                uncertainty=s.device.uncertainty,
+                status="failed" if s.problem else ("degraded" if s.failures else "ok"),
+                problem=s.problem,
+                label=s.device.label,
+            )
+            for s in self._states.values()
+        )
+        phases = {
+            name: PhaseEnergy(
+                name=name,
+                duration_s=self._phase_seconds.get(name, 0.0),
+                entries=self._phase_entries.get(name, 0),
+                joules_by_device=dict(self._phase_joules.get(name, {})),
+            )
+            for name in {*self._phase_seconds, *self._phase_joules}
+        }
+        notes: list[str] = []
+        for meter in self._meters:
+            try:
+                notes.extend(f"{meter.name}: {note}" for note in meter.notes())
+            except Exception as exc:
+                self._problem(f"meter {meter.name} notes failed: {exc}")
+        return Snapshot(
+            started_at=self._unix0,
+            duration_s=self._last - self._t0,
+            devices=devices,
+            phases=phases,
+            timeline=tuple(self._timeline),
+            unavailable=tuple(u.describe() for u in self._unavailable),
+            superseded=tuple(
+                f"{m.name} ({', '.join(sorted({d.component.value for d in m.devices}))})"
+                for m in self._superseded
+            ),
+            problems=tuple(self._problems),
+            notes=tuple(notes),
+            running=running,
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _unix(self, monotonic: float) -> float:
+        return self._unix0 + (monotonic - self._t0)
+
+    def _wake(self) -> None:
+        from green_mlops.sampler import get_sampler
+
+        get_sampler().request(self)
+
+    def _problem(self, message: str) -> None:
+        if message not in self._problems:
+            self._problems[message] = None
+            _warn_once(message)
+
+    def _empty(self, problem: str) -> Snapshot:
+        return Snapshot(
+            started_at=self._unix0 or time.time(),
+            duration_s=0.0,
+            devices=(),
+            phases={},
+            problems=(*self._problems, problem),
+            running=False,
+        )
+
+
+def offers_from_plugins(settings: Settings) -> list[Meter | MeterUnavailable]:
+    """Ask every registered plugin for its meters (and the ones it cannot provide here)."""
+    from green_mlops.plugin_manager import get_plugin_manager
+
+    pm = get_plugin_manager(settings.disable_plugins)
+    offers: list[Meter | MeterUnavailable] = [
+        MeterUnavailable(name, Component.OTHER, f"plugin failed to load ({error})")
+        for name, error in pm.load_errors.items()
+    ]
+    # pluggy calls the most recently registered plugin first; reverse to keep entry-point order.
+    for result in reversed(pm.hook.green_mlops_meters(settings=settings)):
+        offers.extend(result or ())
+    return offers

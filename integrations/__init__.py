@@ -1,0 +1,1 @@
+"""Thin adapters between the green-mlops core and host frameworks (MLflow, Lightning)."""
