@@ -33,7 +33,7 @@ def doctor(settings: Settings, sample_s: float) -> int:
 
     console = _console()
     pm = get_plugin_manager(settings.disable_plugins)
-    names = sorted(name for name, _ in pm.list_name_plugin())
+    names = sorted(name for name, plugin in pm.list_name_plugin() if plugin is not None)
     console.print(f"[bold]Plugins loaded:[/] {', '.join(names) or 'none'}")
     if settings.disable_plugins:
         console.print(f"[bold]Disabled:[/] {', '.join(sorted(settings.disable_plugins))}")

@@ -15,13 +15,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "Settings", "settings_table"]
+__all__ = ["ConfigError", "Secret", "Settings", "settings_table"]
 
 ENV_PREFIX = "GREEN_MLOPS_"
 
 
 class ConfigError(ValueError):
     """A setting has a value outside its accepted form. Raised before measuring starts."""
+
+
+class Secret:
+    """A value that must never be shown: ``str``, ``repr`` and f-strings give ``***``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that sends it (an HTTP header)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Secret cannot be pickled")
 
 
 # --- parsers: str | typed value -> typed value, raising ValueError with no value in the text ---
@@ -45,7 +73,10 @@ def _float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[objec
     def parse(value: object) -> float:
         if isinstance(value, bool):
             raise ValueError
-        number = float(value)  # type: ignore[arg-type]
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError from None
         if number != number or (number <= lo if lo_open else number < lo) or number > hi:
             raise ValueError
         return number
@@ -80,6 +111,25 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
+def _url(value: object) -> str:
+    text = str(value).strip().rstrip("/")
+    if not text.startswith(("http://", "https://")) or len(text) < 10 or " " in text:
+        raise ValueError
+    return text
+
+
+def _postcode(value: object) -> str:
+    text = str(value).strip().upper()
+    if not 2 <= len(text) <= 4 or not text.isalnum() or not text[0].isalpha():
+        raise ValueError
+    return text
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "green-mlops"
+
+
 def _path(value: object) -> Path:
     text = str(value).strip()
     if not text:
@@ -90,6 +140,72 @@ def _path(value: object) -> Path:
 def _text(value: object) -> str:
     text = str(value).strip()
     if not text:
+        raise ValueError
+    return text
+
+
+def _secret(value: object) -> Secret | None:
+    if isinstance(value, Secret):
+        return value
+    text = str(value).strip() if value is not None else ""
+    return Secret(text) if text else None
+
+
+def _providers(value: object) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    names = tuple(str(item).strip().lower() for item in items if str(item).strip())
+    if not names or len(set(names)) != len(names):
+        raise ValueError
+    if any(not name.replace("_", "").replace("-", "").isalnum() for name in names):
+        raise ValueError
+    return names
+
+
+def _location(value: object) -> str | None:
+    if value is None or not str(value).strip():
+        return None
+    from green_mlops.location import parse_location
+
+    return parse_location(str(value)).raw  # raises ValueError for an unknown form
+
+
+class Pue(float):
+    """A PUE value that remembers where it came from (a cloud's published figure or the user)."""
+
+    source: str = "user value (GREEN_MLOPS_PUE)"
+
+    def __new__(cls, value: float, source: str | None = None) -> Pue:
+        self = super().__new__(cls, value)
+        if source is not None:
+            self.source = source
+        return self
+
+
+def _pue(value: object) -> float:
+    if isinstance(value, Pue):
+        return value
+    from green_mlops.footprint import CLOUD_PUE
+
+    text = str(value).strip().lower()
+    if text in CLOUD_PUE:
+        figure = CLOUD_PUE[text]
+        return Pue(figure.value, f"{text} fleet average {figure.year}: {figure.source}")
+    number = _float_in(1.0, 5.0)(value)
+    if number == 1.0:
+        return Pue(1.0, "default 1.0: IT energy only, no data-centre overhead counted")
+    return Pue(number)
+
+
+def _currency(value: object) -> str:
+    text = str(value).strip().upper()
+    if len(text) != 3 or not text.isalpha():
+        raise ValueError
+    return text
+
+
+def _unit(value: object) -> str:
+    text = str(value).strip()
+    if not text or not text.replace("_", "").replace("-", "").isalnum():
         raise ValueError
     return text
 
@@ -178,8 +294,157 @@ class Settings:
         "RAM_W_PER_GB",
         0.3725,
         _float_in(0.0, 100.0),
-        "watts per GB, in [0, 100]",
-        "Power of memory in use, for the RAM estimate (Green Algorithms: 0.3725 W/GB).",
+        "watts per GiB, in [0, 100]",
+        "Power per GiB (2**30 bytes) of memory in use, for the RAM estimate "
+        "(Green Algorithms: 0.3725 W/GB).",
+    )
+
+    # --- carbon, cost, embodied emissions -----------------------------------------------
+    location: str | None = _setting(
+        "LOCATION",
+        None,
+        _location,
+        "an ISO 3166 country code (DE, DEU), an Electricity Maps zone (US-CAL-CISO), or a "
+        "cloud region (aws:eu-west-1, gcp:europe-west4, azure:westeurope)",
+        "Where the electricity is drawn. Unset: the world average, with a warning. "
+        "Never guessed from the IP address.",
+    )
+    intensity_providers: tuple[str, ...] = _setting(
+        "INTENSITY_PROVIDERS",
+        ("constant", "electricitymaps", "watttime", "static"),
+        _providers,
+        "comma-separated provider names, first preferred, e.g. electricitymaps,uk,static",
+        "Carbon-intensity providers in order of preference; each falls back to the next. "
+        "Unconfigured ones (no token) are skipped; `static` works offline.",
+    )
+    intensity_g_per_kwh: float | None = _setting(
+        "INTENSITY_G_PER_KWH",
+        None,
+        _optional(_float_in(0.0, 3000.0)),
+        "gCO2e/kWh in [0, 3000], or empty",
+        "A constant grid intensity of your own (the `constant` provider), e.g. from a PPA.",
+    )
+    electricitymaps_token: Secret | None = _setting(
+        "ELECTRICITYMAPS_TOKEN",
+        None,
+        _secret,
+        "an Electricity Maps API token",
+        "Enables the Electricity Maps provider (time-resolved, lifecycle). Never logged.",
+        secret=True,
+    )
+    electricitymaps_url: str = _setting(
+        "ELECTRICITYMAPS_URL",
+        "https://api.electricitymaps.com",
+        _url,
+        "an http(s) URL",
+        "Base URL of the Electricity Maps API v3.",
+    )
+    watttime_username: str | None = _setting(
+        "WATTTIME_USERNAME",
+        None,
+        _optional(_text),
+        "a WattTime user name",
+        "Enables the WattTime provider (marginal MOER) together with the password.",
+    )
+    watttime_password: Secret | None = _setting(
+        "WATTTIME_PASSWORD",
+        None,
+        _secret,
+        "a WattTime password",
+        "WattTime password. Never logged.",
+        secret=True,
+    )
+    watttime_url: str = _setting(
+        "WATTTIME_URL",
+        "https://api.watttime.org",
+        _url,
+        "an http(s) URL",
+        "Base URL of the WattTime API v3.",
+    )
+    uk_url: str = _setting(
+        "UK_URL",
+        "https://api.carbonintensity.org.uk",
+        _url,
+        "an http(s) URL",
+        "Base URL of the UK Carbon Intensity API (used when `uk` is in the provider list).",
+    )
+    uk_postcode: str | None = _setting(
+        "UK_POSTCODE",
+        None,
+        _optional(_postcode),
+        "an outward UK postcode, e.g. SW1A or RG10",
+        "Regional UK intensity for this postcode area instead of the national figure.",
+    )
+    http_timeout_s: float = _setting(
+        "HTTP_TIMEOUT_S",
+        10.0,
+        _float_in(0.1, 120.0),
+        "seconds in [0.1, 120]",
+        "Read timeout of intensity API calls (connect timeout: a third of it, at most 3.05 s).",
+    )
+    cache_dir: Path = _setting(
+        "CACHE_DIR",
+        _default_cache_dir(),
+        _path,
+        "a directory path",
+        "Where API responses are cached on disk ($XDG_CACHE_HOME/green-mlops by default).",
+    )
+    cache_ttl_s: float = _setting(
+        "CACHE_TTL_S",
+        3600.0,
+        _float_in(0.0, 7 * 86400.0),
+        "seconds in [0, 604800]",
+        "How long a cached API response is reused (0 disables the cache).",
+    )
+    pue: float = _setting(
+        "PUE",
+        Pue(1.0, "default 1.0: IT energy only, no data-centre overhead counted"),
+        _pue,
+        "a number in [1, 5], or aws or gcp for the provider's published fleet PUE",
+        "Power usage effectiveness of the data centre: facility energy / IT energy.",
+    )
+    price_per_kwh: float | None = _setting(
+        "PRICE_PER_KWH",
+        None,
+        _optional(_float_in(0.0, 100.0)),
+        "a price in [0, 100] per kWh, or empty",
+        "Electricity price, for `green/cost` (facility energy x price).",
+    )
+    currency: str = _setting(
+        "CURRENCY",
+        "EUR",
+        _currency,
+        "an ISO 4217 code, e.g. EUR, USD",
+        "Currency of the price.",
+    )
+    embodied_kgco2e: float | None = _setting(
+        "EMBODIED_KGCO2E",
+        None,
+        _optional(_float_in(0.0, 1e6)),
+        "kgCO2e in [0, 1e6], or empty",
+        "Embodied emissions of the reserved hardware (SCI's TE); overrides the known-device "
+        "defaults.",
+    )
+    hardware_lifetime_years: float = _setting(
+        "HARDWARE_LIFETIME_YEARS",
+        4.0,
+        _float_in(0.1, 30.0),
+        "years in [0.1, 30]",
+        "Expected lifespan of the hardware, to amortise embodied emissions (SCI's EL).",
+    )
+    resource_share: float = _setting(
+        "RESOURCE_SHARE",
+        1.0,
+        _float_in(0.0, 1.0, lo_open=True),
+        "a fraction in (0, 1]",
+        "Share of the machine reserved by this job (SCI's RR/TR), for embodied emissions.",
+    )
+    functional_unit: str = _setting(
+        "FUNCTIONAL_UNIT",
+        "run",
+        _unit,
+        "run, sample, token, or a name of your own (letters, digits, _ and -)",
+        "SCI's R: what `green/sci_g_per_<unit>` divides by.",
     )
 
     @classmethod
@@ -201,10 +466,14 @@ class Settings:
                 continue
             try:
                 values[f.name] = meta["parse"](raw)
-            except (ValueError, TypeError):
-                shown = "<secret>" if meta["secret"] else repr(raw)
+            except (ValueError, TypeError) as exc:
+                if meta["secret"]:
+                    raise ConfigError(
+                        f"{origin}=<secret> is not valid: expected {meta['accepted']}"
+                    ) from None
+                hint = f" ({exc})" if str(exc) else ""
                 raise ConfigError(
-                    f"{origin}={shown} is not valid: expected {meta['accepted']}"
+                    f"{origin}={raw!r} is not valid{hint}: expected {meta['accepted']}"
                 ) from None
         return cls(**values)
 
@@ -220,6 +489,8 @@ def settings_table() -> Iterator[tuple[str, str, str, str]]:
         default = f.default
         if isinstance(default, frozenset):
             shown = ",".join(sorted(default)) or "(none)"
+        elif isinstance(default, tuple):
+            shown = ",".join(default)
         elif default is None:
             shown = "(unset)"
         else:

@@ -21,6 +21,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from green_mlops.config import Settings
+    from green_mlops.intensity import IntensityProvider
     from green_mlops.meters import Meter, MeterUnavailable
 
 PROJECT_NAME = "green_mlops"
@@ -44,4 +45,17 @@ def green_mlops_meters(settings: Settings) -> Sequence[Meter | MeterUnavailable]
 
     The engine keeps, for each component (GPU, CPU, RAM), the meters with the best method
     (counter over sampled power over estimate); the others are reported as superseded.
+    """
+
+
+@hookspec
+def green_mlops_intensity_providers(settings: Settings) -> Sequence[IntensityProvider] | None:
+    """Return the carbon-intensity providers this plugin offers.
+
+    Called once per accountant (each tracked run), in the thread that starts it; keep it cheap:
+    no network here. Each provider has a unique ``name``; ``GREEN_MLOPS_INTENSITY_PROVIDERS``
+    picks which are used and in which order (the first that covers a piece of time prices it).
+    A provider that needs a token it does not have still returns itself and says so from
+    :meth:`~green_mlops.intensity.IntensityProvider.configured`, so provenance can tell why it
+    was skipped.
     """

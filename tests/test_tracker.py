@@ -117,8 +117,9 @@ def test_a_meter_that_fails_to_start_is_left_out(clock_meter: ClockMeter) -> Non
         def start(self) -> None:
             raise PermissionError("no access")
 
-    tracker = Tracker(meters=[clock_meter, NoStart(name="nostart", device="gpu:0",
-                                                   component=Component.GPU)]).start()
+    tracker = Tracker(
+        meters=[clock_meter, NoStart(name="nostart", device="gpu:0", component=Component.GPU)]
+    ).start()
     snap = tracker.stop()
     assert [d.device for d in snap.devices] == ["cpu:clock"]
     assert any("nostart failed to start: no access" in p for p in snap.problems)
@@ -127,8 +128,9 @@ def test_a_meter_that_fails_to_start_is_left_out(clock_meter: ClockMeter) -> Non
 def test_meter_selection_prefers_counters_per_component() -> None:
     rapl = ClockMeter(name="rapl", device="cpu:package-0")
     estimate = ClockMeter(name="cpu_estimate", method=Method.ESTIMATE, device="cpu:estimate")
-    gpu = ClockMeter(name="nvml", component=Component.GPU, device="gpu:0",
-                     method=Method.SAMPLED_POWER)
+    gpu = ClockMeter(
+        name="nvml", component=Component.GPU, device="gpu:0", method=Method.SAMPLED_POWER
+    )
     custom = ClockMeter(name="fpga", component=Component.OTHER, device="fpga:0")
     missing = MeterUnavailable("ram_x", Component.RAM, "not here", fix="do this")
     used, superseded, unavailable = select_meters([estimate, rapl, gpu, custom, missing])
@@ -181,8 +183,9 @@ def test_timeline_is_bounded_and_gives_power(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_metrics_and_tags_follow_the_scheme(clock_meter: ClockMeter) -> None:
-    tracker = Tracker(meters=[clock_meter, MeterUnavailable("nvml", Component.GPU, "no driver",
-                                                            quiet=True)]).start()
+    tracker = Tracker(
+        meters=[clock_meter, MeterUnavailable("nvml", Component.GPU, "no driver", quiet=True)]
+    ).start()
     with tracker.phase("train"):
         time.sleep(0.05)
     snap = tracker.stop()
@@ -246,8 +249,9 @@ def test_interpreter_exit_with_a_running_tracker_is_clean(tmp_path: object) -> N
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "exiting"
     assert "Traceback" not in proc.stderr and "Exception" not in proc.stderr
@@ -262,10 +266,13 @@ def test_user_meter_in_twenty_lines() -> None:
         max_interval_s = 0.5
 
         def __init__(self) -> None:
-            super().__init__([
-                __import__("green_mlops").Device("plug:0", Component.OTHER, Method.SAMPLED_POWER,
-                                                 0.01)
-            ])
+            super().__init__(
+                [
+                    __import__("green_mlops").Device(
+                        "plug:0", Component.OTHER, Method.SAMPLED_POWER, 0.01
+                    )
+                ]
+            )
             self.joules, self.last = 0.0, 0.0
 
         def start(self) -> None:
@@ -279,5 +286,4 @@ def test_user_meter_in_twenty_lines() -> None:
     snap = Tracker(meters=[WattMeter()]).start()
     time.sleep(0.1)
     result = snap.stop()
-    assert result.joules_by_component()["other"] == pytest.approx(230 * result.duration_s,
-                                                                  rel=1e-4)
+    assert result.joules_by_component()["other"] == pytest.approx(230 * result.duration_s, rel=1e-4)

@@ -1,0 +1,267 @@
+"""Time-resolved carbon accounting: energy in each interval x the intensity of that interval.
+
+The energy side is a timeline of cumulative joules (the tracker's); power is taken as constant
+between two timeline points. The intensity side is a chain of :class:`IntensitySeries`, most
+preferred first: each piece of time is priced by the first series that covers it, so a forecast
+shorter than the run or an API outage is filled by the next provider (ultimately a yearly
+table, which covers all time) and the result says how much energy each source priced.
+
+Splitting is exact and additive: the carbon of a run split in two at any instant equals the
+sum of the two parts (a property test checks it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from green_mlops.config import Settings
+from green_mlops.intensity import IntensityProvider, IntensitySeries, IntensityUnavailable
+from green_mlops.location import UNKNOWN, Location, parse_location
+
+log = logging.getLogger("green_mlops")
+
+__all__ = ["CarbonAccountant", "CarbonResult", "account"]
+
+KWH = 3.6e6
+
+
+@dataclass(frozen=True)
+class CarbonResult:
+    """Carbon of an energy timeline, with the sources that priced it."""
+
+    grams: float
+    kwh: float
+    #: kWh priced by each source (``IntensitySeries.describe()``), in chain order.
+    kwh_by_source: dict[str, float]
+    #: kWh that no series covered (0 when the chain ends with a yearly table).
+    unpriced_kwh: float = 0.0
+
+    @property
+    def mean_g_per_kwh(self) -> float:
+        priced = self.kwh - self.unpriced_kwh
+        return self.grams / priced if priced > 0 else float("nan")
+
+    @property
+    def primary_source(self) -> str:
+        """The source that priced the most energy."""
+        if not self.kwh_by_source:
+            return "none"
+        return max(self.kwh_by_source.items(), key=lambda item: item[1])[0]
+
+
+def account(
+    timeline: Sequence[tuple[float, float]], chain: Sequence[IntensitySeries]
+) -> CarbonResult:
+    """Carbon of ``timeline`` ((Unix time, cumulative joules), sorted) priced by ``chain``.
+
+    O(timeline + points): one cursor per series that only moves forward (the timeline is
+    sorted, the points are sorted and disjoint).
+    """
+    grams = 0.0
+    total_j = 0.0
+    unpriced_j = 0.0
+    keys = [series.describe() for series in chain]
+    by_kwh = [0.0] * len(chain)
+    points = [series.points for series in chain]
+    cursors = [0] * len(chain)
+    for (t0, e0), (t1, e1) in itertools.pairwise(timeline):
+        joules = e1 - e0
+        if joules <= 0:
+            continue
+        total_j += joules
+        if t1 <= t0:
+            t1 = math.nextafter(t0, math.inf)  # t0 + 1e-9 == t0 for Unix times
+        # Fast path, the common case (10 s of energy inside a 5 min .. 1 year point): the
+        # first series with a point overlapping [t0, t1) covers it whole.
+        for k, pts in enumerate(points):
+            i, n = cursors[k], len(pts)
+            while i < n and pts[i].end <= t0:  # points wholly before this interval
+                i += 1
+            cursors[k] = i
+            if i < n and pts[i].start < t1:
+                p = pts[i]
+                if p.start <= t0 and t1 <= p.end:
+                    grams += joules / KWH * p.g_per_kwh
+                    by_kwh[k] += joules / KWH
+                    joules = 0.0
+                break
+        if joules == 0.0:
+            continue
+        watts = joules / (t1 - t0)
+        gaps = [(t0, t1)]
+        for k, pts in enumerate(points):
+            if not gaps:
+                break
+            i, n = cursors[k], len(pts)
+            remaining: list[tuple[float, float]] = []
+            for a, b in gaps:
+                j = i
+                while j < n and pts[j].end <= a:
+                    j += 1
+                cursor = a
+                while j < n and pts[j].start < b:
+                    p = pts[j]
+                    lo = cursor if cursor > p.start else p.start
+                    hi = b if b < p.end else p.end
+                    if lo > cursor:
+                        remaining.append((cursor, lo))
+                    piece = watts * (hi - lo)
+                    grams += piece / KWH * p.g_per_kwh
+                    by_kwh[k] += piece / KWH
+                    cursor = hi
+                    if cursor >= b:
+                        break
+                    j += 1
+                if cursor < b:
+                    remaining.append((cursor, b))
+            gaps = remaining
+        for a, b in gaps:
+            unpriced_j += watts * (b - a)
+    by_source: dict[str, float] = {}
+    for key, value in zip(keys, by_kwh, strict=True):
+        if value > 0:
+            by_source[key] = by_source.get(key, 0.0) + value
+    return CarbonResult(
+        grams=grams, kwh=total_j / KWH, kwh_by_source=by_source, unpriced_kwh=unpriced_j / KWH
+    )
+
+
+class CarbonAccountant:
+    """Fetches intensity for a run off the training thread and prices its energy.
+
+    ``start(t)`` begins a background refresh; ``refresh()`` may be called again during long runs;
+    ``result(timeline)`` prices the energy with whatever the providers returned, waiting at most
+    ``wait_s`` for a fetch still under way. Providers that are not configured or fail are
+    skipped and the reason is kept in :attr:`skipped` (provenance).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        providers: Sequence[IntensityProvider] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.location: Location = (
+            parse_location(settings.location) if settings.location else UNKNOWN
+        )
+        self._providers = (
+            list(providers) if providers is not None else providers_from_plugins(settings)
+        )
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._future: Future[list[IntensitySeries]] | None = None
+        self._series: list[IntensitySeries] = []
+        self.skipped: dict[str, str] = {}
+        if not self.location.known:
+            _warn_unknown_location()
+
+    @property
+    def providers(self) -> list[IntensityProvider]:
+        return list(self._providers)
+
+    @property
+    def chain(self) -> list[IntensitySeries]:
+        """The series of the last completed fetch, in preference order."""
+        with self._lock:
+            return list(self._series)
+
+    def refresh(self, start: float, end: float) -> Future[list[IntensitySeries]]:
+        """Fetch ``[start, end)`` from every provider in the background (one fetch at a time)."""
+        with self._lock:
+            if self._future is not None and not self._future.done():
+                return self._future
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="green-mlops-intensity")
+            self._future = self._pool.submit(self._fetch, start, end)
+            return self._future
+
+    def result(
+        self, timeline: Sequence[tuple[float, float]], *, wait_s: float = 2.0
+    ) -> CarbonResult:
+        """Price ``timeline`` now. Never raises; an unpriced remainder is reported as such."""
+        if timeline:
+            start, end = timeline[0][0], timeline[-1][0]
+            future = self.refresh(start, end)
+            try:
+                future.result(timeout=wait_s)
+            except Exception as exc:  # timeout or a provider bug: use what we have
+                self.skipped.setdefault("fetch", f"not finished after {wait_s:g} s ({exc!r})")
+        with self._lock:
+            chain = list(self._series)
+        return account(timeline, chain)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _fetch(self, start: float, end: float) -> list[IntensitySeries]:
+        chain: list[IntensitySeries] = []
+        for provider in self._providers:
+            reason = provider.configured()
+            if reason is not None:
+                self.skipped[provider.name] = reason
+                continue
+            try:
+                series = provider.series(self.location, start, end)
+            except IntensityUnavailable as exc:
+                self.skipped[provider.name] = str(exc)
+                continue
+            except Exception as exc:  # a provider bug must not lose the run's carbon
+                log.exception("green-mlops: intensity provider %s failed", provider.name)
+                self.skipped[provider.name] = f"failed: {type(exc).__name__}"
+                continue
+            self.skipped.pop(provider.name, None)
+            chain.append(series)
+            if series.covered(start, end) >= end - start:
+                break
+        with self._lock:
+            self._series = chain
+        return chain
+
+
+def providers_from_plugins(settings: Settings) -> list[IntensityProvider]:
+    """The providers named in ``settings.intensity_providers``, in that order."""
+    from green_mlops.plugin_manager import get_plugin_manager
+
+    pm = get_plugin_manager(settings.disable_plugins)
+    offered: dict[str, IntensityProvider] = {}
+    for result in reversed(pm.hook.green_mlops_intensity_providers(settings=settings)):
+        for provider in result or ():
+            offered.setdefault(provider.name, provider)
+    chosen = []
+    for name in settings.intensity_providers:
+        if name in offered:
+            chosen.append(offered[name])
+        else:
+            _warn_once_missing(name, sorted(offered))
+    return chosen
+
+
+_warned: set[str] = set()
+
+
+def _warn_once_missing(name: str, available: list[str]) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        log.warning(
+            "green-mlops: intensity provider %r is not installed (GREEN_MLOPS_INTENSITY_PROVIDERS);"
+            " available: %s",
+            name,
+            ", ".join(available) or "none",
+        )
+
+
+def _warn_unknown_location() -> None:
+    if "location" not in _warned:
+        _warned.add("location")
+        log.warning(
+            "green-mlops: location unknown, so carbon uses the WORLD AVERAGE grid intensity. "
+            "Set GREEN_MLOPS_LOCATION to a country (DE), an Electricity Maps zone (US-CAL-CISO) "
+            "or a cloud region (aws:eu-west-1)."
+        )

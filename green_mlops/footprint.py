@@ -1,0 +1,397 @@
+"""The footprint of a run: facility energy, operational and embodied carbon, cost and SCI.
+
+Order of the calculation (each step documented where it happens):
+
+1. IT energy ``E_IT`` is what the meters measured (:attr:`Snapshot.kwh`).
+2. :func:`green_mlops.carbon.account` prices the IT energy timeline with the grid intensity of
+   each interval: ``C_IT`` grams.
+3. PUE scales both: facility energy ``E = E_IT x PUE``; operational carbon ``C = C_IT x PUE``
+   (PUE is a constant, so multiplying after the time-resolved sum is exact).
+4. Cost ``E x price`` when a price is configured (otherwise *not configured*, never 0).
+5. Embodied carbon, the SCI ``M`` term:
+   ``M = TE x 1000 x reserved_s / (lifetime_years x 365.25 x 86400) x resource_share`` grams.
+6. ``SCI = (C + M) / R`` with ``R`` the number of functional units (1 for ``run``).
+
+Uncertainty: the relative energy band of the snapshot (meters' documented bands, added
+linearly) is carried to the operational carbon unchanged. The intensity providers publish no
+uncertainty, so none is added for the grid intensity, nor for PUE or embodied figures: the
+``co2e_uncertainty_g`` is a lower bound of the real uncertainty.
+
+Sources of the constants: :data:`CLOUD_PUE` cites each provider's own publication;
+:data:`KNOWN_EMBODIED` holds only manufacturers' product carbon footprints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from green_mlops.carbon import CarbonResult
+from green_mlops.config import Settings
+from green_mlops.intensity import IntensitySeries
+from green_mlops.location import Location
+from green_mlops.snapshot import Snapshot
+
+__all__ = [
+    "CLOUD_PUE",
+    "KNOWN_EMBODIED",
+    "EmbodiedFigure",
+    "Footprint",
+    "PueFigure",
+    "footprint",
+    "footprint_metrics",
+    "footprint_tags",
+    "reporting_sentence",
+]
+
+SECONDS_PER_YEAR = 365.25 * 86400
+
+
+@dataclass(frozen=True)
+class PueFigure:
+    """A data-centre fleet's published power usage effectiveness."""
+
+    value: float
+    source: str
+    #: Year the figure describes (not the year it was published).
+    year: int
+
+
+#: Fleet-wide PUE published by the cloud providers themselves (opt-in: GREEN_MLOPS_PUE=gcp).
+#: A fleet average, not the PUE of the region a job runs in. Microsoft Azure is absent: its
+#: fleet figure could not be verified from a Microsoft publication (only from press reports).
+CLOUD_PUE: dict[str, PueFigure] = {
+    "aws": PueFigure(
+        1.14,
+        "Amazon Sustainability, 'AWS Cloud' page: 'In 2025, our data centers reported an "
+        "average global PUE of 1.14' (1.15 in 2024); "
+        "https://sustainability.aboutamazon.com/environment/the-cloud/asdi (as retrieved)",
+        2025,
+    ),
+    "gcp": PueFigure(
+        1.10,
+        "Google, 'Our 2024 Environmental Report': 'In 2023, the average annual power usage "
+        "effectiveness for our data centers was 1.10'; "
+        "https://blog.google/outreach-initiatives/sustainability/2024-environmental-report",
+        2023,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class EmbodiedFigure:
+    """Embodied (cradle-to-gate) emissions of one device, from a manufacturer's footprint."""
+
+    kgco2e: float
+    source: str
+    #: What the figure covers and what it leaves out.
+    scope: str
+
+
+#: Known devices by model name, as NVML reports it (the device label before `` (``).
+#: Only figures a manufacturer published; everything else needs GREEN_MLOPS_EMBODIED_KGCO2E.
+KNOWN_EMBODIED: dict[str, EmbodiedFigure] = {
+    # H100 SXM5 80GB: the GPU of the HGX H100 8-GPU baseboard.
+    "NVIDIA H100 80GB HBM3": EmbodiedFigure(
+        1312.0 / 8,
+        "NVIDIA, 'HGX H100 PCF Summary': cradle-to-gate carbon footprint of one HGX H100 "
+        "baseboard (8 GPUs) 1,312 kgCO2e, divided by 8; "
+        "https://images.nvidia.com/aem-dam/Solutions/documents/HGX-H100-PCF-Summary.pdf",
+        "GPU share of the baseboard only; host server (CPUs, memory, storage, chassis) "
+        "not included",
+    ),
+}
+
+_NO_EMBODIED = (
+    "not configured: set GREEN_MLOPS_EMBODIED_KGCO2E to the embodied kgCO2e of the reserved "
+    "hardware (0 to leave embodied emissions out knowingly)"
+)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Everything a report needs about a run's footprint. ``None`` means *not reported*; the
+    reason is in :attr:`not_reported`."""
+
+    duration_s: float
+    hardware: str
+    location: str
+    it_kwh: float
+    #: Relative half-width of the IT energy band (0.05 = +/-5 %).
+    energy_uncertainty: float
+    pue: float
+    pue_source: str
+    facility_kwh: float
+    #: Operational carbon of the facility energy, grams CO2e (priced energy only).
+    operational_g: float | None
+    operational_uncertainty_g: float | None
+    #: Mean grid intensity over the priced energy, gCO2e/kWh.
+    intensity_g_per_kwh: float | None
+    intensity_source: str
+    intensity_basis: str
+    intensity_scope: str
+    intensity_estimated: str
+    intensity_vintage: str
+    intensity_fallbacks: str
+    cost: float | None
+    currency: str
+    embodied_g: float | None
+    embodied_source: str
+    functional_unit: str
+    functional_units: float | None
+    sci_g: float | None
+    #: ``what: why`` for every quantity that is not reported or only partly.
+    not_reported: tuple[str, ...] = ()
+
+
+def footprint(
+    snapshot: Snapshot,
+    carbon: CarbonResult | None,
+    settings: Settings,
+    *,
+    location: Location | str | None = None,
+    intensity_sources: Sequence[IntensitySeries] = (),
+    fallbacks: Mapping[str, str] | None = None,
+    functional_units: float | None = None,
+    reserved_s: float | None = None,
+) -> Footprint:
+    """The footprint of ``snapshot``. Never raises for missing or odd inputs: what cannot be
+    computed is ``None`` with the reason in :attr:`Footprint.not_reported`.
+
+    ``carbon`` is :func:`~green_mlops.carbon.account`'s result on the IT energy (``None``:
+    carbon not computed). ``intensity_sources`` is the chain of series it was priced with and
+    ``fallbacks`` the providers skipped, with why (``CarbonAccountant.skipped``), for
+    provenance. ``functional_units`` is SCI's R (default 1 for the unit ``run``; required for
+    any other unit). ``reserved_s`` is how long the hardware was reserved (default: the
+    snapshot's duration).
+    """
+    missing: list[str] = []
+    it_kwh = snapshot.kwh
+    joules = snapshot.joules
+    rel = snapshot.uncertainty_j / joules if joules > 0 else 0.0
+    pue = settings.pue
+    facility_kwh = it_kwh * pue
+
+    # Operational carbon: account() priced the IT energy; the facility emits PUE times that.
+    operational: float | None = None
+    operational_unc: float | None = None
+    mean: float | None = None
+    used: list[IntensitySeries] = []
+    if carbon is None:
+        missing.append("co2e: carbon not computed (no intensity result)")
+    else:
+        operational = carbon.grams * pue
+        operational_unc = operational * rel
+        if carbon.kwh - carbon.unpriced_kwh > 0:
+            mean = carbon.mean_g_per_kwh
+        if carbon.unpriced_kwh > 0:
+            missing.append(
+                f"co2e: {carbon.unpriced_kwh:.6g} of {carbon.kwh:.6g} kWh (IT) not priced: no "
+                "intensity series covered that time"
+            )
+        used = [s for s in intensity_sources if carbon.kwh_by_source.get(s.describe(), 0) > 0]
+
+    cost: float | None = None
+    if settings.price_per_kwh is None:
+        missing.append("cost: no price: set GREEN_MLOPS_PRICE_PER_KWH")
+    else:
+        cost = facility_kwh * settings.price_per_kwh
+
+    embodied, embodied_source = _embodied(snapshot, settings, reserved_s)
+    if embodied is None:
+        missing.append(f"embodied: {embodied_source}")
+
+    unit = settings.functional_unit
+    count = functional_units
+    if count is None and unit == "run":
+        count = 1.0
+    sci: float | None = None
+    if count is None:
+        missing.append(f"sci: the number of {unit}s (functional units) was not given")
+    elif not (math.isfinite(count) and count > 0):
+        missing.append(f"sci: the number of {unit}s must be > 0, got {count!r}")
+        count = None
+    elif operational is None or embodied is None:
+        missing.append("sci: needs both operational (E x I) and embodied (M) carbon")
+    elif carbon is not None and carbon.unpriced_kwh > 0:
+        missing.append("sci: part of the energy has no carbon intensity")
+    else:
+        sci = (operational + embodied) / count
+
+    return Footprint(
+        duration_s=snapshot.duration_s,
+        hardware=hardware_summary(snapshot),
+        location=_location_text(location),
+        it_kwh=it_kwh,
+        energy_uncertainty=rel,
+        pue=pue,
+        pue_source=pue_source(pue),
+        facility_kwh=facility_kwh,
+        operational_g=operational,
+        operational_uncertainty_g=operational_unc,
+        intensity_g_per_kwh=mean,
+        intensity_source=_sources_text(used, carbon),
+        intensity_basis=_distinct(s.basis for s in used),
+        intensity_scope=_distinct(s.scope for s in used),
+        intensity_estimated=(
+            "unknown" if not used else "true" if any(s.estimated for s in used) else "false"
+        ),
+        intensity_vintage=_distinct(s.vintage for s in used),
+        intensity_fallbacks="; ".join(f"{k}: {v}" for k, v in (fallbacks or {}).items()) or "none",
+        cost=cost,
+        currency=settings.currency,
+        embodied_g=embodied,
+        embodied_source=embodied_source,
+        functional_unit=unit,
+        functional_units=count,
+        sci_g=sci,
+        not_reported=tuple(missing),
+    )
+
+
+def pue_source(pue: float) -> str:
+    """Where a PUE value comes from (settings keep it on the value: ``config.Pue.source``)."""
+    return str(getattr(pue, "source", "user value (GREEN_MLOPS_PUE)"))
+
+
+def hardware_summary(snapshot: Snapshot) -> str:
+    """``2 x NVIDIA H100 80GB HBM3, 1 x RAPL package-0`` from the devices' labels."""
+    counts: dict[str, int] = {}
+    for device in snapshot.devices:
+        name = _model(device.label) or device.device
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n} x {name}" for name, n in counts.items()) or "no measured device"
+
+
+def footprint_metrics(fp: Footprint) -> dict[str, float]:
+    """Metric key -> value; a quantity that is not reported has no key (see the tags)."""
+    metrics = {"green/energy_facility_kwh": fp.facility_kwh}
+    if fp.operational_g is not None:
+        metrics["green/co2e_g"] = fp.operational_g
+    if fp.operational_uncertainty_g is not None:
+        metrics["green/co2e_uncertainty_g"] = fp.operational_uncertainty_g
+    if fp.intensity_g_per_kwh is not None:
+        metrics["green/intensity_g_per_kwh"] = fp.intensity_g_per_kwh
+    if fp.cost is not None:
+        metrics["green/cost"] = fp.cost
+    if fp.embodied_g is not None:
+        metrics["green/embodied_g"] = fp.embodied_g
+    if fp.sci_g is not None:
+        metrics[f"green/sci_g_per_{fp.functional_unit}"] = fp.sci_g
+    return metrics
+
+
+def footprint_tags(fp: Footprint) -> dict[str, str]:
+    """Provenance as ``green.*`` tags; the same keys for every footprint."""
+    return {
+        "green.location": fp.location,
+        "green.intensity.source": fp.intensity_source,
+        "green.intensity.basis": fp.intensity_basis,
+        "green.intensity.scope": fp.intensity_scope,
+        "green.intensity.estimated": fp.intensity_estimated,
+        "green.intensity.vintage": fp.intensity_vintage,
+        "green.intensity.fallbacks": _clip(fp.intensity_fallbacks),
+        "green.pue": f"{fp.pue:g}",
+        "green.pue.source": _clip(fp.pue_source),
+        "green.currency": fp.currency,
+        "green.embodied.source": _clip(fp.embodied_source),
+        "green.functional_unit": fp.functional_unit,
+        "green.not_reported": _clip("; ".join(fp.not_reported)) or "none",
+    }
+
+
+def reporting_sentence(fp: Footprint) -> str:
+    """One sentence for a paper or model card (ML CO2 Impact / Green Algorithms style)."""
+    from green_mlops import __version__
+
+    hours = fp.duration_s / 3600
+    where = "an unknown location" if fp.location == "unknown" else fp.location
+    text = (
+        f"The run took {hours:.2f} h on {fp.hardware} in {where} and used "
+        f"{fp.facility_kwh:.3g} kWh (IT energy {fp.it_kwh:.3g} kWh x PUE {fp.pue:g})"
+    )
+    if fp.operational_g is not None:
+        unc = fp.operational_uncertainty_g or 0.0
+        text += f", emitting {fp.operational_g / 1000:.3g} kgCO2e (+/- {unc / 1000:.2g} kg"
+        if fp.intensity_g_per_kwh is not None:
+            text += f"; grid {fp.intensity_g_per_kwh:.0f} gCO2e/kWh {fp.intensity_basis}"
+        text += f", {fp.intensity_source})"
+    else:
+        text += "; its carbon emissions were not computed"
+    if fp.embodied_g is not None:
+        text += f" plus {fp.embodied_g / 1000:.3g} kgCO2e embodied in the hardware"
+    return f"{text}. Measured with green-mlops {__version__}."
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _embodied(
+    snapshot: Snapshot, settings: Settings, reserved_s: float | None
+) -> tuple[float | None, str]:
+    """(grams, source) of SCI's M, or (None, why)."""
+    seconds = snapshot.duration_s if reserved_s is None else reserved_s
+    if not (math.isfinite(seconds) and seconds >= 0):
+        return None, f"reserved time must be >= 0 seconds, got {seconds!r}"
+    if settings.embodied_kgco2e is not None:
+        total_kg = settings.embodied_kgco2e
+        source = "GREEN_MLOPS_EMBODIED_KGCO2E"
+    else:
+        known: dict[str, int] = {}
+        for device in snapshot.devices:
+            model = _model(device.label)
+            if model in KNOWN_EMBODIED:
+                known[model] = known.get(model, 0) + 1
+        if not known:
+            return None, _NO_EMBODIED
+        total_kg = sum(KNOWN_EMBODIED[m].kgco2e * n for m, n in known.items())
+        source = "; ".join(
+            f"{n} x {m} at {KNOWN_EMBODIED[m].kgco2e:g} kg ({KNOWN_EMBODIED[m].scope}): "
+            f"{KNOWN_EMBODIED[m].source}"
+            for m, n in known.items()
+        )
+        source += "; set GREEN_MLOPS_EMBODIED_KGCO2E for the whole machine"
+    share = seconds / (settings.hardware_lifetime_years * SECONDS_PER_YEAR)
+    grams = total_kg * 1000 * share * settings.resource_share
+    return grams, (
+        f"{source}; TE {total_kg:g} kg over {settings.hardware_lifetime_years:g} years, "
+        f"share {settings.resource_share:g}"
+    )
+
+
+def _model(label: str) -> str:
+    return label.split(" (", 1)[0].strip()
+
+
+def _location_text(location: Location | str | None) -> str:
+    if location is None:
+        return "unknown"
+    if isinstance(location, Location):
+        return location.describe()
+    return location.strip() or "unknown"
+
+
+def _sources_text(used: Sequence[IntensitySeries], carbon: CarbonResult | None) -> str:
+    if carbon is None:
+        return "none"
+    if not used:  # the caller did not pass the series: fall back on describe() keys
+        return ", ".join(carbon.kwh_by_source) or "none"
+    priced = sum(carbon.kwh_by_source.values())
+    parts = []
+    for s in used:
+        share = carbon.kwh_by_source[s.describe()] / priced * 100
+        parts.append(f"{s.source}/{s.dataset} {s.zone} ({share:.0f}%)")
+    return ", ".join(parts)
+
+
+def _distinct(values: Iterable[str]) -> str:
+    seen: list[str] = []
+    for value in values:
+        if value not in seen:
+            seen.append(value)
+    return "+".join(seen) or "unknown"
+
+
+def _clip(text: str, limit: int = 5000) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,200 @@
+"""A measured run: energy (Tracker) + carbon (CarbonAccountant) + footprint, as metrics and tags.
+
+Integrations create one :class:`Measurement` per run and ask it for :class:`Result`s: live ones
+during the run (periodic logging) and a final one at the end. Every integration logs the same
+keys because they all come from here. A process-wide registry keyed by the host's run id (the
+MLflow run id) makes sure that two integrations seeing the same run share one measurement, so
+exactly one set of metrics is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from green_mlops.config import Settings
+from green_mlops.metrics import energy_metrics, power_series, provenance_tags
+from green_mlops.snapshot import Snapshot
+from green_mlops.tracker import Tracker
+
+log = logging.getLogger("green_mlops")
+
+__all__ = ["REPORT_SCHEMA", "Measurement", "Result", "claim", "lookup", "release"]
+
+REPORT_SCHEMA = "green-mlops/report/v1"
+#: Longest wait for intensity data when the run ends; the tail is priced by the fallback after.
+FINAL_WAIT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """What sinks log: totals as metrics, provenance as tags, the power series, a report."""
+
+    snapshot: Snapshot
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    footprint: Any = None
+    sentence: str = ""
+    power: list[tuple[float, float]] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        """The versioned JSON report (``green/report.json``)."""
+        from green_mlops import __version__
+
+        fp = dataclasses.asdict(self.footprint) if self.footprint is not None else None
+        return {
+            "schema": REPORT_SCHEMA,
+            "green_mlops_version": __version__,
+            "generated_at": time.time(),
+            "final": not self.snapshot.running,
+            "metrics": self.metrics,
+            "tags": self.tags,
+            "footprint": fp,
+            "reporting_sentence": self.sentence,
+            "energy": self.snapshot.to_dict(),
+        }
+
+
+class Measurement:
+    """Measures one run. ``start`` begins energy tracking and fetching intensity in the
+    background; :meth:`result` can be called at any time; :meth:`stop` gives the final result.
+
+    Never raises after :meth:`start`; a failure in carbon or footprint leaves the energy
+    metrics intact and is recorded in the tags.
+    """
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        self.settings = (
+            settings.replace(**overrides)
+            if settings and overrides
+            else (settings or Settings.load(**overrides))
+        )
+        self.tracker = Tracker(self.settings)
+        self.functional_units: float | None = None
+        #: Totals of earlier segments of the same run (a resumed MLflow run), added to ours.
+        self.offsets: dict[str, float] = {}
+        self._accountant: Any = None
+        self._final: Result | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> Measurement:
+        self.tracker.start()
+        try:
+            from green_mlops.carbon import CarbonAccountant
+
+            self._accountant = CarbonAccountant(self.settings)
+            now = time.time()
+            self._accountant.refresh(now - now % 3600, now + 3600)  # prefetch this hour
+        except Exception as exc:
+            log.warning("green-mlops: carbon accounting unavailable: %s", exc)
+            self._accountant = None
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.tracker.running
+
+    def phase(self, name: str, *, precise: bool = True) -> Any:
+        return self.tracker.phase(name, precise=precise)
+
+    def result(self) -> Result:
+        """The run so far (or the final result once stopped)."""
+        if self._final is not None:
+            return self._final
+        return self._compose(self.tracker.snapshot(), wait_s=0.0)
+
+    def stop(self) -> Result:
+        """Stop and return the final result. Idempotent."""
+        with self._lock:
+            if self._final is None:
+                snapshot = self.tracker.stop()
+                self._final = self._compose(snapshot, wait_s=FINAL_WAIT_S)
+                if self._accountant is not None:
+                    self._accountant.close()
+            return self._final
+
+    def _compose(self, snapshot: Snapshot, *, wait_s: float) -> Result:
+        metrics = energy_metrics(snapshot)
+        tags = provenance_tags(snapshot)
+        fp: Any = None
+        sentence = ""
+        try:
+            from green_mlops.footprint import (
+                footprint,
+                footprint_metrics,
+                footprint_tags,
+                reporting_sentence,
+            )
+
+            carbon = chain = None
+            skipped: dict[str, str] = {}
+            location: Any = self.settings.location
+            if self._accountant is not None:
+                carbon = self._accountant.result(list(_energy_timeline(snapshot)), wait_s=wait_s)
+                chain = self._accountant.chain
+                skipped = dict(self._accountant.skipped)
+                location = self._accountant.location
+            fp = footprint(
+                snapshot,
+                carbon,
+                self.settings,
+                location=location,
+                intensity_sources=chain or (),
+                fallbacks=skipped,
+                functional_units=self.functional_units,
+            )
+            metrics.update(footprint_metrics(fp))
+            tags.update(footprint_tags(fp))
+            sentence = reporting_sentence(fp)
+        except Exception as exc:  # energy is still worth logging
+            log.exception("green-mlops: carbon/footprint failed")
+            tags["green.problems"] = f"{tags.get('green.problems', '')} footprint failed: {exc}"
+        for key, value in self.offsets.items():
+            if key in metrics and not key.endswith("intensity_g_per_kwh"):
+                metrics[key] += value
+        return Result(snapshot, metrics, tags, fp, sentence, power_series(snapshot))
+
+
+def _energy_timeline(snapshot: Snapshot) -> Iterator[tuple[float, float]]:
+    """(Unix time, cumulative joules), ending at the snapshot's end."""
+    last = None
+    for point in snapshot.timeline:
+        last = (point.time, sum(point.joules_by_component.values()))
+        yield last
+    end = (snapshot.started_at + snapshot.duration_s, snapshot.joules)
+    if last is None or end[0] > last[0]:
+        yield end
+
+
+# --- one measurement per host run ---------------------------------------------------------
+
+_registry: dict[str, tuple[Measurement, str]] = {}
+_registry_lock = threading.Lock()
+
+
+def claim(key: str, owner: str, factory: Any) -> tuple[Measurement, bool]:
+    """The measurement of run ``key``: the existing one, or a new one from ``factory()`` owned
+    by ``owner``. Returns ``(measurement, created)``; only the creator logs its totals."""
+    with _registry_lock:
+        existing = _registry.get(key)
+        if existing is not None:
+            return existing[0], False
+        measurement = factory()
+        _registry[key] = (measurement, owner)
+        return measurement, True
+
+
+def lookup(key: str) -> tuple[Measurement, str] | None:
+    """(measurement, owner) of run ``key``, if one is registered."""
+    with _registry_lock:
+        return _registry.get(key)
+
+
+def release(key: str) -> None:
+    with _registry_lock:
+        _registry.pop(key, None)

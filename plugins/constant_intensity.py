@@ -1,0 +1,63 @@
+"""A carbon intensity given by the user (provider ``constant``).
+
+What it answers: ``GREEN_MLOPS_INTENSITY_G_PER_KWH`` (gCO2e/kWh) for all time and any
+location, e.g. a figure from the site's electricity contract or a grid operator's report.
+Unset, the provider is skipped (the chain falls back to the next one) and says why.
+
+Uncertainty: whatever the user's figure carries; green-mlops cannot know its basis (average or
+marginal) or scope (lifecycle or direct), so the provenance labels the scope "unknown (user
+constant)". It is reported as an average, the usual meaning of a single grid figure.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from green_mlops.hookspecs import hookimpl
+from green_mlops.intensity import (
+    FOREVER,
+    IntensityPoint,
+    IntensityProvider,
+    IntensitySeries,
+    IntensityUnavailable,
+)
+
+if TYPE_CHECKING:
+    from green_mlops.config import Settings
+    from green_mlops.location import Location
+
+__all__ = ["NOT_SET", "ConstantIntensityProvider", "green_mlops_intensity_providers"]
+
+NOT_SET = "GREEN_MLOPS_INTENSITY_G_PER_KWH not set"
+
+
+class ConstantIntensityProvider(IntensityProvider):
+    """``settings.intensity_g_per_kwh`` over all time."""
+
+    name = "constant"
+
+    def __init__(self, g_per_kwh: float | None) -> None:
+        self.g_per_kwh = g_per_kwh
+
+    def configured(self) -> str | None:
+        return NOT_SET if self.g_per_kwh is None else None
+
+    def series(self, location: Location, start: float, end: float) -> IntensitySeries:
+        if self.g_per_kwh is None:
+            raise IntensityUnavailable(NOT_SET)
+        return IntensitySeries(
+            points=(IntensityPoint(FOREVER[0], FOREVER[1], self.g_per_kwh),),
+            source=self.name,
+            dataset="user constant",
+            zone=location.zone or location.country or "unknown",
+            basis="average",
+            scope="unknown (user constant)",
+            estimated=False,
+            vintage="user constant",
+            notes=(f"GREEN_MLOPS_INTENSITY_G_PER_KWH={self.g_per_kwh:g}",),
+        )
+
+
+@hookimpl
+def green_mlops_intensity_providers(settings: Settings) -> list[IntensityProvider]:
+    return [ConstantIntensityProvider(settings.intensity_g_per_kwh)]

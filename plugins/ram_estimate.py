@@ -1,0 +1,173 @@
+"""RAM energy estimate: memory in use x watts per GiB, integrated over the sample intervals.
+
+What it measures: the energy of the memory, modelled as ``power = GiB in use x ram_w_per_gb``
+(default 0.3725 W/GB, Green Algorithms ``referenceValues.csv`` ``memoryPower``, CC BY 4.0).
+
+* ``share="machine"``: memory in use = ``total - available`` of :func:`psutil.virtual_memory`
+  (what the kernel could not hand to a new program without swapping: page cache it can drop
+  is not counted).
+* ``share="process"``: the resident set size (RSS) of this process and its descendants (the list
+  of descendants refreshed at most every ``CHILDREN_REFRESH_S``). RSS counts pages shared
+  between the processes (libraries, copy-on-write pages after ``fork``) once per process, so a
+  tree of forked workers is over-counted; PSS would not be, but costs a ``smaps`` walk.
+
+Unit: 1 GB here is 1 GiB = 2**30 bytes. Green Algorithms' figure is the power of a DIMM divided
+by its capacity, and DIMM capacities are binary (an "8 GB" DIMM holds 8 GiB); CodeCarbon's RAM
+model also divides bytes by 1024**3. (With 1e9-byte GB the energy would be 7.4 % higher.)
+
+Integration: trapezoid between consecutive samples (memory in use is a level read at the
+sample times, not an average over the interval).
+
+Uncertainty: +/-50 % (:data:`UNCERTAINTY`). DRAM power depends mostly on the installed DIMMs
+(count, type, DDR4 vs DDR5) and on the access rate, not on how many bytes are allocated; the
+W/GB figure is a convention shared with Green Algorithms and CodeCarbon to make runs comparable,
+not a measurement.
+
+Cost: one :func:`psutil.virtual_memory` call (machine) or one ``/proc/<pid>/statm`` read per
+process of the tree (process) per sample.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from green_mlops.hookspecs import hookimpl
+from green_mlops.meters import Component, Device, DeviceError, Meter, Method, Readings
+
+if TYPE_CHECKING:
+    import psutil
+
+    from green_mlops.config import Settings
+    from green_mlops.meters import MeterUnavailable
+
+__all__ = ["CHILDREN_REFRESH_S", "DEVICE_ID", "GIB", "UNCERTAINTY", "RamEstimateMeter"]
+
+DEVICE_ID = "ram:estimate"
+UNCERTAINTY = 0.5
+GIB = float(2**30)
+#: Longest time between two scans for new descendant processes (a scan costs ~1 ms).
+CHILDREN_REFRESH_S = 3.0
+W_PER_GB_SOURCE = "Green Algorithms memoryPower 0.3725 W/GB, CC BY 4.0"
+
+
+class RamEstimateMeter(Meter):
+    """``energy = bytes in use / 2**30 x w_per_gib``, trapezoid-integrated."""
+
+    name = "ram_estimate"
+    max_interval_s = 2.0
+
+    def __init__(
+        self,
+        w_per_gib: float,
+        *,
+        share: str = "machine",
+        children_refresh_s: float = CHILDREN_REFRESH_S,
+    ) -> None:
+        if share not in ("machine", "process"):
+            raise ValueError(f"share must be 'machine' or 'process', not {share!r}")
+        import psutil
+
+        self._psutil = psutil
+        self.w_per_gib = float(w_per_gib)
+        self.share = share
+        what = (
+            "machine memory in use (total - available)"
+            if share == "machine"
+            else "RSS of this process tree"
+        )
+        source = W_PER_GB_SOURCE if w_per_gib == 0.3725 else "ram_w_per_gb setting"
+        #: What is measured and with which constant, in words (for provenance).
+        self.basis = f"{what} x {w_per_gib:g} W/GiB ({source}), trapezoid over samples"
+        self._refresh_s = children_refresh_s
+        self._root: psutil.Process | None = None
+        self._procs: dict[int, psutil.Process] = {}
+        self._next_scan = 0.0
+        self._last_bytes = 0.0
+        self._last_now = 0.0
+        self._joules = 0.0
+        super().__init__(
+            [
+                Device(
+                    id=DEVICE_ID,
+                    component=Component.RAM,
+                    method=Method.ESTIMATE,
+                    uncertainty=UNCERTAINTY,
+                    label=f"RAM estimate ({share} share): {self.basis}",
+                )
+            ]
+        )
+
+    def _scan(self, now: float) -> None:
+        assert self._root is not None
+        self._next_scan = now + self._refresh_s
+        try:
+            children = self._root.children(recursive=True)
+        except self._psutil.Error:
+            return
+        procs = {self._root.pid: self._root}
+        for child in children:
+            procs[child.pid] = self._procs.get(child.pid, child)
+        self._procs = procs
+
+    def in_use_bytes(self, now: float) -> float:
+        """Memory in use now, in bytes, for this meter's share."""
+        if self.share == "machine":
+            vm = self._psutil.virtual_memory()
+            return float(vm.total - vm.available)
+        if now >= self._next_scan:
+            self._scan(now)
+        total = 0
+        for pid, proc in list(self._procs.items()):
+            try:
+                total += proc.memory_info().rss
+            except self._psutil.Error:
+                if self._root is not None and pid == self._root.pid:
+                    raise
+                del self._procs[pid]
+        return float(total)
+
+    def start(self) -> None:
+        self._joules = 0.0
+        self._last_now = time.monotonic()
+        if self.share == "process":
+            self._root = self._psutil.Process()
+            self._procs = {self._root.pid: self._root}
+            self._scan(self._last_now)
+        self._last_bytes = self.in_use_bytes(self._last_now)
+
+    def notes(self) -> list[str]:
+        return [self.basis]
+
+    def sample(self, now: float) -> Readings:
+        try:
+            in_use = self.in_use_bytes(now)
+        except (self._psutil.Error, OSError) as exc:
+            return {DEVICE_ID: DeviceError(f"cannot read memory use: {exc}")}
+        dt = max(now - self._last_now, 0.0)
+        self._joules += (self._last_bytes + in_use) / 2 / GIB * self.w_per_gib * dt
+        self._last_bytes, self._last_now = in_use, now
+        return {DEVICE_ID: self._joules}
+
+
+@hookimpl
+def green_mlops_meters(settings: Settings) -> list[Meter | MeterUnavailable]:
+    """The RAM estimate meter for ``settings.share`` with ``settings.ram_w_per_gb``."""
+    import psutil
+
+    from green_mlops.meters import MeterUnavailable
+
+    try:
+        psutil.virtual_memory()
+        if settings.share == "process":
+            psutil.Process().memory_info()
+    except (psutil.Error, OSError, NotImplementedError) as exc:
+        return [
+            MeterUnavailable(
+                name="ram_estimate",
+                component=Component.RAM,
+                reason=f"psutil cannot read memory use here: {exc}",
+                fix="check that /proc is mounted (Linux) or psutil supports this platform",
+            )
+        ]
+    return [RamEstimateMeter(settings.ram_w_per_gb, share=settings.share)]

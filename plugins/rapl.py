@@ -1,0 +1,589 @@
+"""CPU package and DRAM energy from Linux RAPL counters (the ``powercap`` sysfs interface).
+
+What it measures: the energy of every CPU package (devices ``cpu:package-N``) and, where the
+platform exposes it, of each package's DRAM (``ram:package-N``), as hardware energy counters
+(method ``counter``). AMD Zen exposes its package counter through the same interface, usually
+without a DRAM domain. The counters cover the whole machine, whatever ``settings.share`` says.
+
+How: under ``settings.rapl_root`` (``/sys/class/powercap``), a zone ``intel-rapl:N`` named
+``package-N`` (``package-N-die-M`` on multi-die parts) is a package, and its subzone
+``intel-rapl:N:M`` named ``dram`` is that package's memory. Skipped, because adding them would
+count energy twice: the ``core`` and ``uncore`` subzones (parts of the package) and ``psys``
+(the whole platform, packages included). ``intel-rapl-tpmi`` and ``intel-rapl-mmio`` are other
+drivers for the same counters: they are used only when ``intel-rapl`` has no package zone, so
+a package is never counted twice. Each ``energy_uj`` is opened once, in the hook, and re-read
+with ``os.pread`` at every sample. The hook returns one meter for the packages and one for
+DRAM, so that the engine's choice of meter per component stays clean.
+
+Wraparound: ``energy_uj`` is the 32-bit energy status register times the energy unit, and
+``max_energy_range_uj`` is 0xFFFFFFFF units (kernel ``intel_rapl_common.c``,
+``get_max_energy_counter``), i.e. 65.5 kJ or 262 kJ for the usual 15.3 or 61 uJ units. A
+reading below the previous one has wrapped: ``delta = cur - prev + range``, as codecarbon and
+Zeus do. (The exact modulus is ``range`` + one unit, so each wrap misses one unit, <= 61 uJ.)
+Two wraps between reads would pass unseen, so :attr:`RaplMeter.max_interval_s` is
+``range / (2 x P_max)``, capped at 60 s, where ``P_max`` is the largest
+``constraint_{0,1,2}_max_power_uw`` of the zone (TDP, PL2 and PL4 maxima) or, when the zone
+has none, :data:`DEFAULT_PACKAGE_MAX_W` / :data:`DEFAULT_DRAM_MAX_W`; 2 is the safety factor.
+When reads are further apart than that (process suspended, sampler starved) and
+``2 x P_max x elapsed`` leaves room for more than one wrap count, the count is *inferred*: the
+one whose implied average power is closest to the device's average power so far (the smallest
+one when there is no average yet). Every inference is counted in
+:attr:`RaplMeter.inferred_wraps` and explained in :meth:`RaplMeter.notes`, which the engine
+puts in the run's provenance. A reading below the previous one that no single wrap within the
+power bound explains (a counter reset or glitch) adds 0 J for that interval, with a note; a
+zone drawing more than the bound is counted as read, with a note (once) that the bound is low.
+
+Uncertainty (relative half-width, see :class:`~green_mlops.meters.Device`):
+
+* package, 10 %: RAPL covers the package only (not the voltage regulators, PSU losses, board,
+  fans or disks). Khan et al., "RAPL in Action: Experiences in Using RAPL for Power
+  Measurements", ACM TOMPECS 3(2), 2018, doi:10.1145/3177754, find package readings highly
+  correlated with plug power and accurate enough for server monitoring. Sandy Bridge-era RAPL
+  is a model, Haswell-EP's is measured (Hackenberg et al., IPDPSW 2015). 10 % is our
+  judgement, not a vendor figure.
+* DRAM, 20 %: Desrochers, Paradis and Weaver, "A Validation of DRAM RAPL Power Measurements",
+  MEMSYS 2016, doi:10.1145/2989081.2989088, find that DRAM RAPL follows the measured trend but
+  with a system-dependent constant offset on desktops (worst when idle), and is much closer on
+  servers whose regulators measure it (Haswell-EP). 20 % is our judgement.
+
+Permissions: since the CVE-2020-8694 (PLATYPUS) fix, ``energy_uj`` is readable by root only;
+the hook then returns a :class:`~green_mlops.meters.MeterUnavailable` whose ``fix`` gives the
+``chmod`` command and a udev rule that makes it permanent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from green_mlops.hookspecs import hookimpl
+from green_mlops.meters import (
+    Component,
+    Device,
+    DeviceError,
+    Meter,
+    MeterUnavailable,
+    Method,
+    Readings,
+)
+
+if TYPE_CHECKING:
+    from green_mlops.config import Settings
+
+__all__ = [
+    "DEFAULT_DRAM_MAX_W",
+    "DEFAULT_PACKAGE_MAX_W",
+    "DRAM_UNCERTAINTY",
+    "PACKAGE_UNCERTAINTY",
+    "RaplMeter",
+    "build_meters",
+    "green_mlops_meters",
+]
+
+NAME = "rapl"
+PACKAGE_UNCERTAINTY = 0.10
+DRAM_UNCERTAINTY = 0.20
+#: Power bound for a package zone without ``constraint_*_max_power_uw``: the largest server
+#: CPU TDPs today are 500 W (AMD EPYC 9005, Intel Xeon 6900P).
+DEFAULT_PACKAGE_MAX_W = 500.0
+#: Power bound for a DRAM zone without a constraint: 24 DDR5 RDIMMs of ~8 W under load.
+DEFAULT_DRAM_MAX_W = 200.0
+#: The bound times this factor is what the wrap logic treats as the most a zone can draw.
+SAFETY_FACTOR = 2.0
+MAX_INTERVAL_CAP_S = 60.0
+#: RAPL counters update about every millisecond; below this the power bound is meaningless.
+_MIN_ELAPSED_S = 0.01
+_MAX_NOTES = 50
+_READ_SIZE = 32
+#: Control types in order of preference; the first with a package zone is the one used.
+CONTROL_TYPES = ("intel-rapl", "intel-rapl-tpmi", "intel-rapl-mmio")
+_ZONE_RE = re.compile(r"^(intel-rapl(?:-tpmi|-mmio)?):(\d+)(?::(\d+))?$")
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+NOT_EXPOSED_FIX = (
+    "RAPL is not exposed in most VMs and containers; the CPU estimate is used instead. On "
+    "bare-metal Linux, load the driver (sudo modprobe intel_rapl_msr; it also serves AMD Zen "
+    "on recent kernels) or point GREEN_MLOPS_RAPL_ROOT at the powercap tree"
+)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+class _Domain:
+    """One RAPL zone read as one device: its open ``energy_uj`` and its unwrapping state."""
+
+    __slots__ = (
+        "base_t",
+        "bound_source",
+        "device",
+        "fd",
+        "last_t",
+        "last_uj",
+        "name",
+        "name_path",
+        "over_bound",
+        "path",
+        "power_hi_uj_s",
+        "range_uj",
+        "total_uj",
+    )
+
+    def __init__(
+        self,
+        device: Device,
+        zone_dir: Path,
+        name: str,
+        fd: int,
+        range_uj: int,
+        power_max_w: float,
+        bound_source: str,
+    ) -> None:
+        self.device = device
+        self.path = str(zone_dir / "energy_uj")
+        self.name_path = str(zone_dir / "name")
+        self.name = name
+        self.fd = fd
+        self.range_uj = range_uj
+        #: The most this zone is taken to draw, in uJ per second (P_max x safety factor).
+        self.power_hi_uj_s = power_max_w * SAFETY_FACTOR * 1e6
+        self.bound_source = bound_source
+        self.last_uj = -1  # last good raw reading; -1 = no baseline yet
+        self.last_t = 0.0
+        self.base_t = 0.0  # when the baseline was taken
+        self.total_uj = 0
+        self.over_bound = False  # noted once: the zone drew more than the bound
+
+    @property
+    def max_interval_s(self) -> float:
+        """Longest gap between reads after which one wrap can still be told from two."""
+        return min(MAX_INTERVAL_CAP_S, self.range_uj / self.power_hi_uj_s)
+
+    def read(self) -> int:
+        """The raw counter in uJ; reopens the file first after a failed read."""
+        if self.fd < 0:
+            self._reopen()
+        return int(os.pread(self.fd, _READ_SIZE, 0))
+
+    def _reopen(self) -> None:
+        # After CPU hotplug the zone may come back under another number: check the name.
+        with open(self.name_path) as f:
+            name = f.read().strip()
+        if name != self.name:
+            raise OSError(f"zone is now named {name!r}, not {self.name!r}")
+        self.fd = os.open(self.path, _OPEN_FLAGS)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _close_all(domains: list[_Domain]) -> None:
+    for domain in domains:
+        domain.close()
+
+
+class RaplMeter(Meter):
+    """Cumulative energy of RAPL zones (all packages, or all DRAM domains) since :meth:`start`.
+
+    Built by :func:`build_meters`. Attributes for provenance: :attr:`inferred_wraps` (per device,
+    how many readings had their wrap count inferred rather than observed) and :attr:`ignored`
+    (zones found and deliberately not read, with why).
+    """
+
+    name = NAME
+
+    def __init__(self, domains: list[_Domain], ignored: Sequence[str] = ()) -> None:
+        super().__init__([d.device for d in domains])
+        self._domains = list(domains)
+        self.max_interval_s = min(d.max_interval_s for d in self._domains)
+        self.ignored: list[str] = list(ignored)
+        self.inferred_wraps: dict[str, int] = {d.device.id: 0 for d in self._domains}
+        self._notes: list[str] = []
+        self._dropped_notes = 0
+        self._start_t = 0.0
+        self._started = False
+        self._finalizer = weakref.finalize(self, _close_all, self._domains)
+
+    def start(self) -> None:
+        now = time.monotonic()
+        self._start_t = now
+        self._started = True
+        for d in self._domains:
+            d.total_uj = 0
+            d.last_uj = -1
+            try:
+                raw = d.read()
+            except OSError:
+                d.close()  # counted from the first good read, with a note
+                continue
+            except ValueError:
+                continue
+            d.last_uj, d.last_t, d.base_t = raw, now, now
+
+    def sample(self, now: float) -> Readings:
+        if not self._started:
+            self.start()
+        out: dict[str, float | DeviceError] = {}
+        for d in self._domains:
+            try:
+                raw = d.read()
+            except OSError as exc:
+                d.close()
+                out[d.device.id] = DeviceError(f"cannot read {d.path}: {exc.strerror or exc}")
+                continue
+            except ValueError:
+                out[d.device.id] = DeviceError(f"{d.path} did not hold an integer")
+                continue
+            diff = raw - d.last_uj
+            limit = (now - d.last_t) * d.power_hi_uj_s
+            if d.last_uj < 0:
+                self._baseline(d, raw, now)
+            elif diff >= 0 and limit < diff + d.range_uj:
+                d.total_uj += diff  # the common case: no wrap, and no room for one
+                if diff > limit and not d.over_bound:
+                    self._over_bound(d, diff, now)
+                d.last_uj, d.last_t = raw, now
+            else:
+                self._unwrap(d, raw, now)
+            out[d.device.id] = d.total_uj / 1e6
+        return out
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def notes(self) -> list[str]:
+        notes = list(self._notes)
+        if self._dropped_notes:
+            notes.append(f"{self._dropped_notes} further notes omitted")
+        return notes
+
+    # -- the uncommon paths -------------------------------------------------------------------
+
+    def _baseline(self, d: _Domain, raw: int, now: float) -> None:
+        d.last_uj, d.last_t, d.base_t = raw, now, now
+        self._note(
+            f"{d.device.id}: unreadable at start; counted from its first good read "
+            f"{now - self._start_t:.1f} s later (energy before that is not included)"
+        )
+
+    def _over_bound(self, d: _Domain, diff: int, now: float) -> None:
+        elapsed = now - d.last_t
+        if diff <= _MIN_ELAPSED_S * d.power_hi_uj_s:
+            return  # reads a few ms apart see the counter's ~1 ms update steps, not power
+        d.over_bound = True
+        self._note(
+            f"{d.device.id}: drew {diff / 1e6 / elapsed:.0f} W over {elapsed:.2f} s, above the "
+            f"{d.power_hi_uj_s / 1e6:.0f} W bound ({d.bound_source}) that wrap detection "
+            "assumes; counted as read, but wrap counts after long gaps may be underestimated"
+        )
+
+    def _unwrap(self, d: _Domain, raw: int, now: float) -> None:
+        """Add the energy since the last good read when a wrap happened or may have."""
+        dev, rng = d.device.id, d.range_uj
+        elapsed = now - d.last_t
+        bound_uj = max(elapsed, _MIN_ELAPSED_S) * d.power_hi_uj_s
+        wrapped = raw < d.last_uj
+        base = raw - d.last_uj + (rng if wrapped else 0)
+        bound_w = d.power_hi_uj_s / 1e6
+        if wrapped and base > bound_uj:
+            self._note(
+                f"{dev}: counter went back from {d.last_uj} to {raw} uJ in {elapsed:.3f} s, "
+                f"which one wrap explains only above {bound_w:.0f} W (bound from "
+                f"{d.bound_source}); taken as a counter reset or glitch, 0 J counted for "
+                f"that interval"
+            )
+            d.last_uj, d.last_t = raw, now
+            return
+        extra_max = max(0, math.floor((bound_uj - base) / rng))
+        extra = 0
+        if extra_max > 0:
+            observed = d.last_t - d.base_t
+            if observed > 0 and d.total_uj > 0:
+                avg_uj_s = d.total_uj / observed
+                extra = min(extra_max, max(0, round((avg_uj_s * elapsed - base) / rng)))
+                why = f"closest to its average power so far ({avg_uj_s / 1e6:.1f} W)"
+            else:
+                why = "the smallest, as there is no average power yet to compare with"
+            self.inferred_wraps[dev] += 1
+            first = int(wrapped)
+            added = base + extra * rng
+            self._note(
+                f"{dev}: {elapsed:.1f} s between reads; at up to {bound_w:.0f} W (bound from "
+                f"{d.bound_source}) the counter (range {rng / 1e6:.0f} J) may have wrapped "
+                f"{first} to {first + extra_max} times; inferred {first + extra} wraps, "
+                f"{why}: {added / 1e6:.1f} J ({added / 1e6 / elapsed:.1f} W) added"
+            )
+        d.total_uj += base + extra * rng
+        d.last_uj, d.last_t = raw, now
+
+    def _note(self, text: str) -> None:
+        if len(self._notes) < _MAX_NOTES:
+            self._notes.append(text)
+        else:
+            self._dropped_notes += 1
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Zone:
+    control: str  # "intel-rapl"
+    zone: str  # "intel-rapl:0" or "intel-rapl:0:2"
+    path: Path
+    name: str = ""
+    package: str = ""  # the name of the package zone it is (in)
+    subzones: dict[str, Path] = field(default_factory=dict)
+
+
+def _read_text(path: Path) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _index(zone: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in zone.split(":")[1:])
+
+
+def _scan(root: Path) -> list[_Zone]:
+    """Top-level zones of every RAPL control type, with their subzones (flat or nested)."""
+    tops: dict[str, _Zone] = {}
+    flat_subs: list[tuple[str, str]] = []
+    for entry in os.listdir(root):
+        match = _ZONE_RE.match(entry)
+        if match is None:
+            continue
+        control, _, sub = match.groups()
+        if sub is None:
+            tops[entry] = _Zone(control, entry, root / entry)
+        else:
+            flat_subs.append((entry.rsplit(":", 1)[0], entry))
+    for parent, entry in flat_subs:
+        if parent in tops:
+            tops[parent].subzones[entry] = root / entry
+    for top in tops.values():
+        try:  # in the real tree subzones are also (and in some layouts only) nested
+            nested = [e for e in os.listdir(top.path) if e.startswith(top.zone + ":")]
+        except OSError:
+            nested = []
+        for entry in nested:
+            top.subzones.setdefault(entry, top.path / entry)
+        try:
+            top.name = _read_text(top.path / "name")
+        except OSError:
+            top.name = ""
+    return sorted(tops.values(), key=lambda z: (CONTROL_TYPES.index(z.control), _index(z.zone)))
+
+
+def _select(zones: list[_Zone]) -> tuple[list[_Zone], list[_Zone], list[str], list[str]]:
+    """(packages, dram zones, ignored zones with why, packages without dram)."""
+    ignored: list[str] = []
+    chosen = next(
+        (c for c in CONTROL_TYPES if any(z.control == c and _is_package(z) for z in zones)), ""
+    )
+    packages = [z for z in zones if z.control == chosen and _is_package(z)]
+    names = {z.name for z in packages}
+    for z in zones:
+        if z.control == chosen and _is_package(z):
+            z.package = z.name
+            continue
+        if z.name == "psys":
+            why = "whole platform, it includes the packages"
+        elif z.control != chosen and z.name in names:
+            why = f"same package as {chosen}:*"
+        elif z.control != chosen:
+            why = f"{chosen} is preferred"
+        else:
+            why = "not a package zone"
+        ignored.append(f"{z.zone} ({z.name or 'no name'}): {why}")
+    drams: list[_Zone] = []
+    no_dram: list[str] = []
+    for pkg in packages:
+        found = False
+        for entry, path in sorted(pkg.subzones.items(), key=lambda item: _index(item[0])):
+            try:
+                name = _read_text(path / "name")
+            except OSError as exc:
+                ignored.append(f"{entry}: name unreadable ({exc.strerror or exc})")
+                continue
+            if name == "dram" and not found:
+                drams.append(_Zone(pkg.control, entry, path, name, pkg.name))
+                found = True
+            elif name in ("core", "uncore"):
+                ignored.append(f"{entry} ({name}): part of {pkg.name}")
+            else:
+                ignored.append(f"{entry} ({name}): not a CPU or DRAM domain")
+        if not found:
+            no_dram.append(pkg.name)
+    return packages, drams, ignored, no_dram
+
+
+def _is_package(zone: _Zone) -> bool:
+    return zone.name.startswith("package-")
+
+
+def _power_bound(zone_dir: Path, default_w: float) -> tuple[float, str]:
+    """P_max of a zone: its largest ``constraint_*_max_power_uw``, else ``default_w``."""
+    best, source = 0, ""
+    for i in range(3):
+        try:
+            value = int(_read_text(zone_dir / f"constraint_{i}_max_power_uw"))
+        except (OSError, ValueError):
+            continue
+        if value > best:
+            best, source = value, f"constraint_{i}_max_power_uw"
+    if best > 0:
+        return best / 1e6, f"{source} {best / 1e6:.0f} W x {SAFETY_FACTOR:g}"
+    return default_w, f"default {default_w:.0f} W x {SAFETY_FACTOR:g}"
+
+
+class _Denied(Exception):
+    """Permission denied on some of a zone's files (all of them listed, for one fix)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        super().__init__(", ".join(str(p) for p in paths))
+        self.paths = paths
+
+
+def _open(zone: _Zone, component: Component) -> _Domain:
+    """Open a zone for reading; raises _Denied, OSError or ValueError."""
+    denied: list[Path] = []
+    range_path, energy_path = zone.path / "max_energy_range_uj", zone.path / "energy_uj"
+    range_text = ""
+    try:
+        range_text = _read_text(range_path)
+    except PermissionError:
+        denied.append(range_path)
+    try:
+        fd = os.open(energy_path, _OPEN_FLAGS)
+    except PermissionError:
+        raise _Denied([*denied, energy_path]) from None
+    try:
+        if denied:
+            raise _Denied(denied)
+        range_uj = int(range_text)
+        if range_uj <= 0:
+            raise ValueError(f"{range_path} is {range_uj}")
+        int(os.pread(fd, _READ_SIZE, 0))
+    except BaseException:
+        os.close(fd)
+        raise
+    cpu = component is Component.CPU
+    power_w, source = _power_bound(zone.path, DEFAULT_PACKAGE_MAX_W if cpu else DEFAULT_DRAM_MAX_W)
+    device = Device(
+        id=f"{'cpu' if cpu else 'ram'}:{zone.package}",
+        component=component,
+        method=Method.COUNTER,
+        uncertainty=PACKAGE_UNCERTAINTY if cpu else DRAM_UNCERTAINTY,
+        label=f"RAPL {zone.package}{'' if cpu else ' dram'} ({zone.zone})",
+    )
+    return _Domain(device, zone.path, zone.name, fd, range_uj, power_w, source)
+
+
+def _permission_fix(root: Path, denied: list[Path]) -> str:
+    files = sorted({p.name for p in denied})
+    globs = sorted({f"{root}/{_ZONE_RE.sub(_glob_zone, p.parent.name)}/{p.name}" for p in denied})
+    chmods = " ".join(f"/sys%p/{f}" for f in files)
+    return (
+        f"run as root, or make the counters readable: sudo chmod a+r {' '.join(globs)} "
+        "(until reboot). To keep it, add the udev rule "
+        f'\'SUBSYSTEM=="powercap", KERNEL=="intel-rapl*:*", ACTION=="add", '
+        f'RUN+="/bin/chmod a+r {chmods}"\' to /etc/udev/rules.d/99-rapl.rules. Readable '
+        "counters reopen the PLATYPUS power side channel to local users: on shared machines "
+        "grant a group instead (chgrp <group> + chmod g+r)"
+    )
+
+
+def _glob_zone(match: re.Match[str]) -> str:
+    return f"{match.group(1)}:*"
+
+
+def _open_all(
+    zones: list[_Zone], component: Component, domains: list[_Domain]
+) -> tuple[list[Path], list[str]]:
+    """Open every zone into ``domains``; return (paths denied, other failures)."""
+    denied: list[Path] = []
+    failed: list[str] = []
+    for zone in zones:
+        try:
+            domains.append(_open(zone, component))
+        except _Denied as exc:
+            denied.extend(exc.paths)
+        except (OSError, ValueError) as exc:
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            failed.append(f"{zone.zone} ({zone.name}): {text}")
+    return denied, failed
+
+
+def build_meters(root: Path) -> list[Meter | MeterUnavailable]:
+    """RAPL meters for the powercap tree at ``root``: one for the packages, one for DRAM.
+
+    Every package (or every DRAM domain) must be readable for its meter to exist: a partial
+    sum would undercount silently. What cannot be measured comes back as MeterUnavailable.
+    """
+    try:
+        zones = _scan(root)
+    except OSError as exc:
+        reason = f"no RAPL powercap tree at {root} ({exc.strerror or exc})"
+        return [_unavailable(Component.CPU, reason, NOT_EXPOSED_FIX)]
+    packages, drams, ignored, no_dram = _select(zones)
+    if not packages:
+        found = ", ".join(f"{z.zone} ({z.name or 'no name'})" for z in zones) or "no zones"
+        reason = f"no RAPL package domain under {root} (found: {found})"
+        return [_unavailable(Component.CPU, reason, NOT_EXPOSED_FIX)]
+
+    offers: list[Meter | MeterUnavailable] = []
+    for component, group in ((Component.CPU, packages), (Component.RAM, drams)):
+        if component is Component.RAM and no_dram:
+            which = "any package" if len(no_dram) == len(packages) else ", ".join(no_dram)
+            reason = f"RAPL exposes no dram domain for {which}; the RAM estimate applies"
+            offers.append(_unavailable(component, reason, quiet=True))
+            continue
+        domains: list[_Domain] = []
+        denied, failed = _open_all(group, component, domains)
+        if denied:
+            _close_all(domains)
+            shown = ", ".join(str(p) for p in denied)
+            reason = (
+                f"permission denied reading {shown} (root only since the CVE-2020-8694 fix); "
+                f"the {component.value} estimate is used instead"
+            )
+            fix = _permission_fix(root, denied)
+            offers.append(_unavailable(component, reason, fix, extra={"denied": shown}))
+        elif failed:
+            _close_all(domains)
+            reason = f"cannot read {'; '.join(failed)}; the {component.value} estimate is used"
+            offers.append(_unavailable(component, reason))
+        else:
+            offers.append(RaplMeter(domains, ignored if component is Component.CPU else ()))
+    return offers
+
+
+def _unavailable(
+    component: Component,
+    reason: str,
+    fix: str = "",
+    *,
+    quiet: bool = False,
+    extra: dict[str, str] | None = None,
+) -> MeterUnavailable:
+    return MeterUnavailable(
+        name=NAME, component=component, reason=reason, fix=fix, quiet=quiet, extra=extra or {}
+    )
+
+
+@hookimpl
+def green_mlops_meters(settings: Settings) -> list[Meter | MeterUnavailable]:
+    """RAPL package and DRAM meters for this machine, or why they are unavailable."""
+    return build_meters(Path(settings.rapl_root))

@@ -1,0 +1,288 @@
+"""The Carbon Intensity API of Great Britain's grid operator (NESO) as a provider (``uk``).
+
+What: the average carbon intensity of electricity generated in Great Britain (England, Scotland,
+Wales; not Northern Ireland, which is on the all-island grid), per half-hour settlement period
+in UTC, in gCO2/kWh. Labelled basis ``average`` and scope ``direct``: NESO's methodology prices
+each fuel by its generation emissions (wind, solar, nuclear count 0), not lifecycle; the value
+is CO2, not CO2e. No key is needed; the data are CC BY 4.0 and the attribution travels with the
+series.
+
+How: national ``GET {uk_url}/intensity/{from}/{to}`` (``from``/``to`` as ``YYYY-MM-DDTHH:MMZ``,
+one request per UTC day; the API allows 14 days) -> ``{"data": [{"from", "to", "intensity":
+{"forecast", "actual", "index"}}]}``. ``actual`` (from metered generation) is used when present,
+else ``forecast`` (estimated); ``index`` ("low", "moderate", ...) is a label and is ignored.
+The future comes from ``/intensity/{from}/fw48h``. With ``GREEN_MLOPS_UK_POSTCODE`` the
+regional endpoints are used instead (``/regional/intensity/{from}/{to}/postcode/{outward
+code}``, ``.../{from}/fw48h/postcode/...``), whose periods sit under ``data.data`` next to
+``regionid``/``shortname`` and carry only forecasts, so a regional series is always estimated.
+
+Uncertainty: NESO publishes no error bar; forecasts are flagged ``estimated``, and a period
+with neither value is a gap that the next provider fills.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from green_mlops.config import Settings
+from green_mlops.hookspecs import hookimpl
+from green_mlops.intensity import (
+    IntensityPoint,
+    IntensityProvider,
+    IntensitySeries,
+    IntensityUnavailable,
+    sorted_points,
+)
+from green_mlops.location import Location
+
+if TYPE_CHECKING:
+    from green_mlops.http import HttpClient
+
+__all__ = ["ATTRIBUTION", "UkCarbonIntensityProvider"]
+
+ATTRIBUTION = "Carbon Intensity API (NESO), CC BY 4.0"
+FORECAST_H = 48
+MAX_DAYS = 100  # bound on requests for one range (one per UTC day)
+HOUR = 3600.0
+DAY = 86400.0
+#: Electricity Maps zones of Great Britain's grid (GB-NIR, Northern Ireland, is not on it).
+GB_ZONES = frozenset({"GB", "GB-ORK"})
+
+
+class UkCarbonIntensityProvider(IntensityProvider):
+    """Half-hourly intensity of Great Britain, national or for an outward postcode."""
+
+    name = "uk"
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._http: HttpClient | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"UkCarbonIntensityProvider(url={self.settings.uk_url!r}, "
+            f"postcode={self.settings.uk_postcode!r})"
+        )
+
+    @property
+    def http(self) -> HttpClient:
+        if self._http is None:
+            from green_mlops.http import HttpClient
+
+            self._http = HttpClient(self.settings, self.name)
+        return self._http
+
+    def configured(self) -> str | None:
+        return None  # no key; series() declines locations outside Great Britain
+
+    def series(self, location: Location, start: float, end: float) -> IntensitySeries:
+        _check_gb(location)
+        if not (math.isfinite(start) and math.isfinite(end) and start < end):
+            raise IntensityUnavailable("uk: needs a finite, non-empty time range")
+        postcode = self.settings.uk_postcode
+        now = self._clock()
+        measured: list[IntensityPoint] = []
+        forecast: list[IntensityPoint] = []
+        skipped = 0
+        region = ""
+        notes: list[str] = [
+            "NESO methodology: CO2 from generation in Great Britain, not lifecycle",
+        ]
+        stop = min(end, now)
+        if start < stop:
+            for a, b in _day_blocks(start, stop, now):
+                got, predicted, bad, name = self._fetch(f"{_fmt(a)}/{_fmt(b)}", postcode)
+                measured += got
+                forecast += predicted
+                skipped += bad
+                region = region or name
+        failure = ""
+        if end > now:
+            origin = math.floor(now / HOUR) * HOUR
+            try:  # a failed forecast leaves the measured part usable
+                got, predicted, bad, name = self._fetch(f"{_fmt(origin)}/fw{FORECAST_H}h", postcode)
+            except IntensityUnavailable as exc:
+                failure = str(exc)
+                notes.append(f"no forecast: {failure}")
+            else:
+                measured += got
+                forecast += predicted
+                skipped += bad
+                region = region or name
+            if not failure and end > origin + FORECAST_H * HOUR:
+                notes.append(
+                    f"forecast covers {FORECAST_H} h; the rest of the range is not covered"
+                )
+        points, estimated = _merge(measured, forecast, start, end)
+        if skipped:
+            notes.append(f"{skipped} half-hours without a usable value skipped")
+        if estimated:
+            notes.append("forecast values used where no actual value exists")
+        where = "national" if postcode is None else f"postcode {postcode}"
+        if not points:
+            raise IntensityUnavailable(
+                failure or f"uk: no {where} data between {_fmt(start)} and {_fmt(end)}"
+            )
+        if postcode is None:
+            dataset, zone = "national", "GB"
+        else:
+            dataset = "regional"
+            zone = f"GB postcode {postcode}" + (f" ({region})" if region else "")
+        return IntensitySeries(
+            points=points,
+            source=self.name,
+            dataset=dataset,
+            zone=zone,
+            basis="average",
+            scope="direct",
+            estimated=estimated,
+            vintage=f"Carbon Intensity API, as of {_fmt(now)}",
+            attribution=ATTRIBUTION,
+            notes=tuple(notes),
+        )
+
+    def _fetch(
+        self, window: str, postcode: str | None
+    ) -> tuple[list[IntensityPoint], list[IntensityPoint], int, str]:
+        """(measured, forecast, skipped periods, region name) from one request."""
+        base = self.settings.uk_url
+        region = ""
+        if postcode is None:
+            data = self.http.get_json(f"{base}/intensity/{window}")
+            rows = data.get("data") if isinstance(data, dict) else None
+        else:
+            data = self.http.get_json(f"{base}/regional/intensity/{window}/postcode/{postcode}")
+            rows, region = _regional_rows(data)
+        if not isinstance(rows, list):
+            raise IntensityUnavailable("uk: malformed answer (no data list)")
+        return (*_parse_rows(rows), region)
+
+
+def _check_gb(location: Location) -> None:
+    if location.country != "GB":
+        raise IntensityUnavailable(
+            f"uk: the Carbon Intensity API covers Great Britain only, not {location.describe()}"
+        )
+    if location.zone is not None and location.zone not in GB_ZONES:
+        raise IntensityUnavailable(
+            f"uk: zone {location.zone} is not on Great Britain's grid (the API covers England, "
+            "Scotland and Wales)"
+        )
+
+
+def _regional_rows(data: Any) -> tuple[Any, str]:
+    """Periods and region name of a regional answer: ``{"data": {"shortname", "data": [...]}}``
+    (the range endpoints), also accepted as a one-element list (the current-period endpoint)."""
+    body = data.get("data") if isinstance(data, dict) else None
+    if isinstance(body, list) and len(body) == 1:
+        body = body[0]
+    if not isinstance(body, dict):
+        raise IntensityUnavailable("uk: malformed regional answer (no data object)")
+    name = body.get("shortname")
+    return body.get("data"), name if isinstance(name, str) else ""
+
+
+def _parse_rows(rows: list[Any]) -> tuple[list[IntensityPoint], list[IntensityPoint], int]:
+    """(measured, forecast, skipped) from the API's half-hour periods."""
+    measured: list[IntensityPoint] = []
+    forecast: list[IntensityPoint] = []
+    skipped = 0
+    for row in rows:
+        try:
+            t0, t1 = _parse_time(row["from"]), _parse_time(row["to"])
+            intensity = row["intensity"]
+            actual, predicted = intensity.get("actual"), intensity.get("forecast")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            skipped += 1
+            continue
+        if t1 <= t0:
+            skipped += 1
+        elif _usable(actual):
+            measured.append(IntensityPoint(t0, t1, float(actual)))
+        elif _usable(predicted):
+            forecast.append(IntensityPoint(t0, t1, float(predicted)))
+        else:
+            skipped += 1
+    return measured, forecast, skipped
+
+
+def _usable(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+# -- time ----------------------------------------------------------------------------------
+
+
+def _parse_time(text: object) -> float:
+    """Unix seconds of an ISO 8601 time; 'Z' is UTC, and so is a time without an offset (the
+    API documents all times as UTC)."""
+    if not isinstance(text, str):
+        raise TypeError
+    text = text.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _fmt(seconds: float) -> str:
+    """The API's time format, in UTC: ``2026-03-29T01:30Z``."""
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def _day_blocks(start: float, stop: float, now: float) -> list[tuple[float, float]]:
+    """Whole UTC days covering ``[start, stop)``; the day of ``now`` ends at the next full hour.
+
+    Unix time has no DST: a UTC day is 86400 s and 48 half-hours, also on the days the UK
+    clocks change.
+    """
+    day = math.floor(start / DAY) * DAY
+    open_end = math.ceil(now / HOUR) * HOUR
+    if (stop - day) / DAY > MAX_DAYS:
+        raise IntensityUnavailable(f"uk: range longer than {MAX_DAYS} days")
+    blocks = []
+    while day < stop:
+        blocks.append((day, min(day + DAY, open_end)))
+        day += DAY
+    return blocks
+
+
+def _merge(
+    measured: Iterable[IntensityPoint], forecast: Iterable[IntensityPoint], start: float, end: float
+) -> tuple[tuple[IntensityPoint, ...], bool]:
+    """Measured points, forecasts only where no measurement exists, limited to ``[start, end)``;
+    and whether any forecast is in that range."""
+    base = sorted_points(list(measured))
+    ends = [p.end for p in base]
+    gaps: list[IntensityPoint] = []
+    for p in sorted_points(list(forecast)):
+        cursor = p.start
+        i = bisect.bisect_right(ends, cursor)
+        while i < len(base) and base[i].start < p.end and cursor < p.end:
+            if base[i].start > cursor:
+                gaps.append(IntensityPoint(cursor, base[i].start, p.g_per_kwh))
+            cursor = max(cursor, base[i].end)
+            i += 1
+        if cursor < p.end:
+            gaps.append(IntensityPoint(cursor, p.end, p.g_per_kwh))
+    inside = [p for p in (*base, *gaps) if p.end > start and p.start < end]
+    estimated = any(p.end > start and p.start < end for p in gaps)
+    return sorted_points(inside), estimated
+
+
+@hookimpl
+def green_mlops_intensity_providers(settings: Settings) -> list[IntensityProvider]:
+    return [UkCarbonIntensityProvider(settings)]

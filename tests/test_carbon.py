@@ -1,0 +1,282 @@
+"""Time-resolved carbon accounting (`green_mlops.carbon.account`).
+
+Hand-computed cases, chains with gaps (the next series prices the rest), zero-length
+intervals, unpriced energy, and the property that makes per-phase and per-epoch reporting
+consistent: the carbon of a run split in two at any instant equals the sum of the parts.
+Performance is measured by benchmarks/carbon_accounting.py, not asserted here.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from green_mlops.carbon import CarbonResult, account
+from green_mlops.intensity import FOREVER, IntensityPoint, IntensitySeries, sorted_points
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+KWH = 3.6e6
+
+
+def series(
+    points: list[tuple[float, float, float]], source: str = "api", *, basis: str = "average"
+) -> IntensitySeries:
+    """A series from (start offset s, end offset s, gCO2e/kWh) relative to T0."""
+    return IntensitySeries(
+        points=sorted_points([IntensityPoint(T0 + a, T0 + b, g) for a, b, g in points]),
+        source=source,
+        dataset="test",
+        zone="DE",
+        basis=basis,
+        scope="lifecycle",
+        estimated=False,
+        vintage="2026",
+    )
+
+
+def yearly(g: float) -> IntensitySeries:
+    return IntensitySeries(
+        points=(IntensityPoint(FOREVER[0], FOREVER[1], g),),
+        source="static",
+        dataset="ember-yearly",
+        zone="DE",
+        basis="average",
+        scope="lifecycle",
+        estimated=False,
+        vintage="2024",
+    )
+
+
+def timeline(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(offset s from T0, cumulative joules)."""
+    return [(T0 + t, j) for t, j in points]
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+
+
+# --- exact, hand-computed -----------------------------------------------------------------
+
+
+def test_constant_power_and_intensity() -> None:
+    # 1000 W for one hour = 1 kWh; at 400 g/kWh = 400 g.
+    grid = series([(0, 3600, 400.0)])
+    result = account(timeline([(0, 0), (3600, 3.6e6)]), [grid])
+    assert close(result.grams, 400.0)
+    assert close(result.kwh, 1.0)
+    assert result.kwh_by_source == {grid.describe(): pytest.approx(1.0, rel=1e-12)}
+    assert result.unpriced_kwh == 0.0
+    assert close(result.mean_g_per_kwh, 400.0)
+    assert result.primary_source == grid.describe()
+
+
+def test_intervals_straddle_intensity_boundaries() -> None:
+    # Intensity 200 for the first half hour, 600 for the second. Timeline points at 0, 1200 s
+    # and 3600 s with 1000 W, then 2000 W:
+    #   [0, 1200)     1000 W: 1/3 kWh at 200                       = 66.666... g
+    #   [1200, 1800)  2000 W: 1/3 kWh at 200                       = 66.666... g
+    #   [1800, 3600)  2000 W: 1 kWh at 600                         = 600 g
+    grid = series([(0, 1800, 200.0), (1800, 3600, 600.0)])
+    result = account(timeline([(0, 0), (1200, 1.2e6), (3600, 1.2e6 + 4.8e6)]), [grid])
+    assert close(result.kwh, 1 / 3 + 4 / 3)
+    assert close(result.grams, 200 / 3 + 200 / 3 + 600)
+    assert close(result.mean_g_per_kwh, (200 / 3 + 200 / 3 + 600) / (5 / 3))
+
+
+def test_power_is_constant_between_timeline_points() -> None:
+    # One interval of 2 h with 2 kWh crossing four 30-min points: 0.5 kWh each.
+    grid = series([(1800 * k, 1800 * (k + 1), g) for k, g in enumerate([100, 200, 300, 400])])
+    result = account(timeline([(0, 0), (7200, 2 * KWH)]), [grid])
+    assert close(result.grams, 0.5 * (100 + 200 + 300 + 400))
+
+
+def test_energy_that_goes_down_is_not_counted() -> None:
+    # A cumulative total that falls (a counter the engine reset) adds nothing, never negative.
+    grid = series([(0, 300, 500.0)])
+    result = account(timeline([(0, 0), (100, KWH), (200, 0.5 * KWH), (300, 1.5 * KWH)]), [grid])
+    assert close(result.kwh, 2.0)
+    assert close(result.grams, 1000.0)
+
+
+# --- chains: the next series prices what the first does not cover -------------------------
+
+
+def test_forecast_shorter_than_the_run_falls_back_to_the_next_series() -> None:
+    forecast = series([(300 * k, 300 * (k + 1), 100.0) for k in range(6)], "forecast")  # 30 min
+    table = yearly(500.0)
+    result = account(timeline([(0, 0), (1800, 0.5 * KWH), (3600, KWH)]), [forecast, table])
+    assert close(result.grams, 0.5 * 100 + 0.5 * 500)
+    assert result.kwh_by_source == {
+        forecast.describe(): pytest.approx(0.5, rel=1e-12),
+        table.describe(): pytest.approx(0.5, rel=1e-12),
+    }
+    assert close(sum(result.kwh_by_source.values()), result.kwh)
+    assert result.unpriced_kwh == 0.0
+
+
+def test_holes_inside_a_series_are_filled_in_place() -> None:
+    # The API has [0, 600) and [1200, 1800); the hole [600, 1200) and the tail take 300 g/kWh.
+    api = series([(0, 600, 50.0), (1200, 1800, 150.0)])
+    table = yearly(300.0)
+    result = account(timeline([(0, 0), (2400, 2400 * 1000.0)]), [api, table])  # 1000 W
+    kwh_per_600s = 600 * 1000.0 / KWH
+    assert close(result.grams, kwh_per_600s * (50 + 300 + 150 + 300))
+    assert close(result.kwh_by_source[api.describe()], 2 * kwh_per_600s)
+    assert close(result.kwh_by_source[table.describe()], 2 * kwh_per_600s)
+    assert close(sum(result.kwh_by_source.values()), result.kwh)
+
+
+def test_first_covering_series_wins_even_when_a_later_one_also_covers() -> None:
+    first = series([(0, 3600, 10.0)], "first")
+    second = series([(0, 3600, 999.0)], "second")
+    result = account(timeline([(0, 0), (3600, KWH)]), [first, second])
+    assert close(result.grams, 10.0)
+    assert list(result.kwh_by_source) == [first.describe()]  # sources that priced nothing: absent
+
+
+def test_three_series_each_price_their_part() -> None:
+    a = series([(0, 1200, 100.0)], "a")
+    b = series([(0, 2400, 200.0)], "b")  # only [1200, 2400) is left for it
+    c = yearly(300.0)
+    result = account(timeline([(0, 0), (3600, 3 * KWH)]), [a, b, c])  # 1 kWh per 20 min
+    assert close(result.grams, 100 + 200 + 300)
+    assert [round(v, 12) for v in result.kwh_by_source.values()] == [1.0, 1.0, 1.0]
+
+
+# --- zero-length intervals ------------------------------------------------------------------
+
+
+def test_energy_at_an_instant_is_priced_at_that_instant() -> None:
+    # Two timeline points at the same time with energy between them (a final flush).
+    grid = series([(0, 10, 100.0), (10, 20, 700.0)])
+    result = account(timeline([(10, 0), (10, KWH)]), [grid])  # intervals are [start, end)
+    assert close(result.kwh, 1.0)
+    assert math.isclose(result.grams, 700.0, rel_tol=1e-9)
+    assert result.unpriced_kwh == 0.0
+
+
+def test_zero_length_interval_without_energy_adds_nothing() -> None:
+    grid = series([(0, 100, 100.0)])
+    result = account(timeline([(0, 0), (50, 0.5 * KWH), (50, 0.5 * KWH), (100, KWH)]), [grid])
+    assert close(result.grams, 100.0)
+    assert close(result.kwh, 1.0)
+
+
+def test_empty_and_single_point_timelines() -> None:
+    grid = yearly(300.0)
+    for points in ([], [(0.0, 5.0)]):
+        result = account(timeline(points), [grid])
+        assert (result.grams, result.kwh, result.unpriced_kwh) == (0.0, 0.0, 0.0)
+        assert result.kwh_by_source == {}
+        assert math.isnan(result.mean_g_per_kwh)
+
+
+# --- unpriced energy -------------------------------------------------------------------------
+
+
+def test_no_series_leaves_all_energy_unpriced() -> None:
+    result = account(timeline([(0, 0), (3600, 2 * KWH)]), [])
+    assert result.grams == 0.0
+    assert close(result.kwh, 2.0)
+    assert close(result.unpriced_kwh, 2.0)
+    assert math.isnan(result.mean_g_per_kwh)  # never a 0 g/kWh that looks like clean power
+    assert result.primary_source == "none"
+
+
+def test_partly_covered_run_reports_the_uncovered_energy() -> None:
+    api = series([(0, 1800, 400.0)])
+    result = account(timeline([(0, 0), (3600, KWH)]), [api])
+    assert close(result.grams, 200.0)
+    assert close(result.unpriced_kwh, 0.5)
+    assert close(result.mean_g_per_kwh, 400.0)  # mean over the priced energy only
+    assert close(sum(result.kwh_by_source.values()) + result.unpriced_kwh, result.kwh)
+
+
+def test_carbon_result_properties() -> None:
+    r = CarbonResult(grams=300.0, kwh=2.0, kwh_by_source={"a": 0.5, "b": 1.0}, unpriced_kwh=0.5)
+    assert r.mean_g_per_kwh == 200.0
+    assert r.primary_source == "b"
+
+
+# --- the split property ----------------------------------------------------------------------
+
+
+def split(
+    points: list[tuple[float, float]], at: float
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """Cut a timeline at ``at`` (power constant between points, as account() assumes)."""
+    times = [t for t, _ in points]
+    i = bisect.bisect_right(times, at) - 1
+    if i == len(points) - 1:
+        return points, [points[-1]]
+    (ta, ea), (tb, eb) = points[i], points[i + 1]
+    e_at = ea + (eb - ea) * (at - ta) / (tb - ta)
+    before = [*points[: i + 1], (at, e_at)] if at > ta else points[: i + 1]
+    after = [(at, e_at), *points[i + 1 :]]
+    return before, after
+
+
+steps = st.lists(
+    st.tuples(
+        st.floats(0.01, 3600.0, allow_nan=False),  # seconds to the next point
+        st.floats(0.0, 1e7, allow_nan=False),  # joules in that interval
+    ),
+    min_size=1,
+    max_size=25,
+)
+raw_series = st.lists(
+    st.tuples(
+        st.floats(-2000.0, 60_000.0, allow_nan=False),  # start offset
+        st.floats(1.0, 7200.0, allow_nan=False),  # length
+        st.floats(0.0, 1500.0, allow_nan=False),  # g/kWh
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=steps,
+    chain_specs=st.lists(raw_series, max_size=3),
+    with_table=st.booleans(),
+    cut=st.floats(0.0, 1.0, allow_nan=False),
+)
+def test_split_at_any_instant_adds_up(
+    steps: list[tuple[float, float]],
+    chain_specs: list[list[tuple[float, float, float]]],
+    with_table: bool,
+    cut: float,
+) -> None:
+    points = [(T0, 0.0)]
+    for dt, joules in steps:
+        t, e = points[-1]
+        points.append((t + dt, e + joules))
+    chain = [
+        series([(a, a + n, g) for a, n, g in spec], f"s{k}") for k, spec in enumerate(chain_specs)
+    ]
+    if with_table:
+        chain.append(yearly(321.0))
+    at = points[0][0] + cut * (points[-1][0] - points[0][0])
+
+    whole = account(points, chain)
+    before, after = split(points, at)
+    first, second = account(before, chain), account(after, chain)
+
+    def same(x: float, y: float) -> bool:
+        return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+
+    assert same(first.grams + second.grams, whole.grams)
+    assert same(first.kwh + second.kwh, whole.kwh)
+    assert same(first.unpriced_kwh + second.unpriced_kwh, whole.unpriced_kwh)
+    for key in set(whole.kwh_by_source) | set(first.kwh_by_source) | set(second.kwh_by_source):
+        parts = first.kwh_by_source.get(key, 0.0) + second.kwh_by_source.get(key, 0.0)
+        assert same(parts, whole.kwh_by_source.get(key, 0.0))
+    # And the energy is fully accounted for: priced by some source, or reported unpriced.
+    assert same(sum(whole.kwh_by_source.values()) + whole.unpriced_kwh, whole.kwh)
+    if with_table:
+        assert whole.unpriced_kwh == 0.0

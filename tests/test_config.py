@@ -1,0 +1,72 @@
+"""Settings: precedence, validation messages, secrets, documentation."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from green_mlops.config import ConfigError, Settings, settings_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_env_and_keyword_precedence() -> None:
+    assert Settings.load(environ={}).sample_interval_s == 0.5
+    env = {"GREEN_MLOPS_SAMPLE_INTERVAL_S": "0.2", "GREEN_MLOPS_ENABLE": "yes"}
+    from_env = Settings.load(environ=env)
+    assert from_env.sample_interval_s == 0.2 and from_env.enable is True
+    assert Settings.load(environ=env, sample_interval_s=1.5).sample_interval_s == 1.5
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepted"),
+    [
+        ("GREEN_MLOPS_ENABLE", "maybe", "1/0, true/false"),
+        ("GREEN_MLOPS_SAMPLE_INTERVAL_S", "-1", "[0.01, 60]"),
+        ("GREEN_MLOPS_SAMPLE_INTERVAL_S", "fast", "[0.01, 60]"),
+        ("GREEN_MLOPS_SAMPLE_INTERVAL_S", "nan", "[0.01, 60]"),
+        ("GREEN_MLOPS_LOG_INTERVAL_S", "0", "[0.5, 3600]"),
+        ("GREEN_MLOPS_SHARE", "everyone", "machine or process"),
+        ("GREEN_MLOPS_CPU_TDP_W", "0", "> 0"),
+        ("GREEN_MLOPS_RAM_W_PER_GB", "-0.3", "[0, 100]"),
+        ("GREEN_MLOPS_DISABLE_PLUGINS", "rapl;nvml", "comma-separated"),
+        ("GREEN_MLOPS_RAPL_ROOT", "  ", "a directory path"),
+    ],
+)
+def test_bad_environment_values_name_variable_value_and_form(
+    variable: str, value: str, accepted: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(environ={variable: value})
+    message = str(info.value)
+    assert variable in message and repr(value) in message and accepted in message
+
+
+def test_bad_keyword_names_the_argument() -> None:
+    with pytest.raises(ConfigError, match=r"argument share='all' is not valid: expected machine"):
+        Settings.load(environ={}, share="all")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        Settings.load(environ={}, sample_interval=1)
+
+
+def test_typed_values_and_lists() -> None:
+    s = Settings.load(
+        environ={"GREEN_MLOPS_DISABLE_PLUGINS": " rapl, nvml ,", "GREEN_MLOPS_CPU_TDP_W": ""},
+        rapl_root="/tmp/x",
+    )
+    assert s.disable_plugins == frozenset({"rapl", "nvml"})
+    assert s.cpu_tdp_w is None and s.rapl_root == Path("/tmp/x")
+    assert s.replace(cpu_tdp_w="125").cpu_tdp_w == 125.0
+    with pytest.raises(ConfigError):
+        s.replace(ram_w_per_gb=True)
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    variables = [row[0] for row in settings_table()]
+    assert len(variables) == len(dataclasses.fields(Settings))
+    missing = [v for v in variables if not re.search(rf"`{v}`", readme)]
+    assert missing == []
