@@ -111,6 +111,13 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
+def _region(value: object) -> str:
+    text = str(value).strip().upper()
+    if not text.replace("_", "").isalnum():
+        raise ValueError
+    return text
+
+
 def _url(value: object) -> str:
     text = str(value).strip().rstrip("/")
     if not text.startswith(("http://", "https://")) or len(text) < 10 or " " in text:
@@ -353,6 +360,13 @@ class Settings:
         "a WattTime password",
         "WattTime password. Never logged.",
         secret=True,
+    )
+    watttime_region: str | None = _setting(
+        "WATTTIME_REGION",
+        None,
+        _optional(_region),
+        "a WattTime region code, e.g. CAISO_NORTH",
+        "WattTime region to use instead of the one mapped from the location's zone.",
     )
     watttime_url: str = _setting(
         "WATTTIME_URL",

@@ -39,6 +39,7 @@ MAX_RETRY_AFTER_S = 10
 def _retry(total: int) -> Retry:
     options: dict[str, Any] = {
         "total": total,
+        "read": 1,  # a read timeout is retried once: 4 x the timeout would outlast the run's end
         "backoff_factor": 0.5,
         "status_forcelist": RETRY_STATUSES,
         "allowed_methods": frozenset({"GET"}),
@@ -77,9 +78,14 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         auth: tuple[str, str] | None = None,
         cache: bool = True,
+        vary: str = "",
     ) -> Any:
-        """GET ``url`` and decode JSON, from the cache when fresh. Raises IntensityUnavailable."""
-        key = self._key(url, params)
+        """GET ``url`` and decode JSON, from the cache when fresh. Raises IntensityUnavailable.
+
+        ``vary`` is folded into the cache key but not sent: pass the current hour for an
+        endpoint whose URL does not change while its answer does (``/latest``).
+        """
+        key = self._key(url, params, vary)
         if cache and self.ttl_s > 0:
             hit = self._cached(key)
             if hit is not None:
@@ -91,6 +97,10 @@ class HttpClient:
             response = self.session.get(
                 url, params=params, headers=headers, auth=auth, timeout=self.timeout
             )
+        except requests.exceptions.InvalidHeader:
+            raise IntensityUnavailable(
+                f"{self.provider}: {host} answered with an invalid header (e.g. Retry-After)"
+            ) from None
         except requests.RequestException as exc:
             raise IntensityUnavailable(
                 f"{self.provider}: cannot reach {host} ({type(exc).__name__})"
@@ -111,8 +121,9 @@ class HttpClient:
     # -- cache -----------------------------------------------------------------------------
 
     @staticmethod
-    def _key(url: str, params: Mapping[str, str] | None) -> str:
+    def _key(url: str, params: Mapping[str, str] | None, vary: str = "") -> str:
         text = url + "?" + "&".join(f"{k}={v}" for k, v in sorted((params or {}).items()))
+        text += "#" + vary
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def _cached(self, key: str) -> tuple[float, Any] | None:

@@ -31,6 +31,20 @@ REPORT_SCHEMA = "green-mlops/report/v1"
 FINAL_WAIT_S = 3.0
 
 
+#: Totals that add up over runs; a parent reports them exclusive of its nested runs.
+ADDITIVE_KEYS = (
+    "green/energy_kwh",
+    "green/energy/gpu_kwh",
+    "green/energy/cpu_kwh",
+    "green/energy/ram_kwh",
+    "green/energy/other_kwh",
+    "green/energy_facility_kwh",
+    "green/co2e_g",
+    "green/cost",
+    "green/embodied_g",
+)
+
+
 @dataclass(frozen=True)
 class Result:
     """What sinks log: totals as metrics, provenance as tags, the power series, a report."""
@@ -78,6 +92,10 @@ class Measurement:
         self.functional_units: float | None = None
         #: Totals of earlier segments of the same run (a resumed MLflow run), added to ours.
         self.offsets: dict[str, float] = {}
+        #: Metrics and tags contributed by other parts (FLOPs and quality from a callback).
+        self.metrics_extra: dict[str, float] = {}
+        self.tags_extra: dict[str, str] = {}
+        self._children: dict[str, float] = {}
         self._accountant: Any = None
         self._final: Result | None = None
         self._lock = threading.Lock()
@@ -101,6 +119,13 @@ class Measurement:
 
     def phase(self, name: str, *, precise: bool = True) -> Any:
         return self.tracker.phase(name, precise=precise)
+
+    def add_child(self, child: Result) -> None:
+        """Subtract a nested run's totals from ours (it reports them itself)."""
+        with self._lock:
+            for key in ADDITIVE_KEYS:
+                if key in child.metrics:
+                    self._children[key] = self._children.get(key, 0.0) + child.metrics[key]
 
     def result(self) -> Result:
         """The run so far (or the final result once stopped)."""
@@ -154,9 +179,15 @@ class Measurement:
         except Exception as exc:  # energy is still worth logging
             log.exception("green-mlops: carbon/footprint failed")
             tags["green.problems"] = f"{tags.get('green.problems', '')} footprint failed: {exc}"
+        for key, value in self._children.items():
+            if key in metrics:
+                metrics[key.replace("green/", "green/inclusive/", 1)] = metrics[key]
+                metrics[key] -= value
         for key, value in self.offsets.items():
             if key in metrics and not key.endswith("intensity_g_per_kwh"):
                 metrics[key] += value
+        metrics.update(self.metrics_extra)
+        tags.update(self.tags_extra)
         return Result(snapshot, metrics, tags, fp, sentence, power_series(snapshot))
 
 

@@ -2,9 +2,10 @@
 
 What it provides: the average carbon intensity (gCO2eq/kWh) of the electricity consumed in an
 Electricity Maps zone, hour by hour, as :class:`~green_mlops.intensity.IntensitySeries`
-points ``[datetime, datetime + 1 h)``. The API's ``datetime`` is the start of the hour it
-describes (documented resolution: 1 hour; a ``temporalGranularity`` of ``5_minutes`` or
-``15_minutes`` in the response is honoured). Values are consumption-based and, by the API's
+points ``[datetime, datetime + 1 h)``. The documented resolution is 1 hour; ``datetime`` is
+taken as the start of the period (the documented examples are hour starts, and ``/latest``
+answers with the current hour); a ``temporalGranularity`` of ``5_minutes`` or ``15_minutes``
+in a response is honoured. Values are consumption-based and, by the API's
 default, lifecycle (``emissionFactorType``); the scope of the series is what the items say.
 
 How: ``GET {electricitymaps_url}/v3/carbon-intensity/...`` with the header

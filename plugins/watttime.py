@@ -491,4 +491,4 @@ def _merge(
 
 @hookimpl
 def green_mlops_intensity_providers(settings: Settings) -> list[IntensityProvider]:
-    return [WattTimeProvider(settings)]
+    return [WattTimeProvider(settings, region=settings.watttime_region)]

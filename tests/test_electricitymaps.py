@@ -8,6 +8,7 @@ provider standing in for the static table. urllib3's backoff factor is shrunk fo
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import json
 import socket
@@ -193,14 +194,12 @@ def test_hook_offers_the_provider(tmp_path: Path) -> None:
     conf = make_settings("http://127.0.0.1:9", tmp_path)
     (offered,) = electricitymaps.green_mlops_intensity_providers(settings=conf)
     assert isinstance(offered, ElectricityMapsProvider) and offered.name == "electricitymaps"
-    from green_mlops.plugin_manager import create_plugin_manager
-
-    names = [
-        p.name
-        for result in create_plugin_manager().hook.green_mlops_intensity_providers(settings=conf)
-        for p in result or ()
+    (entry_point,) = [
+        ep
+        for ep in importlib.metadata.entry_points(group="green_mlops")
+        if ep.name == "electricitymaps"
     ]
-    assert "electricitymaps" in names
+    assert entry_point.load() is electricitymaps
 
 
 # --- response shapes ----------------------------------------------------------------------

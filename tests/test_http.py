@@ -220,8 +220,8 @@ def test_read_timeout_is_bounded(
         client.get_json(server.url_for("/slow"))
     elapsed = time.monotonic() - t0
     release.set()
-    # 4 attempts x 0.5 s read timeout (+ 10/20 ms backoff): bounded, not the handler's 5 s each
-    assert 1.9 <= elapsed < 3.5
+    # a read timeout is retried once: 2 attempts x 0.5 s (+ backoff), not the handler's 5 s each
+    assert 0.95 <= elapsed < 2.0
     assert "cannot reach" in str(info.value) and host_of(server) in str(info.value)
 
 
@@ -345,13 +345,8 @@ def test_corrupt_disk_entry_is_a_miss(httpserver: HTTPServer, tmp_path: Path) ->
     assert len(httpserver.log) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="http.py reads stored['data'] outside the try in _cached(): a disk entry without "
-    "'data' raises KeyError instead of being a cache miss",
-)
 def test_disk_entry_without_data_is_a_miss(httpserver: HTTPServer, tmp_path: Path) -> None:
+    """A valid JSON entry of another shape (older format, foreign file) is a miss, not a crash."""
     httpserver.expect_request("/c").respond_with_json({"v": 1})
     url = httpserver.url_for("/c")
     HttpClient(settings(tmp_path), "t").get_json(url)
@@ -417,6 +412,7 @@ def test_token_appears_nowhere(
     texts.extend(record.getMessage() for record in caplog.records)
     texts.extend(p.read_text() for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert len(texts) > 20
+    assert "urllib3" in {record.name.split(".")[0] for record in caplog.records}  # it did log
     for text in texts:
         assert SECRET not in text
     # ...while the token did reach the server, in the header and nowhere else

@@ -32,7 +32,7 @@ from green_mlops.intensity import (
     IntensitySeries,
     IntensityUnavailable,
 )
-from green_mlops.location import Location
+from green_mlops.location import Location, parse_location
 from green_mlops.plugins.uk_carbon_intensity import ATTRIBUTION, UkCarbonIntensityProvider
 
 GB = Location(raw="GB", zone="GB", country="GB")
@@ -56,13 +56,14 @@ NOW = ts("2026-04-01T12:00:00")
 
 
 class FakeUkApi:
-    def __init__(self, server: HTTPServer, now: float = NOW) -> None:
+    def __init__(self, server: HTTPServer, now: float = NOW, *, serve: bool = True) -> None:
         self.server = server
         self.now = now
-        server.expect_request(re.compile(r"^/intensity/.+")).respond_with_handler(self.national)
-        server.expect_request(re.compile(r"^/regional/intensity/.+")).respond_with_handler(
-            self.regional
-        )
+        if serve:  # otherwise the test registers the handlers it needs
+            server.expect_request(re.compile(r"^/intensity/.+")).respond_with_handler(self.national)
+            server.expect_request(re.compile(r"^/regional/intensity/.+")).respond_with_handler(
+                self.regional
+            )
 
     def paths(self) -> list[str]:
         return [request.path for request, _ in self.server.log]
@@ -148,11 +149,11 @@ def test_national_actual_then_forecast(api: FakeUkApi, tmp_path: Path) -> None:
 
 
 def test_only_actual_values_are_measured(api: FakeUkApi, tmp_path: Path) -> None:
-    orkney = Location(raw="GB-ORK", zone="GB-ORK", country="GB")
     start, end = ts("2026-04-01T10:00:00"), ts("2026-04-01T11:00:00")
-    series = provider(api.server, tmp_path).series(orkney, start, end)
-    assert [p.g_per_kwh for p in series.points] == [ACTUAL, ACTUAL]
-    assert series.estimated is False
+    for where in ("GB-ORK", "GBR", "aws:eu-west-2"):  # Orkney, alpha-3, AWS London
+        series = provider(api.server, tmp_path).series(parse_location(where), start, end)
+        assert [p.g_per_kwh for p in series.points] == [ACTUAL, ACTUAL]
+        assert series.estimated is False
     assert not any("fw48h" in path for path in api.paths())
 
 
@@ -290,11 +291,11 @@ class Constant(IntensityProvider):
 
 def test_500_falls_back_to_the_next_provider(httpserver: HTTPServer, tmp_path: Path) -> None:
     httpserver.expect_request(re.compile("^/intensity/")).respond_with_data("oops", status=500)
-    settings = settings_for(httpserver, tmp_path)
+    settings = settings_for(httpserver, tmp_path, location="GB")
     start = NOW - 7200
     uk = UkCarbonIntensityProvider(settings, clock=lambda: NOW)
     accountant = CarbonAccountant(settings, providers=[uk, Constant()])
-    accountant.location = GB
+    assert accountant.location.country == "GB"
     try:
         result = accountant.result([(start, 0.0), (start + 3600, 3.6e6)], wait_s=20)
     finally:
@@ -304,3 +305,15 @@ def test_500_falls_back_to_the_next_provider(httpserver: HTTPServer, tmp_path: P
     assert result.primary_source.startswith("constant/")
     assert "HTTP 500" in accountant.skipped["uk"]
     assert len(httpserver.log) == 4  # the first try and three retries with backoff
+
+
+def test_failed_forecast_keeps_the_measured_part(httpserver: HTTPServer, tmp_path: Path) -> None:
+    api = FakeUkApi(httpserver, serve=False)
+    httpserver.expect_request(re.compile(r"^/intensity/.+/fw48h$")).respond_with_data(
+        "gone", status=404
+    )
+    httpserver.expect_request(re.compile(r"^/intensity/")).respond_with_handler(api.national)
+    series = provider(httpserver, tmp_path).series(GB, NOW - 3600, NOW + 3600)
+    assert series.covered(NOW - 3600, NOW + 3600) == 3600
+    assert series.estimated is False
+    assert any(note.startswith("no forecast:") and "404" in note for note in series.notes)

@@ -403,3 +403,16 @@ def test_credentials_never_in_logs_errors_reprs_or_cache(
         assert secret not in shown
         assert secret not in cached
     assert USER not in "\n".join(errors)
+
+
+def test_failed_forecast_keeps_the_measured_part(httpserver: HTTPServer, tmp_path: Path) -> None:
+    fake = FakeWattTime(httpserver, data=False)
+    httpserver.expect_request("/v3/historical").respond_with_handler(fake.historical)
+    httpserver.expect_request("/v3/forecast").respond_with_data("bad horizon", status=400)
+    wt = provider(httpserver, tmp_path)
+    series = wt.series(PACW, NOW - 1800, NOW + 1800)
+    assert series.covered(NOW - 1800, NOW + 1800) == 1800  # the future is left to the next one
+    assert series.estimated is False
+    assert any(note.startswith("no forecast:") and "400" in note for note in series.notes)
+    with pytest.raises(IntensityUnavailable, match="HTTP 400"):  # nothing else: the reason
+        wt.series(PACW, NOW, NOW + 1800)

@@ -1,0 +1,28 @@
+"""PyTorch Lightning callbacks: ``EnergyMonitor`` and ``AdaptiveValidation``.
+
+from green_mlops.integrations.lightning import AdaptiveValidation, EnergyMonitor
+trainer = Trainer(callbacks=[EnergyMonitor(), AdaptiveValidation(monitor="val_loss")])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["AdaptiveValidation", "EnergyMonitor"]
+
+_LAZY = {
+    "EnergyMonitor": "green_mlops.integrations.lightning.energy_monitor",
+    "AdaptiveValidation": "green_mlops.integrations.lightning.adaptive_validation",
+}
+
+if TYPE_CHECKING:
+    from green_mlops.integrations.lightning.adaptive_validation import AdaptiveValidation
+    from green_mlops.integrations.lightning.energy_monitor import EnergyMonitor
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(module), name)
