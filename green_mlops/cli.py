@@ -130,6 +130,23 @@ def demo(settings: Settings, epochs: int) -> int:
     return 0
 
 
+def sync(settings: Settings) -> int:
+    """Send the MLflow batches that could not be delivered during runs (kept in the spool)."""
+    from green_mlops.integrations.mlflow import replay_spool
+
+    console = _console()
+    files = sorted((settings.cache_dir / "spool").glob("*.jsonl"))
+    sent = failed = 0
+    for path in files:
+        try:
+            sent += replay_spool(path)
+        except Exception as exc:
+            failed += 1
+            console.print(f"[red]{path.stem}: still not delivered ({type(exc).__name__})[/]")
+    console.print(f"sent {sent} batch(es) of {len(files)} run(s); {failed} run(s) still pending")
+    return 1 if failed else 0
+
+
 def show_config() -> int:
     from rich.table import Table
 
@@ -156,18 +173,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="train a small model, measure it, store it in MLflow")
     p_demo.add_argument("--epochs", type=int, default=3)
     sub.add_parser("config", help="list every setting with its variable and accepted values")
+    sub.add_parser("sync", help="send MLflow values kept while the tracking server was down")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     if args.command == "config":
         return show_config()
     try:
-        settings = Settings.load() if args.command == "doctor" else _demo_settings()
+        settings = _demo_settings() if args.command == "demo" else Settings.load()
     except ConfigError as exc:
         print(f"green-mlops: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "doctor":
         return doctor(settings, args.sample)
+    if args.command == "sync":
+        return sync(settings)
     return demo(settings, args.epochs)
 
 

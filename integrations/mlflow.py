@@ -335,11 +335,15 @@ class _Sink(threading.Thread):
 def _batch(run: _Run, result: Result, *, final: bool, extra_tags: dict[str, str]) -> dict[str, Any]:
     """One log_batch payload as plain data (so it can be spooled as JSON)."""
     now_ms = int(time.time() * 1000)
-    step = int(result.snapshot.duration_s)
+    # step = seconds since the run began (a resumed run continues from its earlier segments)
+    step = int(result.metrics.get("green/duration_s", result.snapshot.duration_s))
     metrics = [(k, v, now_ms, step) for k, v in result.metrics.items()]
     for t, watts in result.power:
         if t > run.sent_power_until:
-            metrics.append((POWER_KEY, watts, int(t * 1000), int(t - result.snapshot.started_at)))
+            offset = step - int(result.snapshot.duration_s)
+            metrics.append(
+                (POWER_KEY, watts, int(t * 1000), offset + int(t - result.snapshot.started_at))
+            )
     tags = {**result.tags, **run.measurement.tags_extra, **extra_tags}
     tags = {k: v for k, v in tags.items() if run.sent_tags.get(k) != v}
     return {
@@ -420,10 +424,16 @@ def _deliver(batch: dict[str, Any], *, final: bool) -> None:
             if final:
                 _log_power_figure(client, run_id, batch["report"])
     except MlflowException as exc:
-        code = getattr(exc, "error_code", "")
-        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"):
-            raise _RunGone(code) from None
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or _deleted(client, run_id):
+            raise _RunGone(f"{exc.error_code}: the run was deleted") from None
         raise
+
+
+def _deleted(client: Any, run_id: str) -> bool:
+    try:
+        return bool(client.get_run(run_id).info.lifecycle_stage == "deleted")
+    except Exception:
+        return False
 
 
 def _log_power_figure(client: Any, run_id: str, report: dict[str, Any]) -> None:
