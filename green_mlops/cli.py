@@ -58,14 +58,38 @@ def doctor(settings: Settings, sample_s: float) -> int:
         detail = item.reason + (f"\n[bold]fix:[/] {item.fix}" if item.fix else "")
         table.add_row(item.name, "[red]unavailable[/]", "", item.component.value, "", "", detail)
     console.print(table)
+    _print_providers(console, settings)
     if not used:
         console.print("[red]No meter is active: nothing would be measured.[/]")
         return 1
     if sample_s > 0:
-        tracker = Tracker(settings, meters=[*used, *unavailable]).start()
-        time.sleep(sample_s)
-        _print_snapshot(console, tracker.stop(), title=f"Power over {sample_s:g} s")
+        quiet = logging.getLogger("green_mlops")
+        level, quiet.level = quiet.level, logging.ERROR  # the table above said it already
+        try:
+            tracker = Tracker(settings, meters=[*used, *unavailable]).start()
+            time.sleep(sample_s)
+            snapshot = tracker.stop()
+        finally:
+            quiet.level = level
+        _print_snapshot(console, snapshot, title=f"Power over {sample_s:g} s")
     return 0
+
+
+def _print_providers(console: Console, settings: Settings) -> None:
+    """Carbon-intensity providers in the configured order, and whether each can be used."""
+    from rich.table import Table
+
+    from green_mlops.carbon import providers_from_plugins
+
+    location = settings.location or "[yellow]unknown: world average (set GREEN_MLOPS_LOCATION)[/]"
+    table = Table(title=f"Carbon intensity for location {location}")
+    for column in ("order", "provider", "status"):
+        table.add_column(column)
+    for i, provider in enumerate(providers_from_plugins(settings), 1):
+        reason = provider.configured()
+        status = "[green]configured[/]" if reason is None else f"[yellow]skipped:[/] {reason}"
+        table.add_row(str(i), provider.name, status)
+    console.print(table)
 
 
 def _print_snapshot(console: Console, snapshot: Snapshot, title: str) -> None:

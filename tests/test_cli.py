@@ -1,0 +1,90 @@
+"""The `green-mlops` command, run as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking.client import MlflowClient
+
+from green_mlops.config import settings_table
+
+
+def cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("GREEN_MLOPS_", "MLFLOW_"))}
+    environ.update(COLUMNS="200", **env)
+    return subprocess.run(
+        [sys.executable, "-m", "green_mlops", *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def fake_rapl(root: Path, microjoules: int = 1_000_000) -> None:
+    zone = root / "intel-rapl:0"
+    zone.mkdir(parents=True)
+    (zone / "name").write_text("package-0\n")
+    (zone / "energy_uj").write_text(f"{microjoules}\n")
+    (zone / "max_energy_range_uj").write_text("262143328850\n")
+
+
+def test_doctor_lists_active_and_unavailable_meters_with_fixes(tmp_path: Path) -> None:
+    out = cli("doctor", "--sample", "0.2", GREEN_MLOPS_RAPL_ROOT=str(tmp_path / "none"))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "cpu_estimate" in text and "active" in text
+    assert "rapl" in text and "unavailable" in text and "fix:" in text
+    assert "Carbon intensity for location unknown" in text and "static" in text
+    assert "Power over 0.2 s" in text
+
+
+def test_doctor_prefers_a_rapl_counter_over_the_estimate(tmp_path: Path) -> None:
+    fake_rapl(tmp_path)
+    out = cli("doctor", "--sample", "0", GREEN_MLOPS_RAPL_ROOT=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("│")]
+    assert any("rapl" in r and "active" in r and "cpu:package-0" in r for r in rows)
+    assert any("cpu_estimate" in r and "superseded" in r for r in rows)
+    assert any("rapl" in r and "unavailable" in r and "no dram domain" in r for r in rows)
+
+
+def test_config_lists_every_setting() -> None:
+    out = cli("config")
+    assert out.returncode == 0
+    for variable, *_ in settings_table():
+        assert variable in out.stdout
+
+
+def test_bad_configuration_exits_2_naming_the_variable() -> None:
+    out = cli("doctor", GREEN_MLOPS_SHARE="everyone")
+    assert out.returncode == 2
+    assert "GREEN_MLOPS_SHARE='everyone' is not valid" in out.stderr
+    assert "machine or process" in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_trains_measures_and_stores_in_the_local_mlflow_store(tmp_path: Path) -> None:
+    out = cli(
+        "demo",
+        "--epochs",
+        "2",
+        cwd=tmp_path,
+        GREEN_MLOPS_LOCATION="FR",
+        GREEN_MLOPS_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "mlflow.db").exists()
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("green-mlops-demo").experiment_id])
+    assert len(runs) == 1
+    metrics = runs[0].data.metrics
+    assert metrics["green/energy_kwh"] > 0 and metrics["green/co2e_g"] > 0
+    assert metrics["green/phase/train_kwh"] > 0 and metrics["green/phase/validation_kwh"] > 0
+    assert runs[0].data.tags["green.location"].startswith("FR")
