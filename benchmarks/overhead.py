@@ -37,11 +37,13 @@ between runs, so only ratios measured side by side in one run are reported):
    imported torch (like a training script), median over ``--repeats`` processes per tool, run
    alternately; the start verdict uses this number, which is what a training script pays. The
    in-process start (first, and median of the later, warm ones) is printed as well.
-5. Micro-benchmarks on a running tracker with CPU-only meters (the ``nvml`` plugin disabled):
-   one ``enter``/``exit`` call timed individually (``precise=True`` calls spaced 2 ms apart so
+5. Micro-benchmarks: one ``enter``/``exit`` call on a running tracker with CPU-only meters (the
+   ``nvml`` plugin disabled), timed individually (``precise=True`` calls spaced 2 ms apart so
    the sampler they wake is idle again, as at real phase boundaries; ``precise=False`` calls
-   back to back), and one ``sample_now`` (one read of every meter plus attribution, which the
-   sampler thread pays every ``interval_s``). Medians, timer overhead included.
+   back to back); one ``sample_now`` with the training loop's meters (one read of every meter
+   plus attribution, which the sampler thread pays every ``interval_s`` and after each precise
+   boundary). Medians, timer overhead included. From these, a direct cost accounting of one
+   run (calls x medians): noise-free, but blind to indirect costs (caches, GIL hand-offs).
 
 Exit status: 0 when every target passes, 1 otherwise. No network.
 """
@@ -266,7 +268,6 @@ def micro(res: Results, n_precise: int, n_fast: int, n_sample: int) -> None:
 
     tracker = Tracker(disable_plugins="nvml").start()
     try:
-        res.interval_s = tracker.interval_s
         res.micro_devices = device_list(tracker)
         for precise, n, gap in (("precise", n_precise, 0.002), ("fast", n_fast, 0.0)):
             flag = precise == "precise"
@@ -284,7 +285,13 @@ def micro(res: Results, n_precise: int, n_fast: int, n_sample: int) -> None:
                 if gap:
                     time.sleep(gap)
             res.boundary_s[precise] = [c * 1e-9 for c in calls]
-        time.sleep(2 * tracker.interval_s)  # let the sampler drain the queued marks
+    finally:
+        tracker.stop()
+
+    tracker = Tracker().start()  # the meters of the training loop, GPU ones included
+    try:
+        res.interval_s = tracker.interval_s
+        res.loop_devices = device_list(tracker)
         samples: list[int] = []
         for _ in range(n_sample):
             t0 = clock()
@@ -351,12 +358,12 @@ def report(res: Results, conditions: Sequence[str], steps: int) -> bool:
             else "     n/a"
         )
         print(
-            f"  {cond:<12} {cold_text}; in-process: first {res.runs[cond][0].start_s * ms:.1f} ms,"
+            f"  {cond:<14} {cold_text}; in-process: first {res.runs[cond][0].start_s * ms:.1f} ms,"
             f" later median {statistics.median(warm) * ms:.1f} ms; stop median "
             f"{statistics.median(stop) * ms:.1f} ms"
         )
 
-    print(f"\nCPU-only meters for the micro-benchmarks: {', '.join(res.micro_devices) or 'NONE'}")
+    print(f"\nboundary calls, CPU-only meters: {', '.join(res.micro_devices) or 'NONE'}")
     for name, label in (("precise", "precise=True "), ("fast", "precise=False")):
         calls = res.boundary_s[name]
         print(
@@ -364,12 +371,27 @@ def report(res: Results, conditions: Sequence[str], steps: int) -> bool:
             f"p99 {quantile(calls, 0.99) * us:7.2f} us (n={len(calls)})"
         )
     sample = statistics.median(res.sample_now_s)
+    print(f"sample_now, the training loop's meters: {', '.join(res.loop_devices) or 'NONE'}")
     print(
         f"  sample_now:           median {sample * us:6.2f} us, p99 "
         f"{quantile(res.sample_now_s, 0.99) * us:7.2f} us (n={len(res.sample_now_s)}); at "
         f"interval_s={res.interval_s:g} the sampler thread is busy {sample / res.interval_s:.4%}"
     )
     print(f"  (timer overhead included in each call: {res.timer_s * us:.2f} us)")
+    epochs = -(-steps // EPOCH_STEPS)
+    loop_s = statistics.median(r.loop_s for r in res.runs[GREEN])
+    samples = loop_s / res.interval_s + 4 * epochs
+    direct_s = (
+        2 * steps * statistics.median(res.boundary_s["fast"])
+        + 4 * epochs * statistics.median(res.boundary_s["precise"])
+        + samples * sample
+    )
+    print(
+        f"direct cost accounting per run: {2 * steps} marks + {4 * epochs} precise boundaries + "
+        f"<= {samples:.0f} samples = {direct_s * ms:.1f} ms = "
+        f"{direct_s / statistics.median(r.loop_s for r in base):.3%} of the untracked loop\n"
+        "  (direct costs only, medians x counts; indirect ones, caches and GIL hand-offs, not in)"
+    )
 
     print("\n== Verdicts ==")
     verdicts: list[bool] = []
@@ -478,17 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = run_condition(cond, args.steps)
             res.runs[cond].append(run)
             print(
-                f"  round {rnd + 1} {cond:<12} step {run.step_median_s * 1e3:6.3f} ms  "
+                f"  round {rnd + 1} {cond:<14} step {run.step_median_s * 1e3:6.3f} ms  "
                 f"loop {run.loop_s:6.2f} s  cpu {run.cpu_s:6.2f} s  "
                 f"start {run.start_s * 1e3:7.1f} ms  {run.check}",
                 flush=True,
             )
-        if rnd == 0:
-            from green_mlops.tracker import Tracker
-
-            t = Tracker().start()
-            res.loop_devices = device_list(t)
-            t.stop()
     if CODECARBON in conditions:
         loop = statistics.median(r.loop_s for r in res.runs[CODECARBON])
         print(
@@ -496,7 +512,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"of its {CC_MEASURE_POWER_SECS:g} s measurements (and its 1 s power monitor) fell "
             "inside the timed loop"
         )
-    print(f"green-mlops meters in the loop: {', '.join(res.loop_devices) or 'NONE'}")
 
     n_cold = 2 if args.quick else args.repeats
     print(f"fresh-process starts ({n_cold} per tool, alternating) ...", flush=True)

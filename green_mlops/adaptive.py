@@ -17,8 +17,9 @@ permutation drawn once, independently of the models (shuffle once with a fixed s
 it). Then the first ``n`` differences are a sample drawn *without replacement* from the N
 differences, and given the first ``i - 1`` of them, ``E[d_i] = (N mu - S_{i-1}) / (N - i + 1)``
 (``S`` the running sum). For any predictable ``lambda_i >= 0``, centre ``m_i`` and scale ``s_i``
-with ``d_i >= m_i - s_i`` surely, Fan et al.'s inequality ``exp(u x - psi(u) x^2) <= 1 + u x``
-(``x >= -1``, ``0 <= u < 1``, ``psi(u) = -log(1 - u) - u``) makes
+with ``d_i >= m_i - s_i`` surely, the inequality ``exp(u x - psi(u) x^2) <= 1 + u x`` (``x >=
+-1``, ``0 <= u < 1``, ``psi(u) = -log(1 - u) - u``; Fan, Grama & Liu, "Exponential inequalities
+for martingales with applications", Electron. J. Probab. 20, 2015) makes
 
     M_n = prod_i exp(lambda_i (d_i - E[d_i]) - psi(lambda_i s_i) ((d_i - m_i) / s_i)^2)
 
@@ -48,7 +49,9 @@ alpha`` every early decision of every comparison equals the full-set decision, f
 of comparisons. Proof sketch: the models of full validation do not depend on the permutation;
 adaptive validation coincides with full validation until its first wrong decision; that
 requires some comparison's sequence to miss its ``mu``, probability at most ``sum alpha_k``.
-Decisions reached at the full set are exact (no statistics involved).
+Decisions reached at the full set are exact (no statistics involved). An early "not improved"
+also needs the bound to clear 0 by a relative ``ROUNDING_MARGIN``, so that float rounding of the
+two full-set means could not have produced the opposite comparison.
 
 Memory: the incumbent's per-example values, N float64 (40 kB for N = 5,000).
 """
@@ -408,7 +411,6 @@ class AdaptiveValidator:
         self.upper = upper
         self.precision = precision
         self.enabled = enabled
-        self._dtype = np.float64 if precision == "float64" else np.float32
         self.best = math.inf if mode == "min" else -math.inf
         self.incumbent: FloatArray | None = None
         self.comparisons = 0
@@ -429,15 +431,28 @@ class AdaptiveValidator:
         self._n = 0
         self._running = True
         self._test = None
-        if self.enabled and self.problem is None and self.incumbent is not None:
+        if (
+            self.enabled
+            and self.problem is None
+            and self.incumbent is not None
+            and bool(np.all(np.isfinite(self.incumbent)))
+        ):
+            try:
+                test = PairedComparison(
+                    self.incumbent,
+                    alpha_spending(self.alpha, self.comparisons + 1),
+                    mode=self.mode,
+                    lower=self.lower,
+                    upper=self.upper,
+                )
+            except ValueError:  # e.g. resumed with bounds the incumbent violates
+                low = -math.inf if self.lower is None else self.lower
+                high = math.inf if self.upper is None else self.upper
+                bad = self.incumbent[(self.incumbent < low) | (self.incumbent > high)]
+                self._set_problem(float(bad[0]) if bad.size else math.nan)
+                return
             self.comparisons += 1
-            self._test = PairedComparison(
-                self.incumbent,
-                alpha_spending(self.alpha, self.comparisons),
-                mode=self.mode,
-                lower=self.lower,
-                upper=self.upper,
-            )
+            self._test = test
 
     @property
     def population(self) -> int | None:
@@ -513,12 +528,16 @@ class AdaptiveValidator:
     # -- helpers ---------------------------------------------------------------------------
 
     def _round(self, value: float) -> float:
-        return float(self._dtype(value))
+        """``value`` as the logger keeps it (``precision``); rounding is monotone."""
+        return float(np.float32(value)) if self.precision == "float32" else float(value)
 
     def _past_best(self, estimate: float) -> float:
         """``estimate`` moved strictly past ``best`` on the worse side, if it is not already."""
         worse = math.inf if self.mode == "min" else -math.inf
-        step = float(np.nextafter(self._dtype(self.best), self._dtype(worse)))
+        if self.precision == "float32":
+            step = float(np.nextafter(np.float32(self.best), np.float32(worse)))
+        else:
+            step = float(np.nextafter(self.best, worse))
         value = self._round(estimate)
         if self.mode == "min":
             return max(value, step)

@@ -310,7 +310,7 @@ def signature(batch: Any) -> Hashable:
             type(batch),
             *((f.name, signature(getattr(batch, f.name))) for f in dataclasses.fields(batch)),
         )
-    return type(batch)
+    return (type(batch),)
 
 
 def default_loss(output: Any) -> torch.Tensor | None:
@@ -393,7 +393,7 @@ def _run_counted(
             output = step(clone, moved)
             value = loss(output)
             if value is not None and value.requires_grad:
-                (value.sum() if value.ndim else value).backward()
+                (value.sum() if value.ndim else value).backward()  # type: ignore[no-untyped-call]
         else:
             with torch.no_grad():
                 step(clone, moved)
@@ -403,7 +403,7 @@ def _run_counted(
 def _counter_class() -> type:
     from torch.utils.flop_counter import FlopCounterMode
 
-    class Counter(FlopCounterMode):  # type: ignore[misc]
+    class Counter(FlopCounterMode):
         """FlopCounterMode that also notes the custom ops it could not count."""
 
         def __init__(self, **kwargs: Any) -> None:
@@ -415,7 +415,7 @@ def _counter_class() -> type:
                 name = str(func_packet)
                 if name.split(".", 1)[0] not in _NOT_COMPUTE:
                     self.uncounted.add(name)
-            return super()._count_flops(func_packet, out, args, kwargs)
+            return super()._count_flops(func_packet, out, args, kwargs)  # type: ignore[no-untyped-call]
 
     return Counter
 

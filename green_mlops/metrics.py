@@ -29,6 +29,8 @@ def energy_metrics(snapshot: Snapshot) -> dict[str, float]:
     for name, phase in sorted(snapshot.phases.items()):
         metrics[f"green/phase/{name}_kwh"] = joules_to_kwh(phase.joules)
         metrics[f"green/phase/{name}_s"] = phase.duration_s
+        for component, joules in sorted(snapshot.phase_joules_by_component(name).items()):
+            metrics[f"green/phase/{name}/{component}_kwh"] = joules_to_kwh(joules)
     return metrics
 
 

@@ -13,11 +13,12 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from green_mlops.config import Settings
+from green_mlops.meters import Meter, MeterUnavailable
 from green_mlops.metrics import energy_metrics, power_series, provenance_tags
 from green_mlops.snapshot import Snapshot
 from green_mlops.tracker import Tracker
@@ -82,19 +83,25 @@ class Measurement:
     metrics intact and is recorded in the tags.
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        meters: Sequence[Meter | MeterUnavailable] | None = None,
+        **overrides: Any,
+    ) -> None:
         self.settings = (
             settings.replace(**overrides)
             if settings and overrides
             else (settings or Settings.load(**overrides))
         )
-        self.tracker = Tracker(self.settings)
+        self.tracker = Tracker(self.settings, meters=meters)
         self.functional_units: float | None = None
         #: Totals of earlier segments of the same run (a resumed MLflow run), added to ours.
         self.offsets: dict[str, float] = {}
         #: Metrics and tags contributed by other parts (FLOPs and quality from a callback).
-        self.metrics_extra: dict[str, float] = {}
-        self.tags_extra: dict[str, str] = {}
+        self.extra_metrics: dict[str, float] = {}
+        self.extra_tags: dict[str, str] = {}
         self._children: dict[str, float] = {}
         self._accountant: Any = None
         self._final: Result | None = None
@@ -174,6 +181,7 @@ class Measurement:
                 functional_units=self.functional_units,
             )
             metrics.update(footprint_metrics(fp))
+            metrics.update(phase_carbon(metrics))
             tags.update(footprint_tags(fp))
             sentence = reporting_sentence(fp)
         except Exception as exc:  # energy is still worth logging
@@ -186,9 +194,24 @@ class Measurement:
         for key, value in self.offsets.items():
             if key in metrics and not key.endswith("intensity_g_per_kwh"):
                 metrics[key] += value
-        metrics.update(self.metrics_extra)
-        tags.update(self.tags_extra)
+        metrics.update(self.extra_metrics)
+        tags.update(self.extra_tags)
         return Result(snapshot, metrics, tags, fp, sentence, power_series(snapshot))
+
+
+def phase_carbon(metrics: dict[str, float]) -> dict[str, float]:
+    """``green/phase/<phase>_co2e_g``: each phase's share of the energy x the run's carbon.
+
+    An apportionment by energy (the run's mean intensity), not a time-resolved sum per phase.
+    """
+    co2e, kwh = metrics.get("green/co2e_g"), metrics.get("green/energy_kwh", 0.0)
+    if co2e is None or kwh <= 0:
+        return {}
+    return {
+        key[: -len("_kwh")] + "_co2e_g": co2e * value / kwh
+        for key, value in metrics.items()
+        if key.startswith("green/phase/") and key.endswith("_kwh") and key.count("/") == 2
+    }
 
 
 def _energy_timeline(snapshot: Snapshot) -> Iterator[tuple[float, float]]:

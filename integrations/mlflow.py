@@ -270,7 +270,7 @@ def _begin(
                 _state.sink.start()
         if concurrent > 1:
             for other in list(_state.runs.values()):
-                other.measurement.tags_extra["green.concurrent_runs"] = str(concurrent)
+                other.measurement.extra_tags["green.concurrent_runs"] = str(concurrent)
     except Exception:
         log.exception("green-mlops: could not start measuring MLflow run %s", run_id)
 
@@ -344,7 +344,7 @@ def _batch(run: _Run, result: Result, *, final: bool, extra_tags: dict[str, str]
             metrics.append(
                 (POWER_KEY, watts, int(t * 1000), offset + int(t - result.snapshot.started_at))
             )
-    tags = {**result.tags, **run.measurement.tags_extra, **extra_tags}
+    tags = {**result.tags, **run.measurement.extra_tags, **extra_tags}
     tags = {k: v for k, v in tags.items() if run.sent_tags.get(k) != v}
     return {
         "run_id": run.run_id,

@@ -44,6 +44,7 @@ part as a gap and the other endpoints are still asked; unavailable only if none 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -53,7 +54,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from green_mlops.hookspecs import hookimpl
-from green_mlops.http import HttpClient, HttpStatusError
 from green_mlops.intensity import (
     IntensityPoint,
     IntensityProvider,
@@ -63,6 +63,7 @@ from green_mlops.intensity import (
 
 if TYPE_CHECKING:
     from green_mlops.config import Settings
+    from green_mlops.http import HttpClient
     from green_mlops.location import Location
 
 __all__ = ["ElectricityMapsProvider", "green_mlops_intensity_providers"]
@@ -181,8 +182,14 @@ class ElectricityMapsProvider(IntensityProvider):
         self.settings = settings
         self.base_url = settings.electricitymaps_url.rstrip("/")
         self.host = urlsplit(self.base_url).netloc
-        self.client = HttpClient(settings, self.name)
         self._clock = clock
+
+    @functools.cached_property
+    def client(self) -> HttpClient:
+        """Created on first use: importing requests costs ~100 ms, not paid at tracker start."""
+        from green_mlops.http import HttpClient
+
+        return HttpClient(self.settings, self.name)
 
     def __repr__(self) -> str:
         token = "***" if self.settings.electricitymaps_token is not None else "unset"
@@ -311,6 +318,8 @@ class ElectricityMapsProvider(IntensityProvider):
         token = self.settings.electricitymaps_token
         assert token is not None  # checked by series()
         query = {"zone": zone, **params, "shouldUseFallbackCallerLookup": "false"}
+        from green_mlops.http import HttpStatusError
+
         try:
             data = self.client.get_json(
                 f"{self.base_url}/v3/carbon-intensity/{dataset}",

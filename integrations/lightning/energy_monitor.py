@@ -28,10 +28,10 @@ import math
 import os
 import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from green_mlops.config import Settings
 from green_mlops.flops import (
@@ -44,8 +44,8 @@ from green_mlops.flops import (
 )
 from green_mlops.meters import Component, Device, Meter, MeterUnavailable, Readings
 from green_mlops.session import Measurement, Result, claim, lookup, release
-from green_mlops.snapshot import OTHER_PHASE, joules_to_kwh
-from green_mlops.tracker import Tracker, offers_from_plugins
+from green_mlops.snapshot import OTHER_PHASE
+from green_mlops.tracker import offers_from_plugins
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -225,10 +225,6 @@ def _local_values(
     intensity = result.metrics.get("green/intensity_g_per_kwh")
     if intensity is not None:
         values["_intensity_x_kwh"] = intensity * result.metrics.get("green/energy_kwh", 0.0)
-    snapshot = result.snapshot
-    for name in snapshot.phases:
-        for component, joules in snapshot.phase_joules_by_component(name).items():
-            values[f"green/phase/{name}/{component}_kwh"] = joules_to_kwh(joules)
     if zero_embodied and "green/embodied_g" in values:  # the machine's figure: node leader's
         embodied = values.pop("green/embodied_g")
         fp = result.footprint
@@ -385,7 +381,8 @@ class EnergyMonitor(Callback):
         self.count_flops = count_flops
         self.log_every_n_steps = log_every_n_steps
         self.report = report
-        self.settings = Settings.load(**(settings or {}))  # ConfigError now, not mid-run
+        self._overrides = dict(settings or {})
+        self.settings = Settings.load(**self._overrides)  # ConfigError now, not mid-run
         self.meters = meters
         self.max_flop_signatures = max_flop_signatures
         self._keys = _additive_keys(self.settings.functional_unit)
@@ -399,7 +396,19 @@ class EnergyMonitor(Callback):
         #: The MLflow plugin's measurement whose totals ``_base`` came from (not re-added).
         self._base_source: Measurement | None = None
         self._said: set[str] = set()
+        self._last_quality: dict[str, float] = {}
         self._reset_stage()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Settings refuse pickling when they hold a secret (ddp_spawn pickles callbacks): the
+        # child process loads them again from the same arguments and environment.
+        state = dict(self.__dict__)
+        state["settings"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.settings = Settings.load(**self._overrides)
 
     @property
     def state_key(self) -> str:
@@ -487,10 +496,7 @@ class EnergyMonitor(Callback):
                 offers: list[Meter | MeterUnavailable] = []
             else:
                 offers = self._offers(trainer)
-            measurement = Measurement(self.settings)
-            # Measurement has no `meters=` yet: give it a tracker with this rank's meters.
-            measurement.tracker = Tracker(measurement.settings, meters=offers)
-            measurement.start()
+            measurement = Measurement(self.settings, meters=offers).start()
             self._measurement = measurement
             self._own = True
             for run_id in run_ids:
@@ -529,12 +535,12 @@ class EnergyMonitor(Callback):
                     "interrupted: the totals are this process's only (ranks not combined)"
                 )
         if not self._own:
-            extra = _extra(measurement, "extra_metrics")
-            extra.update(
+            measurement.extra_metrics.update(
                 {k: v for k, v in metrics.items() if _is_flop_or_quality(k)}
+                | self._last_quality
                 | self._target_metrics()
             )
-            _extra(measurement, "extra_tags").update(self._tags(trainer))
+            measurement.extra_tags.update(self._tags(trainer))
         if self._rank == 0:
             self._log(trainer, metrics, totals=True)
             self._write_reports(trainer, result, metrics, tags)
@@ -941,6 +947,7 @@ class EnergyMonitor(Callback):
                         "untrained model.",
                     )
         if out:
+            self._last_quality = dict(out)
             self._log(trainer, out, totals=False)
 
     def _say(self, topic: str, message: str) -> None:
@@ -1038,7 +1045,7 @@ class EnergyMonitor(Callback):
                         continue
                     from mlflow.entities import RunTag
 
-                    client = logger.experiment
+                    client = cast(Any, logger).experiment
                     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
                     if self.report:
                         client.log_dict(run_id, report, "green/report.json")
@@ -1113,15 +1120,6 @@ def _elements(batch: Any) -> int:
     if isinstance(batch, Mapping):
         return sum(_elements(item) for item in batch.values())
     return 0
-
-
-def _extra(measurement: Measurement, name: str) -> dict[str, Any]:
-    """``measurement.extra_metrics`` / ``extra_tags`` (read by the MLflow plugin at run end)."""
-    value = getattr(measurement, name, None)
-    if not isinstance(value, dict):
-        value = {}
-        setattr(measurement, name, value)
-    return value
 
 
 def _is_flop_or_quality(key: str) -> bool:

@@ -1,0 +1,320 @@
+"""The statistics core of adaptive validation (green_mlops.adaptive), without any framework.
+
+Coverage of the confidence sequence is checked by simulation: many random visiting orders of
+fixed populations (fixed seeds), counting how often the sequence ever misses the true mean
+difference at any batch; it must stay below alpha. Exactness at the full set, the one-sided
+use of bounds, alpha spending and the validator's logged values are checked directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from green_mlops.adaptive import (
+    ROUNDING_MARGIN,
+    AdaptiveValidator,
+    Decision,
+    PairedComparison,
+    alpha_spending,
+)
+
+
+def run(
+    test: PairedComparison, candidate: np.ndarray, batch: int
+) -> list[tuple[int, float, float]]:
+    """Feed ``candidate`` batch by batch; the (n, lower, upper) after each batch."""
+    trace = []
+    for start in range(0, candidate.size, batch):
+        test.update(candidate[start : start + batch])
+        low, high = test.interval
+        trace.append((test.n, low, high))
+    return trace
+
+
+def es_replay(values: list[float], patience: int = 3) -> tuple[int, int]:
+    """(best index, stop index) of EarlyStopping(min_delta=0) + ModelCheckpoint(save_top_k=1)."""
+    best, wait, best_i = math.inf, 0, -1
+    for i, v in enumerate(values):
+        if v < best:
+            best, wait, best_i = v, 0, i
+        else:
+            wait += 1
+            if wait >= patience:
+                return best_i, i
+    return best_i, len(values) - 1
+
+
+# -- alpha spending ---------------------------------------------------------------------------
+
+
+def test_alpha_spending_sums_to_alpha_and_decreases() -> None:
+    spent = [alpha_spending(0.05, k) for k in range(1, 100_001)]
+    assert spent[0] == pytest.approx(0.05 * 6 / math.pi**2)
+    assert all(a > b for a, b in itertools.pairwise(spent))
+    assert sum(spent) < 0.05
+    assert sum(spent) == pytest.approx(0.05, rel=1e-4)  # the tail beyond 1e5 is ~6e-7 alpha
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        alpha_spending(0.05, 0)
+
+
+def test_validator_spends_alpha_per_comparison() -> None:
+    rng = np.random.default_rng(0)
+    validator = AdaptiveValidator(alpha=0.1)
+    base = rng.exponential(0.5, 200)
+    alphas = []
+    for epoch in range(5):
+        validator.begin()
+        validator.observe(base + 0.01 * epoch)  # never improves after the first run
+        outcome = validator.end()
+        alphas.append((outcome.comparison, outcome.alpha))
+    assert alphas[0] == (0, 0.0)  # the first run has nothing to compare with: a full pass
+    assert alphas[1:] == [(k, alpha_spending(0.1, k)) for k in range(1, 5)]
+
+
+# -- coverage by simulation -------------------------------------------------------------------
+
+POPULATIONS: dict[str, tuple[Callable[[np.random.Generator], np.ndarray], float, float]] = {
+    # incumbent losses (heavy-tailed, like cross-entropy) and a candidate close to it
+    "close, worse": (lambda r: r.exponential(0.5, 400), 0.02, 0.15),
+    "tie": (lambda r: r.exponential(0.5, 400), 0.0, 0.15),
+    "heavy tail, better": (lambda r: r.pareto(2.5, 400), -0.05, 0.4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POPULATIONS))
+def test_confidence_sequence_covers_at_every_batch(name: str) -> None:
+    make, shift, noise = POPULATIONS[name]
+    rng = np.random.default_rng(12345)
+    incumbent = make(rng)
+    candidate = np.maximum(incumbent + shift + noise * rng.standard_normal(incumbent.size), 0.0)
+    mu = float(np.mean(candidate) - np.mean(incumbent))
+    alpha, reps = 0.1, 300
+    misses, widths = 0, 0.0
+    for _ in range(reps):
+        order = rng.permutation(incumbent.size)  # a fresh random order each replication
+        test = PairedComparison(
+            incumbent[order], alpha, upper=float(candidate.max()) + 1.0, early="both"
+        )
+        trace = run(test, candidate[order], batch=10)
+        misses += any(not (low - 1e-12 <= mu <= high + 1e-12) for _, low, high in trace)
+        widths += trace[len(trace) // 2][2] - trace[len(trace) // 2][1]
+    # Anytime-valid: P(ever missing) <= alpha. Allow 3 binomial standard errors of slack.
+    assert misses / reps <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps)
+    # ... and not vacuously: halfway through, the interval is finite and not absurdly wide.
+    assert 0 < widths / reps < 2.0
+
+
+def test_no_wrong_early_decision_at_the_boundary() -> None:
+    """A candidate that is better by a hair: 'not improved' must (almost) never be declared."""
+    rng = np.random.default_rng(7)
+    incumbent = rng.exponential(0.5, 600)
+    candidate = np.abs(incumbent + 0.1 * rng.standard_normal(600))
+    candidate *= (incumbent.mean() - 1e-4) / candidate.mean()  # improved by 1e-4
+    assert candidate.mean() < incumbent.mean()
+    alpha, reps, wrong = 0.2, 200, 0
+    for _ in range(reps):
+        order = rng.permutation(600)
+        test = PairedComparison(incumbent[order], alpha)
+        for start in range(0, 600, 20):
+            if test.update(candidate[order][start : start + 20]) is Decision.NOT_IMPROVED:
+                wrong += test.n < 600
+                break
+    assert wrong / reps <= alpha
+
+
+def test_clearly_worse_candidate_is_decided_early() -> None:
+    rng = np.random.default_rng(3)
+    incumbent = rng.exponential(0.5, 5000)
+    candidate = incumbent + 0.2 + 0.1 * rng.standard_normal(5000)
+    test = PairedComparison(incumbent, alpha_spending(0.05, 3))
+    for start in range(0, 5000, 100):
+        if test.update(candidate[start : start + 100]) is Decision.NOT_IMPROVED:
+            break
+    assert test.decision is Decision.NOT_IMPROVED
+    assert test.n <= 1000
+    low, high = test.interval
+    assert 0 < low <= candidate.mean() - incumbent.mean() and high == math.inf  # one-sided
+
+
+# -- exactness at the full set ----------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 10.0), min_size=1, max_size=60),
+    st.data(),
+)
+def test_full_set_is_exact(incumbent: list[float], data: st.DataObject) -> None:
+    n = len(incumbent)
+    candidate = data.draw(st.lists(st.floats(0.0, 10.0), min_size=n, max_size=n))
+    batch = data.draw(st.integers(1, n))
+    test = PairedComparison(incumbent, 0.05, upper=10.0, early="both")
+    trace = run(test, np.array(candidate), batch)
+    exact = float(np.mean(candidate)) - float(np.mean(incumbent))
+    assert trace[-1] == (n, exact, exact)  # width 0 at the full set
+    better = float(np.mean(candidate)) < float(np.mean(incumbent))
+    assert test.decision is (Decision.IMPROVED if better else Decision.NOT_IMPROVED)
+    for _, low, high in trace:  # and the sequence never excludes the truth here
+        assert low <= exact + 1e-12 and exact - 1e-12 <= high
+
+
+def test_ties_and_hairline_differences_at_the_full_set() -> None:
+    incumbent = np.full(10, 0.5)
+    tie = PairedComparison(incumbent, 0.05)
+    assert tie.update(incumbent.copy()) is Decision.NOT_IMPROVED  # equal is not better
+    hair = PairedComparison(incumbent, 0.05)
+    assert hair.update(incumbent - 1e-15) is Decision.IMPROVED
+
+
+def test_margin_keeps_early_decisions_clear_of_rounding() -> None:
+    incumbent = np.full(100, 1.0)
+    test = PairedComparison(incumbent, 0.05)
+    # worse by 1e-12 everywhere: certain in exact arithmetic, but within rounding of the means
+    for start in range(0, 99, 33):
+        test.update(incumbent[start : start + 33] + 1e-12)
+    assert ROUNDING_MARGIN > 1e-12 and test.decision is Decision.UNDECIDED
+
+
+def test_deterministic_bound_needs_only_the_lower_bound() -> None:
+    incumbent = np.full(100, 0.1)  # total 10
+    test = PairedComparison(incumbent, 0.05, lower=0.0, upper=None)
+    test.update(np.array([11.0]))  # one value already exceeds the incumbent's whole sum
+    assert test.decision is Decision.NOT_IMPROVED and test.n == 1
+
+
+def test_mode_max_mirrors_min() -> None:
+    rng = np.random.default_rng(5)
+    incumbent = (rng.random(3000) < 0.80).astype(float)
+    candidate = (rng.random(3000) < 0.65).astype(float)  # clearly less accurate
+    test = PairedComparison(incumbent, 0.05, mode="max", lower=0.0, upper=1.0)
+    for start in range(0, 3000, 100):
+        if test.update(candidate[start : start + 100]) is not Decision.UNDECIDED:
+            break
+    assert test.decision is Decision.NOT_IMPROVED and test.n < 3000
+    low, high = test.interval
+    assert low == -math.inf and high < 0  # an upper bound on candidate - incumbent
+    with pytest.raises(ValueError, match="needs upper"):
+        AdaptiveValidator(mode="max", upper=None)
+
+
+def test_non_finite_and_out_of_bound_values_defer_to_the_full_set() -> None:
+    incumbent = np.full(20, 0.5)
+    nan = PairedComparison(incumbent, 0.05)
+    assert nan.update([math.nan] + [9.0] * 9) is Decision.UNDECIDED  # would decide otherwise
+    assert nan.update([9.0] * 10) is Decision.NOT_IMPROVED  # NaN mean: not an improvement
+    negative = PairedComparison(incumbent, 0.05, lower=0.0)
+    assert negative.update([-1.0] + [9.0] * 9) is Decision.UNDECIDED
+    assert negative.out_of_bounds == -1.0
+    with pytest.raises(ValueError, match="changed size"):
+        negative.update([0.5] * 11)
+
+
+# -- the validator: what is logged, across runs ------------------------------------------------
+
+
+def trajectory(seed: int, epochs: int = 14, n: int = 2000) -> np.ndarray:
+    """Per-epoch per-example losses: improving, then overfitting, with near-ties."""
+    rng = np.random.default_rng(seed)
+    base = rng.exponential(0.5, n)
+    means = [0.9, 0.6, 0.45, 0.4, 0.38, 0.385, 0.37, 0.5, 0.62, 0.371, 0.8, 0.9, 1.0, 1.1]
+    rows = [np.maximum(base * m / 0.5 + 0.05 * rng.standard_normal(n), 0.0) for m in means]
+    return np.array(rows[:epochs])
+
+
+def replay(validator: AdaptiveValidator, rows: np.ndarray, batch: int = 100) -> list[float]:
+    logged = []
+    for row in rows:
+        validator.begin()
+        for start in range(0, row.size, batch):
+            if validator.should_stop:
+                break
+            validator.observe(row[start : start + batch])
+        logged.append(validator.end().value)
+    return logged
+
+
+def test_validator_keeps_early_stopping_decisions_and_saves() -> None:
+    rows = trajectory(0)
+    full = replay(AdaptiveValidator(enabled=False), rows)
+    validator = AdaptiveValidator(alpha=0.05)
+    adaptive = replay(validator, rows)
+    assert full == [float(np.mean(r)) for r in rows]
+    assert es_replay(adaptive) == es_replay(full)
+    for patience in (1, 2, 5):
+        assert es_replay(adaptive, patience) == es_replay(full, patience)
+    # improvements are logged exactly; early-stopped runs are strictly worse than the best
+    best = math.inf
+    for f, a in zip(full, adaptive, strict=True):
+        if f < best:
+            assert a == f
+            best = f
+        else:
+            assert a >= f or a > best
+            assert a > best
+    assert validator.skipped_total > 0.2 * rows.size  # clear degradations stop early
+
+
+def test_validator_state_round_trip_continues_identically() -> None:
+    rows = trajectory(1)
+    straight = replay(AdaptiveValidator(), rows)
+    first = AdaptiveValidator()
+    head = replay(first, rows[:6])
+    resumed = AdaptiveValidator()
+    resumed.load_state_dict(first.state_dict())
+    assert head + replay(resumed, rows[6:]) == straight
+    with pytest.raises(ValueError, match="mode"):
+        AdaptiveValidator(mode="max", upper=1.0).load_state_dict(first.state_dict())
+
+
+def test_validator_switches_to_full_passes_when_a_bound_breaks() -> None:
+    rows = trajectory(2)
+    rows[3][5] = -0.5  # a "loss" below the declared lower bound
+    validator = AdaptiveValidator()
+    logged = replay(validator, rows)
+    assert validator.problem is not None and "outside the declared bounds" in validator.problem
+    assert validator.skipped_total == 0  # no early stop after (and here: before) the violation
+    assert logged[4:] == [float(np.mean(r)) for r in rows[4:]]
+
+
+def test_validator_refuses_a_changed_population() -> None:
+    validator = AdaptiveValidator()
+    validator.begin()
+    validator.observe(np.full(10, 0.5))
+    validator.end()
+    validator.begin()
+    with pytest.raises(ValueError, match="changed"):
+        validator.observe(np.full(11, 0.6))
+    validator.begin()
+    validator.observe(np.full(5, 0.4))
+    with pytest.raises(ValueError, match="changed size"):
+        validator.end()
+
+
+def test_float32_precision_logs_values_a_float32_logger_orders_the_same_way() -> None:
+    validator = AdaptiveValidator(precision="float32")
+    validator.begin()
+    validator.observe(np.full(10, 0.5))
+    first = validator.end()
+    validator.begin()
+    validator.observe(np.full(10, 0.5 - 1e-12))  # better in float64, a tie in float32
+    second = validator.end()
+    assert first.improved and not second.improved
+    assert np.float32(second.value) == np.float32(first.value)
+
+
+def test_resuming_with_bounds_the_incumbent_violates_falls_back_to_full_passes() -> None:
+    first = AdaptiveValidator()
+    replay(first, trajectory(4)[:2])
+    stricter = AdaptiveValidator(lower=0.2)  # the saved incumbent has values below 0.2
+    stricter.load_state_dict(first.state_dict())
+    stricter.begin()
+    assert not stricter.should_stop and stricter.problem is not None
+    stricter.observe(trajectory(4)[2])
+    assert stricter.end().exact

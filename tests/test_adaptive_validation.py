@@ -1,0 +1,620 @@
+"""AdaptiveValidation in real Lightning fits on the CPU.
+
+Two kinds of module: a real MLP (decisions compared with full validation), and a *scripted*
+module whose per-example losses follow a fixed table per epoch (exact control of the
+trajectory: early stops happen where expected, resumes and replays are deterministic). Both run
+through the real Trainer, EarlyStopping and ModelCheckpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from green_mlops.adaptive import AdaptiveValidator
+from green_mlops.integrations.lightning import AdaptiveValidation, EnergyMonitor
+from green_mlops.integrations.lightning.adaptive_validation import PermutedDataset
+from tests.conftest import ClockMeter
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning:lightning.*",
+    "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",
+)
+
+N_VAL, BATCH = 2000, 100
+
+
+# -- modules -----------------------------------------------------------------------------------
+
+
+class Scripted(pl.LightningModule):
+    """Validation losses come from ``table[epoch]`` (examples identified by their index)."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        super().__init__()
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.steps: list[tuple[int, int]] = []  # (epoch, batch_idx) of every validation_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return (self.weight**2).sum()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        (index,) = batch
+        self.steps.append((self.current_epoch, batch_idx))
+        row = min(self.current_epoch, self.table.shape[0] - 1)
+        return {"per_example_loss": self.table[row][index] + 0 * self.weight}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class MLP(pl.LightningModule):
+    def __init__(self, lr: float = 0.03) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"per_example_loss": F.cross_entropy(self.net(x), y, reduction="none")}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def table(seed: int = 0, n: int = N_VAL) -> np.ndarray:
+    """Per-epoch per-example losses: improving, a clear degradation, a near-tie, overfitting."""
+    rng = np.random.default_rng(seed)
+    base = rng.exponential(0.5, n)
+    means = [0.9, 0.6, 0.45, 0.4, 0.55, 0.39, 0.70, 0.80, 0.90, 1.0]
+    return np.array([np.maximum(base * m / 0.5 + 0.05 * rng.standard_normal(n), 0) for m in means])
+
+
+def index_loader(n: int = N_VAL, batch: int = BATCH, *, permute: bool = True) -> DataLoader[Any]:
+    data = TensorDataset(torch.arange(n))
+    return DataLoader(AdaptiveValidation.permute_once(data) if permute else data, batch_size=batch)
+
+
+def train_loader() -> DataLoader[Any]:
+    return DataLoader(TensorDataset(torch.arange(4)), batch_size=2)
+
+
+class Record(Callback):
+    """What EarlyStopping/ModelCheckpoint saw at each validation of the fit."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "max_epochs": 10,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+    }
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def stock(tmp_path: Path, patience: int = 3) -> tuple[EarlyStopping, ModelCheckpoint]:
+    return (
+        EarlyStopping(monitor="val_loss", mode="min", patience=patience),
+        ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", mode="min", save_top_k=1),
+    )
+
+
+def decisions(es: EarlyStopping, mc: ModelCheckpoint) -> tuple[int, str]:
+    return es.stopped_epoch, Path(mc.best_model_path).name.split("-")[0]
+
+
+# -- decisions equal full validation -----------------------------------------------------------
+
+
+def fit_scripted(tmp_path: Path, enabled: bool, rows: np.ndarray) -> tuple[Any, ...]:
+    es, mc = stock(tmp_path / str(enabled))
+    record = Record()
+    callback = AdaptiveValidation(enabled=enabled)
+    module = Scripted(rows)
+    trainer(tmp_path, [callback, es, mc, record]).fit(module, train_loader(), index_loader())
+    return decisions(es, mc), record.rows, module.steps, callback
+
+
+def test_scripted_fit_decides_like_full_validation_and_like_its_replay(tmp_path: Path) -> None:
+    rows = table()
+    full_decisions, full_rows, _, _ = fit_scripted(tmp_path, False, rows)
+    got_decisions, got_rows, steps, callback = fit_scripted(tmp_path, True, rows)
+    assert got_decisions == full_decisions == (8, "epoch=5")
+    fractions = [r["green/validation/fraction_evaluated"] for r in got_rows]
+    assert [r["green/validation/fraction_evaluated"] for r in full_rows] == [1.0] * 9
+    assert min(fractions) < 0.5  # the clear degradations stop early
+    # StopIteration really skipped the forward passes: validation_step ran only as logged
+    evaluated = sum(r["green/validation/examples_evaluated"] for r in got_rows)
+    assert len([s for s in steps if s[0] >= 0]) - 2 == evaluated / BATCH  # minus 2 sanity steps
+    # Exact runs log the exact mean; early-stopped ones an estimate, flagged and worse than best
+    best = math.inf
+    for full, got in zip(full_rows, got_rows, strict=True):
+        if got["green/validation/exact"]:
+            assert got["val_loss"] == full["val_loss"]
+        else:
+            assert got["val_loss"] > best and full["val_loss"] >= best
+        best = min(best, got["val_loss"])
+    # The live fit decides exactly as a replay of the same trajectory by the core
+    order = np.asarray(PermutedDataset(TensorDataset(torch.arange(N_VAL))).indices)
+    validator = AdaptiveValidator()
+    replayed = []
+    for row in rows[: len(got_rows)].astype(np.float32).astype(np.float64):
+        validator.begin()
+        for start in range(0, N_VAL, BATCH):
+            if validator.should_stop:
+                break
+            validator.observe(row[order][start : start + BATCH])
+        outcome = validator.end()
+        replayed.append((outcome.value, outcome.fraction_evaluated))
+    assert replayed == [(r["val_loss"], r["green/validation/fraction_evaluated"]) for r in got_rows]
+    assert callback.validator.state_dict()["best"] == validator.best
+
+
+def fit_mlp(tmp_path: Path, enabled: bool) -> tuple[Any, ...]:
+    pl.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 16, generator=g)
+    y = (x[:, 0] + x[:, 1] * x[:, 2] + 0.8 * torch.randn(5000, generator=g) > 0).long()
+    train = DataLoader(
+        TensorDataset(x[:600], y[:600]),
+        batch_size=50,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(1),
+    )
+    val = DataLoader(
+        AdaptiveValidation.permute_once(TensorDataset(x[600:], y[600:])), batch_size=200
+    )
+    es, mc = stock(tmp_path / f"mlp{enabled}")
+    record = Record()
+    fit = trainer(tmp_path, [AdaptiveValidation(enabled=enabled), es, mc, record], max_epochs=25)
+    fit.fit(MLP(), train, val)
+    return decisions(es, mc), record.rows
+
+
+def test_real_model_fit_decides_like_full_validation(tmp_path: Path) -> None:
+    full, full_rows = fit_mlp(tmp_path, False)
+    got, got_rows = fit_mlp(tmp_path, True)
+    assert got == full
+    assert len(got_rows) == len(full_rows) > 4
+    fractions = [r["green/validation/fraction_evaluated"] for r in got_rows]
+    assert min(fractions) < 1.0  # at least one run stopped early
+    for f, g in zip(full_rows, got_rows, strict=True):
+        assert (g["val_loss"] == f["val_loss"]) == bool(g["green/validation/exact"])
+
+
+# -- Lightning's behaviour we rely on ---------------------------------------------------------
+
+
+class StopAt(Callback):
+    """Raise StopIteration before batch ``k`` of every validation run (not the sanity check)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.hooks: list[str] = []
+
+    def on_validation_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not trainer.sanity_checking and batch_idx == self.k:
+            raise StopIteration
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self.hooks.append("batch_end")
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self.hooks.append("epoch_end")
+            pl_module.log("val_loss", float(trainer.current_epoch))
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self.hooks.append("end")
+
+
+@pytest.mark.parametrize("profiler", [None, "simple"])
+def test_stop_iteration_in_on_validation_batch_start_ends_the_run_cleanly(
+    tmp_path: Path, profiler: str | None
+) -> None:
+    """Pins Lightning-internal behaviour AdaptiveValidation depends on (evaluation_loop.run
+    catches StopIteration around the step hooks, then runs the epoch-end hooks as usual)."""
+    stop = StopAt(3)
+    es = EarlyStopping(monitor="val_loss", patience=2)
+    mc = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1)
+    module = Scripted(table(n=1000))
+    fit = trainer(tmp_path, [stop, es, mc], max_epochs=4, num_sanity_val_steps=0, profiler=profiler)
+    fit.fit(module, train_loader(), index_loader(1000))
+    assert module.steps == [(e, b) for e in range(3) for b in range(3)]  # 3 of 10 batches
+    assert (
+        stop.hooks
+        == ["batch_end"] * 3 + ["epoch_end", "end"] + (["batch_end"] * 3 + ["epoch_end", "end"]) * 2
+    )
+    assert es.stopped_epoch == 2  # EarlyStopping ran on the logged values (0, 1, 2)
+    assert Path(mc.best_model_path).name.startswith("epoch=0")
+    assert fit.current_epoch == 3 and fit.state.finished
+
+
+# -- refusals and errors -----------------------------------------------------------------------
+
+REFUSED: dict[str, tuple[Callable[[Path], list[Callback]], dict[str, Any], str]] = {
+    "es mode": (lambda p: [EarlyStopping("val_loss", mode="max")], {}, "same mode"),
+    "es other key": (lambda p: [EarlyStopping("val_acc")], {}, "allow_monitors"),
+    "es divergence": (
+        lambda p: [EarlyStopping("val_loss", divergence_threshold=5.0)],
+        {},
+        "divergence_threshold",
+    ),
+    "es negative min_delta": (
+        lambda p: [EarlyStopping("val_loss", min_delta=-0.1)],
+        {},
+        "min_delta",
+    ),
+    "es at train epoch end": (
+        lambda p: [EarlyStopping("val_loss", check_on_train_epoch_end=True)],
+        {"val_check_interval": 0.5},
+        "check_on_train_epoch_end=False",
+    ),
+    "mc top 2": (
+        lambda p: [ModelCheckpoint(dirpath=p, monitor="val_loss", save_top_k=2)],
+        {},
+        "save_top_k=1",
+    ),
+    "mc mode": (
+        lambda p: [ModelCheckpoint(dirpath=p, monitor="val_loss", mode="max")],
+        {},
+        "same mode",
+    ),
+    "mc at train epoch end": (
+        lambda p: [ModelCheckpoint(dirpath=p, monitor="val_loss", save_on_train_epoch_end=True)],
+        {"val_check_interval": 0.5},
+        "save_on_train_epoch_end=False",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_configurations_that_would_change_decisions_are_refused(tmp_path: Path, case: str) -> None:
+    make, kwargs, fix = REFUSED[case]
+    callbacks = [AdaptiveValidation(), *make(tmp_path)]
+    fit = trainer(tmp_path, callbacks, max_epochs=1, **kwargs)
+    with pytest.raises(MisconfigurationException, match=fix):
+        fit.fit(
+            Scripted(table(n=200)),
+            DataLoader(TensorDataset(torch.arange(8)), batch_size=2),
+            index_loader(200),
+        )
+
+
+def test_allowed_monitors_and_default_callbacks_are_accepted(tmp_path: Path) -> None:
+    callbacks: list[Callback] = [
+        AdaptiveValidation(allow_monitors=["train_loss"]),
+        EarlyStopping("val_loss", min_delta=0.01, stopping_threshold=0.01),  # defaults otherwise
+        EarlyStopping("train_loss", check_on_train_epoch_end=True),
+        ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1),
+        ModelCheckpoint(dirpath=tmp_path / "every", every_n_epochs=1),  # no monitor
+    ]
+
+    class Logged(Scripted):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss, on_epoch=True)
+            return loss
+
+    trainer(tmp_path, callbacks, max_epochs=2).fit(
+        Logged(table(n=200)), train_loader(), index_loader(200)
+    )
+
+
+class Plateau(Scripted):
+    def __init__(self, rows: np.ndarray, mode: Literal["min", "max"]) -> None:
+        super().__init__(rows)
+        self.mode = mode
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=self.mode)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+
+
+def test_reduce_lr_on_plateau_is_checked(tmp_path: Path) -> None:
+    trainer(tmp_path, [AdaptiveValidation()], max_epochs=2).fit(
+        Plateau(table(n=200), "min"), train_loader(), index_loader(200)
+    )
+    with pytest.raises(MisconfigurationException, match="same mode"):
+        trainer(tmp_path, [AdaptiveValidation()], max_epochs=1).fit(
+            Plateau(table(n=200), "max"), train_loader(), index_loader(200)
+        )
+
+
+def test_shuffled_or_unpermuted_validation_loader_is_refused(tmp_path: Path) -> None:
+    data = TensorDataset(torch.arange(200))
+    shuffled = DataLoader(AdaptiveValidation.permute_once(data), batch_size=50, shuffle=True)
+    with pytest.raises(MisconfigurationException, match="shuffles"):
+        trainer(tmp_path, [AdaptiveValidation()]).fit(
+            Scripted(table(n=200)), train_loader(), shuffled
+        )
+    with pytest.raises(MisconfigurationException, match=r"permute_once\(dataset, seed=0\)"):
+        trainer(tmp_path, [AdaptiveValidation()]).fit(
+            Scripted(table(n=200)), train_loader(), index_loader(200, permute=False)
+        )
+    # an explicit promise that the stored order is already random is accepted
+    trainer(tmp_path, [AdaptiveValidation(trust_order=True)], max_epochs=1).fit(
+        Scripted(table(n=200)), train_loader(), index_loader(200, permute=False)
+    )
+
+
+class Returns(Scripted):
+    def __init__(self, output: Any) -> None:
+        super().__init__(table(n=200))
+        self.output = output
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        out = super().validation_step(batch, batch_idx)["per_example_loss"]
+        return self.output(out)
+
+
+@pytest.mark.parametrize(
+    ("output", "got"),
+    [
+        (lambda v: v.mean(), "Tensor"),
+        (lambda v: None, "NoneType"),
+        (lambda v: {"loss": v}, "keys ['loss']"),
+        (lambda v: {"per_example_loss": v.mean()}, "shape ()"),
+    ],
+)
+def test_missing_per_example_output_says_what_to_return(
+    tmp_path: Path, output: Any, got: str
+) -> None:
+    with pytest.raises(MisconfigurationException, match="reduction='none'") as info:
+        trainer(tmp_path, [AdaptiveValidation()]).fit(
+            Returns(output), train_loader(), index_loader(200)
+        )
+    assert got in str(info.value)
+    assert "sanity" not in str(info.value)  # (raised during the sanity check, before training)
+
+
+def test_the_callback_owns_the_monitored_key(tmp_path: Path) -> None:
+    class AlsoLogs(Scripted):
+        def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+            out = super().validation_step(batch, batch_idx)
+            self.log("val_loss", 123.0)  # a batch-mean of its own: replaced by the callback's
+            return out
+
+    record = Record()
+    rows = table(n=200)
+    trainer(tmp_path, [AdaptiveValidation(), record], max_epochs=1).fit(
+        AlsoLogs(rows), train_loader(), index_loader(200)
+    )
+    assert record.rows[0]["val_loss"] == float(
+        np.mean(rows[0].astype(np.float32).astype(np.float64))
+    )
+
+    class Overwrites(Callback):  # logs the same key later, with the same arguments
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if not trainer.sanity_checking:
+                value = torch.tensor(123.0, dtype=torch.float64)
+                pl_module.log("val_loss", value, prog_bar=True, sync_dist=True, reduce_fx="max")
+
+    with pytest.raises(MisconfigurationException, match="Only AdaptiveValidation may log"):
+        trainer(tmp_path, [AdaptiveValidation(), Overwrites()]).fit(
+            Scripted(rows), train_loader(), index_loader(200)
+        )
+
+
+def test_a_validation_order_that_changes_during_the_fit_is_refused(tmp_path: Path) -> None:
+    class Reshuffles(Scripted):
+        def val_dataloader(self) -> DataLoader[Any]:
+            data = TensorDataset(torch.arange(200))  # a new seed each epoch: pairs break
+            return DataLoader(PermutedDataset(data, seed=self.current_epoch), batch_size=50)
+
+    fit = trainer(tmp_path, [AdaptiveValidation()], reload_dataloaders_every_n_epochs=1)
+    with pytest.raises(MisconfigurationException, match="validation order changed"):
+        fit.fit(Reshuffles(table(n=200)), train_loader())
+
+
+# -- edge cases --------------------------------------------------------------------------------
+
+
+def test_validation_set_smaller_than_one_batch(tmp_path: Path) -> None:
+    record = Record()
+    rows = table(n=30)
+    trainer(tmp_path, [AdaptiveValidation(), record], max_epochs=4).fit(
+        Scripted(rows), train_loader(), index_loader(30, batch=64)
+    )
+    assert [r["green/validation/fraction_evaluated"] for r in record.rows] == [1.0] * 4
+    assert [r["val_loss"] for r in record.rows] == [
+        float(np.mean(r.astype(np.float32).astype(np.float64))) for r in rows[:4]
+    ]
+
+
+def test_nan_from_the_model_is_logged_and_stops_like_full_validation(tmp_path: Path) -> None:
+    rows = table(n=400)
+    rows[2][377] = np.nan  # one example, late in the order
+    results = []
+    for enabled in (False, True):
+        es = EarlyStopping("val_loss", patience=3, check_finite=True)
+        record = Record()
+        trainer(tmp_path, [AdaptiveValidation(enabled=enabled), es, record]).fit(
+            Scripted(rows), train_loader(), index_loader(400)
+        )
+        results.append((es.stopped_epoch, es.stopping_reason, len(record.rows)))
+        assert math.isnan(record.rows[-1]["val_loss"])
+        assert record.rows[-1]["green/validation/fraction_evaluated"] == 1.0
+    assert results[0] == results[1] and results[0][0] == 2
+
+
+def test_values_outside_the_bounds_switch_to_full_validation_with_a_warning(tmp_path: Path) -> None:
+    rows = table(n=400) - 0.2  # "losses" that go negative
+    record = Record()
+    callback = AdaptiveValidation()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [callback, record]).fit(Scripted(rows), train_loader(), index_loader(400))
+    assert any("outside the declared bounds" in str(w.message) for w in caught)
+    assert all(r["green/validation/fraction_evaluated"] == 1.0 for r in record.rows)
+    assert callback.validator.problem is not None
+
+
+def test_trainer_validate_logs_the_full_mean(tmp_path: Path) -> None:
+    rows = table(n=300)
+    fit = trainer(tmp_path, [AdaptiveValidation()])
+    (result,) = fit.validate(Scripted(rows), index_loader(300), verbose=False)
+    assert result["val_loss"] == pytest.approx(float(np.mean(rows[0])), rel=1e-6)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_and_resume_decide_like_an_uninterrupted_fit(tmp_path: Path) -> None:
+    rows = table(seed=3)
+    straight, stopped = Record(), EarlyStopping("val_loss", patience=3)
+    trainer(tmp_path / "a", [AdaptiveValidation(), stopped, straight]).fit(
+        Scripted(rows), train_loader(), index_loader()
+    )
+    # interrupted after 5 epochs, resumed from the checkpoint Lightning wrote at the end
+    first = AdaptiveValidation()
+    head = Record()
+    part = trainer(
+        tmp_path / "b", [first, EarlyStopping("val_loss", patience=3), head], max_epochs=5
+    )
+    part.fit(Scripted(rows), train_loader(), index_loader())
+    path = tmp_path / "b" / "resume.ckpt"
+    part.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)  # the state is plain tensors and numbers
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("AdaptiveValidation")]
+    assert state["incumbent"].dtype == torch.float64 and state["incumbent"].shape == (N_VAL,)
+    clone = AdaptiveValidation()
+    clone.load_state_dict(state)
+    assert clone.state_dict()["best"] == first.state_dict()["best"]
+    assert torch.equal(clone.state_dict()["incumbent"], first.state_dict()["incumbent"])
+    tail, resumed = Record(), EarlyStopping("val_loss", patience=3)
+    trainer(tmp_path / "b", [AdaptiveValidation(), resumed, tail]).fit(
+        Scripted(rows), train_loader(), index_loader(), ckpt_path=path
+    )
+    keys = ("val_loss", "green/validation/fraction_evaluated", "green/validation/exact")
+    assert [[r[k] for k in keys] for r in head.rows + tail.rows] == [
+        [r[k] for k in keys] for r in straight.rows
+    ]
+    assert resumed.stopped_epoch == stopped.stopped_epoch
+
+
+# -- energy ------------------------------------------------------------------------------------
+
+
+def test_energy_saved_is_estimated_with_an_energy_monitor(tmp_path: Path) -> None:
+    record = Record()
+    monitor = EnergyMonitor(
+        settings={"intensity_providers": "constant", "intensity_g_per_kwh": 400, "location": "DE"},
+        meters=lambda: [ClockMeter(100.0)],
+        report=False,
+    )
+    callback = AdaptiveValidation()
+    trainer(tmp_path, [monitor, callback, record], max_epochs=8).fit(
+        Scripted(table()), train_loader(), index_loader()
+    )
+    assert all("green/validation/saved_kwh_estimate" in r for r in record.rows)
+    saved = [r["green/validation/saved_kwh_estimate"] for r in record.rows]
+    skipped = [1 - r["green/validation/fraction_evaluated"] for r in record.rows]
+    assert saved[0] == 0.0 and saved[-1] > 0 and sorted(saved) == saved
+    assert (np.diff(saved) > 0).tolist() == (np.array(skipped[1:]) > 0).tolist()
+
+
+# -- several processes -------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+import lightning.pytorch as pl
+import numpy as np
+import torch
+sys.path.insert(0, {root!r})
+from tests.test_adaptive_validation import Scripted, Record, index_loader, table, train_loader
+from green_mlops.integrations.lightning import AdaptiveValidation
+
+out = Path(sys.argv[1])
+rows = table(n=301)  # odd: DistributedSampler pads one example
+callback, record = AdaptiveValidation(), Record()
+module = Scripted(rows)
+trainer = pl.Trainer(
+    max_epochs=8, accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback, record],
+    logger=False, enable_progress_bar=False, enable_model_summary=False,
+    enable_checkpointing=False, num_sanity_val_steps=0,
+)
+trainer.fit(module, train_loader(), index_loader(301, batch=10))
+state = callback.state_dict()
+state["incumbent"] = state["incumbent"].tolist()
+(out / f"rank{{trainer.global_rank}}.json").write_text(json.dumps(
+    {{"state": state, "rows": record.rows, "steps": len(module.steps)}}
+))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_decide_identically_on_the_global_order(tmp_path: Path) -> None:
+    import json
+
+    root = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=root))
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["state"] == ranks[1]["state"] and ranks[0]["rows"] == ranks[1]["rows"]
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # both ranks stopped at the same batch
+    # the incumbent is the best epoch's losses in the permuted order, padding removed
+    rows = table(n=301).astype(np.float32).astype(np.float64)
+    order = PermutedDataset(TensorDataset(torch.arange(301))).indices
+    means = [r["val_loss"] for r in ranks[0]["rows"]]
+    best_epoch = int(np.argmin(means))
+    assert ranks[0]["state"]["incumbent"] == rows[best_epoch][order].tolist()
+    # and the decisions are those of a single-process replay
+    validator = AdaptiveValidator()
+    for row, logged in zip(rows, ranks[0]["rows"], strict=False):
+        validator.begin()
+        for start in range(0, 301, 20):  # 2 ranks x batch 10
+            if validator.should_stop:
+                break
+            validator.observe(row[order][start : start + 20])
+        outcome = validator.end()
+        assert (outcome.value, outcome.fraction_evaluated) == (
+            logged["val_loss"],
+            logged["green/validation/fraction_evaluated"],
+        )
