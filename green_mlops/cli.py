@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from green_mlops.config import ConfigError, Settings, settings_table
 
@@ -111,45 +111,50 @@ def _print_snapshot(console: Console, snapshot: Snapshot, title: str) -> None:
             console.print(f"[bold]{heading}:[/] {line}")
 
 
-def demo(settings: Settings, epochs: int) -> int:
+def demo(overrides: dict[str, Any], epochs: int) -> int:
     from rich.table import Table
 
     from green_mlops.demo import run_demo
 
     console = _console()
     console.print(f"Training a small MLP for {epochs} epochs on synthetic data (CPU)...")
-    result = run_demo(epochs=epochs, settings=settings)
-    snap = result.snapshot
-    table = Table(title=f"Energy of run {result.run_id}")
+    result = run_demo(epochs=epochs, settings=overrides)
+    m, tags = result.metrics, result.tags
+    table = Table(title=f"MLflow run {result.run_id}")
     table.add_column("what")
-    table.add_column("kWh", justify="right")
-    table.add_column("J", justify="right")
-    table.add_column("time (s)", justify="right")
-    table.add_row("total", f"{snap.kwh:.3e}", f"{snap.joules:.1f}", f"{snap.duration_s:.1f}")
-    for component, joules in sorted(snap.joules_by_component().items()):
+    table.add_column("value", justify="right")
+    table.add_column("how it was obtained")
+    table.add_row("energy", f"{m['green/energy_kwh'] * 3.6e6:.1f} J", tags.get("green.meters", ""))
+    for key in sorted(k for k in m if k.startswith("green/energy/")):
+        component = key.split("/")[-1].removesuffix("_kwh")
+        method = tags.get(f"green.method.{component}", "")
+        table.add_row(f"  {component}", f"{m[key] * 3.6e6:.1f} J", method)
+    for key in sorted(k for k in m if k.startswith("green/phase/") and k.count("/") == 2):
+        if key.endswith("_kwh"):
+            phase = key.split("/")[-1].removesuffix("_kwh")
+            seconds = m.get(f"green/phase/{phase}_s", 0.0)
+            table.add_row(f"  phase {phase}", f"{m[key] * 3.6e6:.1f} J", f"{seconds:.1f} s")
+    if "green/co2e_g" in m:
         table.add_row(
-            f"  {component} ({snap.methods[component]})",
-            f"{joules / 3.6e6:.3e}",
-            f"{joules:.1f}",
-            "",
+            "carbon",
+            f"{m['green/co2e_g'] * 1000:.3f} mg CO2e",
+            tags.get("green.intensity.source", ""),
         )
-    for name, phase in sorted(snap.phases.items()):
-        table.add_row(
-            f"  phase {name}",
-            f"{phase.joules / 3.6e6:.3e}",
-            f"{phase.joules:.1f}",
-            f"{phase.duration_s:.1f}",
-        )
+    if "green/flops" in m:
+        table.add_row("FLOPs", f"{m['green/flops']:.3e}", "torch FlopCounterMode, once per shape")
+    if "green/flops_per_joule" in m:
+        table.add_row("FLOPs per joule", f"{m['green/flops_per_joule']:.3e}", "")
+    table.add_row("final val_acc", f"{result.val_acc:.4f}", "")
     console.print(table)
     console.print(
-        f"±{snap.uncertainty_j:.1f} J; {'measured' if snap.measured else 'includes estimates'}; "
-        f"final val_loss {result.val_loss:.4f}"
+        f"Location: {tags.get('green.location', 'unknown')}; measured: "
+        f"{tags.get('green.measured', '?')} (false means some numbers are estimates, "
+        "see `green-mlops doctor`)"
     )
-    for line in (*snap.unavailable, *snap.problems):
-        console.print(f"[yellow]note:[/] {line}")
     console.print(
         f"\nStored in MLflow ({result.tracking_uri}), experiment 'green-mlops-demo'. Open the UI:\n"
-        f"  [bold]mlflow ui --backend-store-uri {result.tracking_uri}[/]  then http://127.0.0.1:5000"
+        f"  [bold].venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}[/]"
+        "  then http://127.0.0.1:5000"
     )
     return 0
 
@@ -199,28 +204,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("config", help="list every setting with its variable and accepted values")
     sub.add_parser("sync", help="send MLflow values kept while the tracking server was down")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     if args.command == "config":
         return show_config()
     try:
-        settings = _demo_settings() if args.command == "demo" else Settings.load()
+        settings = Settings.load()
     except ConfigError as exc:
         print(f"green-mlops: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "demo":
+        # a finer power time series for a short run, unless the user chose one
+        fine = {} if "GREEN_MLOPS_LOG_INTERVAL_S" in os.environ else {"log_interval_s": 1.0}
+        return demo(fine, args.epochs)
     if args.command == "doctor":
         return doctor(settings, args.sample)
-    if args.command == "sync":
-        return sync(settings)
-    return demo(settings, args.epochs)
-
-
-def _demo_settings() -> Settings:
-    """The environment's settings, with a finer time series unless the user chose one."""
-    settings = Settings.load()
-    if "GREEN_MLOPS_LOG_INTERVAL_S" not in os.environ:
-        settings = settings.replace(log_interval_s=1.0)
-    return settings
+    return sync(settings)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ def test_demo_trains_measures_and_stores_in_the_local_mlflow_store(tmp_path: Pat
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "mlflow.db").exists()
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out.stdout
+    assert "val_acc" in out.stdout and "phase train" in out.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("green-mlops-demo").experiment_id])
     assert len(runs) == 1
