@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/green-mlops demo
 
+# The MLflow UI test drives Debian's chromium: installed here when missing (needs root or sudo).
 # pytest exits 5 when it collects no test: for this suite that means it is broken, so fail.
 test: install
+	@scripts/install-browser.sh || echo "make test: chromium could not be installed; the UI test will fail" >&2
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

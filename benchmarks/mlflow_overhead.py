@@ -436,6 +436,14 @@ def report(runs: list[Run], interval: float) -> int:
     print(ratio_line("mean step time", ratios("mean_step_s")))
     print(ratio_line("loop wall time", ratios("loop_s")))
     print(ratio_line("noise floor: A/A median step", aa))
+    cpu = [
+        (b.result["other_threads_cpu_s"] - a.result["other_threads_cpu_s"]) / b.result["loop_s"]
+        for a, b, _ in neighbours
+    ]
+    print(
+        f"  green-mlops' threads' CPU time: {100 * statistics.median(cpu):.2f} % of the loop "
+        f"time (per pair {', '.join(f'{100 * x:.2f}' for x in cpu)} %; load-independent)"
+    )
     end_a = statistics.median(r.result["end_run_s"] for r in untracked)
     end_b = statistics.median(r.result["end_run_s"] for r in tracked)
     print(

@@ -7,10 +7,11 @@ live fit.
 
 The decision. With ``EarlyStopping`` and ``ModelCheckpoint(save_top_k=1)`` the only thing a
 validation run decides is whether the candidate's mean over the *full* validation set beats the
-best mean so far (the *incumbent*): ``improved`` or ``not improved``. Both models are scored on
-the same N examples, so we compare them paired, example by example: ``d_i = c_i - b_i``
-(candidate minus incumbent, sign-flipped for ``mode="max"``), and the candidate improved iff the
-population mean ``mu = mean(d_1..d_N) < 0``.
+best mean so far (the *incumbent*): ``improved`` or ``not improved`` (and, with
+``EarlyStopping(min_delta > 0)``, whether it improved by more than ``min_delta``). Both models
+are scored on the same N examples, so we compare them paired, example by example: ``d_i = c_i
+- b_i`` (candidate minus incumbent, sign-flipped for ``mode="max"``), and the candidate improved
+iff the population mean ``mu = mean(d_1..d_N) < 0``.
 
 The confidence sequence. The examples are visited in one fixed order that is a uniformly random
 permutation drawn once, independently of the models (shuffle once with a fixed seed and keep
@@ -33,34 +34,73 @@ This is the empirical-Bernstein confidence sequence for sampling without replace
 Waudby-Smith & Ramdas, "Confidence sequences for sampling without replacement", NeurIPS 2020
 (arXiv:2006.04347, Sec. 3), with the plug-in ``lambda`` of Waudby-Smith & Ramdas, "Estimating
 means of bounded random variables by betting", JRSS-B 2024 (arXiv:2010.09686, Thm 2), and one
-change: the scale ``s_i`` comes from a *one-sided* predictable bound. The incumbent's values are
-all known, so ``d_i >= lower - max(incumbent values not yet visited)``; the lower confidence
-bound needs only the candidate's lower bound (0 for a loss), never an upper one. It is
-intersected with the deterministic finite-population bound ``mu >= (S_n + sum over unvisited j
-of (lower - b_j)) / N``, which is exact at ``n = N``: the width is 0 at the full set. An upper
-bound (for an early ``improved``) is computed symmetrically when ``upper`` is given.
+change: the scale ``s_i`` comes from a *one-sided* predictable bound. Where the incumbent's
+values are all known, ``d_i >= lower - max(incumbent values not yet visited)``: the lower
+confidence bound needs only the candidate's lower bound (0 for a loss), never an upper one.
+Incumbent values not known yet (see "Two incumbent modes") are bounded by ``upper``. The
+sequence is intersected with the deterministic finite-population bound ``mu >= (S_n + sum over
+unvisited j of (lower - b_j)) / N``, which is exact at ``n = N``: the width is 0 at the full
+set. An upper bound (for an early ``improved``) is computed symmetrically; it needs the
+candidate's ``upper`` bound (``lower`` in ``mode="max"``).
+
+Two incumbent modes. ``incumbent="values"`` keeps the incumbent's per-example values, N floats,
+and completes every improving run (the next comparisons need the new incumbent's every value);
+only "not improved" is decided early. ``incumbent="weights"`` (the default) also stops an
+improving run as soon as the improvement is certain: the candidate becomes the incumbent with
+its values known only on the evaluated prefix, and the driver keeps a copy of its *weights*.
+A later comparison that reaches beyond that prefix gets the incumbent's values there by
+evaluating the kept weights on those same batches (:meth:`AdaptiveValidator.incumbent_missing`,
+:meth:`AdaptiveValidator.extend_incumbent`); those forward passes count as validation cost.
+The incumbent's values are a fixed function of its weights and of each example, so the values
+obtained late are the very population values a full run would have produced: the pairs ``(c_i,
+b_i)`` are the same population, visited in the same random order, and the confidence sequence
+is unchanged, except that unvisited incumbent values not evaluated yet are bounded by
+``upper`` instead of by their (unknown) maximum. Early "improved" needs a bounded candidate
+value on the improving side: with an unbounded loss a single unseen example can undo any
+improvement, and no sequential test can rule that out; the mode then behaves like
+``"values"``.
+
+What is logged. The monitored value a run logs (its *logged value*, ``u``) is what the stock
+callbacks compare. Full validation logs the exact means ``v``. Adaptive validation logs ``u =
+v`` when it can and otherwise a value *placed* so that every comparison the stock callbacks
+make comes out as it would on ``v``: ``ModelCheckpoint`` and ``EarlyStopping(min_delta=0)`` ask
+"is ``u_t`` strictly better than the best logged so far?", ``EarlyStopping(min_delta=m)`` asks
+"is ``u_t - (-m)`` strictly below its best" (``mode="min"``) in the logged dtype. The validator
+replays both callbacks on the logged values, decides the same questions on the true means (the
+early ones with the confidence sequences, the others exactly), and logs the estimate (the
+exact mean after a full pass) clamped into the set of values that give the decided answers.
+By induction every callback's best epoch, wait count, saved checkpoint and stop epoch are
+those of full validation as long as every decision equals the full-set one. An early "not
+improved" logs a value strictly worse than the best; an early "improved" one strictly better
+and, with ``min_delta > 0``, better by more than ``min_delta`` (only such improvements are
+decided early; smaller ones take a full pass, so that the callbacks' bests stay the incumbent
+or models whose means are known exactly). The logged value is the exact mean where
+``Outcome.exact``; otherwise an estimate that is on the right side of every comparison.
 
 Alpha spending. Comparison ``k`` (1, 2, ...) of a training run gets ``alpha_k = alpha * 6 /
-(pi^2 k^2)``, which sums to ``alpha``.
+(pi^2 k^2)``, which sums to ``alpha``; with early "improved" each side gets half of it.
 
 The guarantee. If every per-example value is finite and within ``[lower, upper]`` and the order
 is a random permutation independent of the models, then with probability at least ``1 -
 alpha`` every early decision of every comparison equals the full-set decision, for any number
-of comparisons. Proof sketch: the models of full validation do not depend on the permutation;
-adaptive validation coincides with full validation until its first wrong decision; that
-requires some comparison's sequence to miss its ``mu``, probability at most ``sum alpha_k``.
-Decisions reached at the full set are exact (no statistics involved). An early "not improved"
-also needs the bound to clear 0 by a relative ``ROUNDING_MARGIN``, so that float rounding of the
-two full-set means could not have produced the opposite comparison.
+of comparisons. Proof sketch: the models of full validation do not depend on the permutation
+(validation does not change training) and neither does which of them full validation makes
+the incumbent; adaptive validation coincides with full validation until its first wrong
+decision; that requires some comparison's sequence, computed on a fixed pair of populations,
+to miss its ``mu``, probability at most ``sum alpha_k``. Decisions reached at the full set are
+exact. An early decision also needs the bound to clear its threshold by a relative
+``ROUNDING_MARGIN``, so that float rounding of the full-set means could not have produced the
+opposite comparison.
 
-Memory: the incumbent's per-example values, N float64 (40 kB for N = 5,000).
+Memory: ``"values"``: N float64 (40 kB for N = 5,000). ``"weights"``: the same, plus, while the
+incumbent is known only on a prefix, one copy of the model's weights (held by the driver).
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,8 +119,8 @@ FloatArray = npt.NDArray[np.float64]
 
 #: Largest per-step bet, as a fraction of the scale (Waudby-Smith & Ramdas use 1/2 or 3/4).
 MAX_BET = 0.75
-#: Relative margin by which an early "not improved" must clear the incumbent, so that float
-#: rounding of the two full-set means cannot turn it into a tie-break the other way.
+#: Relative margin by which an early decision must clear its threshold, so that float rounding
+#: of the two full-set means cannot turn it into a tie-break the other way.
 ROUNDING_MARGIN = 1e-9
 
 
@@ -106,16 +146,28 @@ def _psi(u: FloatArray | float) -> Any:
 class _Side:
     """One side of the confidence sequence, in the orientation where it is a lower bound.
 
-    ``values``: the incumbent's (oriented) badness; ``floor``: the least possible candidate
-    badness. Tracks ``L_n`` for the mean of ``d = candidate - incumbent``.
+    ``x``: the incumbent's values in this orientation (``d = candidate - x``), of which the first
+    ``known`` are known; ``floor``: the least possible candidate value; ``cap``: the largest
+    possible incumbent value (``inf`` if unbounded), standing in for values not known yet.
+    Tracks ``L_n`` for the mean of ``d``.
     """
 
-    def __init__(self, incumbent: FloatArray, floor: float, log_inv_alpha: float) -> None:
-        n = incumbent.size
+    def __init__(
+        self, x: FloatArray, known: int, floor: float, cap: float, log_inv_alpha: float
+    ) -> None:
+        n = x.size
         self.N = n
-        # suffix_max[j] = max of incumbent[j:], the worst incumbent value still unvisited.
-        self.suffix_max = np.maximum.accumulate(incumbent[::-1])[::-1]
+        self.x = np.full(n, np.nan)
+        self.x[:known] = x[:known]
+        self.known = known
+        self.cum = np.zeros(n + 1)  # prefix sums of the known values
+        self.cum[1 : known + 1] = np.cumsum(x[:known])
         self.floor = floor
+        self.cap = cap
+        self.suffix_max: FloatArray | None = None
+        self.suffix_sum: FloatArray | None = None
+        if known == n:
+            self._complete()
         self.log_inv_alpha = log_inv_alpha
         self.a = 0.0  # sum lambda_i (d_i + S_{i-1} / (N - i + 1))
         self.w = 0.0  # sum lambda_i N / (N - i + 1)
@@ -123,49 +175,91 @@ class _Side:
         self.sq = 0.0  # sum (d_i - m_i)^2, for the variance estimate
         self.bound = -math.inf
 
+    def _complete(self) -> None:
+        # suffix_max[j] = max of x[j:], the worst incumbent value still unvisited.
+        self.suffix_max = np.maximum.accumulate(self.x[::-1])[::-1]
+        self.suffix_sum = np.concatenate((np.cumsum(self.x[::-1])[::-1], [0.0]))
+
+    def extend(self, values: FloatArray) -> None:
+        k, m = self.known, values.size
+        self.x[k : k + m] = values
+        self.cum[k + 1 : k + m + 1] = self.cum[k] + np.cumsum(values)
+        self.known = k + m
+        if self.known == self.N:
+            self._complete()
+
+    def least(self, start: int) -> float:
+        """A sure lower bound of every unvisited ``d_i`` (positions ``start ..``)."""
+        if self.suffix_max is not None:
+            return self.floor - float(self.suffix_max[start])
+        return self.floor - self.cap  # an unknown incumbent value may be as large as ``cap``
+
+    def unvisited_sum(self, n: int) -> float:
+        """An upper bound of the sum of the unvisited incumbent values (exact when known)."""
+        if self.suffix_sum is not None:
+            return float(self.suffix_sum[n])
+        known = float(self.cum[self.known] - self.cum[n]) if n < self.known else 0.0
+        unknown = self.N - max(n, self.known)
+        return known + unknown * self.cap if unknown else known
+
     def update(self, d: FloatArray, start: int, prefix: float) -> None:
         """Add the differences ``d`` at positions ``start .. start + len(d) - 1`` (0-based);
         ``prefix`` is the sum of all earlier differences. Bet size, centre and scale are fixed
         from what was known before the batch (predictable)."""
         n_seen = start
-        least = self.floor - float(self.suffix_max[start])  # every unvisited d_i >= least
+        least = self.least(start)  # every unvisited d_i >= least
         centre = prefix / n_seen if n_seen else 0.0
-        scale = centre - least
-        if not scale > 0:  # centre at the bound: nudge it up (any predictable centre is valid)
-            scale = max(abs(least), 1.0) * 1e-12
-            centre = least + scale
-        var = ((scale / 2.0) ** 2 + self.sq) / (n_seen + 1)
-        t = n_seen + 1
-        lam = min(MAX_BET / scale, math.sqrt(2.0 * self.log_inv_alpha / (var * t * math.log1p(t))))
-        idx = np.arange(start, start + d.size, dtype=np.float64)  # 0-based i - 1
-        remaining = self.N - idx  # N - i + 1
-        before = prefix + np.concatenate(([0.0], np.cumsum(d)[:-1]))  # S_{i-1}
-        self.a += lam * float(np.sum(d + before / remaining))
-        self.w += lam * float(np.sum(self.N / remaining))
         resid = d - centre
-        self.v += float(_psi(lam * scale)) * float(np.sum((resid / scale) ** 2))
+        if math.isfinite(least):
+            scale = centre - least
+            if not scale > 0:  # centre at the bound: nudge it up (any predictable centre works)
+                scale = max(abs(least), 1.0) * 1e-12
+                centre = least + scale
+                resid = d - centre
+            var = ((scale / 2.0) ** 2 + self.sq) / (n_seen + 1)
+            t = n_seen + 1
+            lam = min(
+                MAX_BET / scale, math.sqrt(2.0 * self.log_inv_alpha / (var * t * math.log1p(t)))
+            )
+            idx = np.arange(start, start + d.size, dtype=np.float64)  # 0-based i - 1
+            remaining = self.N - idx  # N - i + 1
+            before = prefix + np.concatenate(([0.0], np.cumsum(d)[:-1]))  # S_{i-1}
+            self.a += lam * float(np.sum(d + before / remaining))
+            self.w += lam * float(np.sum(self.N / remaining))
+            self.v += float(_psi(lam * scale)) * float(np.sum((resid / scale) ** 2))
+        # (no finite bound: no bet on this batch, lambda = 0, which keeps M_n a supermartingale)
         self.sq += float(np.sum(resid**2))
         if self.w > 0:
             stat = (self.a - self.v - self.log_inv_alpha) / self.w
             self.bound = max(self.bound, stat)
 
-    def deterministic(self, n: int, prefix: float, unvisited_sum: float) -> float:
+    def deterministic(self, n: int, prefix: float) -> float:
         """Lower bound from ``candidate >= floor`` alone; exact at ``n = N``."""
-        return (prefix + (self.N - n) * self.floor - unvisited_sum) / self.N
+        return (prefix + (self.N - n) * self.floor - self.unvisited_sum(n)) / self.N
+
+    def lower(self, n: int, prefix: float) -> float:
+        return max(self.bound, self.deterministic(n, prefix))
 
 
 class PairedComparison:
     """Sequential paired comparison of a candidate with an incumbent on N examples.
 
     Args:
-        incumbent: the incumbent's per-example values over the full set, in visiting order.
+        incumbent: the incumbent's per-example values over the full set, in visiting order;
+            only the first ``known`` are read (the rest may be NaN); more are added with
+            :meth:`extend_incumbent`, always before the candidate's values at those positions.
         alpha: error budget of this comparison (use :func:`alpha_spending`).
         mode: ``"min"`` (a loss: lower is better) or ``"max"`` (accuracy: higher is better).
         lower, upper: bounds on every per-example value. ``mode="min"`` needs ``lower`` to
-            decide "not improved" early and ``upper`` for an early "improved"; ``"max"`` the
-            reverse. An absent bound disables that early decision (the full set still decides).
+            decide "not improved" early and ``upper`` for an early "improved" (and for "not
+            improved" while incumbent values are unknown); ``"max"`` the reverse. An absent
+            bound disables that early decision (the full set still decides).
         early: which decisions may be taken before the full set: ``"not_improved"`` (all of
             ``alpha`` on that side) or ``"both"`` (``alpha`` split in halves).
+        known: how many leading incumbent values are known (default: all).
+        improve_by: an early "improved" needs the candidate's mean to be better than the
+            incumbent's by more than this (>= 0, in the metric's units; ``EarlyStopping``'s
+            ``min_delta``). At the full set "improved" means strictly better, by any amount.
 
     Feed the candidate's values batch by batch with :meth:`update`; it returns the decision so
     far. At the full set the decision is exact: improved iff the candidate's mean is strictly
@@ -181,6 +275,8 @@ class PairedComparison:
         lower: float | None = 0.0,
         upper: float | None = None,
         early: Literal["not_improved", "both"] = "not_improved",
+        known: int | None = None,
+        improve_by: float = 0.0,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -188,47 +284,89 @@ class PairedComparison:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         if early not in ("not_improved", "both"):
             raise ValueError(f"early must be 'not_improved' or 'both', got {early!r}")
-        values = np.asarray(incumbent, dtype=np.float64).ravel()
+        if not (math.isfinite(improve_by) and improve_by >= 0):
+            raise ValueError(f"improve_by must be finite and >= 0, got {improve_by}")
+        values = np.asarray(incumbent, dtype=np.float64).ravel().copy()
         if values.size == 0:
             raise ValueError("the incumbent has no values")
-        if not np.all(np.isfinite(values)):
+        known = values.size if known is None else int(known)
+        if not 1 <= known <= values.size:
+            raise ValueError(f"known must be in [1, {values.size}], got {known}")
+        values[known:] = np.nan
+        head = values[:known]
+        if not np.all(np.isfinite(head)):
             raise ValueError("the incumbent's values must be finite")
         self.mode = mode
         self.sign = 1.0 if mode == "min" else -1.0
         self.N = int(values.size)
+        self.known = known
+        self._raw = values
         self._inc = self.sign * values  # oriented: badness, lower is better
-        self.incumbent_mean = float(np.mean(values))
-        self._inc_suffix_sum = np.concatenate((np.cumsum(self._inc[::-1])[::-1], [0.0]))
+        self.incumbent_mean = float(np.mean(values)) if known == self.N else math.nan
         # floor of the candidate's badness (for "not improved") and ceiling (for "improved")
         floor = lower if mode == "min" else (None if upper is None else -upper)
         ceiling = upper if mode == "min" else (None if lower is None else -lower)
         for name, bound in (("lower", lower), ("upper", upper)):
             if bound is not None and not math.isfinite(bound):
                 raise ValueError(f"{name} must be finite or None, got {bound}")
-        if floor is not None and np.any(self._inc < floor):
-            raise ValueError("an incumbent value lies outside the given bounds")
-        if ceiling is not None and np.any(self._inc > ceiling):
+        self._floor = floor
+        self._ceiling = ceiling
+        self.out_of_bounds: float | None = None
+        if self._outside(self._inc[:known]) is not None:
             raise ValueError("an incumbent value lies outside the given bounds")
         sides = 2 if early == "both" else 1
         log_inv = math.log(sides / alpha)
         self.alpha = alpha
-        self._low = None if floor is None else _Side(self._inc, floor, log_inv)
-        self._high = (
+        self.improve_by = improve_by
+        cap_low = math.inf if ceiling is None else ceiling
+        cap_high = math.inf if floor is None else -floor
+        self._low = None if floor is None else _Side(self._inc, known, floor, cap_low, log_inv)
+        self._high = (  # upper bound of d = -(lower bound of -d)
             None
             if ceiling is None or early != "both"
-            else _Side(-self._inc, -ceiling, log_inv)  # upper bound of d = -(lower bound of -d)
+            else _Side(-self._inc, known, -ceiling, cap_high, log_inv)
         )
-        self._floor = floor
-        self._ceiling = ceiling
         self._cand = np.empty(self.N, dtype=np.float64)
         self.n = 0
         self._sum = 0.0  # of oriented differences
         self.finite = True
-        self.out_of_bounds: float | None = None
         self.decision = Decision.UNDECIDED
-        self._margin = ROUNDING_MARGIN * max(abs(self.incumbent_mean), np.finfo(float).tiny)
+        scale = abs(self.incumbent_mean) if known == self.N else abs(float(np.mean(head)))
+        self._margin = ROUNDING_MARGIN * max(scale, np.finfo(float).tiny)
+
+    def _outside(self, oriented: FloatArray) -> float | None:
+        """The first finite value (oriented) outside the bounds, in the metric's units."""
+        low = -np.inf if self._floor is None else self._floor
+        high = np.inf if self._ceiling is None else self._ceiling
+        bad = oriented[np.isfinite(oriented) & ((oriented < low) | (oriented > high))]
+        return None if bad.size == 0 else float(self.sign * bad[0])
 
     # -- feeding ---------------------------------------------------------------------------
+
+    def extend_incumbent(self, values: Sequence[float] | npt.ArrayLike) -> None:
+        """Add the incumbent's values for the next unknown positions (in visiting order)."""
+        batch = np.asarray(values, dtype=np.float64).ravel()
+        if self.known + batch.size > self.N:
+            raise ValueError(
+                f"got {self.known + batch.size} incumbent values for a population of {self.N}"
+            )
+        if batch.size == 0:
+            return
+        k = self.known
+        oriented = self.sign * batch
+        if not np.all(np.isfinite(batch)):
+            self.finite = False
+        elif self.out_of_bounds is None:
+            self.out_of_bounds = self._outside(oriented)
+        self._raw[k : k + batch.size] = batch
+        self._inc[k : k + batch.size] = oriented
+        self.known = k + batch.size
+        if self._low is not None:
+            self._low.extend(oriented)
+        if self._high is not None:
+            self._high.extend(-oriented)
+        if self.known == self.N:
+            self.incumbent_mean = float(np.mean(self._raw))
 
     def update(self, values: Sequence[float] | npt.ArrayLike) -> Decision:
         """Add the candidate's values for the next examples (in visiting order)."""
@@ -237,6 +375,11 @@ class PairedComparison:
             raise ValueError(
                 f"got {self.n + batch.size} candidate values for a population of {self.N}: "
                 "the validation set changed size"
+            )
+        if self.n + batch.size > self.known:
+            raise ValueError(
+                f"the incumbent's values are known up to position {self.known}; extend them "
+                f"(extend_incumbent) before adding candidate values up to {self.n + batch.size}"
             )
         if batch.size == 0:
             return self.decision
@@ -249,15 +392,8 @@ class PairedComparison:
             self.decision = self._exact() if self.n == self.N else Decision.UNDECIDED
             return self.decision
         oriented = self.sign * batch
-        bad = (self._floor is not None and np.any(oriented < self._floor)) or (
-            self._ceiling is not None and np.any(oriented > self._ceiling)
-        )
-        if bad and self.out_of_bounds is None:
-            outside = batch[
-                (oriented < (self._floor if self._floor is not None else -np.inf))
-                | (oriented > (self._ceiling if self._ceiling is not None else np.inf))
-            ]
-            self.out_of_bounds = float(outside[0])
+        if self.out_of_bounds is None:
+            self.out_of_bounds = self._outside(oriented)
         d = oriented - self._inc[start : start + batch.size]
         prefix = self._sum
         self._sum += float(np.sum(d))
@@ -270,19 +406,12 @@ class PairedComparison:
             return self.decision
         if self._low is not None:
             self._low.update(d, start, prefix)
-            low = max(
-                self._low.bound,
-                self._low.deterministic(self.n, self._sum, float(self._inc_suffix_sum[self.n])),
-            )
-            if low >= self._margin:
+            if self._low.lower(self.n, self._sum) >= self._margin:
                 self.decision = Decision.NOT_IMPROVED
         if self._high is not None and self.decision is Decision.UNDECIDED:
             self._high.update(-d, start, -prefix)
-            high = -max(
-                self._high.bound,
-                self._high.deterministic(self.n, -self._sum, -float(self._inc_suffix_sum[self.n])),
-            )
-            if high < -self._margin:
+            high = -self._high.lower(self.n, -self._sum)
+            if high < -self.improve_by - self._margin:
                 self.decision = Decision.IMPROVED
         return self.decision
 
@@ -303,17 +432,9 @@ class PairedComparison:
         lo = hi = -math.inf  # in oriented units: lo = lower bound, hi = -(upper bound)
         if self.finite and self.out_of_bounds is None:
             if self._low is not None:
-                lo = max(
-                    self._low.bound,
-                    self._low.deterministic(self.n, self._sum, float(self._inc_suffix_sum[self.n])),
-                )
+                lo = self._low.lower(self.n, self._sum)
             if self._high is not None:
-                hi = max(
-                    self._high.bound,
-                    self._high.deterministic(
-                        self.n, -self._sum, -float(self._inc_suffix_sum[self.n])
-                    ),
-                )
+                hi = self._high.lower(self.n, -self._sum)
         low, high = lo, -hi
         return (low, high) if self.sign > 0 else (-high, -low)
 
@@ -324,58 +445,117 @@ class PairedComparison:
 
     def estimate(self) -> float:
         """Paired estimate of the candidate's full-set mean: the incumbent's mean plus the
-        mean difference seen so far (unbiased under the random order)."""
+        mean difference seen so far; with a partly known incumbent, the mean of its known
+        values plus the mean difference. Unbiased under the random order."""
         if self.n == 0:
             return math.nan
-        return self.incumbent_mean + self.sign * self._sum / self.n
+        if self.known == self.N:
+            return self.incumbent_mean + self.sign * self._sum / self.n
+        return float(np.mean(self._raw[: self.known])) + self.sign * self._sum / self.n
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What a validation run concluded, and the value to log for the monitored metric."""
 
-    #: The value to log. Exact full-set mean when ``exact``; otherwise the paired estimate,
-    #: moved just past the best value when needed so that it is certainly not an improvement.
+    #: The value to log. The exact full-set mean when ``exact``; otherwise an estimate placed
+    #: on the side of the best logged values that the decision requires.
     value: float
     exact: bool
+    #: Whether the candidate became the incumbent (strictly better than the best).
     improved: bool
     decision: Decision
+    #: Candidate examples evaluated in this run, and the population N.
     evaluated: int
     population: int
     #: Comparison index (1-based) and its error budget; 0 and 0.0 for a run without one.
     comparison: int
     alpha: float
+    #: Incumbent examples evaluated in this run (``incumbent="weights"``: lazily, from the
+    #: kept weights); validation forward passes like the candidate's.
+    incumbent_evaluated: int = 0
 
     @property
     def fraction_evaluated(self) -> float:
-        return self.evaluated / self.population if self.population else 1.0
+        """Validation forward passes of this run (candidate and incumbent) per example in the
+        set: 1.0 for a full pass; may exceed 1 when the incumbent was evaluated too."""
+        total = self.evaluated + self.incumbent_evaluated
+        return total / self.population if self.population else 1.0
+
+
+_Class = Literal["not", "improved", "improved_by_delta"]
+
+
+def _float_key(x: float, dtype: type[np.floating[Any]]) -> int:
+    """An integer that orders like the (non-NaN) float ``x`` of ``dtype``; adjacent floats
+    have adjacent keys (+0.0 and -0.0 share 0)."""
+    if dtype is np.float32:
+        bits = int(np.array(x, np.float32).view(np.int32))
+        return bits if bits >= 0 else -(bits & 0x7FFFFFFF)
+    bits = int(np.array(x, np.float64).view(np.int64))
+    return bits if bits >= 0 else -(bits & 0x7FFFFFFFFFFFFFFF)
+
+
+def _from_key(key: int, dtype: type[np.floating[Any]]) -> float:
+    if dtype is np.float32:
+        bits = key if key >= 0 else (-key) | -0x80000000
+        return float(np.array(bits, np.int32).view(np.float32))
+    bits = key if key >= 0 else (-key) | -0x8000000000000000
+    return float(np.array(bits, np.int64).view(np.float64))
+
+
+def _half_line(
+    predicate: Callable[[float], bool], want: bool, dtype: type[np.floating[Any]]
+) -> tuple[int, int] | None:
+    """The keys of the floats where a monotone ``predicate`` equals ``want``, as a closed
+    interval (None if none)."""
+    lo, hi = _float_key(-math.inf, dtype), _float_key(math.inf, dtype)
+    at_lo, at_hi = predicate(-math.inf), predicate(math.inf)
+    if at_lo == at_hi:
+        return (lo, hi) if at_lo == want else None
+    a, b = lo, hi  # predicate(a) == at_lo, predicate(b) == at_hi
+    while b - a > 1:
+        mid = (a + b) // 2
+        if predicate(_from_key(mid, dtype)) == at_lo:
+            a = mid
+        else:
+            b = mid
+    return (lo, a) if at_lo == want else (b, hi)
 
 
 class AdaptiveValidator:
     """Adaptive validation across a training run (the policy the callback and replay share).
 
-    Keeps the incumbent (the best run so far, with its per-example values) and the best logged
-    value, exactly as ``EarlyStopping`` keeps ``best_score``. Per validation run::
+    Keeps the incumbent (the best run so far: its per-example values, possibly only a prefix
+    of them) and replays what ``ModelCheckpoint`` and ``EarlyStopping`` keep (their best
+    logged values). Per validation run::
 
         validator.begin()
         for batch in val_batches:            # in the fixed order
             if validator.should_stop:
                 break
+            missing = validator.incumbent_missing(len(batch))
+            if missing:                      # incumbent="weights": evaluate the kept weights
+                validator.extend_incumbent(incumbent_values(batch))
             validator.observe(per_example_values(batch))
         outcome = validator.end()            # log outcome.value under the monitored key
+        # incumbent="weights": keep a copy of the weights while validator.needs_weights
+        # (a fresh copy when outcome.improved), drop it when it turns False
 
     A run with no incumbent, or with a non-finite value, or after a bound was violated, is a
-    full pass. An early "not improved" stops the run; "improved" always completes it, because
-    the next comparisons need the new incumbent's every value and an exact logged value.
+    full pass. In ``incumbent="values"`` mode and when early "improved" is off, an early
+    "not improved" is the only early stop, and :meth:`incumbent_missing` is always 0.
 
-    Logged values (``mode="min"``; mirrored for ``"max"``): a full run logs its exact mean
-    ``v`` rounded to ``precision`` (the dtype the logger keeps); it improves iff ``v < best``
-    (``best`` starts at +inf, NaN never improves), as in ``EarlyStopping(min_delta=0)`` and
-    ``ModelCheckpoint(save_top_k=1)``. An early "not improved" logs ``max(estimate,
-    nextafter(best, +inf))``: strictly worse than ``best``, so ``EarlyStopping`` (any
-    ``min_delta >= 0``), ``ModelCheckpoint`` and ``ReduceLROnPlateau`` (``threshold >= 0``)
-    reach the decision full validation reaches; the value itself is an estimate
-    (``Outcome.exact`` is False).
+    Args:
+        mode, alpha, lower, upper: as for :class:`PairedComparison` (alpha for the whole fit).
+        precision: the dtype in which the logger keeps values (``"float32"`` on MPS).
+        enabled: ``False``: every run is a full pass (the reference).
+        incumbent: ``"weights"`` (early "improved" allowed) or ``"values"`` (see the module
+            docstring).
+        min_delta: ``EarlyStopping``'s ``min_delta`` (>= 0) for the monitored key, 0 if none.
+        early_improved: ``False`` turns early "improved" off in ``"weights"`` mode (the
+            callback does so when another callback compares the value with a threshold it
+            cannot track, e.g. ``stopping_threshold``).
     """
 
     def __init__(
@@ -387,6 +567,9 @@ class AdaptiveValidator:
         upper: float | None = None,
         precision: Literal["float64", "float32"] = "float64",
         enabled: bool = True,
+        incumbent: Literal["weights", "values"] = "weights",
+        min_delta: float = 0.0,
+        early_improved: bool = True,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -394,6 +577,10 @@ class AdaptiveValidator:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         if precision not in ("float64", "float32"):
             raise ValueError(f"precision must be 'float64' or 'float32', got {precision!r}")
+        if incumbent not in ("weights", "values"):
+            raise ValueError(f"incumbent must be 'weights' or 'values', got {incumbent!r}")
+        if not (math.isfinite(min_delta) and min_delta >= 0):
+            raise ValueError(f"min_delta must be finite and >= 0, got {min_delta}")
         if mode == "min" and lower is None:
             raise ValueError(
                 "mode='min' needs lower= (the least possible per-example value, 0.0 for a loss)"
@@ -406,58 +593,65 @@ class AdaptiveValidator:
         if lower is not None and upper is not None and not lower < upper:
             raise ValueError(f"lower must be < upper, got lower={lower}, upper={upper}")
         self.mode = mode
+        self.sign = 1.0 if mode == "min" else -1.0
         self.alpha = alpha
         self.lower = lower
         self.upper = upper
         self.precision = precision
         self.enabled = enabled
-        self.best = math.inf if mode == "min" else -math.inf
+        self.incumbent_mode = incumbent
+        self.min_delta = min_delta
+        self.early_improved = early_improved
+        worst = math.inf if mode == "min" else -math.inf
+        #: Best logged value (ModelCheckpoint's best score) and EarlyStopping's best score.
+        self.best = worst
+        self.es_best = worst
+        #: The incumbent's per-example values (NaN where not known yet), how many are known,
+        #: and its exact full-set mean (as logged by full validation) once all are.
         self.incumbent: FloatArray | None = None
+        self.known = 0
+        self.incumbent_value: float | None = None
+        #: EarlyStopping's best model, when it is not the incumbent: its exact mean.
+        self.es_value: float | None = None
         self.comparisons = 0
         self.evaluated_total = 0
-        self.skipped_total = 0
+        self.population_total = 0
         #: Set when an assumption was found broken; every later run is a full pass.
         self.problem: str | None = None
         self._test: PairedComparison | None = None
         self._values: list[FloatArray] = []
         self._n = 0
+        self._incumbent_run = 0
         self._running = False
 
-    # -- one run ---------------------------------------------------------------------------
-
-    def begin(self) -> None:
-        """Start a validation run."""
-        self._values = []
-        self._n = 0
-        self._running = True
-        self._test = None
-        if (
-            self.enabled
-            and self.problem is None
-            and self.incumbent is not None
-            and bool(np.all(np.isfinite(self.incumbent)))
-        ):
-            try:
-                test = PairedComparison(
-                    self.incumbent,
-                    alpha_spending(self.alpha, self.comparisons + 1),
-                    mode=self.mode,
-                    lower=self.lower,
-                    upper=self.upper,
-                )
-            except ValueError:  # e.g. resumed with bounds the incumbent violates
-                low = -math.inf if self.lower is None else self.lower
-                high = math.inf if self.upper is None else self.upper
-                bad = self.incumbent[(self.incumbent < low) | (self.incumbent > high)]
-                self._set_problem(float(bad[0]) if bad.size else math.nan)
-                return
-            self.comparisons += 1
-            self._test = test
+    # -- state queries ---------------------------------------------------------------------
 
     @property
     def population(self) -> int | None:
-        """N, known once a full run produced the incumbent."""
+        """N, known once a run produced the incumbent."""
         return None if self.incumbent is None else int(self.incumbent.size)
+
+    @property
+    def skipped_total(self) -> int:
+        """Validation forward passes saved so far (negative if lazy evaluation cost more)."""
+        return self.population_total - self.evaluated_total
+
+    @property
+    def needs_weights(self) -> bool:
+        """True while the incumbent is known only on a prefix: the driver must keep its
+        weights to evaluate it on later batches."""
+        return self.incumbent is not None and self.known < self.incumbent.size
+
+    @property
+    def improves_early(self) -> bool:
+        """Whether this fit may decide "improved" before the full set."""
+        ceiling = self.upper if self.mode == "min" else self.lower
+        return (
+            self.enabled
+            and self.incumbent_mode == "weights"
+            and self.early_improved
+            and ceiling is not None
+        )
 
     @property
     def decision(self) -> Decision:
@@ -467,13 +661,107 @@ class AdaptiveValidator:
     def should_stop(self) -> bool:
         """True once the rest of this run cannot change its decision."""
         test = self._test
-        return test is not None and test.decision is Decision.NOT_IMPROVED and test.n < test.N
+        return test is not None and test.decision is not Decision.UNDECIDED and test.n < test.N
+
+    # -- one run ---------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start a validation run."""
+        self._values = []
+        self._n = 0
+        self._incumbent_run = 0
+        self._running = True
+        self._test = None
+        inc = self.incumbent
+        if not self.enabled or self.problem is not None or inc is None:
+            return
+        if not bool(np.all(np.isfinite(inc[: self.known]))):
+            return
+        early: Literal["not_improved", "both"] = "both" if self.improves_early else "not_improved"
+        try:
+            test = PairedComparison(
+                inc,
+                alpha_spending(self.alpha, self.comparisons + 1),
+                mode=self.mode,
+                lower=self.lower,
+                upper=self.upper,
+                early=early,
+                known=self.known,
+                improve_by=self._improve_by(),
+            )
+        except ValueError:  # e.g. resumed with bounds the incumbent violates
+            low = -math.inf if self.lower is None else self.lower
+            high = math.inf if self.upper is None else self.upper
+            head = inc[: self.known]
+            bad = head[(head < low) | (head > high)]
+            self._set_problem(float(bad[0]) if bad.size else math.nan)
+            return
+        self.comparisons += 1
+        self._test = test
+
+    def _improve_by(self) -> float:
+        """The improvement over the incumbent that EarlyStopping counts as one (>= 0)."""
+        if self.min_delta == 0 or self.es_value is None or self.incumbent_value is None:
+            return self.min_delta  # EarlyStopping's best is the incumbent
+        gap = self.sign * (self.es_value - self.incumbent_value)  # >= 0: the incumbent is better
+        return max(0.0, self.min_delta - gap)
+
+    def incumbent_missing(self, size: int) -> int:
+        """How many of the incumbent's values at the next ``size`` positions are not known:
+        if not 0, call :meth:`extend_incumbent` with the incumbent's values on that batch
+        before :meth:`observe`."""
+        inc = self.incumbent
+        if inc is None or self.known >= inc.size:
+            return 0
+        end = min(self._n + size, inc.size)
+        return max(0, end - max(self.known, self._n))
+
+    def extend_incumbent(self, values: Sequence[float] | npt.ArrayLike) -> None:
+        """The incumbent's values on the next batch (the positions :meth:`observe` gets next);
+        those already known are ignored. All of them count as evaluated."""
+        if not self._running:
+            raise RuntimeError("extend_incumbent() outside a run: call begin() first")
+        batch = np.asarray(values, dtype=np.float64).ravel()
+        inc = self.incumbent
+        if inc is None:
+            raise RuntimeError("extend_incumbent() without an incumbent")
+        self._incumbent_run += batch.size
+        skip = self.known - self._n
+        if skip < 0:
+            raise ValueError(
+                f"incumbent values known up to {self.known}, the batch starts at {self._n}"
+            )
+        new = batch[skip:][: inc.size - self.known]
+        if new.size == 0:
+            return
+        inc[self.known : self.known + new.size] = new
+        self.known += new.size
+        if self._test is not None:
+            self._test.extend_incumbent(new)
+            if self._test.out_of_bounds is not None and self.problem is None:
+                self._set_problem(self._test.out_of_bounds)
+        else:
+            self._check_bounds(new)
+        if not np.all(np.isfinite(new)) and self.problem is None:
+            self.problem = (
+                "the incumbent, evaluated lazily from its kept weights, produced a non-finite "
+                "value: the early 'improved' decision that made it the incumbent rested on "
+                "finite values (an assumption of the guarantee). Every later validation run "
+                "is a full pass."
+            )
+        if self.known == inc.size:
+            self.incumbent_value = self._round(float(np.mean(inc)))
 
     def observe(self, values: Sequence[float] | npt.ArrayLike) -> Decision:
         """Add one batch of per-example values (in visiting order)."""
         if not self._running:
             raise RuntimeError("observe() outside a run: call begin() first")
         batch = np.asarray(values, dtype=np.float64).ravel()
+        if self.incumbent_missing(batch.size):
+            raise ValueError(
+                "the incumbent's values on this batch are not known: call extend_incumbent() "
+                "with them first (incumbent_missing() > 0)"
+            )
         self._values.append(batch)
         self._n += batch.size
         test = self._test
@@ -500,48 +788,137 @@ class AdaptiveValidator:
         population = self.population if self.population is not None else values.size
         k = self.comparisons if test is not None else 0
         alpha_k = test.alpha if test is not None else 0.0
+        lazy = self._incumbent_run
         if values.size == 0:
             raise ValueError("the validation run produced no per-example values")
-        self.evaluated_total += values.size
+        self.evaluated_total += values.size + lazy
+        self.population_total += population
         if test is not None and test.n < test.N:
-            if test.decision is not Decision.NOT_IMPROVED:
+            if test.decision is Decision.UNDECIDED:
                 raise ValueError(
                     f"the validation run ended after {test.n} of {test.N} examples without a "
                     "decision: the validation set changed size (or limit_val_batches changed)"
                 )
-            self.skipped_total += test.N - test.n
-            value = self._past_best(test.estimate())
-            return Outcome(value, False, False, Decision.NOT_IMPROVED, test.n, test.N, k, alpha_k)
+            early = test.decision
+            cls: _Class = "improved_by_delta" if early is Decision.IMPROVED else "not"
+            value, _ = self._place(test.estimate(), cls, early=True)
+            if early is Decision.IMPROVED:
+                inc = np.full(test.N, np.nan)
+                inc[: test.n] = test.values
+                self._new_incumbent(inc, test.n, None, cls)
+            self._track(value)
+            return Outcome(
+                value, False, early is Decision.IMPROVED, early, test.n, test.N, k, alpha_k, lazy
+            )
         if self.population is not None and values.size != self.population:
             raise ValueError(
                 f"the validation run had {values.size} examples, the incumbent's {self.population}:"
                 " the validation set changed size"
             )
-        value = self._round(float(np.mean(values)))
-        improved = value < self.best if self.mode == "min" else value > self.best
-        if improved:
+        if self.needs_weights:
+            raise ValueError(
+                "the run covered the full set but the incumbent's values were not completed: "
+                "call extend_incumbent() whenever incumbent_missing() > 0"
+            )
+        mean = self._round(float(np.mean(values)))
+        cls = self._classify(mean)
+        value, consistent = self._place(mean, cls, early=False)
+        if not consistent:
+            self.problem = self.problem or (
+                "no loggable value orders like the exact mean against both ModelCheckpoint's "
+                "and EarlyStopping's best (a float rounding corner of min_delta); the value "
+                "logged keeps ModelCheckpoint's decision"
+            )
+        if cls != "not":
+            self._new_incumbent(values.copy(), values.size, mean, cls)
+        self._track(value)
+        exact = value == mean or (math.isnan(value) and math.isnan(mean))
+        decision = Decision.NOT_IMPROVED if cls == "not" else Decision.IMPROVED
+        return Outcome(
+            value, exact, cls != "not", decision, values.size, population, k, alpha_k, lazy
+        )
+
+    # -- what is logged --------------------------------------------------------------------
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.mode == "min" else a > b
+
+    def _es_improves(self, value: float, best: float) -> bool:
+        """EarlyStopping's test, in the logged dtype: ``monitor_op(value - min_delta, best)``
+        with ``min_delta`` signed as EarlyStopping stores it."""
+        if self.precision == "float32":
+            x = float(np.float32(value) + np.float32(self.sign * self.min_delta))
+        else:
+            x = value + self.sign * self.min_delta
+        return self._better(x, best)
+
+    def _classify(self, mean: float) -> _Class:
+        """The full-validation answers for an exact (logged-dtype) mean."""
+        incumbent = self.incumbent_value
+        if incumbent is None:  # no incumbent yet
+            incumbent = math.inf if self.mode == "min" else -math.inf
+        if not self._better(mean, incumbent):
+            return "not"
+        es_value = self.es_value if self.es_value is not None else incumbent
+        return "improved_by_delta" if self._es_improves(mean, es_value) else "improved"
+
+    def _place(self, estimate: float, cls: _Class, *, early: bool) -> tuple[float, bool]:
+        """``estimate`` (rounded) moved, if needed, into the set of values that give the
+        answers ``cls`` against the best logged values; and whether that set is non-empty."""
+        value = self._round(estimate)
+        if math.isnan(value):
+            return value, cls == "not"
+        dtype: type[np.floating[Any]] = np.float32 if self.precision == "float32" else np.float64
+        best, es_best = self.best, self.es_best
+        constraints: list[tuple[Callable[[float], bool], bool]] = []
+        if cls == "not":
+            constraints.append((lambda u: self._better(u, best), False))
+            if early:  # strictly worse than the best: no tie for any threshold >= 0
+                constraints.append((lambda u: self._better(best, u), True))
+        else:
+            constraints.append((lambda u: self._better(u, best), True))
+        if self.min_delta > 0:
+            want = cls == "improved_by_delta"
+            constraints.append((lambda u: self._es_improves(u, es_best), want))
+        lo, hi = _float_key(-math.inf, dtype), _float_key(math.inf, dtype)
+        for predicate, want in constraints:
+            line = _half_line(predicate, want, dtype)
+            if line is None:
+                lo, hi = 1, 0
+                break
+            lo, hi = max(lo, line[0]), min(hi, line[1])
+        if lo > hi:  # keep ModelCheckpoint's decision (the first constraint) at least
+            line = _half_line(constraints[0][0], constraints[0][1], dtype)
+            assert line is not None
+            lo, hi = line
+            key = min(max(_float_key(value, dtype), lo), hi)
+            return _from_key(key, dtype), False
+        key = min(max(_float_key(value, dtype), lo), hi)
+        return (value if key == _float_key(value, dtype) else _from_key(key, dtype)), True
+
+    def _track(self, value: float) -> None:
+        """Replay ModelCheckpoint's and EarlyStopping's bests on the logged value."""
+        if self._better(value, self.best):
             self.best = value
-            self.incumbent = values.copy()
-        decision = Decision.IMPROVED if improved else Decision.NOT_IMPROVED
-        return Outcome(value, True, improved, decision, values.size, population, k, alpha_k)
+        if self._es_improves(value, self.es_best):
+            self.es_best = value
+
+    def _new_incumbent(
+        self, values: FloatArray, known: int, mean: float | None, cls: _Class
+    ) -> None:
+        if cls == "improved" and self.es_value is None:
+            self.es_value = self.incumbent_value  # EarlyStopping's best stays the old incumbent
+        elif cls == "improved_by_delta":
+            self.es_value = None
+        self.incumbent = values
+        self.known = known
+        self.incumbent_value = mean
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _round(self, value: float) -> float:
         """``value`` as the logger keeps it (``precision``); rounding is monotone."""
         return float(np.float32(value)) if self.precision == "float32" else float(value)
-
-    def _past_best(self, estimate: float) -> float:
-        """``estimate`` moved strictly past ``best`` on the worse side, if it is not already."""
-        worse = math.inf if self.mode == "min" else -math.inf
-        if self.precision == "float32":
-            step = float(np.nextafter(np.float32(self.best), np.float32(worse)))
-        else:
-            step = float(np.nextafter(self.best, worse))
-        value = self._round(estimate)
-        if self.mode == "min":
-            return max(value, step)
-        return min(value, step)
 
     def _check_bounds(self, batch: FloatArray) -> None:
         if self.problem is not None or batch.size == 0:
@@ -564,36 +941,67 @@ class AdaptiveValidator:
     # -- persistence -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: the incumbent's values, the best value, counters."""
+        """Everything needed to resume (the incumbent's weights are the driver's): the
+        incumbent's values (NaN where unknown), the best values, counters."""
         return {
-            "version": 1,
+            "version": 2,
             "mode": self.mode,
             "alpha": self.alpha,
             "lower": self.lower,
             "upper": self.upper,
             "precision": self.precision,
+            "incumbent_mode": self.incumbent_mode,
+            "min_delta": self.min_delta,
             "best": self.best,
+            "es_best": self.es_best,
             "incumbent": None if self.incumbent is None else self.incumbent.copy(),
+            "known": self.known,
+            "incumbent_value": self.incumbent_value,
+            "es_value": self.es_value,
             "comparisons": self.comparisons,
             "evaluated_total": self.evaluated_total,
-            "skipped_total": self.skipped_total,
+            "population_total": self.population_total,
             "problem": self.problem,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("version") != 1:
-            raise ValueError(f"unknown AdaptiveValidator state version {state.get('version')!r}")
+        version = state.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"unknown AdaptiveValidator state version {version!r}")
         if state["mode"] != self.mode:
             raise ValueError(
                 f"the checkpoint was written with mode={state['mode']!r}, this run has "
                 f"mode={self.mode!r}"
             )
         incumbent = state["incumbent"]
-        self.best = float(state["best"])
         self.incumbent = None if incumbent is None else np.asarray(incumbent, np.float64).copy()
+        self.best = float(state["best"])
         self.comparisons = int(state["comparisons"])
         self.evaluated_total = int(state["evaluated_total"])
-        self.skipped_total = int(state["skipped_total"])
         self.problem = state["problem"]
+        size = 0 if self.incumbent is None else self.incumbent.size
+        if version == 1:  # values mode: complete incumbent, logged values all exact
+            self.known = size
+            self.incumbent_value = None if self.incumbent is None else self.best
+            self.es_best = self.best  # exact when min_delta == 0; else see below
+            self.es_value = None
+            self.population_total = self.evaluated_total + int(state["skipped_total"])
+            if self.min_delta > 0:  # EarlyStopping's best was not recorded: no early improved
+                self.early_improved = False
+        else:
+            self.known = int(state["known"])
+            value = state["incumbent_value"]
+            self.incumbent_value = None if value is None else float(value)
+            self.es_best = float(state["es_best"])
+            es_value = state["es_value"]
+            self.es_value = None if es_value is None else float(es_value)
+            self.population_total = int(state["population_total"])
+            if float(state["min_delta"]) != self.min_delta:
+                raise ValueError(
+                    f"the checkpoint was written with EarlyStopping min_delta="
+                    f"{state['min_delta']}, this run has {self.min_delta}"
+                )
+        if self.known > size:
+            raise ValueError(f"state has {self.known} known values of {size}")
         self._test = None
         self._running = False
