@@ -623,6 +623,7 @@ class AdaptiveValidator:
         self._n = 0
         self._incumbent_run = 0
         self._running = False
+        self._es_tracked = True
 
     # -- state queries ---------------------------------------------------------------------
 
@@ -650,6 +651,7 @@ class AdaptiveValidator:
             self.enabled
             and self.incumbent_mode == "weights"
             and self.early_improved
+            and self._es_tracked
             and ceiling is not None
         )
 
@@ -986,8 +988,8 @@ class AdaptiveValidator:
             self.es_best = self.best  # exact when min_delta == 0; else see below
             self.es_value = None
             self.population_total = self.evaluated_total + int(state["skipped_total"])
-            if self.min_delta > 0:  # EarlyStopping's best was not recorded: no early improved
-                self.early_improved = False
+            # EarlyStopping's best was not recorded: without it no early "improved"
+            self._es_tracked = self.min_delta == 0
         else:
             self.known = int(state["known"])
             value = state["incumbent_value"]

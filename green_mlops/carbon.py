@@ -13,7 +13,6 @@ sum of the two parts (a property test checks it).
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -23,8 +22,7 @@ from dataclasses import dataclass
 from green_mlops.config import Settings
 from green_mlops.intensity import IntensityProvider, IntensitySeries, IntensityUnavailable
 from green_mlops.location import UNKNOWN, Location, parse_location
-
-log = logging.getLogger("green_mlops")
+from green_mlops.log import log, warn_once
 
 __all__ = ["CarbonAccountant", "CarbonResult", "account"]
 
@@ -243,25 +241,16 @@ def providers_from_plugins(settings: Settings) -> list[IntensityProvider]:
     return chosen
 
 
-_warned: set[str] = set()
-
-
 def _warn_once_missing(name: str, available: list[str]) -> None:
-    if name not in _warned:
-        _warned.add(name)
-        log.warning(
-            "green-mlops: intensity provider %r is not installed (GREEN_MLOPS_INTENSITY_PROVIDERS);"
-            " available: %s",
-            name,
-            ", ".join(available) or "none",
-        )
+    warn_once(
+        f"intensity provider {name!r} is not installed (GREEN_MLOPS_INTENSITY_PROVIDERS); "
+        f"available: {', '.join(available) or 'none'}"
+    )
 
 
 def _warn_unknown_location() -> None:
-    if "location" not in _warned:
-        _warned.add("location")
-        log.warning(
-            "green-mlops: location unknown, so carbon uses the WORLD AVERAGE grid intensity. "
-            "Set GREEN_MLOPS_LOCATION to a country (DE), an Electricity Maps zone (US-CAL-CISO) "
-            "or a cloud region (aws:eu-west-1)."
-        )
+    warn_once(
+        "location unknown, so carbon uses the WORLD AVERAGE grid intensity. "
+        "Set GREEN_MLOPS_LOCATION to a country (DE), an Electricity Maps zone (US-CAL-CISO) "
+        "or a cloud region (aws:eu-west-1)."
+    )

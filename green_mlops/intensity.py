@@ -15,9 +15,11 @@ records why.
 from __future__ import annotations
 
 import abc
+import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from green_mlops.location import Location
 
@@ -26,6 +28,9 @@ __all__ = [
     "IntensityProvider",
     "IntensitySeries",
     "IntensityUnavailable",
+    "day_blocks",
+    "merge_forecast",
+    "parse_time",
 ]
 
 #: "all time", for yearly tables and user constants.
@@ -113,3 +118,65 @@ def sorted_points(points: Sequence[IntensityPoint]) -> tuple[IntensityPoint, ...
             p = IntensityPoint(out[-1].end, p.end, p.g_per_kwh)
         out.append(p)
     return tuple(out)
+
+
+# --- helpers for API providers ---------------------------------------------------------------
+
+HOUR = 3600.0
+DAY = 86400.0
+
+
+def parse_time(text: object) -> float:
+    """Unix seconds of an ISO 8601 time; 'Z' is UTC, and so is a time without an offset (the
+    APIs document their times as UTC). Raises TypeError/ValueError for anything else."""
+    if not isinstance(text, str):
+        raise TypeError
+    text = text.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def day_blocks(
+    start: float, stop: float, now: float, *, provider: str, max_days: int
+) -> list[tuple[float, float]]:
+    """Whole UTC days covering ``[start, stop)``; the day of ``now`` ends at the next full hour,
+    so requests are the same for every run in that hour (and hit the cache).
+
+    Unix time has no DST: a UTC day is always 86400 s, also on the days clocks change.
+    """
+    day = math.floor(start / DAY) * DAY
+    open_end = math.ceil(now / HOUR) * HOUR
+    if (stop - day) / DAY > max_days:
+        raise IntensityUnavailable(f"{provider}: range longer than {max_days} days")
+    blocks = []
+    while day < stop:
+        blocks.append((day, min(day + DAY, open_end)))
+        day += DAY
+    return blocks
+
+
+def merge_forecast(
+    measured: Iterable[IntensityPoint], forecast: Iterable[IntensityPoint], start: float, end: float
+) -> tuple[tuple[IntensityPoint, ...], bool]:
+    """Measured points, forecasts only where no measurement exists, limited to ``[start, end)``;
+    and whether any forecast is in that range."""
+    base = sorted_points(list(measured))
+    ends = [p.end for p in base]
+    gaps: list[IntensityPoint] = []
+    for p in sorted_points(list(forecast)):
+        cursor = p.start
+        i = bisect.bisect_right(ends, cursor)
+        while i < len(base) and base[i].start < p.end and cursor < p.end:
+            if base[i].start > cursor:
+                gaps.append(IntensityPoint(cursor, base[i].start, p.g_per_kwh))
+            cursor = max(cursor, base[i].end)
+            i += 1
+        if cursor < p.end:
+            gaps.append(IntensityPoint(cursor, p.end, p.g_per_kwh))
+    inside = [p for p in (*base, *gaps) if p.end > start and p.start < end]
+    estimated = any(p.end > start and p.start < end for p in gaps)
+    return sorted_points(inside), estimated

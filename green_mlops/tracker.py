@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import os
 import threading
 import time
@@ -32,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from green_mlops.config import Settings
+from green_mlops.log import log, warn_once
 from green_mlops.meters import Component, Device, DeviceError, Meter, MeterUnavailable
 from green_mlops.snapshot import (
     OTHER_PHASE,
@@ -41,21 +41,9 @@ from green_mlops.snapshot import (
     TimelinePoint,
 )
 
-log = logging.getLogger("green_mlops")
-
 __all__ = ["Tracker", "offers_from_plugins", "select_meters"]
 
 _MAX_TIMELINE = 4096
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
-
-
-def _warn_once(message: str) -> None:
-    with _warned_lock:
-        if message in _warned:
-            return
-        _warned.add(message)
-    log.warning("green-mlops: %s", message)
 
 
 def select_meters(
@@ -157,7 +145,7 @@ class Tracker:
         self._meters, self._superseded, self._unavailable = select_meters(offers)
         for item in self._unavailable:
             if not item.quiet:
-                _warn_once(item.describe())
+                warn_once(item.describe())
         started: list[Meter] = []
         for meter in self._meters:
             try:
@@ -398,7 +386,7 @@ class Tracker:
     def _problem(self, message: str) -> None:
         if message not in self._problems:
             self._problems[message] = None
-            _warn_once(message)
+            warn_once(message)
 
     def _empty(self, problem: str) -> Snapshot:
         return Snapshot(

@@ -22,10 +22,9 @@ with neither value is a gap that the next provider fills.
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +35,9 @@ from green_mlops.intensity import (
     IntensityProvider,
     IntensitySeries,
     IntensityUnavailable,
-    sorted_points,
+    day_blocks,
+    merge_forecast,
+    parse_time,
 )
 from green_mlops.location import Location
 
@@ -96,7 +97,7 @@ class UkCarbonIntensityProvider(IntensityProvider):
         ]
         stop = min(end, now)
         if start < stop:
-            for a, b in _day_blocks(start, stop, now):
+            for a, b in day_blocks(start, stop, now, provider=self.name, max_days=MAX_DAYS):
                 got, predicted, bad, name = self._fetch(f"{_fmt(a)}/{_fmt(b)}", postcode)
                 measured += got
                 forecast += predicted
@@ -119,7 +120,7 @@ class UkCarbonIntensityProvider(IntensityProvider):
                 notes.append(
                     f"forecast covers {FORECAST_H} h; the rest of the range is not covered"
                 )
-        points, estimated = _merge(measured, forecast, start, end)
+        points, estimated = merge_forecast(measured, forecast, start, end)
         if skipped:
             notes.append(f"{skipped} half-hours without a usable value skipped")
         if estimated:
@@ -195,7 +196,7 @@ def _parse_rows(rows: list[Any]) -> tuple[list[IntensityPoint], list[IntensityPo
     skipped = 0
     for row in rows:
         try:
-            t0, t1 = _parse_time(row["from"]), _parse_time(row["to"])
+            t0, t1 = parse_time(row["from"]), parse_time(row["to"])
             intensity = row["intensity"]
             actual, predicted = intensity.get("actual"), intensity.get("forecast")
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -224,63 +225,9 @@ def _usable(value: object) -> bool:
 # -- time ----------------------------------------------------------------------------------
 
 
-def _parse_time(text: object) -> float:
-    """Unix seconds of an ISO 8601 time; 'Z' is UTC, and so is a time without an offset (the
-    API documents all times as UTC)."""
-    if not isinstance(text, str):
-        raise TypeError
-    text = text.strip()
-    if text[-1:] in ("Z", "z"):
-        text = text[:-1] + "+00:00"
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
-
-
 def _fmt(seconds: float) -> str:
     """The API's time format, in UTC: ``2026-03-29T01:30Z``."""
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-
-
-def _day_blocks(start: float, stop: float, now: float) -> list[tuple[float, float]]:
-    """Whole UTC days covering ``[start, stop)``; the day of ``now`` ends at the next full hour.
-
-    Unix time has no DST: a UTC day is 86400 s and 48 half-hours, also on the days the UK
-    clocks change.
-    """
-    day = math.floor(start / DAY) * DAY
-    open_end = math.ceil(now / HOUR) * HOUR
-    if (stop - day) / DAY > MAX_DAYS:
-        raise IntensityUnavailable(f"uk: range longer than {MAX_DAYS} days")
-    blocks = []
-    while day < stop:
-        blocks.append((day, min(day + DAY, open_end)))
-        day += DAY
-    return blocks
-
-
-def _merge(
-    measured: Iterable[IntensityPoint], forecast: Iterable[IntensityPoint], start: float, end: float
-) -> tuple[tuple[IntensityPoint, ...], bool]:
-    """Measured points, forecasts only where no measurement exists, limited to ``[start, end)``;
-    and whether any forecast is in that range."""
-    base = sorted_points(list(measured))
-    ends = [p.end for p in base]
-    gaps: list[IntensityPoint] = []
-    for p in sorted_points(list(forecast)):
-        cursor = p.start
-        i = bisect.bisect_right(ends, cursor)
-        while i < len(base) and base[i].start < p.end and cursor < p.end:
-            if base[i].start > cursor:
-                gaps.append(IntensityPoint(cursor, base[i].start, p.g_per_kwh))
-            cursor = max(cursor, base[i].end)
-            i += 1
-        if cursor < p.end:
-            gaps.append(IntensityPoint(cursor, p.end, p.g_per_kwh))
-    inside = [p for p in (*base, *gaps) if p.end > start and p.start < end]
-    estimated = any(p.end > start and p.start < end for p in gaps)
-    return sorted_points(inside), estimated
 
 
 @hookimpl

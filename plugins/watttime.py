@@ -36,12 +36,11 @@ error bar); forecasts are flagged ``estimated``.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +51,9 @@ from green_mlops.intensity import (
     IntensityProvider,
     IntensitySeries,
     IntensityUnavailable,
-    sorted_points,
+    day_blocks,
+    merge_forecast,
+    parse_time,
 )
 from green_mlops.location import Location
 
@@ -258,7 +259,7 @@ class WattTimeProvider(IntensityProvider):
         models: set[str] = set()
         stop = min(end, now)
         if start < stop:
-            for a, b in _day_blocks(start, stop, now):
+            for a, b in day_blocks(start, stop, now, provider=self.name, max_days=MAX_DAYS):
                 params = {"region": region, "start": _iso(a), "end": _iso(b), "signal_type": SIGNAL}
                 data = self._get("/v3/historical", params, region)
                 got, bad = _parse_moer(data, "historical", models)
@@ -285,7 +286,7 @@ class WattTimeProvider(IntensityProvider):
             notes.append(f"{skipped} malformed data points skipped")
         if models:
             notes.append("WattTime model " + ", ".join(sorted(models)))
-        points, estimated = _merge(measured, forecast, start, end)
+        points, estimated = merge_forecast(measured, forecast, start, end)
         if not points:
             between = f"between {_iso(start)} and {_iso(end)}"
             raise IntensityUnavailable(
@@ -399,7 +400,7 @@ def _parse_moer(data: Any, what: str, models: set[str]) -> tuple[list[IntensityP
     skipped = 0
     for row in rows:
         try:
-            values.append((_parse_time(row["point_time"]), _number(row["value"])))
+            values.append((parse_time(row["point_time"]), _number(row["value"])))
         except (KeyError, TypeError, ValueError):
             skipped += 1
     period = _period(meta.get("data_point_period_seconds"), [t for t, _ in values], what)
@@ -433,60 +434,8 @@ def _number(value: object, *, positive: bool = False) -> float:
 # -- time ----------------------------------------------------------------------------------
 
 
-def _parse_time(text: object) -> float:
-    """Unix seconds of an ISO 8601 time; 'Z' is UTC, and so is a time without an offset."""
-    if not isinstance(text, str):
-        raise TypeError
-    text = text.strip()
-    if text[-1:] in ("Z", "z"):
-        text = text[:-1] + "+00:00"
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
-
-
 def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _day_blocks(start: float, stop: float, now: float) -> list[tuple[float, float]]:
-    """Whole UTC days covering ``[start, stop)``; the day of ``now`` ends at the next full hour.
-
-    Unix time has no leap seconds and no DST, so a UTC day is always 86400 s.
-    """
-    day = math.floor(start / DAY) * DAY
-    open_end = math.ceil(now / HOUR) * HOUR
-    if (stop - day) / DAY > MAX_DAYS:
-        raise IntensityUnavailable(f"watttime: range longer than {MAX_DAYS} days")
-    blocks = []
-    while day < stop:
-        blocks.append((day, min(day + DAY, open_end)))
-        day += DAY
-    return blocks
-
-
-def _merge(
-    measured: Iterable[IntensityPoint], forecast: Iterable[IntensityPoint], start: float, end: float
-) -> tuple[tuple[IntensityPoint, ...], bool]:
-    """Measured points, forecasts only where no measurement exists, limited to ``[start, end)``;
-    and whether any forecast is in that range."""
-    base = sorted_points(list(measured))
-    ends = [p.end for p in base]
-    gaps: list[IntensityPoint] = []
-    for p in sorted_points(list(forecast)):
-        cursor = p.start
-        i = bisect.bisect_right(ends, cursor)
-        while i < len(base) and base[i].start < p.end and cursor < p.end:
-            if base[i].start > cursor:
-                gaps.append(IntensityPoint(cursor, base[i].start, p.g_per_kwh))
-            cursor = max(cursor, base[i].end)
-            i += 1
-        if cursor < p.end:
-            gaps.append(IntensityPoint(cursor, p.end, p.g_per_kwh))
-    inside = [p for p in (*base, *gaps) if p.end > start and p.start < end]
-    estimated = any(p.end > start and p.start < end for p in gaps)
-    return sorted_points(inside), estimated
 
 
 @hookimpl

@@ -7,8 +7,10 @@ This module connects them to Lightning; see :class:`AdaptiveValidation`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import (
@@ -43,6 +46,7 @@ FRACTION_KEY = "green/validation/fraction_evaluated"
 EXAMPLES_KEY = "green/validation/examples_evaluated"
 EXACT_KEY = "green/validation/exact"
 TOTAL_FRACTION_KEY = "green/validation/fraction_evaluated_total"
+INCUMBENT_KEY = "green/validation/incumbent_examples_evaluated"
 SAVED_KEY = "green/validation/saved_kwh_estimate"
 
 
@@ -75,13 +79,14 @@ class AdaptiveValidation(Callback):
 
     Each validation run during ``fit`` compares the current model (the candidate) with the
     best run so far (the incumbent), example by example, on the same validation examples in
-    the same fixed random order. The run stops as soon as "not improved" is certain (with the
-    error budget ``alpha`` for the whole fit); an undecided or improving run is completed.
-    The callback logs ``monitor`` itself: the exact mean of the per-example values after a
-    full run, and after an early stop an estimate that is certainly worse than the best, so
-    that stock ``EarlyStopping`` and ``ModelCheckpoint`` pick the same best epoch and stop at
-    the same epoch as with full validation (with probability at least ``1 - alpha``; proof
-    and assumptions in :mod:`green_mlops.adaptive`).
+    the same fixed random order, and stops as soon as the answer is certain (with the error
+    budget ``alpha`` for the whole fit): "not improved", or, with ``incumbent="weights"``
+    and a bounded per-example value, "improved". An undecided run is completed. The callback
+    logs ``monitor`` itself: the exact mean of the per-example values where it can, and after
+    an early stop a value on the decided side of the best logged value, so that stock
+    ``EarlyStopping`` and ``ModelCheckpoint`` pick the same best epoch and stop at the same
+    epoch as with full validation (with probability at least ``1 - alpha``; proof and
+    assumptions in :mod:`green_mlops.adaptive`).
 
     Example (a CPU fit of 10-20 s)::
 
@@ -103,7 +108,8 @@ class AdaptiveValidation(Callback):
 
             def validation_step(self, batch, batch_idx):
                 x, y = batch                       # do not log "val_loss": the callback does
-                return {"per_example_loss": F.cross_entropy(self.net(x), y, reduction="none")}
+                loss = F.cross_entropy(self.net(x), y, reduction="none")
+                return {"per_example_loss": loss.clamp(max=5.0)}  # bounded: see upper=
 
             def configure_optimizers(self):
                 return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -114,19 +120,37 @@ class AdaptiveValidation(Callback):
         val = DataLoader(AdaptiveValidation.permute_once(TensorDataset(x[1000:], y[1000:])),
                          batch_size=100)
         trainer = Trainer(max_epochs=20, callbacks=[
-            AdaptiveValidation(monitor="val_loss", mode="min"),
+            AdaptiveValidation(monitor="val_loss", mode="min", upper=5.0),
             EarlyStopping(monitor="val_loss", mode="min", patience=3),
             ModelCheckpoint(monitor="val_loss", mode="min", save_top_k=1),
         ])
         trainer.fit(Model(), train, val)
 
-    What it saves: only runs that end "not improved" stop early, and only when the gap to the
-    best is clear; near-ties and improving runs are evaluated in full (an improving run
-    becomes the incumbent, whose every value the next comparisons need). The share of
-    validation forward passes saved is therefore at most the share of non-improving runs, and
-    in ``benchmarks/results/adaptive_validation.md`` it was 0.2-14 % (more with larger
-    validation sets and noisier training curves), with decisions identical to full validation
-    in every seed.
+    Two incumbent modes:
+
+    * ``incumbent="weights"`` (default): an improving run also stops as soon as the
+      improvement (by more than ``EarlyStopping``'s ``min_delta``) is certain. The candidate
+      becomes the incumbent with its values known on the evaluated prefix only, and the
+      callback keeps a copy of its weights (``state_dict``, on the CPU or, with
+      ``incumbent_device="module"``, on the module's device). When a later run gets beyond
+      that prefix, the callback evaluates the incumbent on the same batches: a shadow copy of
+      the LightningModule (``copy.deepcopy``, detached from the trainer, in eval mode, under
+      ``no_grad``, the trainer's precision context and a forked RNG) loaded with the kept
+      weights runs ``validation_step``. The training model, optimizer, RNG streams and
+      BatchNorm statistics are not touched. Those forward passes count as validation cost
+      (``green/validation/incumbent_examples_evaluated`` and the fractions below). Early
+      "improved" needs a bound on the improving side: ``upper`` in ``mode="min"`` (clamp the
+      loss, e.g. ``loss.clamp(max=5.0)`` with ``upper=5.0``: a single unseen example with an
+      unbounded loss could undo any improvement), ``lower`` (default 0.0) in ``mode="max"``.
+      Without it, and when another callback compares the value with a threshold the callback
+      cannot track (``EarlyStopping(stopping_threshold=...)``, ``ReduceLROnPlateau`` with
+      ``threshold > 0``, several ``EarlyStopping`` with different ``min_delta``), the mode
+      runs like ``"values"`` and says why in ``early_improved_off``. Supported with one
+      device and DDP (every rank evaluates its shard of the batch; the values are gathered
+      like the candidate's); other strategies (FSDP, DeepSpeed) shard the weights: use
+      ``"values"`` there.
+    * ``incumbent="values"``: only "not improved" stops early; improving runs are completed,
+      and the incumbent's per-example values are all that is kept.
 
     The contract:
 
@@ -134,12 +158,12 @@ class AdaptiveValidation(Callback):
       shape ``[batch_size]``: the loss (``mode="min"``) or correctness (``mode="max"``) of
       each example, e.g. ``F.cross_entropy(logits, y, reduction="none")``. The monitored
       metric is the mean of these values over the validation set. Do not log ``monitor``
-      yourself.
-    * Every value lies in ``[lower, upper]``. Only the bound on the worse side is used:
-      ``lower`` (default 0.0, right for any loss) in ``mode="min"``, ``upper`` (default 1.0,
-      right for correctness) in ``mode="max"``. A value outside the bounds switches the
-      callback to full validation for the rest of the fit, with a warning (decisions stay
-      exact). The bounds are checked, not estimated.
+      yourself. With ``incumbent="weights"`` ``validation_step`` also runs on the shadow copy,
+      which has no trainer: ``self.log`` there is ignored, ``self.trainer`` raises.
+    * Every value lies in ``[lower, upper]`` (default ``lower`` 0.0, right for any loss;
+      ``upper`` 1.0 in ``mode="max"``, none in ``mode="min"``). A value outside the bounds
+      switches the callback to full validation for the rest of the fit, with a warning. The
+      bounds are checked on every value evaluated, and assumed for the others.
     * The validation loader yields the same examples in the same order every run, and that
       order is a random permutation fixed once: wrap the dataset with
       :meth:`permute_once` (``shuffle=False``), or pass ``trust_order=True`` if the data are
@@ -160,6 +184,13 @@ class AdaptiveValidation(Callback):
     listed in ``allow_monitors`` (keys that validation does not compute): a metric logged in
     ``validation_step`` covers only the examples evaluated.
 
+    What the logged ``monitor`` means (for charts): where ``green/validation/exact`` is 1 it
+    is the exact mean over the validation set. Where it is 0 it is an estimate (the paired
+    estimate from the evaluated prefix) moved, if needed, just past the best logged value on
+    the decided side (and past ``best - min_delta`` for an improvement): its side of the best
+    is certain, its size is not. Once an improving run was logged as an estimate, later exact
+    means may also be moved (flagged 0) to keep their order against it.
+
     Args:
         monitor: the metric key this callback logs.
         mode: ``"min"`` (lower is better) or ``"max"``.
@@ -168,25 +199,36 @@ class AdaptiveValidation(Callback):
         key: the key of the per-example values in ``validation_step``'s output.
         lower, upper: bounds on every per-example value (see above); ``upper="auto"`` is 1.0
             in ``mode="max"`` and unbounded in ``mode="min"``.
+        incumbent: ``"weights"`` or ``"values"`` (see above).
+        incumbent_device: where ``"weights"`` keeps the incumbent's copy: ``"cpu"`` or
+            ``"module"`` (the module's device: no host transfers, device memory instead).
         enabled: ``False`` always runs full validation, logging the same keys (the reference
             to compare against).
         trust_order: accept a validation dataset not wrapped in :class:`PermutedDataset`.
         allow_monitors: keys that other callbacks may monitor (not computed by validation).
         prog_bar: show ``monitor`` in the progress bar.
 
-    Logged at each validation run of ``fit``: ``monitor``; ``green/validation/fraction_evaluated``
-    and ``green/validation/examples_evaluated`` (this run); ``green/validation/exact`` (1 if
-    ``monitor`` is the exact full-set mean, 0 if it is the early-stop estimate);
+    Logged at each validation run of ``fit``: ``monitor``; ``green/validation/exact`` (1 if
+    ``monitor`` is the exact full-set mean, else 0); ``green/validation/examples_evaluated``
+    (validation forward passes of this run, candidate and incumbent) of which
+    ``green/validation/incumbent_examples_evaluated`` for the incumbent;
+    ``green/validation/fraction_evaluated`` (those per validation example: 1.0 is a full pass,
+    and it can exceed 1 when the incumbent was evaluated too);
     ``green/validation/fraction_evaluated_total`` (the fit so far); and, with
     ``EnergyMonitor`` among the callbacks, ``green/validation/saved_kwh_estimate``: the
-    validation energy per example evaluated so far times the examples skipped (an estimate:
-    it assumes energy proportional to examples, so fixed per-run costs inflate it slightly).
+    validation energy per forward pass so far times the passes saved (an estimate: it assumes
+    energy proportional to examples, so fixed per-run costs inflate it slightly).
     ``trainer.validate`` runs in full and logs only ``monitor``.
 
-    Costs: the incumbent's values, N float64 per process (40 kB for N = 5,000), kept in the
-    checkpoint (resuming restores them); per batch, a device-to-host copy of the batch's
-    values and, with several processes, one ``all_gather`` of them (every rank then decides
-    on the same numbers, identically).
+    Costs: the incumbent's values, N float64 per process (40 kB for N = 5,000); with
+    ``incumbent="weights"``, while the incumbent is known on a prefix only, a copy of the
+    model's ``state_dict`` per process (CPU by default), and, during a validation run that
+    evaluates the incumbent, a shadow copy of the LightningModule on its device. Both the
+    values and the weights are in the checkpoint (resuming restores them), which grows by the
+    size of the model's ``state_dict`` while the incumbent is partial. Per batch, a
+    device-to-host copy of the batch's values and, with several processes, one
+    ``all_gather`` of them (two when the incumbent is evaluated): every rank then decides on
+    the same numbers, identically.
     """
 
     def __init__(
@@ -198,6 +240,8 @@ class AdaptiveValidation(Callback):
         key: str = "per_example_loss",
         lower: float | None = 0.0,
         upper: float | Literal["auto"] | None = "auto",
+        incumbent: Literal["weights", "values"] = "weights",
+        incumbent_device: Literal["cpu", "module"] = "cpu",
         enabled: bool = True,
         trust_order: bool = False,
         allow_monitors: Collection[str] = (),
@@ -208,11 +252,20 @@ class AdaptiveValidation(Callback):
             raise MisconfigurationException(
                 f"AdaptiveValidation(mode={mode!r}): mode must be 'min' or 'max'"
             )
+        if incumbent_device not in ("cpu", "module"):
+            raise MisconfigurationException(
+                f"AdaptiveValidation(incumbent_device={incumbent_device!r}): use 'cpu' or 'module'"
+            )
         if upper == "auto":
             upper = 1.0 if mode == "max" else None
         try:
             self.validator = AdaptiveValidator(
-                mode=mode, alpha=alpha, lower=lower, upper=upper, enabled=enabled
+                mode=mode,
+                alpha=alpha,
+                lower=lower,
+                upper=upper,
+                enabled=enabled,
+                incumbent=incumbent,
             )
         except ValueError as exc:
             raise MisconfigurationException(f"AdaptiveValidation: {exc}") from exc
@@ -222,22 +275,29 @@ class AdaptiveValidation(Callback):
         self.key = key
         self.lower = lower
         self.upper = upper
+        self.incumbent = incumbent
+        self.incumbent_device = incumbent_device
         self.enabled = enabled
         self.trust_order = trust_order
         self.allow_monitors = frozenset(allow_monitors)
         self.prog_bar = prog_bar
         #: Estimated energy saved so far, kWh (with an EnergyMonitor).
         self.saved_kwh = 0.0
+        #: Why early "improved" is off in this fit (None when it is on).
+        self.early_improved_off: str | None = None
+        self._incumbent_weights: dict[str, torch.Tensor] | None = None
+        self._shadow: pl.LightningModule | None = None
         self._fitting_run = False
         self._eval_values: list[np.ndarray[Any, Any]] = []
         self._padded_seen = 0
         self._total: int | None = None
-        self._run_evaluated = 0
         self._session_evaluated = 0
         self._checked_loaders: set[int] = set()
         self._warned_problem = False
         self._last_value: float | None = None
         self._order: tuple[int, int] | None = None
+        self._min_deltas: set[float] = set()
+        self._off_reasons: list[str] = []
 
     @staticmethod
     def permute_once(dataset: Dataset[T], seed: int = 0) -> PermutedDataset[T]:
@@ -258,11 +318,58 @@ class AdaptiveValidation(Callback):
         many = not (
             isinstance(trainer.val_check_interval, float) and trainer.val_check_interval == 1.0
         )
+        self._min_deltas = set()
+        self._off_reasons = []
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, EarlyStopping):
                 self._check_early_stopping(callback, trainer, many)
             elif isinstance(callback, ModelCheckpoint):
                 self._check_checkpoint(callback, trainer, many)
+        if len(self._min_deltas) > 1:
+            self._off_reasons.append(
+                f"EarlyStopping callbacks with different min_delta {sorted(self._min_deltas)}"
+            )
+        self.validator.min_delta = max(self._min_deltas, default=0.0)
+        self._configure_early_improved(trainer, announce=False)
+
+    def _configure_early_improved(self, trainer: pl.Trainer, *, announce: bool) -> None:
+        """Decide (identically on every rank) whether this fit may stop improving runs."""
+        reasons = list(self._off_reasons)
+        if self.incumbent == "values":
+            reasons.insert(0, "incumbent='values'")
+        elif (self.upper if self.mode == "min" else self.lower) is None:
+            bound = "upper" if self.mode == "min" else "lower"
+            reasons.insert(
+                0,
+                f"no {bound}= bound on the improving side (an unseen example could undo any "
+                f"improvement; clamp the per-example value and pass {bound}=)",
+            )
+        elif not self.enabled:
+            reasons.insert(0, "enabled=False")
+        self.early_improved_off = "; ".join(reasons) or None
+        self.validator.early_improved = self.early_improved_off is None
+        if self.validator.improves_early and self.enabled:
+            strategy = trainer.strategy
+            if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
+                strategy, (SingleDeviceStrategy, DDPStrategy)
+            ):
+                raise MisconfigurationException(
+                    f"AdaptiveValidation(incumbent='weights') evaluates a copy of the whole "
+                    f"model, which {type(strategy).__name__} shards: pass "
+                    "AdaptiveValidation(incumbent='values') (only 'not improved' stops early)"
+                )
+        if (
+            announce
+            and self.incumbent == "weights"
+            and self.early_improved_off
+            and self.enabled
+            and trainer.is_global_zero
+        ):
+            log.info(
+                "AdaptiveValidation: improving runs are evaluated in full (as with "
+                "incumbent='values') because of: %s",
+                self.early_improved_off,
+            )
 
     def _other_monitor(self, what: str, monitor: str) -> None:
         if monitor != self.monitor and monitor not in self.allow_monitors:
@@ -288,6 +395,12 @@ class AdaptiveValidation(Callback):
         if min_delta < 0:
             raise MisconfigurationException(
                 f"{name} has min_delta={min_delta}: AdaptiveValidation supports min_delta >= 0"
+            )
+        self._min_deltas.add(float(min_delta))
+        if es.stopping_threshold is not None:
+            self._off_reasons.append(
+                f"{name} has stopping_threshold={es.stopping_threshold} (an estimate of an "
+                "improving run could sit on the other side of it)"
             )
         if es.divergence_threshold is not None:
             raise MisconfigurationException(
@@ -352,6 +465,12 @@ class AdaptiveValidation(Callback):
                     "cannot be negative (AdaptiveValidation(lower=0.0)); got "
                     f"threshold={threshold}, lower={self.lower}"
                 )
+            if threshold > 0:
+                self._off_reasons.append(
+                    f"{name} has threshold={threshold} (pass threshold=0 to let improving runs "
+                    "stop early)"
+                )
+        self._configure_early_improved(trainer, announce=True)
 
     def _check_loader(self, trainer: pl.Trainer) -> None:
         loaders = trainer.val_dataloaders
@@ -428,8 +547,8 @@ class AdaptiveValidation(Callback):
         if trainer.sanity_checking:
             return
         self._padded_seen = 0
-        self._run_evaluated = 0
         self._eval_values = []
+        self._shadow = None
         self._total = _dataset_length(trainer)
         self._fitting_run = trainer.state.fn == TrainerFn.FITTING
         if self._fitting_run:
@@ -460,12 +579,21 @@ class AdaptiveValidation(Callback):
         values = self._per_example(outputs)
         if trainer.sanity_checking:
             return
-        array = self._gather(trainer, values)
-        self._run_evaluated += array.size
+        start = self._padded_seen
+        array = self._gather(trainer, values, start)
+        self._padded_seen += values.numel() * max(1, trainer.world_size)
         if not self._fitting_run:
             self._eval_values.append(array)
             return
         try:
+            if self.validator.incumbent_missing(array.size):  # same answer on every rank
+                mine = self._incumbent_values(trainer, pl_module, batch, batch_idx)
+                if mine.shape != values.shape:
+                    raise MisconfigurationException(
+                        f"AdaptiveValidation: the incumbent's copy returned {tuple(mine.shape)} "
+                        f"values for a batch where the model returned {tuple(values.shape)}"
+                    )
+                self.validator.extend_incumbent(self._gather(trainer, mine, start))
             self.validator.observe(array)
         except ValueError as exc:
             raise MisconfigurationException(f"AdaptiveValidation: {exc}") from exc
@@ -476,6 +604,7 @@ class AdaptiveValidation(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self._shadow = None  # free its device memory before training resumes
         if not self._fitting_run:
             values = np.concatenate(self._eval_values) if self._eval_values else np.empty(0)
             self._eval_values = []
@@ -487,23 +616,36 @@ class AdaptiveValidation(Callback):
             outcome = self.validator.end()
         except ValueError as exc:
             raise MisconfigurationException(f"AdaptiveValidation: {exc}") from exc
-        self._session_evaluated += outcome.evaluated
+        if not self.validator.needs_weights:
+            self._incumbent_weights = None
+        elif outcome.improved:  # a new incumbent, known on a prefix: keep its weights
+            self._incumbent_weights = self._copy_weights(pl_module)
+        elif self._incumbent_weights is None:
+            raise MisconfigurationException(
+                "AdaptiveValidation: the incumbent's weights are missing (restored from a "
+                "checkpoint without them?)"
+            )
+        passes = outcome.evaluated + outcome.incumbent_evaluated
+        self._session_evaluated += passes
         self._last_value = outcome.value
         self._log(pl_module, self.monitor, outcome.value, prog_bar=self.prog_bar)
         self._log(pl_module, FRACTION_KEY, outcome.fraction_evaluated)
-        self._log(pl_module, EXAMPLES_KEY, float(outcome.evaluated))
+        self._log(pl_module, EXAMPLES_KEY, float(passes))
+        self._log(pl_module, INCUMBENT_KEY, float(outcome.incumbent_evaluated))
         self._log(pl_module, EXACT_KEY, 1.0 if outcome.exact else 0.0)
-        evaluated, skipped = self.validator.evaluated_total, self.validator.skipped_total
-        self._log(pl_module, TOTAL_FRACTION_KEY, evaluated / max(1, evaluated + skipped))
+        total = self.validator.evaluated_total / max(1, self.validator.population_total)
+        self._log(pl_module, TOTAL_FRACTION_KEY, total)
         saved = self._energy_saved(trainer, outcome)
         if saved is not None:
             self._log(pl_module, SAVED_KEY, saved)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "AdaptiveValidation: %s after %d/%d examples (comparison %d, alpha %.3g); %s=%r%s",
+                "AdaptiveValidation: %s after %d/%d examples (+%d of the incumbent; "
+                "comparison %d, alpha %.3g); %s=%r%s",
                 outcome.decision.value,
                 outcome.evaluated,
                 outcome.population,
+                outcome.incumbent_evaluated,
                 outcome.comparison,
                 outcome.alpha,
                 self.monitor,
@@ -555,8 +697,11 @@ class AdaptiveValidation(Callback):
             )
         return values.detach()
 
-    def _gather(self, trainer: pl.Trainer, values: torch.Tensor) -> np.ndarray[Any, Any]:
-        """This batch's values of every rank, in the global order, without sampler padding.
+    def _gather(
+        self, trainer: pl.Trainer, values: torch.Tensor, start: int
+    ) -> np.ndarray[Any, Any]:
+        """This batch's values of every rank, in the global order, without sampler padding
+        (``start``: the batch's first position in the padded global order).
 
         Lightning's ``DistributedSampler(shuffle=False)`` gives rank r the examples r, r + W,
         r + 2W, ... (padded at the end with the first examples so that all ranks have as many);
@@ -566,11 +711,53 @@ class AdaptiveValidation(Callback):
             gathered = trainer.strategy.all_gather(values)  # [W, B]
             values = gathered.transpose(0, 1).reshape(-1)
         array = values.to(torch.float64).cpu().numpy()
-        start = self._padded_seen
-        self._padded_seen += array.size
-        if self._total is not None and self._padded_seen > self._total:
+        if self._total is not None and start + array.size > self._total:
             array = array[: max(0, self._total - start)]
         return array
+
+    # -- the incumbent's weights -----------------------------------------------------------
+
+    def _copy_weights(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """A copy of the module's ``state_dict`` (CPU, or the module's device)."""
+        device = torch.device("cpu") if self.incumbent_device == "cpu" else pl_module.device
+        with torch.inference_mode(False), torch.no_grad():
+            return {
+                name: tensor.detach().to(device, copy=True)
+                for name, tensor in pl_module.state_dict().items()
+            }
+
+    def _incumbent_values(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> torch.Tensor:
+        """The incumbent's per-example values on this (local) batch, from a shadow copy of the
+        module loaded with the kept weights. The training module is not touched."""
+        weights = self._incumbent_weights
+        if weights is None:
+            raise MisconfigurationException(
+                "AdaptiveValidation: the incumbent must be evaluated but its weights are missing "
+                "(restored from a checkpoint without them?)"
+            )
+        if self._shadow is None:
+            with torch.inference_mode(False), torch.no_grad():
+                # LightningModule.__getstate__ drops the trainer reference: the copy is detached
+                shadow = copy.deepcopy(pl_module)
+                shadow.load_state_dict(weights)
+            shadow.eval()
+            shadow.requires_grad_(False)
+            self._shadow = shadow
+        device = pl_module.device
+        devices = [] if device.type == "cpu" else [device]
+        device_type = None if device.type == "cpu" else device.type
+        with (
+            torch.random.fork_rng(devices=devices, device_type=device_type),
+            trainer.precision_plugin.val_step_context(),
+            torch.no_grad(),
+            warnings.catch_warnings(),
+        ):
+            # the shadow has no trainer: its self.log(...) calls warn and do nothing
+            warnings.filterwarnings("ignore", message=".*self.log\\(\\)")
+            outputs = self._shadow.validation_step(batch, batch_idx)
+        return self._per_example(outputs)
 
     def _log(
         self, pl_module: pl.LightningModule, name: str, value: float, *, prog_bar: bool = False
@@ -603,16 +790,22 @@ class AdaptiveValidation(Callback):
             joules = None if float(total[1]) > 0 else float(total[0])
         if joules is None or self._session_evaluated <= 0:
             return None
-        skipped = outcome.population - outcome.evaluated
+        skipped = outcome.population - outcome.evaluated - outcome.incumbent_evaluated
         self.saved_kwh += joules / self._session_evaluated * skipped / 3.6e6
         return self.saved_kwh
 
     # -- persistence -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """The validator's state, plus the incumbent's weights while it is known on a prefix
+        only (``incumbent_weights``: a CPU copy of the model's ``state_dict``)."""
         state = self.validator.state_dict()
         incumbent = state["incumbent"]
         state["incumbent"] = None if incumbent is None else torch.from_numpy(incumbent)
+        weights = self._incumbent_weights if self.validator.needs_weights else None
+        state["incumbent_weights"] = (
+            None if weights is None else {k: v.detach().cpu() for k, v in weights.items()}
+        )
         state["saved_kwh"] = self.saved_kwh
         state["order"] = None if self._order is None else list(self._order)
         return state
@@ -625,7 +818,19 @@ class AdaptiveValidation(Callback):
         self.saved_kwh = float(state.pop("saved_kwh", 0.0))
         order = state.pop("order", None)
         self._order = None if order is None else (int(order[0]), int(order[1]))
-        self.validator.load_state_dict(state)
+        weights = state.pop("incumbent_weights", None)
+        try:
+            self.validator.load_state_dict(state)
+        except ValueError as exc:
+            raise MisconfigurationException(f"AdaptiveValidation: {exc}") from exc
+        if self.validator.needs_weights and weights is None:
+            raise MisconfigurationException(
+                "AdaptiveValidation: the checkpoint's incumbent is known on a prefix only but "
+                "its weights are not in the checkpoint"
+            )
+        # (moved to the module's device, for incumbent_device='module', by load_state_dict)
+        self._incumbent_weights = None if weights is None else dict(weights)
+        self._shadow = None
 
 
 def _dataset_length(trainer: pl.Trainer) -> int | None:

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -42,6 +41,7 @@ from green_mlops.flops import (
     peak_flops,
     signature,
 )
+from green_mlops.log import warn_once
 from green_mlops.meters import Component, Device, Meter, MeterUnavailable, Readings
 from green_mlops.session import Measurement, Result, claim, lookup, release
 from green_mlops.snapshot import OTHER_PHASE
@@ -63,16 +63,6 @@ OWNER = "lightning"
 _MISSING: Any = object()
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
-
-
-def _warn_once(message: str) -> None:
-    with _warned_lock:
-        if message in _warned:
-            return
-        _warned.add(message)
-    log.warning("green-mlops: %s", message)
 
 
 def _safe(hook: _F) -> _F:
@@ -83,7 +73,7 @@ def _safe(hook: _F) -> _F:
         try:
             return hook(*args, **kwargs)
         except Exception as exc:
-            _warn_once(f"EnergyMonitor.{hook.__name__} failed: {type(exc).__name__}: {exc}")
+            warn_once(f"EnergyMonitor.{hook.__name__} failed: {type(exc).__name__}: {exc}")
             return None
 
     return wrapper  # type: ignore[return-value]
@@ -481,7 +471,7 @@ class EnergyMonitor(Callback):
                         owner = found[0]
                         self._skip_loggers.add(id(logger))
             except Exception as exc:
-                _warn_once(f"EnergyMonitor could not read the MLflow run: {exc}")
+                warn_once(f"EnergyMonitor could not read the MLflow run: {exc}")
         covered = owner is not None
         if self._world > 1:  # ranks of node 0 need not measure what rank 0's owner measures
             covered = bool(trainer.strategy.broadcast(covered, src=0))
@@ -596,7 +586,7 @@ class EnergyMonitor(Callback):
             elif self.count_flops:
                 self._count(pl_module, batch, "train", "train", batch_idx, 0)
         except Exception as exc:
-            _warn_once(f"EnergyMonitor.on_train_batch_start failed: {type(exc).__name__}: {exc}")
+            warn_once(f"EnergyMonitor.on_train_batch_start failed: {type(exc).__name__}: {exc}")
 
     def on_train_batch_end(
         self,
@@ -614,7 +604,7 @@ class EnergyMonitor(Callback):
             if n is not None and trainer.global_step % n == 0:
                 self._log_step(trainer)
         except Exception as exc:
-            _warn_once(f"EnergyMonitor.on_train_batch_end failed: {type(exc).__name__}: {exc}")
+            warn_once(f"EnergyMonitor.on_train_batch_end failed: {type(exc).__name__}: {exc}")
 
     @_safe
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -857,7 +847,7 @@ class EnergyMonitor(Callback):
             if result is not None:
                 local = self._stage_values(result)
         except Exception as exc:
-            _warn_once(f"EnergyMonitor could not read this process's totals: {exc}")
+            warn_once(f"EnergyMonitor could not read this process's totals: {exc}")
         vector = [local.get(k, 0.0) for k in self._keys] + [
             1.0 if k in local else 0.0 for k in self._keys
         ]
@@ -893,7 +883,7 @@ class EnergyMonitor(Callback):
             if self._measurement is not None:
                 result = self._measurement.result()
         except Exception as exc:
-            _warn_once(f"EnergyMonitor could not read the measurement: {exc}")
+            warn_once(f"EnergyMonitor could not read the measurement: {exc}")
         self._totals = self._combine(trainer, result, collective=True)
         return derive(self._totals)
 
@@ -972,7 +962,7 @@ class EnergyMonitor(Callback):
                 try:
                     logger.log_metrics(chosen, step=step)
                 except Exception as exc:
-                    _warn_once(f"EnergyMonitor could not log to {type(logger).__name__}: {exc}")
+                    warn_once(f"EnergyMonitor could not log to {type(logger).__name__}: {exc}")
 
     def _log_step(self, trainer: pl.Trainer) -> None:
         if self._measurement is None or trainer.global_step == self._last_step_logged:
@@ -988,7 +978,7 @@ class EnergyMonitor(Callback):
                 metrics["green/step/flops"] = flops
             self._log(trainer, metrics, totals=False)
         except Exception as exc:
-            _warn_once(f"EnergyMonitor per-step logging failed: {exc}")
+            warn_once(f"EnergyMonitor per-step logging failed: {exc}")
 
     def _tags(self, trainer: pl.Trainer) -> dict[str, str]:
         methods = sorted(self._flop_methods) or (
@@ -1057,7 +1047,7 @@ class EnergyMonitor(Callback):
                     with open(path, "w", encoding="utf-8") as fh:
                         json.dump(report, fh, indent=2, default=str)
             except Exception as exc:
-                _warn_once(f"EnergyMonitor could not write to {type(logger).__name__}: {exc}")
+                warn_once(f"EnergyMonitor could not write to {type(logger).__name__}: {exc}")
 
 
 # --- helpers --------------------------------------------------------------------------------
