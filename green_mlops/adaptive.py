@@ -51,31 +51,47 @@ its values known only on the evaluated prefix, and the driver keeps a copy of it
 A later comparison that reaches beyond that prefix gets the incumbent's values there by
 evaluating the kept weights on those same batches (:meth:`AdaptiveValidator.incumbent_missing`,
 :meth:`AdaptiveValidator.extend_incumbent`); those forward passes count as validation cost.
-The incumbent's values are a fixed function of its weights and of each example, so the values
-obtained late are the very population values a full run would have produced: the pairs ``(c_i,
-b_i)`` are the same population, visited in the same random order, and the confidence sequence
-is unchanged, except that unvisited incumbent values not evaluated yet are bounded by
-``upper`` instead of by their (unknown) maximum. Early "improved" needs a bounded candidate
-value on the improving side: with an unbounded loss a single unseen example can undo any
-improvement, and no sequential test can rule that out; the mode then behaves like
-``"values"``.
+The incumbent's values are a fixed function of its (copied, frozen) weights and of each
+example, so the values obtained late are the very values a full run of the incumbent would
+have produced: the pairs ``(c_i, b_i)`` form the same fixed population, visited in the same
+random order, and each pair is revealed in the same step as before (the incumbent's value is
+added just before the candidate's). The confidence sequence keeps its proof; only its
+predictable bounds change: an unvisited incumbent value not evaluated yet is bounded by
+``upper`` (an assumption checked on every value seen) instead of by the known maximum.
+Early "improved" needs a bounded candidate value on the improving side: with an unbounded
+loss a single unseen example can undo any improvement, and no sequential test can rule that
+out; the mode then behaves like ``"values"``.
 
-What is logged. The monitored value a run logs (its *logged value*, ``u``) is what the stock
-callbacks compare. Full validation logs the exact means ``v``. Adaptive validation logs ``u =
-v`` when it can and otherwise a value *placed* so that every comparison the stock callbacks
-make comes out as it would on ``v``: ``ModelCheckpoint`` and ``EarlyStopping(min_delta=0)`` ask
-"is ``u_t`` strictly better than the best logged so far?", ``EarlyStopping(min_delta=m)`` asks
-"is ``u_t - (-m)`` strictly below its best" (``mode="min"``) in the logged dtype. The validator
-replays both callbacks on the logged values, decides the same questions on the true means (the
-early ones with the confidence sequences, the others exactly), and logs the estimate (the
-exact mean after a full pass) clamped into the set of values that give the decided answers.
-By induction every callback's best epoch, wait count, saved checkpoint and stop epoch are
-those of full validation as long as every decision equals the full-set one. An early "not
-improved" logs a value strictly worse than the best; an early "improved" one strictly better
-and, with ``min_delta > 0``, better by more than ``min_delta`` (only such improvements are
-decided early; smaller ones take a full pass, so that the callbacks' bests stay the incumbent
-or models whose means are known exactly). The logged value is the exact mean where
-``Outcome.exact``; otherwise an estimate that is on the right side of every comparison.
+What is logged, and why the decisions stay those of full validation. ``ModelCheckpoint``
+(``save_top_k`` 1, 0 or -1) and ``EarlyStopping`` use the logged value ``u_t`` of run ``t`` only
+through two yes/no questions (``mode="min"``; ``"max"`` mirrored): A_t "is ``u_t`` below the
+least value logged before?" (save; the best epoch) and B_t "is ``u_t + min_delta`` (computed in
+the logged dtype, as EarlyStopping does) below EarlyStopping's best?" (reset the wait count,
+else count up and stop at ``patience``); ``ReduceLROnPlateau(threshold=0)`` asks A_t too. Full
+validation asks them of the exact means ``v_t``. If A_t and B_t come out the same on ``u`` as on
+``v`` for every ``t``, the callbacks' states (best epoch, wait count) coincide after every run,
+by induction, and so do the saved checkpoint, the best epoch and the stop epoch. The validator
+replays both callbacks' bests on ``u`` and keeps, on ``v``, the incumbent and, when
+EarlyStopping's best is another model, that model's exact mean. Each run answers A_t and B_t on
+``v``: exactly after a full pass (the incumbent's values are completed lazily on the way), or
+early from the confidence sequence ("not improved": no, no; "improved": yes, yes, because an
+early "improved" must establish ``mu < -min_delta``). It then logs its estimate, clamped (in
+the logged dtype, by bisection over the float line) into the values of ``u`` that give the same
+answers: ``(best_u, +inf)`` for "not improved" (this answers B no as well: EarlyStopping's best
+is never below ``best_u + min_delta``); ``(-inf, min(best_u, t))`` for "improved by more than
+``min_delta``", ``t`` the least value with ``t + min_delta >= `` EarlyStopping's best; ``[t,
+best_u)`` for a smaller improvement, which is only decided at the full set. The first two sets
+are never empty; the third only if the two bests lie within float rounding of each other, in
+which case A is kept, ``problem`` is set and the callback warns. Because only improvements
+beyond ``min_delta`` are decided early, EarlyStopping's best is always the incumbent (then
+B's threshold is ``-min_delta`` from the incumbent, known) or a model whose exact mean is
+known: every B_t is decidable. So given correct early decisions, the decisions are identical.
+
+For charts: where ``Outcome.exact`` the logged value is the exact mean over the validation
+set. Otherwise it is the paired estimate from the evaluated prefix, moved if needed just past
+the best logged value (or past ``best - min_delta``) on the decided side: its side of the best
+is certain, its size is an estimate. Once an improving run was logged as an estimate, later
+full passes may be moved too (flagged not exact) to keep their order against it.
 
 Alpha spending. Comparison ``k`` (1, 2, ...) of a training run gets ``alpha_k = alpha * 6 /
 (pi^2 k^2)``, which sums to ``alpha``; with early "improved" each side gets half of it.
@@ -218,9 +234,10 @@ class _Side:
                 resid = d - centre
             var = ((scale / 2.0) ** 2 + self.sq) / (n_seen + 1)
             t = n_seen + 1
-            lam = min(
-                MAX_BET / scale, math.sqrt(2.0 * self.log_inv_alpha / (var * t * math.log1p(t)))
-            )
+            spread = var * t * math.log1p(t)
+            lam = MAX_BET / scale
+            if spread > 0:  # (0 only when var underflows: then the cap applies)
+                lam = min(lam, math.sqrt(2.0 * self.log_inv_alpha / spread))
             idx = np.arange(start, start + d.size, dtype=np.float64)  # 0-based i - 1
             remaining = self.N - idx  # N - i + 1
             before = prefix + np.concatenate(([0.0], np.cumsum(d)[:-1]))  # S_{i-1}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -318,3 +319,176 @@ def test_resuming_with_bounds_the_incumbent_violates_falls_back_to_full_passes()
     assert not stricter.should_stop and stricter.problem is not None
     stricter.observe(trajectory(4)[2])
     assert stricter.end().exact
+
+
+# -- incumbent="weights": early "improved", lazily evaluated incumbent -------------------------
+
+
+def es_decisions(values: list[float], patience: int = 3, min_delta: float = 0.0) -> tuple[int, int]:
+    """(ModelCheckpoint's best index, stop index) with EarlyStopping(min_delta) as Lightning
+    computes it: improvement iff value + min_delta < best (mode "min")."""
+    es_best, mc_best, wait, best_i = math.inf, math.inf, 0, -1
+    for i, v in enumerate(values):
+        if v < mc_best:
+            mc_best, best_i = v, i
+        if v + min_delta < es_best:
+            es_best, wait = v, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return best_i, i
+    return best_i, len(values) - 1
+
+
+def replay_lazily(
+    validator: AdaptiveValidator,
+    rows: np.ndarray,
+    batch: int = 100,
+    *,
+    epochs: range | None = None,
+    incumbent: int = -1,
+) -> tuple[list[float], list[Any], int]:
+    """Replay ``rows[epochs]`` that evaluates the incumbent from its recorded row when asked
+    (as the callback does from the kept weights); (logged values, outcomes, incumbent row)."""
+    logged, outcomes = [], []
+    for epoch in range(len(rows)) if epochs is None else epochs:
+        row = rows[epoch]
+        validator.begin()
+        for start in range(0, row.size, batch):
+            if validator.should_stop:
+                break
+            size = min(batch, row.size - start)
+            if validator.incumbent_missing(size):
+                validator.extend_incumbent(rows[incumbent][start : start + size])
+            validator.observe(row[start : start + size])
+        outcome = validator.end()
+        if outcome.improved:
+            incumbent = epoch
+        logged.append(outcome.value)
+        outcomes.append(outcome)
+    return logged, outcomes, incumbent
+
+
+def test_weights_mode_stops_improving_runs_and_keeps_every_decision() -> None:
+    for seed in range(3):
+        rows = np.minimum(trajectory(seed), 5.0)
+        full = replay(AdaptiveValidator(enabled=False), rows)
+        values = AdaptiveValidator(upper=5.0, incumbent="values")
+        replay(values, rows)
+        weights = AdaptiveValidator(upper=5.0)  # incumbent="weights" is the default
+        logged, outcomes, _ = replay_lazily(weights, rows)
+        for patience in (1, 2, 3, 5):
+            assert es_decisions(logged, patience) == es_decisions(full, patience)
+        early_improved = [o for o in outcomes if o.improved and not o.exact]
+        assert early_improved and all(o.evaluated < o.population for o in early_improved)
+        lazy = sum(o.incumbent_evaluated for o in outcomes)
+        assert lazy > 0  # the incumbent was evaluated beyond its prefix, and that is counted
+        assert weights.evaluated_total == sum(o.evaluated for o in outcomes) + lazy
+        assert weights.skipped_total > values.skipped_total
+        # every logged value is on the right side of the best logged before it
+        best = math.inf
+        for f, value, outcome in zip(full, logged, outcomes, strict=True):
+            assert outcome.improved == (value < best)
+            assert (f < min(full[: full.index(f)], default=math.inf)) == outcome.improved
+            assert outcome.exact == (value == f)
+            best = min(best, value)
+
+
+@pytest.mark.parametrize("min_delta", [0.004, 0.015, 0.05])
+def test_min_delta_decisions_are_kept_with_estimates_in_the_log(min_delta: float) -> None:
+    """EarlyStopping(min_delta) compares with its own best, which lags ModelCheckpoint's when
+    an improvement is smaller than min_delta: both must decide as on the exact means."""
+    for seed in range(3):
+        rows = np.minimum(trajectory(seed), 5.0)
+        full = [float(np.mean(r)) for r in rows]
+        validator = AdaptiveValidator(upper=5.0, min_delta=min_delta)
+        logged, outcomes, _ = replay_lazily(validator, rows)
+        for patience in (1, 2, 3):
+            assert es_decisions(logged, patience, min_delta) == es_decisions(
+                full, patience, min_delta
+            )
+        assert validator.problem is None
+        assert any(o.improved and not o.exact for o in outcomes)
+
+
+def test_weights_mode_state_round_trip_with_a_partial_incumbent() -> None:
+    rows = np.minimum(trajectory(1), 5.0)
+    straight, _, _ = replay_lazily(AdaptiveValidator(upper=5.0), rows)
+    for cut in range(2, len(rows) - 2):
+        first = AdaptiveValidator(upper=5.0)
+        head, _, incumbent = replay_lazily(first, rows, epochs=range(cut))
+        if first.needs_weights:
+            break
+    else:
+        pytest.fail("no partial incumbent to resume from")
+    state = first.state_dict()
+    assert np.isnan(state["incumbent"][state["known"] :]).all() and state["known"] < rows.shape[1]
+    resumed = AdaptiveValidator(upper=5.0)
+    resumed.load_state_dict(state)
+    assert resumed.needs_weights
+    tail, _, _ = replay_lazily(resumed, rows, epochs=range(cut, len(rows)), incumbent=incumbent)
+    assert head + tail == straight
+    with pytest.raises(ValueError, match="min_delta"):
+        AdaptiveValidator(upper=5.0, min_delta=0.1).load_state_dict(state)
+
+
+def test_the_incumbent_must_be_extended_before_the_candidate() -> None:
+    validator = AdaptiveValidator(upper=1.0)
+    rows = np.minimum(trajectory(2, n=400), 1.0)
+    replay_lazily(validator, rows, epochs=range(2))  # a clear improvement, decided early
+    assert validator.needs_weights
+    validator.begin()
+    size = validator.known + 10  # a batch reaching past the known prefix
+    assert validator.incumbent_missing(size) == 10
+    with pytest.raises(ValueError, match="extend_incumbent"):
+        validator.observe(rows[2][:size])
+    validator.extend_incumbent(rows[1][:size])  # the known part is skipped, all are counted
+    validator.observe(rows[2][:size])
+    assert validator.known == size
+
+
+def test_without_a_bound_on_the_improving_side_weights_mode_is_values_mode() -> None:
+    rows = trajectory(0)
+    a = replay(AdaptiveValidator(), rows)
+    b = replay(AdaptiveValidator(incumbent="values"), rows)
+    assert a == b and not AdaptiveValidator().improves_early
+
+
+@pytest.mark.parametrize("known", [0.1, 0.5])
+def test_confidence_sequence_covers_with_a_lazily_extended_incumbent(known: float) -> None:
+    rng = np.random.default_rng(99)
+    incumbent = np.minimum(rng.exponential(0.5, 400), 3.0)
+    candidate = np.clip(incumbent - 0.03 + 0.2 * rng.standard_normal(400), 0.0, 3.0)
+    mu = float(np.mean(candidate) - np.mean(incumbent))
+    alpha, reps, misses, decided = 0.1, 300, 0, 0
+    k = int(known * 400)
+    for _ in range(reps):
+        order = rng.permutation(400)
+        inc, cand = incumbent[order], candidate[order]
+        test = PairedComparison(inc, alpha, upper=3.0, early="both", known=k)
+        missed = False
+        for start in range(0, 400, 10):
+            if test.known < start + 10:
+                test.extend_incumbent(inc[test.known : start + 10])
+            test.update(cand[start : start + 10])
+            low, high = test.interval
+            missed |= not (low - 1e-12 <= mu <= high + 1e-12)
+        misses += missed
+        decided += test.decision is Decision.IMPROVED
+    assert misses / reps <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps)
+    assert decided == reps  # (exact at the full set)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(allow_nan=False, allow_infinity=True, width=32), min_size=2, max_size=2),
+    st.sampled_from([np.float32, np.float64]),
+)
+def test_float_keys_order_like_floats(pair: list[float], dtype: Any) -> None:
+    from green_mlops.adaptive import _float_key, _from_key
+
+    a, b = (float(dtype(x)) for x in pair)
+    ka, kb = _float_key(a, dtype), _float_key(b, dtype)
+    assert (ka < kb) == (a < b) and (ka == kb) == (a == b)
+    assert _from_key(ka, dtype) == a
+    assert _from_key(ka + 1, dtype) == float(np.nextafter(dtype(a), dtype(np.inf))) or a == math.inf

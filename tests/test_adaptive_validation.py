@@ -83,6 +83,27 @@ class MLP(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
+class Versioned(Scripted):
+    """Like ``Scripted``, but the table's row is a buffer set at each training epoch: it is part
+    of the weights, so a copy loaded with an earlier epoch's weights (the incumbent's shadow)
+    returns that epoch's losses."""
+
+    row: torch.Tensor
+
+    def __init__(self, table: np.ndarray) -> None:
+        super().__init__(table)
+        self.register_buffer("row", torch.zeros((), dtype=torch.long))
+
+    def on_train_epoch_start(self) -> None:
+        self.row.fill_(self.current_epoch)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        (index,) = batch
+        self.steps.append((int(self.row), batch_idx))
+        row = min(int(self.row), self.table.shape[0] - 1)
+        return {"per_example_loss": self.table[row][index] + 0 * self.weight}
+
+
 def table(seed: int = 0, n: int = N_VAL) -> np.ndarray:
     """Per-epoch per-example losses: improving, a clear degradation, a near-tie, overfitting."""
     rng = np.random.default_rng(seed)
@@ -213,6 +234,186 @@ def test_real_model_fit_decides_like_full_validation(tmp_path: Path) -> None:
     assert min(fractions) < 1.0  # at least one run stopped early
     for f, g in zip(full_rows, got_rows, strict=True):
         assert (g["val_loss"] == f["val_loss"]) == bool(g["green/validation/exact"])
+
+
+def lazy_replay(
+    rows: np.ndarray, order: Any, n: int, batch: int, upper: float = 5.0
+) -> list[tuple[float, float, float]]:
+    """The core's replay of a Versioned fit: (value, fraction, incumbent passes) per run."""
+    validator = AdaptiveValidator(upper=upper)
+    incumbent, out = -1, []
+    for epoch, row in enumerate(rows):
+        validator.begin()
+        for start in range(0, n, batch):
+            if validator.should_stop:
+                break
+            size = min(batch, n - start)
+            if validator.incumbent_missing(size):
+                validator.extend_incumbent(rows[incumbent][order][start : start + size])
+            validator.observe(row[order][start : start + size])
+        outcome = validator.end()
+        incumbent = epoch if outcome.improved else incumbent
+        out.append((outcome.value, outcome.fraction_evaluated, float(outcome.incumbent_evaluated)))
+    return out
+
+
+def test_weights_mode_fit_stops_improving_runs_and_decides_like_full_validation(
+    tmp_path: Path,
+) -> None:
+    rows = np.minimum(table(), 5.0)
+    results = []
+    for enabled in (False, True):
+        es, mc = stock(tmp_path / str(enabled))
+        record, module = Record(), Versioned(rows)
+        callback = AdaptiveValidation(upper=5.0, enabled=enabled)
+        trainer(tmp_path, [callback, es, mc, record]).fit(module, train_loader(), index_loader())
+        results.append((decisions(es, mc), record.rows, module.steps, callback))
+    (full, full_rows, _, _), (got, got_rows, steps, callback) = results
+    assert got == full == (8, "epoch=5") and callback.early_improved_off is None
+    best, early_improved = math.inf, 0
+    for f, g in zip(full_rows, got_rows, strict=True):
+        early_improved += g["val_loss"] < best and not g["green/validation/exact"]
+        assert (g["val_loss"] < best) == (f["val_loss"] < min(best, math.inf))
+        assert (g["val_loss"] == f["val_loss"]) == bool(g["green/validation/exact"])
+        best = min(best, g["val_loss"])
+    assert early_improved >= 2
+    lazy = [r["green/validation/incumbent_examples_evaluated"] for r in got_rows]
+    passes = [r["green/validation/examples_evaluated"] for r in got_rows]
+    assert sum(lazy) > 0 and sum(passes) < N_VAL * len(got_rows)
+    # the training module's validation_step ran for the candidate's examples only
+    assert (len(steps) - 2) * BATCH == sum(passes) - sum(lazy)  # minus 2 sanity steps
+    # and the live fit decides exactly as the core's replay, lazy evaluations included
+    order = np.asarray(PermutedDataset(TensorDataset(torch.arange(N_VAL))).indices)
+    rows32 = rows[: len(got_rows)].astype(np.float32).astype(np.float64)
+    assert lazy_replay(rows32, order, N_VAL, BATCH) == [
+        (
+            r["val_loss"],
+            r["green/validation/fraction_evaluated"],
+            r["green/validation/incumbent_examples_evaluated"],
+        )
+        for r in got_rows
+    ]
+
+
+class BatchNormMLP(MLP):
+    """BatchNorm (running statistics) and dropout (RNG) in training; a bounded loss."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.02)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(16, 64),
+            torch.nn.BatchNorm1d(64),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(64, 2),
+        )
+        self.train_losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.train_losses.append(float(loss.detach()))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        out = super().validation_step(batch, batch_idx)
+        return {"per_example_loss": out["per_example_loss"].clamp(max=5.0)}
+
+
+def test_lazy_incumbent_evaluation_leaves_training_untouched(tmp_path: Path) -> None:
+    """A weights-mode fit trains bit for bit like a full-validation fit (weights, optimizer
+    state, BatchNorm statistics, RNG streams) and decides the same."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4600, 16, generator=g)
+    y = (x[:, 0] + x[:, 1] * x[:, 2] + 0.8 * torch.randn(4600, generator=g) > 0).long()
+    val = AdaptiveValidation.permute_once(TensorDataset(x[600:], y[600:]))
+    results = []
+    for enabled in (False, True):
+        pl.seed_everything(0, verbose=False)
+        train = DataLoader(
+            TensorDataset(x[:600], y[:600]),
+            batch_size=50,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(1),
+        )
+        es, mc = stock(tmp_path / f"bn{enabled}")
+        record, module = Record(), BatchNormMLP()
+        fit = trainer(tmp_path, [AdaptiveValidation(upper=5.0, enabled=enabled), es, mc, record])
+        fit.fit(module, train, DataLoader(val, batch_size=200))
+        results.append(
+            (
+                decisions(es, mc),
+                module.train_losses,
+                module.state_dict(),
+                fit.optimizers[0].state_dict()["state"],
+                torch.get_rng_state(),
+                record.rows,
+            )
+        )
+    full, got = results
+    assert got[0] == full[0] and got[1] == full[1]
+    assert got[2].keys() == full[2].keys()
+    assert all(torch.equal(got[2][k], full[2][k]) for k in full[2])  # incl. running_mean/var
+    for state, ref in zip(got[3].values(), full[3].values(), strict=True):
+        assert all(torch.equal(state[k], ref[k]) for k in ref)
+    assert torch.equal(got[4], full[4])
+    lazy = [r["green/validation/incumbent_examples_evaluated"] for r in got[5]]
+    assert sum(lazy) > 0  # the shadow copy did run
+
+
+class OtherStateKey(EarlyStopping):
+    @property
+    def state_key(self) -> str:
+        return "other-" + super().state_key
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "fix"),
+    [
+        (lambda p: [AdaptiveValidation()], "no upper= bound"),
+        (lambda p: [AdaptiveValidation(upper=5.0, incumbent="values")], "incumbent='values'"),
+        (
+            lambda p: [
+                AdaptiveValidation(upper=5.0),
+                EarlyStopping("val_loss", stopping_threshold=0.1),
+            ],
+            "stopping_threshold",
+        ),
+        (
+            lambda p: [
+                AdaptiveValidation(upper=5.0),
+                EarlyStopping("val_loss", min_delta=0.1),
+                OtherStateKey("val_loss", min_delta=0.2),
+            ],
+            "different min_delta",
+        ),
+        (lambda p: [AdaptiveValidation(upper=5.0), EarlyStopping("val_loss", min_delta=0.1)], ""),
+    ],
+)
+def test_when_early_improved_is_off_the_callback_says_why(
+    tmp_path: Path, callbacks: Callable[[Path], list[Callback]], fix: str
+) -> None:
+    made = callbacks(tmp_path)
+    trainer(tmp_path, made, max_epochs=1).fit(
+        Scripted(np.minimum(table(n=200), 5.0)), train_loader(), index_loader(200)
+    )
+    callback = made[0]
+    assert isinstance(callback, AdaptiveValidation)
+    if fix:
+        assert callback.early_improved_off is not None and fix in callback.early_improved_off
+        assert not callback.validator.improves_early
+    else:
+        assert callback.early_improved_off is None and callback.validator.min_delta == 0.1
+
+
+def test_plateau_threshold_turns_early_improved_off(tmp_path: Path) -> None:
+    callback = AdaptiveValidation(upper=5.0)
+    trainer(tmp_path, [callback], max_epochs=1).fit(
+        Plateau(np.minimum(table(n=200), 5.0), "min"), train_loader(), index_loader(200)
+    )
+    assert (
+        callback.early_improved_off is not None
+        and "threshold=0.0001" in callback.early_improved_off
+    )
 
 
 # -- Lightning's behaviour we rely on ---------------------------------------------------------
@@ -530,6 +731,45 @@ def test_state_dict_round_trip_and_resume_decide_like_an_uninterrupted_fit(tmp_p
     assert resumed.stopped_epoch == stopped.stopped_epoch
 
 
+def test_resume_with_a_partial_incumbent_restores_its_weights(tmp_path: Path) -> None:
+    rows = np.minimum(table(seed=3), 5.0)
+    straight = Record()
+    trainer(tmp_path / "a", [AdaptiveValidation(upper=5.0), straight]).fit(
+        Versioned(rows), train_loader(), index_loader()
+    )
+    for stop in range(2, 8):  # interrupt where the incumbent is known on a prefix only
+        first, head = AdaptiveValidation(upper=5.0), Record()
+        part = trainer(tmp_path / f"b{stop}", [first, head], max_epochs=stop)
+        part.fit(Versioned(rows), train_loader(), index_loader())
+        best_epoch = int(np.argmin([r["val_loss"] for r in head.rows]))
+        if first.validator.needs_weights and best_epoch < stop - 1:
+            break
+    else:
+        pytest.fail("no partial incumbent to resume from")
+    path = tmp_path / "resume.ckpt"
+    part.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("AdaptiveValidation")]
+    weights = state["incumbent_weights"]
+    assert weights.keys() == checkpoint["state_dict"].keys()  # one state_dict's worth
+    assert int(weights["row"]) == best_epoch  # the incumbent's, not the last epoch's
+    assert int(torch.isnan(state["incumbent"]).sum()) == N_VAL - state["known"] > 0
+    tail = Record()
+    trainer(tmp_path / f"b{stop}", [AdaptiveValidation(upper=5.0), tail]).fit(
+        Versioned(rows), train_loader(), index_loader(), ckpt_path=path
+    )
+    keys = (
+        "val_loss",
+        "green/validation/fraction_evaluated",
+        "green/validation/incumbent_examples_evaluated",
+        "green/validation/exact",
+    )
+    assert [[r[k] for k in keys] for r in head.rows + tail.rows] == [
+        [r[k] for k in keys] for r in straight.rows
+    ]
+    assert sum(r["green/validation/incumbent_examples_evaluated"] for r in tail.rows) > 0
+
+
 # -- energy ------------------------------------------------------------------------------------
 
 
@@ -560,13 +800,13 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 sys.path.insert(0, {root!r})
-from tests.test_adaptive_validation import Scripted, Record, index_loader, table, train_loader
+from tests.test_adaptive_validation import Versioned, Record, index_loader, table, train_loader
 from green_mlops.integrations.lightning import AdaptiveValidation
 
 out = Path(sys.argv[1])
-rows = table(n=301)  # odd: DistributedSampler pads one example
-callback, record = AdaptiveValidation(), Record()
-module = Scripted(rows)
+rows = np.minimum(table(n=301), 5.0)  # odd: DistributedSampler pads one example
+callback, record = AdaptiveValidation(upper=5.0), Record()
+module = Versioned(rows)
 trainer = pl.Trainer(
     max_epochs=8, accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback, record],
     logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -575,6 +815,10 @@ trainer = pl.Trainer(
 trainer.fit(module, train_loader(), index_loader(301, batch=10))
 state = callback.state_dict()
 state["incumbent"] = state["incumbent"].tolist()
+weights = state["incumbent_weights"]
+state["incumbent_weights"] = None if weights is None else {{
+    k: v.tolist() for k, v in weights.items()
+}}
 (out / f"rank{{trainer.global_rank}}.json").write_text(json.dumps(
     {{"state": state, "rows": record.rows, "steps": len(module.steps)}}
 ))
@@ -599,22 +843,24 @@ def test_ddp_ranks_decide_identically_on_the_global_order(tmp_path: Path) -> Non
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["state"] == ranks[1]["state"] and ranks[0]["rows"] == ranks[1]["rows"]
     assert ranks[0]["steps"] == ranks[1]["steps"]  # both ranks stopped at the same batch
-    # the incumbent is the best epoch's losses in the permuted order, padding removed
-    rows = table(n=301).astype(np.float32).astype(np.float64)
+    # the incumbent's known values are its run's losses in the permuted order, padding removed
+    rows = np.minimum(table(n=301), 5.0).astype(np.float32).astype(np.float64)
     order = PermutedDataset(TensorDataset(torch.arange(301))).indices
     means = [r["val_loss"] for r in ranks[0]["rows"]]
     best_epoch = int(np.argmin(means))
-    assert ranks[0]["state"]["incumbent"] == rows[best_epoch][order].tolist()
-    # and the decisions are those of a single-process replay
-    validator = AdaptiveValidator()
-    for row, logged in zip(rows, ranks[0]["rows"], strict=False):
-        validator.begin()
-        for start in range(0, 301, 20):  # 2 ranks x batch 10
-            if validator.should_stop:
-                break
-            validator.observe(row[order][start : start + 20])
-        outcome = validator.end()
-        assert (outcome.value, outcome.fraction_evaluated) == (
-            logged["val_loss"],
-            logged["green/validation/fraction_evaluated"],
+    state = ranks[0]["state"]
+    known = state["known"]
+    assert state["incumbent"][:known] == rows[best_epoch][order][:known].tolist()
+    # each rank evaluated its shard of the incumbent's batches: the gathered values equal a
+    # single-process replay's, and so do the decisions
+    lazy = [r["green/validation/incumbent_examples_evaluated"] for r in ranks[0]["rows"]]
+    assert sum(lazy) > 0
+    replayed = lazy_replay(rows[: len(means)], order, 301, 20)  # 2 ranks x batch 10
+    assert replayed == [
+        (
+            r["val_loss"],
+            r["green/validation/fraction_evaluated"],
+            r["green/validation/incumbent_examples_evaluated"],
         )
+        for r in ranks[0]["rows"]
+    ]

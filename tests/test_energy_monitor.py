@@ -143,6 +143,17 @@ def report(tr: pl.Trainer) -> dict[str, Any]:
 # --- a full fit --------------------------------------------------------------------------------
 
 
+def test_counting_on_a_meta_copy_gives_the_same_flops(tmp_path: Path) -> None:
+    mon = monitor()
+    mon.count_live = False  # the fallback path: a meta-device copy, one extra step per shape
+    tr = trainer(tmp_path, [mon], max_epochs=1)
+    tr.fit(Classifier(), loader(), loader(1))
+    got = totals(rows(tr))
+    assert got["green/phase/train_flops"] == BATCHES * TRAIN
+    assert got["green/phase/validation_flops"] == BATCHES * FWD
+    assert "meta-device copy" in report(tr)["tags"]["green.flops.method"]
+
+
 @pytest.mark.slow
 def test_fit_logs_energy_phases_carbon_flops_quality(tmp_path: Path) -> None:
     mon = monitor(monitor="val_acc", mode="max", target=0.9)
@@ -177,7 +188,7 @@ def test_fit_logs_energy_phases_carbon_flops_quality(tmp_path: Path) -> None:
     assert got["green/intensity_g_per_kwh"] == pytest.approx(400)
     assert sum(got[f"green/phase/{p}_co2e_g"] for p in phases) == pytest.approx(got["green/co2e_g"])
 
-    # FLOPs, counted on a meta copy once per batch shape
+    # FLOPs, counted on the real step, once per batch shape
     assert got["green/phase/train_flops"] == 3 * BATCHES * TRAIN
     assert got["green/phase/validation_flops"] == 3 * BATCHES * FWD
     assert got["green/phase/sanity_check_flops"] == SANITY
@@ -212,7 +223,7 @@ def test_fit_logs_energy_phases_carbon_flops_quality(tmp_path: Path) -> None:
     assert rep["metrics"]["green/flops"] == got["green/flops"]
     tags = rep["tags"]
     assert tags["green.meters"] == "clock:counter(cpu),ram_clock:counter(ram)"
-    assert "meta-device copy" in tags["green.flops.method"]
+    assert "on the real step" in tags["green.flops.method"]
     assert tags["green.mfu"] == "not reported: no dense peak for a cpu"
     assert tags["green.quality"] == "val_acc (max); quality = metric"
     assert "throughput" not in json.dumps(rep)  # the other callbacks' metrics are theirs
@@ -450,7 +461,7 @@ def test_mlflow_logger_gets_metrics_tags_and_report(tmp_path: Path, mlflow_uri: 
     assert len(history) == 3  # two epochs and the final total
     assert tags["green.meters"] == "clock:counter(cpu),ram_clock:counter(ram)"
     assert tags["green.intensity.source"].startswith("constant")
-    assert "meta-device copy" in tags["green.flops.method"]
+    assert "on the real step" in tags["green.flops.method"]
     path = client.download_artifacts(logger.run_id, "green/report.json", str(tmp_path))
     rep = json.loads(Path(path).read_text())
     assert rep["metrics"]["green/flops"] == SANITY + 2 * EPOCH
@@ -483,7 +494,7 @@ def test_run_measured_by_the_mlflow_plugin_is_shared_not_logged_twice(
         assert {"sanity_check", "train", "validation", "data_wait"} <= set(snap.phases)
         extra = plugin.extra_metrics  # type: ignore[attr-defined]
         assert extra["green/flops"] == SANITY + 2 * EPOCH
-        assert "meta-device copy" in plugin.extra_tags["green.flops.method"]  # type: ignore[attr-defined]
+        assert "on the real step" in plugin.extra_tags["green.flops.method"]  # type: ignore[attr-defined]
         metrics = MlflowClient(mlflow_uri).get_run(run_id).data.metrics
         assert "green/energy_kwh" not in metrics  # the plugin logs the totals at run end
         assert "green/epoch/energy_kwh" in metrics  # the live series are ours

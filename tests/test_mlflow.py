@@ -49,6 +49,7 @@ def run_script(
     result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
     result["_returncode"] = proc.returncode
     result["_stderr"] = proc.stderr
+    result["_stdout"] = proc.stdout
     return result
 
 
@@ -459,3 +460,64 @@ def test_sync_command_replays_a_spool(mlflow_server: MlflowServer, tmp_path: Pat
     assert "1 batch" in proc.stdout
     assert not spool.exists()
     assert client.get_run(run_id).data.metrics["green/energy_kwh"] == 0.5
+
+
+def test_tokens_appear_nowhere_in_a_tracked_run(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """Tokens configured (and failing against a closed port): not in logs, tags, params,
+    metrics, artifacts, reprs or exception texts."""
+    from tests.conftest import free_port
+
+    token, password = "EM-SECRET-TOKEN-4242", "WT-SECRET-PASSWORD-4242"
+    closed = f"http://127.0.0.1:{free_port()}"
+    code = f"""
+        import json, logging, time, mlflow
+        logging.basicConfig(level=logging.DEBUG)
+        from green_mlops.config import Settings
+        mlflow.set_experiment("{experiment()}")
+        with mlflow.start_run() as run:
+            time.sleep(0.6)
+        s = Settings.load()
+        print(repr(s), str(s.electricitymaps_token), repr(s.watttime_password))
+        try:
+            Settings.load(electricitymaps_token=s.electricitymaps_token, share="bad")
+        except Exception as exc:
+            print("error:", exc)
+        print(json.dumps({{"run_id": run.info.run_id}}))
+    """
+    out = run_script(
+        code,
+        tmp_path,
+        mlflow_server,
+        GREEN_MLOPS_ENABLE="1",
+        GREEN_MLOPS_ELECTRICITYMAPS_TOKEN=token,
+        GREEN_MLOPS_ELECTRICITYMAPS_URL=closed,
+        GREEN_MLOPS_WATTTIME_USERNAME="user",
+        GREEN_MLOPS_WATTTIME_PASSWORD=password,
+        GREEN_MLOPS_WATTTIME_URL=closed,
+        GREEN_MLOPS_WATTTIME_REGION="CAISO_NORTH",
+        GREEN_MLOPS_HTTP_TIMEOUT_S="0.5",
+    )
+    assert out["_returncode"] == 0, out["_stderr"]
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(out["run_id"])
+    fallbacks = run.data.tags["green.intensity.fallbacks"]
+    assert "electricitymaps" in fallbacks and "watttime" in fallbacks  # they were tried
+    seen = [
+        out["_stderr"],
+        out["_stdout"],
+        json.dumps(run.data.tags),
+        json.dumps(run.data.params),
+        json.dumps(run.data.metrics),
+    ]
+    for artifact in ("green/report.json",):
+        seen.append(
+            Path(client.download_artifacts(out["run_id"], artifact, str(tmp_path))).read_text()
+        )
+    for spool in (tmp_path / "cache").rglob("*"):
+        if spool.is_file():
+            seen.append(spool.read_bytes().decode(errors="replace"))
+    text = "\n".join(seen)
+    assert token not in text and password not in text
+    assert "Secret('***')" in out["_stdout"] and "error:" in out["_stdout"]

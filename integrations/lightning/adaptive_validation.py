@@ -222,8 +222,9 @@ class AdaptiveValidation(Callback):
 
     Costs: the incumbent's values, N float64 per process (40 kB for N = 5,000); with
     ``incumbent="weights"``, while the incumbent is known on a prefix only, a copy of the
-    model's ``state_dict`` per process (CPU by default), and, during a validation run that
-    evaluates the incumbent, a shadow copy of the LightningModule on its device. Both the
+    model's ``state_dict`` per process (CPU by default; one device-to-host copy per improving
+    run that stops early), and, during a validation run that evaluates the incumbent, a shadow
+    copy of the LightningModule on its device (made once per such run, freed at its end). Both the
     values and the weights are in the checkpoint (resuming restores them), which grows by the
     size of the model's ``state_dict`` while the incumbent is partial. Per batch, a
     device-to-host copy of the batch's values and, with several processes, one
@@ -828,7 +829,7 @@ class AdaptiveValidation(Callback):
                 "AdaptiveValidation: the checkpoint's incumbent is known on a prefix only but "
                 "its weights are not in the checkpoint"
             )
-        # (moved to the module's device, for incumbent_device='module', by load_state_dict)
+        # (restored on the CPU: the shadow copy loads them onto the module's device)
         self._incumbent_weights = None if weights is None else dict(weights)
         self._shadow = None
 

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from green_mlops.config import Settings
 from green_mlops.flops import (
     FlopCountError,
+    LiveCount,
     compute_dtype,
     count_flops,
     find_peak,
@@ -369,6 +370,9 @@ class EnergyMonitor(Callback):
         self.mode = mode
         self.target = target
         self.count_flops = count_flops
+        #: Count the first step of each batch shape as it runs (no copy, no extra step); False
+        #: counts on a meta-device copy of the module instead (one extra step per shape).
+        self.count_live = True
         self.log_every_n_steps = log_every_n_steps
         self.report = report
         self._overrides = dict(settings or {})
@@ -416,6 +420,8 @@ class EnergyMonitor(Callback):
         self._counted = 0
         self._uncounted = 0
         self._flop_cache: dict[tuple[str, Hashable], int | None] = {}
+        #: The step being counted live: (counter, cache key, phase, kind, batch elements).
+        self._live: tuple[LiveCount, Any, str, str, float] | None = None
         self._flop_methods: set[str] = set()
         self._flop_problems: dict[str, None] = {}
         self._uncounted_ops: set[str] = set()
@@ -507,6 +513,7 @@ class EnergyMonitor(Callback):
         self._finish(trainer, failure=exception)
 
     def _finish(self, trainer: pl.Trainer, *, failure: BaseException | None) -> None:
+        self._live_end(completed=False)
         measurement = self._measurement
         if measurement is None:
             return
@@ -597,6 +604,7 @@ class EnergyMonitor(Callback):
         batch_idx: int,
     ) -> None:
         try:
+            self._live_end()
             if self._measurement is not None:
                 self._measurement.tracker.enter("data_wait", precise=False)
                 self._open.append("data_wait")
@@ -655,6 +663,17 @@ class EnergyMonitor(Callback):
     ) -> None:
         self._eval_batch(trainer, pl_module, batch, batch_idx, dataloader_idx, "validation")
 
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._live_end()
+
     @_safe
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -678,6 +697,17 @@ class EnergyMonitor(Callback):
     ) -> None:
         self._eval_batch(trainer, pl_module, batch, batch_idx, dataloader_idx, "test")
 
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._live_end()
+
     @_safe
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._exit("test")
@@ -695,6 +725,17 @@ class EnergyMonitor(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         self._eval_batch(trainer, pl_module, batch, batch_idx, dataloader_idx, "predict")
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._live_end()
 
     @_safe
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -724,11 +765,12 @@ class EnergyMonitor(Callback):
                 if sum(1 for k in self._flop_cache if k[0] == kind) >= self.max_flop_signatures:
                     self._count_scaled(batch, phase, kind)
                     return
+                if self._live is None and self.count_live:
+                    # count the real step as it runs (ended in the batch-end hook): no copy
+                    self._live = (LiveCount(), key, phase, kind, _elements(batch))
+                    return
                 flops = self._count_new(pl_module, batch, phase, kind, batch_idx, dataloader_idx)
-                self._flop_cache[key] = flops
-                if flops is not None:
-                    total, elements = self._per_element.get(kind, (0.0, 0.0))
-                    self._per_element[kind] = (total + flops, elements + _elements(batch))
+                self._record(key, kind, flops, _elements(batch))
             if flops is None:
                 self._uncounted += 1
             else:
@@ -737,6 +779,31 @@ class EnergyMonitor(Callback):
         except Exception as exc:  # never raise into training
             self._uncounted += 1
             self._flop_problems[f"{type(exc).__name__}: {exc}"] = None
+
+    def _record(self, key: Any, kind: str, flops: int | None, elements: float) -> None:
+        self._flop_cache[key] = flops
+        if flops is not None:
+            total, seen = self._per_element.get(kind, (0.0, 0.0))
+            self._per_element[kind] = (total + flops, seen + elements)
+
+    def _live_end(self, *, completed: bool = True) -> None:
+        """Stop counting the step begun in a batch-start hook; credit it when it completed."""
+        live, self._live = self._live, None
+        if live is None:
+            return
+        counter, key, phase, kind, elements = live
+        try:
+            found = counter.stop()
+        except Exception as exc:
+            self._flop_problems[f"live count: {type(exc).__name__}: {exc}"] = None
+            return
+        if not completed:
+            return  # interrupted step: count the next batch of this shape instead
+        self._flop_methods.add(f"{kind}: FlopCounterMode on the real step (first of each shape)")
+        self._uncounted_ops.update(found.uncounted_ops)
+        self._record(key, kind, found.flops, elements)
+        self._flops[phase] = self._flops.get(phase, 0.0) + found.flops
+        self._counted += 1
 
     def _count_new(
         self,
