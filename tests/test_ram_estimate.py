@@ -3,6 +3,8 @@ settings through the hook, and the cost of a sample."""
 
 from __future__ import annotations
 
+import contextlib
+
 import subprocess
 import sys
 import time
@@ -46,10 +48,8 @@ def _tree_rss() -> int:
     me = psutil.Process()
     total = me.memory_info().rss
     for child in me.children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.Error):  # it may just have exited
             total += child.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
