@@ -4,7 +4,6 @@ settings through the hook, and the cost of a sample."""
 from __future__ import annotations
 
 import contextlib
-
 import subprocess
 import sys
 import time
