@@ -169,10 +169,16 @@ class CarbonAccountant:
         with self._lock:
             return list(self._series)
 
-    def refresh(self, start: float, end: float) -> Future[list[IntensitySeries]]:
-        """Fetch ``[start, end)`` from every provider in the background (one fetch at a time)."""
+    def refresh(
+        self, start: float, end: float, *, queue: bool = False
+    ) -> Future[list[IntensitySeries]]:
+        """Fetch ``[start, end)`` from every provider in the background, one fetch at a time.
+
+        While a fetch is under way it is returned instead of starting another, unless ``queue``:
+        then a new fetch of this range runs after it (the final one of a run needs its end).
+        """
         with self._lock:
-            if self._future is not None and not self._future.done():
+            if not queue and self._future is not None and not self._future.done():
                 return self._future
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="green-mlops-intensity")
@@ -182,14 +188,23 @@ class CarbonAccountant:
     def result(
         self, timeline: Sequence[tuple[float, float]], *, wait_s: float = 2.0
     ) -> CarbonResult:
-        """Price ``timeline`` now. Never raises; an unpriced remainder is reported as such."""
+        """Price ``timeline`` now. Never raises; an unpriced remainder is reported as such.
+
+        ``wait_s > 0`` (the end of a run): fetch the whole range and wait that long for it.
+        ``wait_s == 0`` (a live result): price with what was fetched so far, refreshing in the
+        background for the next call.
+        """
         if timeline:
             start, end = timeline[0][0], timeline[-1][0]
-            future = self.refresh(start, end)
-            try:
-                future.result(timeout=wait_s)
-            except Exception as exc:  # timeout or a provider bug: use what we have
-                self.skipped.setdefault("fetch", f"not finished after {wait_s:g} s ({exc!r})")
+            future = self.refresh(start, end, queue=wait_s > 0)
+            if wait_s > 0:
+                try:
+                    future.result(timeout=wait_s)
+                except Exception as exc:  # timeout or a provider bug: use what we have
+                    self.skipped["fetch"] = (
+                        f"intensity for the whole run not fetched within {wait_s:g} s "
+                        f"({type(exc).__name__}); earlier data and the fallbacks priced it"
+                    )
         with self._lock:
             chain = list(self._series)
         return account(timeline, chain)
@@ -220,6 +235,7 @@ class CarbonAccountant:
                 break
         with self._lock:
             self._series = chain
+        self.skipped.pop("fetch", None)
         return chain
 
 

@@ -39,7 +39,9 @@ MAX_RETRY_AFTER_S = 10
 def _retry(total: int) -> Retry:
     options: dict[str, Any] = {
         "total": total,
-        "read": 1,  # a read timeout is retried once: 4 x the timeout would outlast the run's end
+        # a refused connection or a read timeout is retried once: more would outlast a run's end
+        "connect": 1,
+        "read": 1,
         "backoff_factor": 0.5,
         "status_forcelist": RETRY_STATUSES,
         "allowed_methods": frozenset({"GET"}),

@@ -280,3 +280,50 @@ def test_split_at_any_instant_adds_up(
     assert same(sum(whole.kwh_by_source.values()) + whole.unpriced_kwh, whole.kwh)
     if with_table:
         assert whole.unpriced_kwh == 0.0
+
+
+# --- the accountant: background fetches, live vs final results ------------------------------
+
+
+def test_final_result_fetches_the_whole_run_and_clears_stale_fetch_notes(tmp_path: object) -> None:
+    import threading
+    import time
+
+    from green_mlops.carbon import CarbonAccountant
+    from green_mlops.config import Settings
+    from green_mlops.intensity import IntensityProvider
+    from green_mlops.location import Location
+
+    class Recording(IntensityProvider):
+        name = "recording"
+
+        def __init__(self) -> None:
+            self.ranges: list[tuple[float, float]] = []
+            self.gate = threading.Event()
+
+        def series(self, location: Location, start: float, end: float) -> IntensitySeries:
+            self.gate.wait(5)  # the first fetch is slow: still running when results are asked
+            self.ranges.append((start, end))
+            return IntensitySeries(
+                (IntensityPoint(start, end, 100.0),),
+                "recording",
+                "test",
+                "DE",
+                "average",
+                "lifecycle",
+                False,
+                "now",
+            )
+
+    provider = Recording()
+    accountant = CarbonAccountant(Settings.load(environ={}, location="DE"), providers=[provider])
+    t0 = time.time()
+    accountant.refresh(t0, t0 + 1)  # like the prefetch at start
+    live = accountant.result([(t0, 0.0), (t0 + 10, 3.6e6)], wait_s=0)  # does not wait
+    assert live.unpriced_kwh == pytest.approx(1.0)  # nothing fetched yet: said, not guessed
+    provider.gate.set()
+    final = accountant.result([(t0, 0.0), (t0 + 10, 3.6e6)], wait_s=5)
+    assert provider.ranges[-1] == (t0, t0 + 10)  # the final fetch covered the whole run
+    assert final.grams == pytest.approx(100.0) and final.unpriced_kwh == 0
+    assert "fetch" not in accountant.skipped
+    accountant.close()

@@ -479,7 +479,7 @@ def test_tokens_appear_nowhere_in_a_tracked_run(
         with mlflow.start_run() as run:
             time.sleep(0.6)
         s = Settings.load()
-        print(repr(s), str(s.electricitymaps_token), repr(s.watttime_password))
+        print(repr(s), str(s.electricitymaps_token), repr(s.watttime_password))  # must be masked
         try:
             Settings.load(electricitymaps_token=s.electricitymaps_token, share="bad")
         except Exception as exc:
