@@ -181,7 +181,11 @@ def test_fit_logs_energy_phases_carbon_flops_quality(tmp_path: Path) -> None:
     for p in phases:
         by_component = got[f"green/phase/{p}/cpu_kwh"] + got[f"green/phase/{p}/ram_kwh"]
         assert by_component == pytest.approx(got[f"green/phase/{p}_kwh"], rel=1e-9)
-    assert got["green/phase/train_kwh"] > got["green/phase/validation_kwh"] > 0
+    for p in phases:  # constant-power meters: a phase's energy is the power x its time
+        seconds = got[f"green/phase/{p}_s"]
+        expected = (CPU_W + RAM_W) * seconds / 3.6e6
+        assert got[f"green/phase/{p}_kwh"] == pytest.approx(expected, rel=1e-3, abs=1e-12)
+    assert got["green/phase/train_kwh"] > 0 and got["green/phase/validation_kwh"] > 0
 
     # carbon: a constant 400 g/kWh, PUE 1; per phase: its share of the run's carbon
     assert got["green/co2e_g"] == pytest.approx(400 * kwh, rel=1e-9)
