@@ -822,6 +822,8 @@ state["incumbent_weights"] = None if weights is None else {{
 (out / f"rank{{trainer.global_rank}}.json").write_text(json.dumps(
     {{"state": state, "rows": record.rows, "steps": len(module.steps)}}
 ))
+if torch.distributed.is_initialized():  # as a DDP script should: gloo's threads end cleanly
+    torch.distributed.destroy_process_group()
 """
 
 

@@ -573,6 +573,8 @@ trainer = pl.Trainer(
 )
 trainer.fit(Classifier(), loader(), loader(1))
 (out / f"rank{{trainer.global_rank}}.json").write_text(json.dumps(monitor.state_dict()))
+if torch.distributed.is_initialized():  # as a DDP script should: gloo's threads end cleanly
+    torch.distributed.destroy_process_group()
 """
 
 
