@@ -13,35 +13,43 @@ are scored on the same N examples, so we compare them paired, example by example
 - b_i`` (candidate minus incumbent, sign-flipped for ``mode="max"``), and the candidate improved
 iff the population mean ``mu = mean(d_1..d_N) < 0``.
 
-The confidence sequence. The examples are visited in one fixed order that is a uniformly random
-permutation drawn once, independently of the models (shuffle once with a fixed seed and keep
-it). Then the first ``n`` differences are a sample drawn *without replacement* from the N
-differences, and given the first ``i - 1`` of them, ``E[d_i] = (N mu - S_{i-1}) / (N - i + 1)``
-(``S`` the running sum). For any predictable ``lambda_i >= 0``, centre ``m_i`` and scale ``s_i``
-with ``d_i >= m_i - s_i`` surely, the inequality ``exp(u x - psi(u) x^2) <= 1 + u x`` (``x >=
--1``, ``0 <= u < 1``, ``psi(u) = -log(1 - u) - u``; Fan, Grama & Liu, "Exponential inequalities
-for martingales with applications", Electron. J. Probab. 20, 2015) makes
+The test. The examples are visited in one fixed order that is a uniformly random permutation
+drawn once, independently of the models (shuffle once with a fixed seed and keep it). Then the
+first ``n`` differences are a sample drawn *without replacement* from the N differences, and
+given the first ``i - 1`` of them, ``E[d_i] = (N mu - S_{i-1}) / (N - i + 1)`` (``S`` the
+running sum). "Not improved" is decided by a sequential test of ``H0: mu <= t`` (``t`` a
+rounding margin above 0) with the wealth process
 
-    M_n = prod_i exp(lambda_i (d_i - E[d_i]) - psi(lambda_i s_i) ((d_i - m_i) / s_i)^2)
+    K_n = prod_{i <= n} (1 + lambda_i (d_i - e_i)),    e_i = (N t - S_{i-1}) / (N - i + 1),
 
-a non-negative supermartingale, and Ville's inequality gives, simultaneously for all n with
-probability at least ``1 - a``,
+where the bet ``lambda_i >= 0`` is fixed before ``d_i`` is seen. Under ``H0``, ``E[d_i | past]
+<= e_i``, so each factor has conditional mean at most 1: ``K`` is a supermartingale, and it stays
+non-negative because ``lambda_i <= BET_CAP / (e_i - least_i)`` with ``least_i`` a sure lower
+bound of ``d_i`` (one worst-case example keeps 10 % of the wealth). Ville's inequality gives
+``P(K_n >= 1/a for some n) <= a`` under ``H0``: deciding when ``K_n >= 1/a`` errs with
+probability at most ``a``, however often it looks. The bet is the growth-rate (Kelly)
+approximation ``lambda = m / (v + m^2)``, ``m`` and ``v`` the mean (shrunk by one
+pseudo-example) and mean square of the earlier excesses ``d_j - e_j``, fixed per batch and
+capped per example. This is the betting method of Waudby-Smith & Ramdas, "Estimating means of
+bounded random variables by betting", JRSS-B 2024 (arXiv:2010.09686, Sec. 5, the aGRAPA bet),
+for sampling without replacement as in Waudby-Smith & Ramdas, "Confidence sequences for
+sampling without replacement", NeurIPS 2020 (arXiv:2006.04347), run at the one threshold the
+decision needs. Inverting these tests over ``t`` gives a confidence sequence for ``mu``
+(:attr:`PairedComparison.interval`, truncated at the thresholds: bounds beyond them would need
+bets aimed there). An earlier version decided from the linearised (empirical-Bernstein) form
+of that sequence, whose penalty ``psi(u) x^2`` is more than twice the exact ``log(1 + u x)``
+loss for the small differences typical of consecutive epochs; in
+``benchmarks/adaptive_validation.py`` (``EarlyStopping(patience=3)``, CE<=5) the exact product
+raised the validation saved from 23 % and 18 % to 27 % and 28 % at N = 5,000, and from 39 % and
+30 % to 46 % and 43 % at N = 20,000, with every decision still that of full validation.
 
-    mu > L_n = (sum_i lambda_i (d_i + S_{i-1}/(N-i+1)) - sum_i psi(.) (.)^2 - log(1/a))
-               / sum_i lambda_i N/(N-i+1).
-
-This is the empirical-Bernstein confidence sequence for sampling without replacement of
-Waudby-Smith & Ramdas, "Confidence sequences for sampling without replacement", NeurIPS 2020
-(arXiv:2006.04347, Sec. 3), with the plug-in ``lambda`` of Waudby-Smith & Ramdas, "Estimating
-means of bounded random variables by betting", JRSS-B 2024 (arXiv:2010.09686, Thm 2), and one
-change: the scale ``s_i`` comes from a *one-sided* predictable bound. Where the incumbent's
-values are all known, ``d_i >= lower - max(incumbent values not yet visited)``: the lower
-confidence bound needs only the candidate's lower bound (0 for a loss), never an upper one.
-Incumbent values not known yet (see "Two incumbent modes") are bounded by ``upper``. The
-sequence is intersected with the deterministic finite-population bound ``mu >= (S_n + sum over
-unvisited j of (lower - b_j)) / N``, which is exact at ``n = N``: the width is 0 at the full
-set. An upper bound (for an early ``improved``) is computed symmetrically; it needs the
-candidate's ``upper`` bound (``lower`` in ``mode="max"``).
+The sure bounds are *one-sided*. Where the incumbent's values are all known, ``d_i >= lower -
+max(incumbent values not yet visited)``: the test needs only the candidate's lower bound (0
+for a loss), never an upper one. Incumbent values not known yet (see "Two incumbent modes")
+are bounded by ``upper``. The test is combined with the deterministic finite-population bound
+``mu >= (S_n + sum over unvisited j of (lower - b_j)) / N`` (a sure statement, costing no
+error budget), which is exact at ``n = N``. "Improved" is tested symmetrically (``H0: mu >=
+-improve_by - t``); it needs the candidate's ``upper`` bound (``lower`` in ``mode="max"``).
 
 Two incumbent modes. ``incumbent="values"`` keeps the incumbent's per-example values, N floats,
 and completes every improving run (the next comparisons need the new incumbent's every value);
@@ -55,8 +63,8 @@ The incumbent's values are a fixed function of its (copied, frozen) weights and 
 example, so the values obtained late are the very values a full run of the incumbent would
 have produced: the pairs ``(c_i, b_i)`` form the same fixed population, visited in the same
 random order, and each pair is revealed in the same step as before (the incumbent's value is
-added just before the candidate's). The confidence sequence keeps its proof; only its
-predictable bounds change: an unvisited incumbent value not evaluated yet is bounded by
+added just before the candidate's). The test keeps its proof; only its predictable sure
+bounds change: an unvisited incumbent value not evaluated yet is bounded by
 ``upper`` (an assumption checked on every value seen) instead of by the known maximum.
 Early "improved" needs a bounded candidate value on the improving side: with an unbounded
 loss a single unseen example can undo any improvement, and no sequential test can rule that
@@ -74,7 +82,7 @@ by induction, and so do the saved checkpoint, the best epoch and the stop epoch.
 replays both callbacks' bests on ``u`` and keeps, on ``v``, the incumbent and, when
 EarlyStopping's best is another model, that model's exact mean. Each run answers A_t and B_t on
 ``v``: exactly after a full pass (the incumbent's values are completed lazily on the way), or
-early from the confidence sequence ("not improved": no, no; "improved": yes, yes, because an
+early from the sequential test ("not improved": no, no; "improved": yes, yes, because an
 early "improved" must establish ``mu < -min_delta``). It then logs its estimate, clamped (in
 the logged dtype, by bisection over the float line) into the values of ``u`` that give the same
 answers: ``(best_u, +inf)`` for "not improved" (this answers B no as well: EarlyStopping's best
@@ -102,14 +110,16 @@ alpha`` every early decision of every comparison equals the full-set decision, f
 of comparisons. Proof sketch: the models of full validation do not depend on the permutation
 (validation does not change training) and neither does which of them full validation makes
 the incumbent; adaptive validation coincides with full validation until its first wrong
-decision; that requires some comparison's sequence, computed on a fixed pair of populations,
-to miss its ``mu``, probability at most ``sum alpha_k``. Decisions reached at the full set are
-exact. An early decision also needs the bound to clear its threshold by a relative
-``ROUNDING_MARGIN``, so that float rounding of the full-set means could not have produced the
-opposite comparison.
+decision; that requires some comparison's test, run on a fixed pair of populations, to reject
+a true null, probability at most ``sum alpha_k`` (each side of comparison ``k`` spends at most
+its share). The error rates are checked by simulation in ``tests/test_adaptive.py``, an
+adversarial population among them. Decisions reached at the full set are exact. An early
+decision also needs to clear its threshold by a relative ``ROUNDING_MARGIN``, so that float
+rounding of the full-set means could not have produced the opposite comparison.
 
-Memory: ``"values"``: N float64 (40 kB for N = 5,000). ``"weights"``: the same, plus, while the
-incumbent is known only on a prefix, one copy of the model's weights (held by the driver).
+Memory: ``"values"``: N float64 (40 kB for N = 5,000), and 2 N per side of a running
+comparison. ``"weights"``: the same, plus, while the incumbent is known only on a prefix, one
+copy of the model's weights (held by the driver).
 """
 
 from __future__ import annotations
@@ -133,8 +143,9 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 
-#: Largest per-step bet, as a fraction of the scale (Waudby-Smith & Ramdas use 1/2 or 3/4).
-MAX_BET = 0.75
+#: Largest share of the wealth one example may put at risk: a bet never exceeds ``BET_CAP`` over
+#: the most that example can fall below its null mean, so a worst-case example keeps 10 %.
+BET_CAP = 0.9
 #: Relative margin by which an early decision must clear its threshold, so that float rounding
 #: of the two full-set means cannot turn it into a tie-break the other way.
 ROUNDING_MARGIN = 1e-9
@@ -155,21 +166,24 @@ def alpha_spending(alpha: float, k: int) -> float:
     return alpha * 6.0 / (math.pi**2 * k * k)
 
 
-def _psi(u: FloatArray | float) -> Any:
-    return -np.log1p(-np.asarray(u)) - u
-
-
 class _Side:
-    """One side of the confidence sequence, in the orientation where it is a lower bound.
+    """One side of the comparison, in the orientation where it decides on a *large* mean.
 
     ``x``: the incumbent's values in this orientation (``d = candidate - x``), of which the first
     ``known`` are known; ``floor``: the least possible candidate value; ``cap``: the largest
     possible incumbent value (``inf`` if unbounded), standing in for values not known yet.
-    Tracks ``L_n`` for the mean of ``d``.
+    Tests ``mean(d) <= threshold`` with the wealth process of the module docstring; rejecting
+    it (``rejected``) means the mean is above ``threshold``.
     """
 
     def __init__(
-        self, x: FloatArray, known: int, floor: float, cap: float, log_inv_alpha: float
+        self,
+        x: FloatArray,
+        known: int,
+        floor: float,
+        cap: float,
+        log_inv_alpha: float,
+        threshold: float,
     ) -> None:
         n = x.size
         self.N = n
@@ -185,11 +199,15 @@ class _Side:
         if known == n:
             self._complete()
         self.log_inv_alpha = log_inv_alpha
-        self.a = 0.0  # sum lambda_i (d_i + S_{i-1} / (N - i + 1))
-        self.w = 0.0  # sum lambda_i N / (N - i + 1)
-        self.v = 0.0  # sum psi(lambda_i s_i) ((d_i - m_i) / s_i)^2
-        self.sq = 0.0  # sum (d_i - m_i)^2, for the variance estimate
-        self.bound = -math.inf
+        self.threshold = threshold
+        self.log_wealth = 0.0
+        self.rejected = False
+        self._d = np.empty(n)  # the differences seen
+        self._bet = np.zeros(n)  # lambda_i, the bet placed on each of them
+        self._x_sum = 0.0  # sum and sum of squares of d_i - e_i(threshold), for the next bet
+        self._x_sq = 0.0
+        self._bound = -math.inf  # the best lower confidence bound computed so far
+        self.fed = 0  # how many differences were added
 
     def _complete(self) -> None:
         # suffix_max[j] = max of x[j:], the worst incumbent value still unvisited.
@@ -218,44 +236,84 @@ class _Side:
         unknown = self.N - max(n, self.known)
         return known + unknown * self.cap if unknown else known
 
+    def _null_means(self, m: Any, d: FloatArray, start: int, prefix: float) -> Any:
+        """``e_i(m) = (N m - S_{i-1}) / (N - i + 1)`` for the differences ``d`` at positions
+        ``start ..``: the mean of ``d_i`` given the earlier ones, were ``mean(d) = m``.
+        ``m`` may be an array of shape (k, 1): then one row per value."""
+        idx = np.arange(start, start + d.size, dtype=np.float64)  # 0-based i - 1
+        before = prefix + np.concatenate(([0.0], np.cumsum(d)[:-1]))  # S_{i-1}
+        return (self.N * m - before) / (self.N - idx)
+
     def update(self, d: FloatArray, start: int, prefix: float) -> None:
         """Add the differences ``d`` at positions ``start .. start + len(d) - 1`` (0-based);
-        ``prefix`` is the sum of all earlier differences. Bet size, centre and scale are fixed
-        from what was known before the batch (predictable)."""
-        n_seen = start
+        ``prefix`` is the sum of all earlier differences. The batch's bet is fixed from what
+        was seen before it, each example's cap from what was seen before that example."""
+        size = d.size
+        self._d[start : start + size] = d
+        self.fed = start + size
+        excess = d - self._null_means(self.threshold, d, start, prefix)  # d_i - e_i
         least = self.least(start)  # every unvisited d_i >= least
-        centre = prefix / n_seen if n_seen else 0.0
-        resid = d - centre
-        if math.isfinite(least):
-            scale = centre - least
-            if not scale > 0:  # centre at the bound: nudge it up (any predictable centre works)
-                scale = max(abs(least), 1.0) * 1e-12
-                centre = least + scale
-                resid = d - centre
-            var = ((scale / 2.0) ** 2 + self.sq) / (n_seen + 1)
-            t = n_seen + 1
-            spread = var * t * math.log1p(t)
-            lam = MAX_BET / scale
-            if spread > 0:  # (0 only when var underflows: then the cap applies)
-                lam = min(lam, math.sqrt(2.0 * self.log_inv_alpha / spread))
-            idx = np.arange(start, start + d.size, dtype=np.float64)  # 0-based i - 1
-            remaining = self.N - idx  # N - i + 1
-            before = prefix + np.concatenate(([0.0], np.cumsum(d)[:-1]))  # S_{i-1}
-            self.a += lam * float(np.sum(d + before / remaining))
-            self.w += lam * float(np.sum(self.N / remaining))
-            self.v += float(_psi(lam * scale)) * float(np.sum((resid / scale) ** 2))
-        # (no finite bound: no bet on this batch, lambda = 0, which keeps M_n a supermartingale)
-        self.sq += float(np.sum(resid**2))
-        if self.w > 0:
-            stat = (self.a - self.v - self.log_inv_alpha) / self.w
-            self.bound = max(self.bound, stat)
+        if math.isfinite(least) and start > 0:
+            mean = self._x_sum / (start + 1)  # shrunk towards 0 by one pseudo-example
+            second = self._x_sq / (start + 1)
+            bet = mean / (second + mean * mean) if mean > 0 else 0.0
+            room = (d - excess) - least  # e_i - least >= 0: d_i - e_i >= -room surely
+            safe = np.where(room > 0, room, 1.0)
+            lam = np.where(room > 0, np.minimum(bet, BET_CAP / safe), 0.0)
+            self._bet[start : start + size] = lam
+            self.log_wealth += float(np.sum(np.log1p(lam * excess)))
+            if self.log_wealth >= self.log_inv_alpha:
+                self.rejected = True
+        # (no finite bound, or nothing seen yet: no bet, lambda = 0)
+        self._x_sum += float(np.sum(excess))
+        self._x_sq += float(np.sum(excess * excess))
 
     def deterministic(self, n: int, prefix: float) -> float:
         """Lower bound from ``candidate >= floor`` alone; exact at ``n = N``."""
         return (prefix + (self.N - n) * self.floor - self.unvisited_sum(n)) / self.N
 
+    def decided(self, n: int, prefix: float, strict: bool) -> bool:
+        """Whether the mean is surely, or with the test's confidence, above ``threshold``."""
+        if self.rejected:
+            return True
+        sure = self.deterministic(n, prefix)
+        return sure > self.threshold if strict else sure >= self.threshold
+
+    def _log_wealth(self, m: FloatArray, n: int) -> FloatArray:
+        """``log K_n(m)`` for each ``m <= threshold`` (shape (k,)), replaying the same bets."""
+        d = self._d[:n]
+        e = self._null_means(m[:, None], d, 0, 0.0)
+        return np.sum(np.log1p(self._bet[:n] * (d - e)), axis=1)  # type: ignore[no-any-return]
+
     def lower(self, n: int, prefix: float) -> float:
-        return max(self.bound, self.deterministic(n, prefix))
+        """A lower confidence bound of the mean, simultaneous over ``n``, truncated at
+        ``threshold`` (all the decision needs): ``sup {m <= threshold: K_n(m) >= 1/a}``."""
+        sure = self.deterministic(n, prefix)
+        if self.rejected or sure >= self.threshold:
+            return max(sure, self.threshold)
+        n = self.fed  # (a decided comparison is not fed further: its bound stays valid)
+        if n == 0 or not np.any(self._bet[:n] > 0):
+            return max(sure, self._bound)
+        lo = sure
+        if not math.isfinite(lo):  # find a rejected m below the threshold
+            step = max(1.0, abs(self.threshold))
+            for _ in range(64):
+                lo = self.threshold - step
+                if self._log_wealth(np.array([lo]), n)[0] >= self.log_inv_alpha:
+                    break
+                step *= 2.0
+            else:
+                return max(sure, self._bound)
+        elif self._log_wealth(np.array([lo]), n)[0] < self.log_inv_alpha:
+            return max(sure, self._bound)
+        hi = self.threshold  # log K_n(m) is non-increasing in m: bracket the crossing
+        for _ in range(4):
+            grid = np.linspace(lo, hi, 33)
+            above = self._log_wealth(grid, n) >= self.log_inv_alpha
+            j = int(np.count_nonzero(above)) - 1  # above = [True .. True, False .. False]
+            lo, hi = float(grid[j]), float(grid[min(j + 1, 32)])
+        self._bound = max(self._bound, lo)
+        return max(sure, self._bound)
 
 
 class PairedComparison:
@@ -331,18 +389,8 @@ class PairedComparison:
         self.out_of_bounds: float | None = None
         if self._outside(self._inc[:known]) is not None:
             raise ValueError("an incumbent value lies outside the given bounds")
-        sides = 2 if early == "both" else 1
-        log_inv = math.log(sides / alpha)
         self.alpha = alpha
         self.improve_by = improve_by
-        cap_low = math.inf if ceiling is None else ceiling
-        cap_high = math.inf if floor is None else -floor
-        self._low = None if floor is None else _Side(self._inc, known, floor, cap_low, log_inv)
-        self._high = (  # upper bound of d = -(lower bound of -d)
-            None
-            if ceiling is None or early != "both"
-            else _Side(-self._inc, known, -ceiling, cap_high, log_inv)
-        )
         self._cand = np.empty(self.N, dtype=np.float64)
         self.n = 0
         self._sum = 0.0  # of oriented differences
@@ -350,6 +398,32 @@ class PairedComparison:
         self.decision = Decision.UNDECIDED
         scale = abs(self.incumbent_mean) if known == self.N else abs(float(np.mean(head)))
         self._margin = ROUNDING_MARGIN * max(scale, np.finfo(float).tiny)
+        log_inv = math.log((2 if early == "both" else 1) / alpha)
+        # "not improved": mean(d) >= margin; "improved": mean(-d) > improve_by + margin
+        self._low = (
+            None
+            if floor is None
+            else _Side(
+                self._inc,
+                known,
+                floor,
+                math.inf if ceiling is None else ceiling,
+                log_inv,
+                self._margin,
+            )
+        )
+        self._high = (
+            None
+            if ceiling is None or early != "both"
+            else _Side(
+                -self._inc,
+                known,
+                -ceiling,
+                math.inf if floor is None else -floor,
+                log_inv,
+                improve_by + self._margin,
+            )
+        )
 
     def _outside(self, oriented: FloatArray) -> float | None:
         """The first finite value (oriented) outside the bounds, in the metric's units."""
@@ -423,13 +497,12 @@ class PairedComparison:
             return self.decision
         if self._low is not None:
             self._low.update(d, start, prefix)
-            if self._low.lower(self.n, self._sum) >= self._margin:
-                self.decision = Decision.NOT_IMPROVED
-        if self._high is not None and self.decision is Decision.UNDECIDED:
+        if self._high is not None:
             self._high.update(-d, start, -prefix)
-            high = -self._high.lower(self.n, -self._sum)
-            if high < -self.improve_by - self._margin:
-                self.decision = Decision.IMPROVED
+        if self._low is not None and self._low.decided(self.n, self._sum, strict=False):
+            self.decision = Decision.NOT_IMPROVED
+        elif self._high is not None and self._high.decided(self.n, -self._sum, strict=True):
+            self.decision = Decision.IMPROVED
         return self.decision
 
     def _exact(self) -> Decision:
@@ -442,7 +515,10 @@ class PairedComparison:
     @property
     def interval(self) -> tuple[float, float]:
         """Confidence interval for ``mean(candidate) - mean(incumbent)`` over the N examples
-        (in the metric's own units and sign); ``(-inf, inf)`` where no bound applies."""
+        (in the metric's own units and sign), valid simultaneously over time: the inverted
+        tests, so each bound stops at its decision threshold (near 0, or ``-improve_by``) and
+        is tight only on the side the evidence points to; ``(-inf, inf)`` where no bound
+        applies. Computed on demand (a few replays of the bets), not per batch."""
         if self.n == self.N and self.finite:
             exact = float(np.mean(self._cand)) - self.incumbent_mean
             return exact, exact

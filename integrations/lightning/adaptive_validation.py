@@ -1,6 +1,6 @@
 """``AdaptiveValidation``: stop each validation run as soon as its decision is certain.
 
-The statistics (a paired, anytime-valid confidence sequence for sampling without replacement,
+The statistics (paired, anytime-valid sequential tests for sampling without replacement,
 with alpha spent across comparisons) and the error guarantee are in :mod:`green_mlops.adaptive`.
 This module connects them to Lightning; see :class:`AdaptiveValidation`.
 """
