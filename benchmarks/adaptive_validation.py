@@ -459,9 +459,18 @@ def evaluate(seeds: Sequence[SeedReplay], n: int) -> tuple[list[list[str]], list
 # -- live Lightning fits -----------------------------------------------------------------------
 
 
-def live_check(problem: str, n_val: int, seed: int, lr: float) -> tuple[bool, str]:
+def live_check(
+    problem: str,
+    n_val: int,
+    seed: int,
+    lr: float,
+    accelerator: str = "cpu",
+    incumbent_device: Literal["cpu", "module"] = "cpu",
+    energy: bool = False,
+) -> tuple[bool, str]:
     """Fit with full and adaptive validation (CE<=5, incumbent="weights"); compare decisions,
-    and the adaptive fit with the replay of the full fit's recorded per-example values."""
+    and the adaptive fit with the replay of the full fit's recorded per-example values.
+    ``energy``: an EnergyMonitor joins the adaptive fit, which then reports the energy saved."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
@@ -502,7 +511,7 @@ def live_check(problem: str, n_val: int, seed: int, lr: float) -> tuple[bool, st
             self, trainer: pl.Trainer, pl_module: Any, outputs: Any, *args: Any
         ) -> None:
             if not trainer.sanity_checking:
-                self.values[-1].append(outputs["per_example_loss"].double().numpy())
+                self.values[-1].append(outputs["per_example_loss"].detach().cpu().double().numpy())
 
         def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
             if not trainer.sanity_checking:
@@ -515,7 +524,7 @@ def live_check(problem: str, n_val: int, seed: int, lr: float) -> tuple[bool, st
                     )
                 )
 
-    def fit(enabled: bool, root: str) -> tuple[int, str, Record]:
+    def fit(enabled: bool, root: str) -> tuple[int, str, Record, float]:
         pl.seed_everything(seed, verbose=False)
         train_loader = DataLoader(
             TensorDataset(xtr, ytr),
@@ -527,18 +536,28 @@ def live_check(problem: str, n_val: int, seed: int, lr: float) -> tuple[bool, st
         record = Record()
         es = EarlyStopping("val_loss", patience=PATIENCE)
         mc = ModelCheckpoint(dirpath=root, monitor="val_loss", save_top_k=1)
+        adaptive = AdaptiveValidation(
+            upper=CLAMP, enabled=enabled, incumbent_device=incumbent_device
+        )
+        callbacks: list[Callback] = [adaptive, es, mc, record]
+        if energy and enabled:
+            from green_mlops.integrations.lightning import EnergyMonitor
+
+            callbacks.append(EnergyMonitor())
         trainer = pl.Trainer(
             max_epochs=MAX_EPOCHS,
-            accelerator="cpu",
+            accelerator=accelerator,
             devices=1,
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            callbacks=[AdaptiveValidation(upper=CLAMP, enabled=enabled), es, mc, record],
+            deterministic=True,  # (on a GPU: cuBLAS too, so both fits train identically)
+            callbacks=callbacks,
         )
         trainer.fit(Module(), train_loader, DataLoader(val, batch_size=VAL_BATCH))
-        return es.stopped_epoch, Path(mc.best_model_path).name.split("-")[0], record
+        best = Path(mc.best_model_path).name.split("-")[0]
+        return es.stopped_epoch, best, record, adaptive.saved_kwh
 
     with tempfile.TemporaryDirectory() as tmp:
         full = fit(False, f"{tmp}/full")
@@ -552,6 +571,8 @@ def live_check(problem: str, n_val: int, seed: int, lr: float) -> tuple[bool, st
         f"{adaptive[1]} / {full[1]}, {len(adaptive[2].logged)} runs match the replay: "
         f"{replayed == adaptive[2].logged}, {1 - cost:.0%} of validation forward passes saved"
     )
+    if energy:
+        detail += f", energy saved (EnergyMonitor's estimate): {adaptive[3] * 3.6e6:.1f} J"
     return same, detail
 
 
@@ -579,6 +600,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--live-seeds", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--output", type=Path, help="also write the report to this file")
+    parser.add_argument("--live-only", action="store_true", help="only the live Lightning fits")
+    parser.add_argument("--accelerator", default="cpu", help="of the live fits: cpu or gpu")
+    parser.add_argument(
+        "--incumbent-device", choices=("cpu", "module"), default="cpu", help="of the live fits"
+    )
+    parser.add_argument(
+        "--energy", action="store_true", help="an EnergyMonitor joins the adaptive live fits"
+    )
     args = parser.parse_args(argv)
     seeds = EVAL_SEEDS[: 4 if args.quick else args.seeds]
     live_seeds = EVAL_SEEDS[: 1 if args.quick else args.live_seeds]
@@ -597,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries: dict[tuple[str, int, float, str, str], Summary] = {}
     tables: list[str] = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for problem, n_val in PROBLEMS:
+        for problem, n_val in [] if args.live_only else PROBLEMS:
             for lr in RATES:
                 jobs = [(problem, n_val, seed, lr) for seed in seeds]
                 results = list(pool.map(replay_seed, jobs))
@@ -616,29 +645,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ]
                         tables += part
                         print("\n".join(part), flush=True)
-    out += [
-        "## Summary (default AdaptiveValidation: incumbent='weights', alpha = 0.05)",
-        "",
-        "| problem | lr | metric | regime | val saved | same best / stop | test regret (pp), "
-        "adaptive / full | optimistic reference saves |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    if args.live_only:
+        out[2] = f"`python benchmarks/adaptive_validation.py {' '.join(argv or sys.argv[1:])}`"
+    else:
+        out += [
+            "## Summary (default AdaptiveValidation: incumbent='weights', alpha = 0.05)",
+            "",
+            "| problem | lr | metric | regime | val saved | same best / stop | test regret (pp), "
+            "adaptive / full | optimistic reference saves |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for (problem, n_val, lr, metric, regime_name), result in summaries.items():
         out.append(
             f"| {problem} N={n_val} | {lr:g} | {metric} | {regime_name} | {result.saved:.0%} | "
             f"{result.same_best:.0%} / {result.same_stop:.0%} | {result.regret:.2f} / "
             f"{result.full_regret:.2f} | {result.oracle_saved:.0%} |"
         )
-    out += ["", *tables]
+    if tables:
+        out += ["", *tables]
     out += [
         f"## Live Lightning fits (lr 0.01, CE<={CLAMP:g}, incumbent='weights'): callback vs its "
         "replay vs full validation",
+        "",
+        f"Accelerator {args.accelerator}, incumbent_device={args.incumbent_device!r}"
+        + (", EnergyMonitor in the adaptive fits." if args.energy else "."),
         "",
     ]
     ok = True
     for problem, n_val in PROBLEMS[:2]:
         for seed in live_seeds:
-            same, detail = live_check(problem, n_val, seed, 1e-2)
+            same, detail = live_check(
+                problem, n_val, seed, 1e-2, args.accelerator, args.incumbent_device, args.energy
+            )
             ok &= same
             out.append(f"- {'identical' if same else 'DIFFERENT'}: {detail}")
             print(out[-1], flush=True)
