@@ -114,8 +114,9 @@ decision; that requires some comparison's test, run on a fixed pair of populatio
 a true null, probability at most ``sum alpha_k`` (each side of comparison ``k`` spends at most
 its share). The error rates are checked by simulation in ``tests/test_adaptive.py``, an
 adversarial population among them. Decisions reached at the full set are exact. An early
-decision also needs to clear its threshold by a relative ``ROUNDING_MARGIN``, so that float
-rounding of the full-set means could not have produced the opposite comparison.
+decision also needs to clear its threshold by a relative ``ROUNDING_MARGIN`` (float64;
+``FLOAT32_ROUNDING_MARGIN`` when the logger keeps float32), so that rounding of the full-set
+means could not have produced the opposite comparison.
 
 Memory: ``"values"``: N float64 (40 kB for N = 5,000), and 2 N per side of a running
 comparison. ``"weights"``: the same, plus, while the incumbent is known only on a prefix, one
@@ -149,6 +150,8 @@ BET_CAP = 0.9
 #: Relative margin by which an early decision must clear its threshold, so that float rounding
 #: of the two full-set means cannot turn it into a tie-break the other way.
 ROUNDING_MARGIN = 1e-9
+#: The same for a logger that keeps float32 (MPS): 8 float32 ulps, relative.
+FLOAT32_ROUNDING_MARGIN = 2.0**-20
 
 
 class Decision(str, enum.Enum):
@@ -335,6 +338,9 @@ class PairedComparison:
         improve_by: an early "improved" needs the candidate's mean to be better than the
             incumbent's by more than this (>= 0, in the metric's units; ``EarlyStopping``'s
             ``min_delta``). At the full set "improved" means strictly better, by any amount.
+        rounding: relative margin by which an early decision must clear its threshold, so
+            that rounding the full-set means in the logged dtype could not have reversed it:
+            :data:`ROUNDING_MARGIN` (float64), :data:`FLOAT32_ROUNDING_MARGIN` (float32).
 
     Feed the candidate's values batch by batch with :meth:`update`; it returns the decision so
     far. At the full set the decision is exact: improved iff the candidate's mean is strictly
@@ -352,11 +358,14 @@ class PairedComparison:
         early: Literal["not_improved", "both"] = "not_improved",
         known: int | None = None,
         improve_by: float = 0.0,
+        rounding: float = ROUNDING_MARGIN,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        if not (math.isfinite(rounding) and rounding >= 0):
+            raise ValueError(f"rounding must be finite and >= 0, got {rounding}")
         if early not in ("not_improved", "both"):
             raise ValueError(f"early must be 'not_improved' or 'both', got {early!r}")
         if not (math.isfinite(improve_by) and improve_by >= 0):
@@ -396,8 +405,13 @@ class PairedComparison:
         self._sum = 0.0  # of oriented differences
         self.finite = True
         self.decision = Decision.UNDECIDED
-        scale = abs(self.incumbent_mean) if known == self.N else abs(float(np.mean(head)))
-        self._margin = ROUNDING_MARGIN * max(scale, np.finfo(float).tiny)
+        # the size of the means and thresholds that rounding acts on: mean |incumbent value|
+        # (robust to mixed signs), over the full set when known, else bounded by the bounds
+        scale = float(np.mean(np.abs(head)))
+        bounds = [abs(b) for b in (lower, upper) if b is not None]
+        if known < self.N and bounds:  # (without a bound nothing is decided early here)
+            scale = (known * scale + (self.N - known) * max(bounds)) / self.N
+        self._margin = rounding * max(scale + improve_by, np.finfo(float).tiny)
         log_inv = math.log((2 if early == "both" else 1) / alpha)
         # "not improved": mean(d) >= margin; "improved": mean(-d) > improve_by + margin
         self._low = (
@@ -783,6 +797,9 @@ class AdaptiveValidator:
                 early=early,
                 known=self.known,
                 improve_by=self._improve_by(),
+                rounding=FLOAT32_ROUNDING_MARGIN
+                if self.precision == "float32"
+                else ROUNDING_MARGIN,
             )
         except ValueError:  # e.g. resumed with bounds the incumbent violates
             low = -math.inf if self.lower is None else self.lower

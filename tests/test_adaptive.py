@@ -334,6 +334,34 @@ def test_float32_precision_logs_values_a_float32_logger_orders_the_same_way() ->
     assert np.float32(second.value) == np.float32(first.value)
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_early_improved_never_decides_what_rounding_in_the_logged_dtype_reverses(
+    precision: Any,
+) -> None:
+    """Better by 1e-8 relative: certain early from the sure bound, and an improvement in
+    float64, but a tie once both means are rounded to float32 (a reviewer's reproducer)."""
+    n = 1000
+    incumbent, candidate = np.ones(n), np.ones(n)
+    candidate[500] = 1 - 1e-5
+
+    def fit(enabled: bool) -> Any:
+        validator = AdaptiveValidator(upper=1.0, precision=precision, enabled=enabled)
+        for values in (incumbent, candidate):
+            validator.begin()
+            for start in range(0, n, 100):
+                if validator.should_stop:
+                    break
+                if validator.incumbent_missing(100):
+                    validator.extend_incumbent(incumbent[start : start + 100])
+                validator.observe(values[start : start + 100])
+            outcome = validator.end()
+        return outcome
+
+    adaptive, full = fit(True), fit(False)
+    assert adaptive.improved == full.improved == (precision == "float64")
+    assert adaptive.evaluated < n if precision == "float64" else adaptive.evaluated == n
+
+
 def test_resuming_with_bounds_the_incumbent_violates_falls_back_to_full_passes() -> None:
     first = AdaptiveValidator()
     replay(first, trajectory(4)[:2])
