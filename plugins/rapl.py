@@ -11,9 +11,13 @@ How: under ``settings.rapl_root`` (``/sys/class/powercap``), a zone ``intel-rapl
 count energy twice: the ``core`` and ``uncore`` subzones (parts of the package) and ``psys``
 (the whole platform, packages included). ``intel-rapl-tpmi`` and ``intel-rapl-mmio`` are other
 drivers for the same counters: they are used only when ``intel-rapl`` has no package zone, so
-a package is never counted twice. Each ``energy_uj`` is opened once, in the hook, and re-read
-with ``os.pread`` at every sample. The hook returns one meter for the packages and one for
-DRAM, so that the engine's choice of meter per component stays clean.
+a package is never counted twice. Per-die zones that mirror one package counter (some AMD
+parts) are recognised by their equal readings and counted once (see :class:`RaplMeter`). Each
+``energy_uj`` is opened once, in the hook, and re-read with ``os.pread`` at every sample; a zone
+whose counter cannot be read at discovery (after :data:`_DISCOVERY_READS` tries) is kept and
+counted from its first good read, with a note, as after a failed read mid-run. The hook returns
+one meter for the packages and one for DRAM, so that the engine's choice of meter per component
+stays clean.
 
 Wraparound: ``energy_uj`` is the 32-bit energy status register times the energy unit, and
 ``max_energy_range_uj`` is 0xFFFFFFFF units (kernel ``intel_rapl_common.c``,
@@ -21,7 +25,8 @@ Wraparound: ``energy_uj`` is the 32-bit energy status register times the energy 
 reading below the previous one has wrapped: ``delta = cur - prev + range``, as codecarbon and
 Zeus do. (The exact modulus is ``range`` + one unit, so each wrap misses one unit, <= 61 uJ.)
 Two wraps between reads would pass unseen, so :attr:`RaplMeter.max_interval_s` is
-``range / (2 x P_max)``, capped at 60 s, where ``P_max`` is the largest
+``range / (2 x P_max)``, capped at 60 s and floored at :data:`MIN_INTERVAL_S` (0.1 s, with a
+note when the floor applies; wrap counts are then inferred), where ``P_max`` is the largest
 ``constraint_{0,1,2}_max_power_uw`` of the zone (TDP, PL2 and PL4 maxima) or, when the zone
 has none, :data:`DEFAULT_PACKAGE_MAX_W` / :data:`DEFAULT_DRAM_MAX_W`; 2 is the safety factor.
 When reads are further apart than that (process suspended, sampler starved) and
@@ -101,6 +106,14 @@ SAFETY_FACTOR = 2.0
 MAX_INTERVAL_CAP_S = 60.0
 #: RAPL counters update about every millisecond; below this the power bound is meaningless.
 _MIN_ELAPSED_S = 0.01
+#: Floor of :attr:`RaplMeter.max_interval_s`: a zone with a tiny counter range (broken firmware,
+#: a misconfigured tree) must not drive the sampler to kHz rates; past it, wraps are inferred.
+MIN_INTERVAL_S = 0.1
+#: Two zones are one counter seen twice when their readings agree to within what a zone can
+#: draw in this time (reads of the two files are microseconds apart, the counter updates ~1 ms).
+MIRROR_TOLERANCE_S = 0.002
+#: Reads of ``energy_uj`` tried at discovery before a zone is taken as unreadable for now.
+_DISCOVERY_READS = 3
 _MAX_NOTES = 50
 _READ_SIZE = 32
 #: Control types in order of preference; the first with a package zone is the one used.
@@ -128,6 +141,8 @@ class _Domain:
         "fd",
         "last_t",
         "last_uj",
+        "mirror_of",
+        "mirror_seen",
         "name",
         "name_path",
         "over_bound",
@@ -161,6 +176,9 @@ class _Domain:
         self.base_t = 0.0  # when the baseline was taken
         self.total_uj = 0
         self.over_bound = False  # noted once: the zone drew more than the bound
+        #: The zone whose counter this one mirrors (counted once, there), while they agree.
+        self.mirror_of: _Domain | None = None
+        self.mirror_seen = False  # the mirrored counter has moved (and the note is written)
 
     @property
     def max_interval_s(self) -> float:
@@ -188,6 +206,12 @@ class _Domain:
                 os.close(fd)
 
 
+def _agree(p: _Domain, p_uj: int, d: _Domain, d_uj: int) -> bool:
+    """Whether readings ``p_uj`` of ``p`` and ``d_uj`` of ``d`` can be one counter's."""
+    tolerance = MIRROR_TOLERANCE_S * max(p.power_hi_uj_s, d.power_hi_uj_s)
+    return p.range_uj == d.range_uj and abs(p_uj - d_uj) <= tolerance
+
+
 def _close_all(domains: list[_Domain]) -> None:
     for domain in domains:
         domain.close()
@@ -199,6 +223,15 @@ class RaplMeter(Meter):
     Built by :func:`build_meters`. Attributes for provenance: :attr:`inferred_wraps` (per device,
     how many readings had their wrap count inferred rather than observed) and :attr:`ignored`
     (zones found and deliberately not read, with why).
+
+    Mirrored zones: some AMD parts expose one zone per die that all read the same package
+    counter (CodeCarbon issue #1274, Threadripper 1950X), while Intel's multi-die parts have a
+    counter per die, so names cannot tell them apart. Zones of the same range whose readings at
+    :meth:`start` agree (to within :data:`MIRROR_TOLERANCE_S` of the zone's power bound) are
+    taken as one counter: it is counted once, under the first zone, and the others report 0 J,
+    with a note once the counter has moved while they still agree. At every sample they are
+    compared again; zones that no longer agree are separate counters, and each is from then on
+    reported with all its energy since :meth:`start` (the two may have been equal by chance).
     """
 
     name = NAME
@@ -206,11 +239,18 @@ class RaplMeter(Meter):
     def __init__(self, domains: list[_Domain], ignored: Sequence[str] = ()) -> None:
         super().__init__([d.device for d in domains])
         self._domains = list(domains)
-        self.max_interval_s = min(d.max_interval_s for d in self._domains)
         self.ignored: list[str] = list(ignored)
         self.inferred_wraps: dict[str, int] = {d.device.id: 0 for d in self._domains}
         self._notes: list[str] = []
         self._dropped_notes = 0
+        needed = min(d.max_interval_s for d in self._domains)
+        self.max_interval_s = max(needed, MIN_INTERVAL_S)
+        if needed < MIN_INTERVAL_S:
+            self._note(
+                f"a counter range allows only {needed * 1e3:.2g} ms between reads at the power "
+                f"bound; reads are at most every {MIN_INTERVAL_S:g} s (the floor), so wraps "
+                "between reads may pass unseen: wrap counts are inferred from average power"
+            )
         self._start_t = 0.0
         self._started = False
         self._finalizer = weakref.finalize(self, _close_all, self._domains)
@@ -230,11 +270,23 @@ class RaplMeter(Meter):
             except ValueError:
                 continue
             d.last_uj, d.last_t, d.base_t = raw, now, now
+        self._find_mirrors()
+
+    def _find_mirrors(self) -> None:
+        primaries: list[_Domain] = []
+        for d in self._domains:
+            d.mirror_of, d.mirror_seen = None, False
+            if d.last_uj < 0:
+                continue
+            d.mirror_of = next((p for p in primaries if _agree(p, p.last_uj, d, d.last_uj)), None)
+            if d.mirror_of is None:
+                primaries.append(d)
 
     def sample(self, now: float) -> Readings:
         if not self._started:
             self.start()
         out: dict[str, float | DeviceError] = {}
+        raws: dict[int, tuple[int, int]] = {}  # id(domain) -> (previous, current) good reading
         for d in self._domains:
             try:
                 raw = d.read()
@@ -245,6 +297,7 @@ class RaplMeter(Meter):
             except ValueError:
                 out[d.device.id] = DeviceError(f"{d.path} did not hold an integer")
                 continue
+            raws[id(d)] = (d.last_uj, raw)
             diff = raw - d.last_uj
             limit = (now - d.last_t) * d.power_hi_uj_s
             if d.last_uj < 0:
@@ -257,7 +310,35 @@ class RaplMeter(Meter):
             else:
                 self._unwrap(d, raw, now)
             out[d.device.id] = d.total_uj / 1e6
+        self._check_mirrors(raws, out, now)
         return out
+
+    def _check_mirrors(
+        self, raws: dict[int, tuple[int, int]], out: dict[str, float | DeviceError], now: float
+    ) -> None:
+        """Report mirrored zones once; zones that stopped agreeing are counted from then on."""
+        for d in self._domains:
+            p = d.mirror_of
+            if p is None:
+                continue
+            mine, theirs = raws.get(id(d)), raws.get(id(p))
+            if mine is not None and theirs is not None and not _agree(p, theirs[1], d, mine[1]):
+                d.mirror_of = None
+                self._note(
+                    f"{d.device.id} and {p.device.id} were taken as one counter (equal readings)"
+                    f" but are no longer equal after {now - self._start_t:.1f} s: counted "
+                    f"separately from now on, with all of {d.device.id}'s energy since the start"
+                )
+                continue
+            if isinstance(out.get(d.device.id), float):
+                out[d.device.id] = 0.0
+            if not d.mirror_seen and theirs is not None and theirs[1] != theirs[0]:
+                d.mirror_seen = True
+                self._note(
+                    f"{d.device.id} reads the same counter as {p.device.id} (equal readings at "
+                    "every sample: per-die zones of one package counter, as on some AMD parts):"
+                    f" counted once, under {p.device.id}; {d.device.id} reports 0 J"
+                )
 
     def close(self) -> None:
         self._finalizer()
@@ -475,10 +556,12 @@ def _open(zone: _Zone, component: Component) -> _Domain:
         range_uj = int(range_text)
         if range_uj <= 0:
             raise ValueError(f"{range_path} is {range_uj}")
-        int(os.pread(fd, _READ_SIZE, 0))
     except BaseException:
         os.close(fd)
         raise
+    if not _readable(fd):  # a failed read is treated as it is mid-run: the meter retries it
+        os.close(fd)
+        fd = -1
     cpu = component is Component.CPU
     power_w, source = _power_bound(zone.path, DEFAULT_PACKAGE_MAX_W if cpu else DEFAULT_DRAM_MAX_W)
     device = Device(
@@ -489,6 +572,18 @@ def _open(zone: _Zone, component: Component) -> _Domain:
         label=f"RAPL {zone.package}{'' if cpu else ' dram'} ({zone.zone})",
     )
     return _Domain(device, zone.path, zone.name, fd, range_uj, power_w, source)
+
+
+def _readable(fd: int) -> bool:
+    """Whether ``energy_uj`` gives an integer, in one of a few reads (RAPL reads fail at times:
+    EIO when the MSR read does, EAGAIN during CPU hotplug)."""
+    for _ in range(_DISCOVERY_READS):
+        try:
+            int(os.pread(fd, _READ_SIZE, 0))
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def _permission_fix(root: Path, denied: list[Path]) -> str:

@@ -600,3 +600,106 @@ def test_hook_through_the_plugin_manager(tmp_path: Path) -> None:
 
     (offers,) = only_rapl(settings=Settings.load(environ={}, rapl_root=tmp_path / "none"))
     assert [(o.name, o.component) for o in offers] == [("rapl", Component.CPU)]
+
+
+# --- multi-die parts, the interval floor, discovery failures ----------------------------------
+
+
+def test_mirrored_die_zones_of_one_counter_are_counted_once_and_noted(
+    tmp_path: Path, opened: list[Meter]
+) -> None:
+    # AMD Threadripper 1950X (CodeCarbon issue #1274): two per-die zones read one 68 W package
+    # counter. Summing them gave 136 W.
+    for n in (0, 1):
+        zone(tmp_path, f"intel-rapl:{n}", f"package-0-die-{n}", 500.0, max_power_w=180.0)
+    meters, _ = build(tmp_path, opened)
+    cpu = meters[Component.CPU]
+    assert [d.id for d in cpu.devices] == ["cpu:package-0-die-0", "cpu:package-0-die-1"]
+    cpu.start()
+    t0 = time.monotonic()
+    for second in range(1, 6):
+        for n in (0, 1):
+            set_energy(tmp_path, f"intel-rapl:{n}", (500.0 + 68.0 * second) % RANGE_J)
+        readings = cpu.sample(t0 + second)
+        assert sum(readings.values()) == pytest.approx(68.0 * second)  # type: ignore[arg-type]
+        assert readings["cpu:package-0-die-0"] == pytest.approx(68.0 * second)
+    (note,) = cpu.notes()
+    assert "cpu:package-0-die-1 reads the same counter as cpu:package-0-die-0" in note
+    assert "counted once" in note
+
+
+def test_separate_die_counters_are_both_counted(tmp_path: Path, opened: list[Meter]) -> None:
+    # Intel multi-die parts (Cascade Lake-AP, Granite Rapids): one counter per die.
+    zone(tmp_path, "intel-rapl:0", "package-0-die-0", 100.0, max_power_w=180.0)
+    zone(tmp_path, "intel-rapl:1", "package-0-die-1", 250.0, max_power_w=180.0)
+    meters, _ = build(tmp_path, opened)
+    cpu = meters[Component.CPU]
+    cpu.start()
+    t0 = time.monotonic()
+    for second in range(1, 4):
+        set_energy(tmp_path, "intel-rapl:0", 100.0 + 30.0 * second)
+        set_energy(tmp_path, "intel-rapl:1", 250.0 + 40.0 * second)
+        assert cpu.sample(t0 + second) == {
+            "cpu:package-0-die-0": pytest.approx(30.0 * second),
+            "cpu:package-0-die-1": pytest.approx(40.0 * second),
+        }
+    assert cpu.notes() == []
+
+
+def test_counters_equal_at_start_that_diverge_are_counted_separately_from_the_start(
+    tmp_path: Path, opened: list[Meter]
+) -> None:
+    for n in (0, 1):
+        zone(tmp_path, f"intel-rapl:{n}", f"package-{n}", 42.0, max_power_w=180.0)
+    meters, _ = build(tmp_path, opened)
+    cpu = meters[Component.CPU]
+    cpu.start()
+    t0 = time.monotonic()
+    for n in (0, 1):
+        set_energy(tmp_path, f"intel-rapl:{n}", 52.0)
+    assert cpu.sample(t0 + 1.0) == {"cpu:package-0": 10.0, "cpu:package-1": 0.0}
+    set_energy(tmp_path, "intel-rapl:0", 60.0)
+    set_energy(tmp_path, "intel-rapl:1", 75.0)
+    assert cpu.sample(t0 + 2.0) == {"cpu:package-0": 18.0, "cpu:package-1": 33.0}
+    assert any("no longer equal" in note and "counted separately" in note for note in cpu.notes())
+
+
+def test_a_tiny_counter_range_does_not_drive_the_sampler_past_the_floor(
+    tmp_path: Path, opened: list[Meter]
+) -> None:
+    # 0.1 J at 2 x 50 W wraps every millisecond: without a floor, reads at 1 kHz.
+    zone(tmp_path, "intel-rapl:0", "package-0", range_j=0.1, max_power_w=50.0)
+    meters, _ = build(tmp_path, opened)
+    cpu = meters[Component.CPU]
+    assert cpu.max_interval_s == rapl.MIN_INTERVAL_S == 0.1
+    (note,) = cpu.notes()
+    assert "floor" in note and "wrap counts are inferred" in note
+
+
+@pytest.mark.parametrize("bad", ["empty", "directory"])
+def test_a_bad_read_at_discovery_does_not_disable_rapl(
+    tmp_path: Path, opened: list[Meter], bad: str
+) -> None:
+    zone(tmp_path, "intel-rapl:0", "package-0", 1.0, max_power_w=100.0)
+    zone(tmp_path, "intel-rapl:1", "package-1", 10.0, max_power_w=100.0)
+    energy = tmp_path / "intel-rapl:1" / "energy_uj"
+    if bad == "empty":  # a short read, ValueError
+        energy.write_text("")
+    else:  # a read that fails with an OSError (EISDIR here; EIO on a real failing MSR)
+        energy.unlink()
+        energy.mkdir()
+    meters, unavailable = build(tmp_path, opened)
+    assert [(u.component, u.quiet) for u in unavailable] == [(Component.RAM, True)]  # no dram
+    cpu = meters[Component.CPU]
+    assert [d.id for d in cpu.devices] == ["cpu:package-0", "cpu:package-1"]
+    cpu.start()
+    t0 = time.monotonic()
+    set_energy(tmp_path, "intel-rapl:0", 3.0)
+    assert isinstance(cpu.sample(t0 + 0.5)["cpu:package-1"], DeviceError)
+    if bad == "directory":
+        energy.rmdir()
+    set_energy(tmp_path, "intel-rapl:1", 12.0)
+    assert cpu.sample(t0 + 1.0) == {"cpu:package-0": 2.0, "cpu:package-1": 0.0}
+    set_energy(tmp_path, "intel-rapl:1", 15.0)
+    assert cpu.sample(t0 + 1.5) == {"cpu:package-0": 2.0, "cpu:package-1": 3.0}
+    assert any("unreadable at start" in note for note in cpu.notes())
