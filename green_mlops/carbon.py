@@ -148,14 +148,16 @@ class CarbonAccountant:
         self.location: Location = (
             parse_location(settings.location) if settings.location else UNKNOWN
         )
-        self._providers = (
-            list(providers) if providers is not None else providers_from_plugins(settings)
-        )
+        problems: dict[str, str] = {}
+        if providers is None:
+            providers, problems = chosen_providers(settings)
+        self._providers = list(providers)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._future: Future[list[IntensitySeries]] | None = None
         self._series: list[IntensitySeries] = []
-        self.skipped: dict[str, str] = {}
+        #: Why each provider (or plugin) priced nothing: provenance (green.intensity.fallbacks).
+        self.skipped: dict[str, str] = dict(problems)
         if not self.location.known:
             _warn_unknown_location()
 
@@ -241,26 +243,74 @@ class CarbonAccountant:
 
 def providers_from_plugins(settings: Settings) -> list[IntensityProvider]:
     """The providers named in ``settings.intensity_providers``, in that order."""
-    from green_mlops.plugin_manager import get_plugin_manager
+    return chosen_providers(settings)[0]
+
+
+def offered_providers(
+    settings: Settings,
+) -> tuple[dict[str, IntensityProvider], dict[str, str], dict[str, str]]:
+    """``(offered, failed, not_loaded)``: every provider the loaded plugins offer, by name (the
+    first plugin to offer a name wins); the plugins whose hook failed; the plugins that failed
+    to load (any of them may have been a provider's). Failures are ``{"plugin <name>": why}``.
+
+    Each plugin's hook is called on its own, so one that raises leaves the others' providers.
+    """
+    from green_mlops.plugin_manager import call_hook, get_plugin_manager
 
     pm = get_plugin_manager(settings.disable_plugins)
+    items, failures = call_hook(
+        pm, "green_mlops_intensity_providers", IntensityProvider, settings=settings
+    )
     offered: dict[str, IntensityProvider] = {}
-    for result in reversed(pm.hook.green_mlops_intensity_providers(settings=settings)):
-        for provider in result or ():
-            offered.setdefault(provider.name, provider)
-    chosen = []
+    for _, provider in items:
+        offered.setdefault(provider.name, provider)
+    failed = {f"plugin {f.plugin}": f"hook {f.hook} failed ({f.error})" for f in failures}
+    not_loaded = {f"plugin {name}": f"failed to load ({e})" for name, e in pm.load_errors.items()}
+    return offered, failed, not_loaded
+
+
+def chosen_providers(settings: Settings) -> tuple[list[IntensityProvider], dict[str, str]]:
+    """The providers named in ``settings.intensity_providers``, in that order, and for
+    provenance why each missing one is missing and which plugins failed.
+
+    Names are checked against the plugins when the settings are loaded
+    (:func:`unknown_provider_names`), so a name missing here belongs to a plugin that failed to
+    load or was disabled (a default name), never to a typo.
+    """
+    from green_mlops.config import DEFAULT_INTENSITY_PROVIDERS
+
+    offered, problems, not_loaded = offered_providers(settings)
+    chosen: list[IntensityProvider] = []
     for name in settings.intensity_providers:
         if name in offered:
             chosen.append(offered[name])
-        else:
+            continue
+        disabled = ", ".join(sorted(settings.disable_plugins))
+        problems[name] = "not offered by any loaded plugin" + (
+            f" (disabled plugins: {disabled})" if disabled else ""
+        )
+        problems.update(not_loaded)
+        if settings.intensity_providers != DEFAULT_INTENSITY_PROVIDERS:
             _warn_once_missing(name, sorted(offered))
-    return chosen
+    return chosen, problems
+
+
+def unknown_provider_names(settings: Settings) -> tuple[list[str], list[str]] | None:
+    """``(unknown names, offered names)`` when ``settings.intensity_providers`` names a provider
+    that no plugin offers; ``None`` when all are offered, or when a plugin failed (it may have
+    been the one offering it: the run then says so in its provenance instead of not starting).
+    """
+    offered, failed, not_loaded = offered_providers(settings)
+    unknown = [name for name in settings.intensity_providers if name not in offered]
+    if not unknown or failed or not_loaded:
+        return None
+    return unknown, sorted(offered)
 
 
 def _warn_once_missing(name: str, available: list[str]) -> None:
     warn_once(
-        f"intensity provider {name!r} is not installed (GREEN_MLOPS_INTENSITY_PROVIDERS); "
-        f"available: {', '.join(available) or 'none'}"
+        f"intensity provider {name!r} is not offered by any loaded plugin "
+        f"(GREEN_MLOPS_INTENSITY_PROVIDERS); available: {', '.join(available) or 'none'}"
     )
 
 

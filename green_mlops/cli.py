@@ -79,17 +79,22 @@ def _print_providers(console: Console, settings: Settings) -> None:
     """Carbon-intensity providers in the configured order, and whether each can be used."""
     from rich.table import Table
 
-    from green_mlops.carbon import providers_from_plugins
+    from green_mlops.carbon import chosen_providers
 
     location = settings.location or "[yellow]unknown: world average (set GREEN_MLOPS_LOCATION)[/]"
     table = Table(title=f"Carbon intensity for location {location}")
     for column in ("order", "provider", "status"):
         table.add_column(column)
-    for i, provider in enumerate(providers_from_plugins(settings), 1):
+    providers, problems = chosen_providers(settings)
+    for i, provider in enumerate(providers, 1):
         reason = provider.configured()
         status = "[green]configured[/]" if reason is None else f"[yellow]skipped:[/] {reason}"
         table.add_row(str(i), provider.name, status)
+    for what, why in problems.items():
+        table.add_row("", what, f"[red]unavailable:[/] {why}")
     console.print(table)
+    if not providers:
+        console.print("[red]No intensity provider is available: carbon would not be reported.[/]")
 
 
 def _print_snapshot(console: Console, snapshot: Snapshot, title: str) -> None:

@@ -168,6 +168,10 @@ def _providers(value: object) -> tuple[str, ...]:
     return names
 
 
+#: The built-in providers, best first; a name whose plugin is disabled is skipped, not refused.
+DEFAULT_INTENSITY_PROVIDERS = ("constant", "electricitymaps", "watttime", "static")
+
+
 def _location(value: object) -> str | None:
     if value is None or not str(value).strip():
         return None
@@ -318,7 +322,7 @@ class Settings:
     )
     intensity_providers: tuple[str, ...] = _setting(
         "INTENSITY_PROVIDERS",
-        ("constant", "electricitymaps", "watttime", "static"),
+        DEFAULT_INTENSITY_PROVIDERS,
         _providers,
         "comma-separated provider names, first preferred, e.g. electricitymaps,uk,static",
         "Carbon-intensity providers in order of preference; each falls back to the next. "
@@ -470,6 +474,7 @@ class Settings:
             accepted = ", ".join(f.name for f in dataclasses.fields(cls))
             raise ConfigError(f"unknown setting(s) {sorted(unknown)}; accepted: {accepted}")
         values: dict[str, Any] = {}
+        origins: dict[str, tuple[str, object]] = {}
         for f in dataclasses.fields(cls):
             meta = f.metadata
             if f.name in overrides:
@@ -478,6 +483,7 @@ class Settings:
                 raw, origin = env[meta["env"]], meta["env"]
             else:
                 continue
+            origins[f.name] = (origin, raw)
             try:
                 values[f.name] = meta["parse"](raw)
             except (ValueError, TypeError) as exc:
@@ -489,12 +495,38 @@ class Settings:
                 raise ConfigError(
                     f"{origin}={raw!r} is not valid{hint}: expected {meta['accepted']}"
                 ) from None
-        return cls(**values)
+        settings = cls(**values)
+        if settings.intensity_providers != DEFAULT_INTENSITY_PROVIDERS:
+            _check_provider_names(settings, *origins["intensity_providers"])
+        return settings
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` validated like keyword arguments to :meth:`load`."""
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return Settings.load(environ={}, **{**current, **changes})
+
+
+def _check_provider_names(settings: Settings, origin: str, raw: object) -> None:
+    """Provider names come from plugins: a name none offers is a typo, refused now (before a
+    run exists) rather than leaving the run's carbon unpriced."""
+    import difflib
+
+    from green_mlops.carbon import unknown_provider_names
+
+    found = unknown_provider_names(settings)
+    if found is None:
+        return
+    unknown, offered = found
+    hints = [
+        f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+        for name in unknown
+        for close in [difflib.get_close_matches(name, offered, n=1)]
+    ]
+    shown = raw if isinstance(raw, str) else ",".join(settings.intensity_providers)
+    raise ConfigError(
+        f"{origin}={shown!r} is not valid (no installed plugin offers {', '.join(hints)}): "
+        f"expected comma-separated provider names from: {', '.join(offered)}"
+    )
 
 
 def settings_table() -> Iterator[tuple[str, str, str, str]]:

@@ -1,10 +1,19 @@
-"""The plugin manager: built-in and third-party plugins, all found through entry points."""
+"""The plugin manager: built-in and third-party plugins, all found through entry points.
+
+Plugins are isolated from each other: one that fails to import, misspells a hook, or whose hook
+raises or returns something odd is recorded (plugin name and error, for ``green-mlops doctor``
+and the run's provenance) and the others go on.
+"""
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.metadata
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pluggy
 
@@ -12,7 +21,18 @@ from green_mlops import hookspecs
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "HookFailure",
+    "PluginManager",
+    "call_hook",
+    "create_plugin_manager",
+    "get_plugin_manager",
+]
+
 ENTRY_POINT_GROUP = "green_mlops"
+
+T = TypeVar("T")
 
 
 class PluginManager(pluggy.PluginManager):
@@ -24,12 +44,25 @@ class PluginManager(pluggy.PluginManager):
         self.load_errors: dict[str, str] = {}
 
 
+@dataclass(frozen=True)
+class HookFailure:
+    """One plugin's hook implementation that raised or returned something unusable."""
+
+    plugin: str
+    hook: str
+    error: str
+
+    def describe(self) -> str:
+        return f"plugin {self.plugin}: hook {self.hook} failed ({self.error})"
+
+
 def create_plugin_manager(disabled: frozenset[str] = frozenset()) -> PluginManager:
     """A new manager with every plugin of the ``green_mlops`` entry-point group, less ``disabled``.
 
     Built-in plugins are declared in green-mlops' own ``pyproject.toml`` under that group, so they
-    load exactly like third-party ones. A plugin that fails to import is skipped and recorded in
-    ``load_errors`` (a broken plugin must not stop measurement by the others).
+    load exactly like third-party ones. A plugin that fails to import, or that implements a hook
+    no spec declares (a misspelled name, found by pluggy's ``check_pending``), is skipped and
+    recorded in ``load_errors``: a broken plugin must not stop measurement by the others.
     """
     pm = PluginManager()
     for name in disabled:
@@ -39,11 +72,14 @@ def create_plugin_manager(disabled: frozenset[str] = frozenset()) -> PluginManag
             continue
         try:
             plugin = ep.load()
+            pm.register(plugin, name=ep.name)
         except Exception as exc:
-            pm.load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
-            log.warning("green-mlops: plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
+            _refuse(pm, ep.name, ep.value, f"{type(exc).__name__}: {exc}")
             continue
-        pm.register(plugin, name=ep.name)
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            _refuse(pm, ep.name, ep.value, _unknown_hook(exc))
     return pm
 
 
@@ -51,3 +87,62 @@ def create_plugin_manager(disabled: frozenset[str] = frozenset()) -> PluginManag
 def get_plugin_manager(disabled: frozenset[str] = frozenset()) -> PluginManager:
     """The process-wide manager for a set of disabled plugins (entry points are scanned once)."""
     return create_plugin_manager(disabled)
+
+
+def call_hook(
+    pm: pluggy.PluginManager, hook: str, kind: type[T] | tuple[type[T], ...], **kwargs: Any
+) -> tuple[list[tuple[str, T]], list[HookFailure]]:
+    """Call each plugin's implementation of ``hook`` on its own, in registration (entry-point)
+    order, and collect the items it returns: ``None`` or an iterable of ``kind`` instances.
+
+    An implementation that raises or returns anything else is recorded as a
+    :class:`HookFailure` (and logged) and contributes nothing; the others are still called.
+    Returns ``([(plugin name, item), ...], failures)``. Hook wrappers are not called: these
+    hooks collect offers, there is nothing to wrap.
+    """
+    caller = getattr(pm.hook, hook)
+    items: list[tuple[str, T]] = []
+    failures: list[HookFailure] = []
+    for impl in caller.get_hookimpls():
+        if impl.hookwrapper or impl.wrapper:
+            continue
+        try:
+            result = impl.function(*(kwargs[arg] for arg in impl.argnames))
+            offered = _items(result, kind)
+        except Exception as exc:
+            failure = HookFailure(impl.plugin_name, hook, f"{type(exc).__name__}: {exc}")
+            log.warning("green-mlops: %s", failure.describe())
+            failures.append(failure)
+            continue
+        items.extend((impl.plugin_name, item) for item in offered)
+    return items, failures
+
+
+def _items(result: object, kind: type[T] | tuple[type[T], ...]) -> list[T]:
+    if result is None:
+        return []
+    if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
+        raise TypeError(f"returned {type(result).__name__}, expected a list")
+    items = list(result)
+    for item in items:
+        if not isinstance(item, kind):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise TypeError(f"returned a {type(item).__name__} in its list, expected {names}")
+    return items
+
+
+def _refuse(pm: PluginManager, name: str, value: str, error: str) -> None:
+    if pm.has_plugin(name):
+        pm.unregister(name=name)
+    pm.load_errors[name] = error
+    log.warning("green-mlops: plugin %r (%s) failed to load: %s", name, value, error)
+
+
+def _unknown_hook(exc: pluggy.PluginValidationError) -> str:
+    """'unknown hook green_mlops_meter (did you mean green_mlops_meters?)' from pluggy's error."""
+    specs = [name for name in dir(hookspecs) if name.startswith(hookspecs.PROJECT_NAME + "_")]
+    words = str(exc).replace("'", " ").split()
+    hook = next((w for w in words if w.startswith(hookspecs.PROJECT_NAME + "_")), "")
+    close = difflib.get_close_matches(hook, specs, n=1) if hook else []
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown hook {hook or '?'}{hint}: no such hook spec in green_mlops.hookspecs"

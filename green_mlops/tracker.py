@@ -400,15 +400,24 @@ class Tracker:
 
 
 def offers_from_plugins(settings: Settings) -> list[Meter | MeterUnavailable]:
-    """Ask every registered plugin for its meters (and the ones it cannot provide here)."""
-    from green_mlops.plugin_manager import get_plugin_manager
+    """Ask every registered plugin for its meters (and the ones it cannot provide here).
+
+    Each plugin is asked on its own: one that failed to load or whose hook raises is listed as
+    unavailable, with its name and the error, and the others' meters are still used.
+    """
+    from green_mlops.plugin_manager import call_hook, get_plugin_manager
 
     pm = get_plugin_manager(settings.disable_plugins)
     offers: list[Meter | MeterUnavailable] = [
         MeterUnavailable(name, Component.OTHER, f"plugin failed to load ({error})")
         for name, error in pm.load_errors.items()
     ]
-    # pluggy calls the most recently registered plugin first; reverse to keep entry-point order.
-    for result in reversed(pm.hook.green_mlops_meters(settings=settings)):
-        offers.extend(result or ())
+    items, failures = call_hook(
+        pm, "green_mlops_meters", (Meter, MeterUnavailable), settings=settings
+    )
+    offers.extend(
+        MeterUnavailable(f.plugin, Component.OTHER, f"hook {f.hook} failed ({f.error})")
+        for f in failures
+    )
+    offers.extend(item for _, item in items)
     return offers

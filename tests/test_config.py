@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from green_mlops.config import ConfigError, Settings, settings_table
+from tests.conftest import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,3 +71,80 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     assert len(variables) == len(dataclasses.fields(Settings))
     missing = [v for v in variables if not re.search(rf"`{v}`", readme)]
     assert missing == []
+
+
+# --- provider names come from plugins: a typo is refused before anything runs ----------------
+
+
+def test_a_misspelled_provider_is_a_configuration_error_with_the_fix() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(environ={"GREEN_MLOPS_INTENSITY_PROVIDERS": "electricitymaps,statc"})
+    message = str(info.value)
+    assert "GREEN_MLOPS_INTENSITY_PROVIDERS='electricitymaps,statc' is not valid" in message
+    assert "'statc' (did you mean 'static'?)" in message
+    assert "constant, electricitymaps, static, uk, watttime" in message
+    with pytest.raises(ConfigError, match=r"argument intensity_providers='nope'"):
+        Settings.load(environ={}, intensity_providers="nope")
+    # a valid list of installed providers loads
+    assert Settings.load(environ={}, intensity_providers="uk,static").intensity_providers == (
+        "uk",
+        "static",
+    )
+
+
+def test_a_provider_of_a_disabled_plugin_is_refused_when_named_and_skipped_by_default() -> None:
+    from green_mlops.carbon import CarbonAccountant
+
+    with pytest.raises(ConfigError, match="no installed plugin offers 'static'"):
+        Settings.load(
+            environ={
+                "GREEN_MLOPS_DISABLE_PLUGINS": "static_intensity",
+                "GREEN_MLOPS_INTENSITY_PROVIDERS": "uk,static",
+            }
+        )
+    # the default list names the built-ins: one switched off is skipped, and provenance says so
+    settings = Settings.load(environ={"GREEN_MLOPS_DISABLE_PLUGINS": "watttime"})
+    accountant = CarbonAccountant(settings)
+    assert [p.name for p in accountant.providers] == ["constant", "electricitymaps", "static"]
+    assert "disabled plugins: watttime" in accountant.skipped["watttime"]
+    accountant.close()
+
+
+def test_mlflow_run_is_not_created_with_a_misspelled_provider(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking.client import MlflowClient
+
+    code = (
+        "import json, mlflow\n"
+        "mlflow.set_experiment('typo-provider')\n"
+        "try:\n"
+        "    mlflow.start_run()\n"
+        "    print(json.dumps({'error': None}))\n"
+        "except Exception as exc:\n"
+        "    print(json.dumps({'error': f'{type(exc).__name__}: {exc}'}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GREEN_MLOPS_", "MLFLOW_"))}
+    env.update(
+        GREEN_MLOPS_ENABLE="1",
+        GREEN_MLOPS_INTENSITY_PROVIDERS="statc",
+        GREEN_MLOPS_CACHE_DIR=str(tmp_path / "cache"),
+        MLFLOW_TRACKING_URI=mlflow_server.url,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    import json
+
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, proc.stderr
+    error = json.loads(lines[-1])["error"]
+    assert error.startswith("ConfigError: GREEN_MLOPS_INTENSITY_PROVIDERS='statc' is not valid")
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.get_experiment_by_name("typo-provider")
+    assert experiment is not None
+    assert client.search_runs([experiment.experiment_id]) == []

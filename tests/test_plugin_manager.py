@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import MlflowServer
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PLUGIN = textwrap.dedent(
@@ -146,3 +148,156 @@ def test_import_green_mlops_is_cheap() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert proc.stdout.strip() == ""
+
+
+# --- a plugin whose hook raises, or that misspells a hook, harms nobody else -----------------
+
+RAISING = textwrap.dedent(
+    '''
+    """A third-party plugin whose hooks raise (a bug in it, or a missing library at call time)."""
+    from green_mlops import hookimpl
+
+
+    @hookimpl
+    def green_mlops_meters(settings):
+        raise RuntimeError("meter hook exploded")
+
+
+    @hookimpl
+    def green_mlops_intensity_providers(settings):
+        raise RuntimeError("provider hook exploded")
+    '''
+)
+
+MISSPELLED = textwrap.dedent(
+    '''
+    """A plugin with a typo in a hook name: pluggy would silently never call it."""
+    from green_mlops import hookimpl
+
+
+    @hookimpl
+    def green_mlops_meter(settings):
+        return []
+    '''
+)
+
+MLFLOW_RUN = textwrap.dedent(
+    """
+    import json, time, mlflow
+    mlflow.set_experiment("raising-plugin")
+    with mlflow.start_run() as run:
+        time.sleep(0.6)
+    print(json.dumps({"run_id": run.info.run_id}))
+    """
+)
+
+
+@pytest.fixture
+def raising_site(tmp_path: Path) -> Path:
+    site = tmp_path / "site"
+    site.mkdir()
+    _install_distribution(site, "raising_plugin", "raising_plugin_mod", RAISING)
+    _install_distribution(site, "misspelled_plugin", "misspelled_plugin_mod", MISSPELLED)
+    return site
+
+
+def _environ(site: Path, tmp_path: Path, **env: str) -> dict[str, str]:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("GREEN_MLOPS_", "MLFLOW_"))}
+    return {
+        **base,
+        "PYTHONPATH": f"{site}{os.pathsep}{ROOT}",
+        "GREEN_MLOPS_CACHE_DIR": str(tmp_path / "cache"),
+        "COLUMNS": "250",
+        **env,
+    }
+
+
+def test_a_raising_hook_leaves_the_run_its_numbers_and_says_which_plugin(
+    raising_site: Path, tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    from mlflow.tracking.client import MlflowClient
+
+    script = tmp_path / "train.py"
+    script.write_text(MLFLOW_RUN)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env=_environ(
+            raising_site,
+            tmp_path,
+            GREEN_MLOPS_ENABLE="1",
+            GREEN_MLOPS_LOCATION="DE",
+            MLFLOW_TRACKING_URI=mlflow_server.url,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]
+    run = MlflowClient(mlflow_server.url).get_run(run_id)
+    metrics, tags = run.data.metrics, run.data.tags
+    # the built-in meters and providers still measured and priced the run
+    assert metrics["green/energy_kwh"] > 0 and metrics["green/co2e_g"] > 0
+    assert "static" in tags["green.intensity.source"]
+    # each failure is said, with the plugin's name and the error
+    assert "raising_plugin" in tags["green.unavailable"]
+    assert "meter hook exploded" in tags["green.unavailable"]
+    assert "raising_plugin" in tags["green.intensity.fallbacks"]
+    assert "provider hook exploded" in tags["green.intensity.fallbacks"]
+    # the misspelled hook is reported (pluggy's check_pending), not silently ignored
+    assert "misspelled_plugin" in tags["green.unavailable"]
+    assert "green_mlops_meter" in tags["green.unavailable"]
+
+
+def test_doctor_shows_raising_and_misspelled_plugins_and_still_measures(
+    raising_site: Path, tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "green_mlops", "doctor", "--sample", "0.2"],
+        env=_environ(raising_site, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # rich wraps long cells
+    assert "meter hook exploded" in text and "provider hook exploded" in text
+    assert "raising_plugin" in text and "misspelled_plugin" in text
+    assert "green_mlops_meter" in text and "did you mean green_mlops_meters" in text
+    assert "Power over 0.2 s" in text
+
+
+def test_hooks_are_called_one_by_one_in_entry_point_order() -> None:
+    from green_mlops import hookimpl
+    from green_mlops.config import Settings
+    from green_mlops.meters import Component, MeterUnavailable
+    from green_mlops.plugin_manager import PluginManager, call_hook
+
+    class Good:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @hookimpl
+        def green_mlops_meters(self, settings: Settings) -> list[MeterUnavailable]:
+            return [MeterUnavailable(self.name, Component.OTHER, "here")]
+
+    class Bad:
+        @hookimpl
+        def green_mlops_meters(self, settings: Settings) -> object:
+            return 42  # not a list of meters
+
+    pm = PluginManager()
+    pm.register(Good("first"), name="first")
+    pm.register(Bad(), name="bad")
+    pm.register(Good("second"), name="second")
+    items, failures = call_hook(
+        pm, "green_mlops_meters", (MeterUnavailable,), settings=Settings.load(environ={})
+    )
+    assert [(plugin, item.name) for plugin, item in items] == [
+        ("first", "first"),
+        ("second", "second"),
+    ]
+    assert [(f.plugin, f.hook) for f in failures] == [("bad", "green_mlops_meters")]
+    assert "int" in failures[0].error
