@@ -10,7 +10,11 @@ integrated over the sample intervals. The engine prefers RAPL's counter when the
 * ``share="process"``: this process tree's CPU seconds (self and descendants, live ones read each
   sample, the list of descendants refreshed at most every ``CHILDREN_REFRESH_S``; the CPU time
   of reaped descendants comes from the kernel's children times) x TDP / logical CPUs of the
-  machine: the tree's part of the machine's CPU energy, for shared hosts.
+  machine: the tree's part of the machine's CPU energy, for shared hosts. In a job with several
+  local ranks (``torchrun --nproc-per-node``, ``srun``) the tree is the one that holds all of
+  them, the launcher's (:func:`green_mlops.job.local_group`): no rank's CPU time is left out,
+  and every rank that measures counts them all. Ranks that cannot be found are named in the
+  basis (and warned about): their CPU time is not counted.
 
 Where this process may use only some of the CPUs (affinity mask, cgroup v2 ``cpu.max`` or v1
 CFS quota: :func:`green_mlops.cpu_models.cpu_limit`), the machine share still counts the load
@@ -37,6 +41,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from green_mlops import job
 from green_mlops.hookspecs import hookimpl
 from green_mlops.meters import Component, Device, DeviceError, Meter, Method, Readings
 
@@ -74,12 +79,12 @@ class _TreeCpu:
     reaped time, so that nothing is counted twice.
     """
 
-    def __init__(self, refresh_s: float) -> None:
+    def __init__(self, refresh_s: float, root_pid: int | None = None) -> None:
         import psutil
 
         self._psutil = psutil
         self._refresh_s = refresh_s
-        self._root = psutil.Process()
+        self._root = psutil.Process(root_pid)
         self._procs: dict[int, psutil.Process] = {}
         self._parent: dict[int, int] = {}
         self._last: dict[int, tuple[float, float]] = {}  # pid -> (own, reaped)
@@ -175,6 +180,7 @@ class CpuEstimateMeter(Meter):
         share: str = "machine",
         logical_cpus: int = 1,
         children_refresh_s: float = CHILDREN_REFRESH_S,
+        group: job.LocalGroup | None = None,
     ) -> None:
         if share not in ("machine", "process"):
             raise ValueError(f"share must be 'machine' or 'process', not {share!r}")
@@ -185,6 +191,8 @@ class CpuEstimateMeter(Meter):
         self.share = share
         self.logical_cpus = max(int(logical_cpus), 1)
         self._refresh_s = children_refresh_s
+        #: For the process share: the process tree counted (all local ranks of a job).
+        self.group = group
         self._joules = 0.0
         self._last_now = 0.0
         self._last_busy = self._last_total = 0.0
@@ -210,7 +218,8 @@ class CpuEstimateMeter(Meter):
         if self.share == "machine":
             self._last_busy, self._last_total = _busy_total(self._psutil.cpu_times())
         else:
-            self._tree = _TreeCpu(self._refresh_s)
+            root = None if self.group is None else self.group.root_pid
+            self._tree = _TreeCpu(self._refresh_s, root)
             self._tree.start(self._last_now)
 
     def notes(self) -> list[str]:
@@ -253,8 +262,10 @@ def build_meter(
         info, tdp_override=settings.cpu_tdp_w, model_override=settings.cpu_model
     )
     basis = estimate.basis
+    group = None
     if settings.share == "process":
-        basis += f"; x CPU time of this process tree / {info.logical_cpus} logical CPUs"
+        group = job.local_group()
+        basis += f"; x CPU time of {group.describe()} / {info.logical_cpus} logical CPUs"
     else:
         basis += f"; x busy fraction of all {info.logical_cpus} logical CPUs"
         if limit is not None:
@@ -269,6 +280,7 @@ def build_meter(
         share=settings.share,
         logical_cpus=info.logical_cpus,
         children_refresh_s=children_refresh_s,
+        group=group,
     )
 
 
@@ -279,6 +291,7 @@ def green_mlops_meters(settings: Settings) -> list[Meter | MeterUnavailable]:
 
     from green_mlops.meters import MeterUnavailable
 
+    job.warn_scope()
     try:
         psutil.cpu_times()
         if settings.share == "process":

@@ -9,7 +9,9 @@ What it measures: the energy of the memory, modelled as ``power = GiB in use x r
 * ``share="process"``: the resident set size (RSS) of this process and its descendants (the list
   of descendants refreshed at most every ``CHILDREN_REFRESH_S``). RSS counts pages shared
   between the processes (libraries, copy-on-write pages after ``fork``) once per process, so a
-  tree of forked workers is over-counted; PSS would not be, but costs a ``smaps`` walk.
+  tree of forked workers is over-counted; PSS would not be, but costs a ``smaps`` walk. In a job
+  with several local ranks the tree is the one that holds all of them, as for the CPU estimate
+  (:func:`green_mlops.job.local_group`); ranks that cannot be found are named in the basis.
 
 Unit: 1 GB here is 1 GiB = 2**30 bytes. Green Algorithms' figure is the power of a DIMM divided
 by its capacity, and DIMM capacities are binary (an "8 GB" DIMM holds 8 GiB); CodeCarbon's RAM
@@ -32,6 +34,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from green_mlops import job
 from green_mlops.hookspecs import hookimpl
 from green_mlops.meters import Component, Device, DeviceError, Meter, Method, Readings
 
@@ -63,7 +66,10 @@ class RamEstimateMeter(Meter):
         *,
         share: str = "machine",
         children_refresh_s: float = CHILDREN_REFRESH_S,
+        group: job.LocalGroup | None = None,
     ) -> None:
+        """``group``: the process tree of the process share (found from the job's environment
+        by default: all local ranks of a distributed job)."""
         if share not in ("machine", "process"):
             raise ValueError(f"share must be 'machine' or 'process', not {share!r}")
         import psutil
@@ -71,10 +77,12 @@ class RamEstimateMeter(Meter):
         self._psutil = psutil
         self.w_per_gib = float(w_per_gib)
         self.share = share
+        #: For the process share: the process tree counted (all local ranks of a job).
+        self.group = (group or job.local_group()) if share == "process" else None
         what = (
             "machine memory in use (total - available)"
-            if share == "machine"
-            else "RSS of this process tree"
+            if self.group is None
+            else f"RSS of {self.group.describe()}"
         )
         source = W_PER_GB_SOURCE if w_per_gib == 0.3725 else "ram_w_per_gb setting"
         #: What is measured and with which constant, in words (for provenance).
@@ -131,7 +139,8 @@ class RamEstimateMeter(Meter):
         self._joules = 0.0
         self._last_now = time.monotonic()
         if self.share == "process":
-            self._root = self._psutil.Process()
+            assert self.group is not None
+            self._root = self._psutil.Process(self.group.root_pid)
             self._procs = {self._root.pid: self._root}
             self._scan(self._last_now)
         self._last_bytes = self.in_use_bytes(self._last_now)
@@ -157,6 +166,7 @@ def green_mlops_meters(settings: Settings) -> list[Meter | MeterUnavailable]:
 
     from green_mlops.meters import MeterUnavailable
 
+    job.warn_scope()
     try:
         psutil.virtual_memory()
         if settings.share == "process":

@@ -681,4 +681,7 @@ def _unavailable(
 @hookimpl
 def green_mlops_meters(settings: Settings) -> list[Meter | MeterUnavailable]:
     """RAPL package and DRAM meters for this machine, or why they are unavailable."""
+    from green_mlops import job
+
+    job.warn_scope()  # the counters are this node's: say so in a multi-node job
     return build_meters(Path(settings.rapl_root))
