@@ -153,6 +153,9 @@ class Measurement:
     def _compose(self, snapshot: Snapshot, *, wait_s: float) -> Result:
         metrics = energy_metrics(snapshot)
         tags = provenance_tags(snapshot)
+        from green_mlops.job import job_tags  # launcher ranks/sizes; multi-node scope note
+
+        tags.update(job_tags(tags))
         fp: Any = None
         sentence = ""
         try:
