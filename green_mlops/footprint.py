@@ -6,7 +6,10 @@ Order of the calculation (each step documented where it happens):
 2. :func:`green_mlops.carbon.account` prices the IT energy timeline with the grid intensity of
    each interval: ``C_IT`` grams.
 3. PUE scales both: facility energy ``E = E_IT x PUE``; operational carbon ``C = C_IT x PUE``
-   (PUE is a constant, so multiplying after the time-resolved sum is exact).
+   (PUE is a constant, so multiplying after the time-resolved sum is exact). Energy that no
+   intensity series covered is *unpriced*: when none of it was priced, carbon is not reported
+   (absent, never 0 g); when part was, ``C`` is the carbon of the priced part, a lower bound,
+   and ``not_reported`` states the unpriced kWh (SCI is then not reported).
 4. Cost ``E x price`` when a price is configured (otherwise *not configured*, never 0).
 5. Embodied carbon, the SCI ``M`` term:
    ``M = TE x 1000 x reserved_s / (lifetime_years x 365.25 x 86400) x resource_share`` grams.
@@ -180,6 +183,13 @@ def footprint(
     used: list[IntensitySeries] = []
     if carbon is None:
         missing.append("co2e: carbon not computed (no intensity result)")
+    elif carbon.unpriced_kwh > 0 and not any(v > 0 for v in carbon.kwh_by_source.values()):
+        # Nothing priced any of the energy: carbon is unknown, not 0 g.
+        missing.append(
+            f"co2e: {carbon.unpriced_kwh:.6g} of {carbon.kwh:.6g} kWh (IT) not priced: no "
+            "intensity provider answered (see green.intensity.fallbacks); add static to "
+            "GREEN_MLOPS_INTENSITY_PROVIDERS for an offline fallback"
+        )
     else:
         operational = carbon.grams * pue
         operational_unc = operational * rel
@@ -188,7 +198,8 @@ def footprint(
         if carbon.unpriced_kwh > 0:
             missing.append(
                 f"co2e: {carbon.unpriced_kwh:.6g} of {carbon.kwh:.6g} kWh (IT) not priced: no "
-                "intensity series covered that time"
+                "intensity series covered that time, so green/co2e_g covers the priced energy "
+                "only (a lower bound)"
             )
         used = [s for s in intensity_sources if carbon.kwh_by_source.get(s.describe(), 0) > 0]
 
@@ -313,10 +324,17 @@ def reporting_sentence(fp: Footprint) -> str:
     )
     if fp.operational_g is not None:
         unc = fp.operational_uncertainty_g or 0.0
-        text += f", emitting {fp.operational_g / 1000:.3g} kgCO2e (+/- {unc / 1000:.2g} kg"
+        # "co2e: X of Y kWh (IT) not priced: ...": the carbon of the priced part, a lower bound
+        unpriced = next((r for r in fp.not_reported if r.startswith("co2e: ")), None)
+        bound = "at least " if unpriced else ""
+        text += f", emitting {bound}{fp.operational_g / 1000:.3g} kgCO2e"
+        text += f" (+/- {unc / 1000:.2g} kg"
         if fp.intensity_g_per_kwh is not None:
             text += f"; grid {fp.intensity_g_per_kwh:.0f} gCO2e/kWh {fp.intensity_basis}"
-        text += f", {fp.intensity_source})"
+        text += f", {fp.intensity_source}"
+        if unpriced:
+            text += f"; {unpriced.removeprefix('co2e: ').split(' (IT)', 1)[0]} not priced"
+        text += ")"
     else:
         text += "; its carbon emissions were not computed"
     if fp.embodied_g is not None:

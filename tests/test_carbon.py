@@ -327,3 +327,44 @@ def test_final_result_fetches_the_whole_run_and_clears_stale_fetch_notes(tmp_pat
     assert final.grams == pytest.approx(100.0) and final.unpriced_kwh == 0
     assert "fetch" not in accountant.skipped
     accountant.close()
+
+
+# --- a provider that cannot answer and no fallback: carbon absent, never 0 ----------------------
+
+
+def test_run_that_no_provider_could_price_has_no_carbon_metric(
+    httpserver: object, tmp_path: object
+) -> None:
+    import re
+    import time
+    from pathlib import Path
+
+    from pytest_httpserver import HTTPServer
+
+    from green_mlops.config import Settings
+    from green_mlops.session import Measurement
+    from tests.conftest import ClockMeter
+
+    assert isinstance(httpserver, HTTPServer) and isinstance(tmp_path, Path)
+    httpserver.expect_request(re.compile(".*")).respond_with_data("no", status=401)
+    settings = Settings.load(
+        environ={},
+        location="DE",
+        intensity_providers="electricitymaps",  # no yearly fallback
+        electricitymaps_token="token",
+        electricitymaps_url=httpserver.url_for("/"),
+        cache_dir=tmp_path / "cache",
+    )
+    measurement = Measurement(settings, meters=[ClockMeter(100.0)]).start()
+    live = measurement.result()
+    with measurement.phase("train"):
+        time.sleep(0.2)
+    result = measurement.stop()
+    for res in (live, result):
+        assert not any("co2e" in key for key in res.metrics), res.metrics
+    assert result.metrics["green/energy_kwh"] > 0
+    assert "green/intensity_g_per_kwh" not in result.metrics
+    reasons = result.tags["green.not_reported"]
+    assert "co2e:" in reasons and "not priced" in reasons
+    assert "HTTP 401" in result.tags["green.intensity.fallbacks"]
+    assert "not computed" in result.sentence

@@ -442,3 +442,30 @@ def test_reporting_sentence_without_carbon_or_location() -> None:
     text = reporting_sentence(footprint(snapshot(), None, settings()))
     assert "an unknown location" in text
     assert "carbon emissions were not computed" in text
+
+
+def test_energy_that_nothing_priced_has_no_carbon_never_zero() -> None:
+    snap = snapshot(kwh=1.0, hours=1.0)
+    fp = footprint(snap, priced(snap, []), settings(embodied_kgco2e=0, price_per_kwh=0.3))
+    assert fp.operational_g is None and fp.operational_uncertainty_g is None
+    assert fp.intensity_g_per_kwh is None and fp.sci_g is None
+    metrics = footprint_metrics(fp)
+    assert "green/co2e_g" not in metrics and "green/co2e_uncertainty_g" not in metrics
+    assert metrics["green/cost"] == pytest.approx(0.3)  # the rest is still reported
+    reasons = footprint_tags(fp)["green.not_reported"]
+    assert "co2e: 1 of 1 kWh (IT) not priced" in reasons
+    assert "GREEN_MLOPS_INTENSITY_PROVIDERS" in reasons
+    assert "carbon emissions were not computed" in reporting_sentence(fp)
+
+
+def test_partly_priced_carbon_is_a_lower_bound_and_says_so() -> None:
+    snap = snapshot(kwh=1.0, hours=1.0)
+    half = IntensitySeries(
+        (IntensityPoint(T0, T0 + 1800, 200.0),), "api", "history", "DE", "average", "direct",
+        False, "x",
+    )  # fmt: skip
+    fp = footprint(snap, priced(snap, [half]), settings())
+    assert fp.operational_g == pytest.approx(100.0, rel=1e-12)
+    reasons = " ".join(fp.not_reported)
+    assert "0.5 of 1 kWh (IT) not priced" in reasons and "lower bound" in reasons
+    assert "0.5 of 1 kWh not priced" in reporting_sentence(fp)
