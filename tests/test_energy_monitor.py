@@ -8,6 +8,7 @@ test_flops.py for the counting rules).
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import signal
@@ -17,6 +18,7 @@ import typing
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,8 +40,13 @@ from tests.conftest import ClockMeter
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning:lightning.*",
+    "ignore::UserWarning:pytorch_lightning.*",
     "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",
+    "ignore::lightning_fabric.utilities.warnings.PossibleUserWarning",
 )
+
+#: Lightning's namespaces: the ``lightning`` package's and the standalone ``pytorch_lightning``.
+NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
 N, B, IN, H, OUT = 64, 16, 8, 16, 2
 BATCHES = N // B
@@ -51,7 +58,11 @@ CPU_W, RAM_W = 200.0, 50.0
 SETTINGS = {"intensity_providers": "constant", "intensity_g_per_kwh": 400, "location": "DE"}
 
 
-class Classifier(pl.LightningModule):
+class ClassifierSteps:
+    """The module's code, for a LightningModule of either namespace (see ``classifier``)."""
+
+    log: Any
+
     def __init__(self) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(
@@ -80,7 +91,28 @@ class Classifier(pl.LightningModule):
         self._eval(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.5)
+        return torch.optim.SGD(self.parameters(), lr=0.5)  # type: ignore[attr-defined]
+
+
+class Classifier(ClassifierSteps, pl.LightningModule):
+    pass
+
+
+def namespace(name: str) -> ModuleType:
+    return importlib.import_module(name)
+
+
+def classifier(ns: ModuleType = pl) -> type[Any]:
+    """``Classifier`` as a LightningModule of namespace ``ns``."""
+    if ns is pl:
+        return Classifier
+    return type("Classifier", (ClassifierSteps, ns.LightningModule), {})
+
+
+@pytest.fixture(params=NAMESPACES)
+def ns(request: pytest.FixtureRequest) -> ModuleType:
+    """Each Lightning namespace in turn: its Trainer, callbacks, loggers and modules."""
+    return namespace(request.param)
 
 
 def loader(seed: int = 0) -> torch.utils.data.DataLoader[Any]:
@@ -101,10 +133,12 @@ def monitor(**kwargs: Any) -> EnergyMonitor:
     return EnergyMonitor(settings=SETTINGS, meters=meters, **kwargs)
 
 
-def trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+def trainer(
+    tmp_path: Path, callbacks: list[Callback], ns: ModuleType = pl, **kwargs: Any
+) -> pl.Trainer:
     options: dict[str, Any] = {
         "max_epochs": 2,
-        "logger": CSVLogger(tmp_path, name="csv"),
+        "logger": ns.loggers.CSVLogger(tmp_path, name="csv"),
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "enable_checkpointing": False,
@@ -112,7 +146,7 @@ def trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trai
         "devices": 1,
         **kwargs,
     }
-    return pl.Trainer(callbacks=callbacks, **options)
+    return ns.Trainer(callbacks=callbacks, **options)  # type: ignore[no-any-return]
 
 
 def rows(tr: pl.Trainer) -> list[dict[str, float]]:
@@ -351,6 +385,36 @@ def test_resume_from_checkpoint_continues_the_totals(tmp_path: Path) -> None:
     assert after["green/energy_kwh"] > saved["totals"]["green/energy_kwh"] > 0
     assert after["green/duration_s"] > saved["totals"]["green/duration_s"]
     assert after["green/epoch/flops"] == SANITY + EPOCH  # the resumed epoch alone
+
+
+def test_testing_a_checkpoint_never_rewinds_or_recounts_the_totals(
+    tmp_path: Path, ns: ModuleType
+) -> None:
+    """Issue #10, item 4: only a resumed *fit* restores the totals kept in a checkpoint."""
+    best = ns.callbacks.ModelCheckpoint(  # the highest loss: the first epoch's checkpoint
+        dirpath=tmp_path / "ckpt", monitor="val_loss", mode="max", save_top_k=1
+    )
+    tr = trainer(tmp_path, [monitor(), best], ns, max_epochs=2, enable_checkpointing=True)
+    model = classifier(ns)()
+    tr.fit(model, loader(), loader(1))
+    assert Path(best.best_model_path).name.startswith("epoch=0")
+    after_fit = totals(rows(tr))
+    tr.test(model, loader(2), ckpt_path="best", verbose=False)
+    after_test = totals(rows(tr))
+    assert after_test["green/flops"] == after_fit["green/flops"] + BATCHES * FWD
+    for phase in ("sanity_check", "train", "validation", "data_wait"):  # not run by test
+        key = f"green/phase/{phase}_kwh"
+        assert after_test[key] == after_fit[key], key
+    assert after_test["green/energy_kwh"] > after_fit["green/energy_kwh"]
+    assert after_test["green/duration_s"] > after_fit["green/duration_s"]
+
+    # `test --ckpt_path` in a new process (LightningCLI): the test's own totals, not the fit's
+    fresh = trainer(tmp_path / "fresh", [monitor()], ns, enable_checkpointing=True)
+    fresh.test(classifier(ns)(), loader(2), ckpt_path=best.best_model_path, verbose=False)
+    got = totals(rows(fresh))
+    assert got["green/flops"] == got["green/phase/test_flops"] == BATCHES * FWD
+    assert "green/phase/train_kwh" not in got
+    assert got["green/energy_kwh"] < after_fit["green/energy_kwh"]
 
 
 def test_state_dict_round_trip() -> None:

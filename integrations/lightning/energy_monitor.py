@@ -409,6 +409,8 @@ class EnergyMonitor(Callback):
         return self._generate_state_key(monitor=self.monitor, mode=self.mode)
 
     def _reset_stage(self) -> None:
+        #: The stage running (``fit``, ``validate``, ``test``, ``predict``), None between stages.
+        self._stage: str | None = None
         self._measurement: Measurement | None = None
         self._own = False
         self._claimed: list[str] = []
@@ -447,6 +449,14 @@ class EnergyMonitor(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the totals of a fit resumed from a checkpoint.
+
+        Lightning restores callback state for every stage run with ``ckpt_path``; a test,
+        validation or prediction of a checkpoint keeps its own totals (the fit's are already
+        counted, or belong to another run), so only a fit (or a call outside a stage) loads it.
+        """
+        if self._stage not in (None, "fit"):
+            return
         self._base = {str(k): float(v) for k, v in state_dict.get("totals", {}).items()}
         self._totals = dict(self._base)
         self._epoch_mark = dict(self._base)
@@ -458,6 +468,7 @@ class EnergyMonitor(Callback):
 
     @_safe
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = str(getattr(stage, "value", stage))
         if self._measurement is not None:
             return
         self._world = trainer.world_size
