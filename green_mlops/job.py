@@ -25,8 +25,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from green_mlops.log import warn_once
+
+if TYPE_CHECKING:
+    import psutil
 
 __all__ = ["Job", "LocalGroup", "job_tags", "local_group", "warn_scope"]
 
@@ -242,11 +246,10 @@ class LocalGroup:
         )
 
 
-def _peer_rank(proc: object, key: tuple[str, ...]) -> int | None:
-    """The local rank of ``proc`` (a psutil.Process) if it belongs to the job ``key``."""
+def _peer_rank(proc: psutil.Process, key: tuple[str, ...]) -> int | None:
+    """The local rank of ``proc`` if it belongs to the job ``key``."""
     import psutil
 
-    assert isinstance(proc, psutil.Process)
     try:
         env = proc.environ()
     except (psutil.Error, OSError):

@@ -216,3 +216,66 @@ def test_torchrun_rank_0_counts_rank_1_cpu_time_in_process_share(tmp_path: Path)
         assert "green.job.scope" not in tags  # one node: nothing left out
         assert "all 2 local ranks of this torchrun job" in tags["green.notes"]
         assert "NOT counted" not in tags["green.notes"]
+
+
+NODE_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+
+from green_mlops.session import Measurement
+
+m = Measurement(share="process", cpu_tdp_w=100.0).start()
+first = m.result()
+result = m.stop()
+out = Path(sys.argv[1]) / f"node{os.environ['GROUP_RANK']}.json"
+out.write_text(json.dumps({"live": first.tags, "final": result.tags}))
+"""
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torch's torchrun is not installed")
+def test_a_two_node_torchrun_job_says_once_that_only_this_node_is_measured(
+    tmp_path: Path,
+) -> None:
+    from tests.conftest import free_port
+
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(NODE_SCRIPT))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GREEN_MLOPS_RAPL_ROOT": str(tmp_path / "no-rapl"),
+        "GREEN_MLOPS_INTENSITY_PROVIDERS": "static",
+        "GREEN_MLOPS_LOCATION": "DE",
+    }
+    port = free_port()
+    agents = [  # two "nodes" on this machine: two agents of one static rendezvous
+        subprocess.Popen(
+            [
+                str(TORCHRUN),
+                "--nnodes=2",
+                f"--node-rank={node}",
+                "--nproc-per-node=1",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                str(script),
+                str(tmp_path),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    errors = [agent.communicate(timeout=300)[1] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], errors
+    for node, stderr in enumerate(errors):
+        tags = json.loads((tmp_path / f"node{node}.json").read_text())
+        for result in (tags["live"], tags["final"]):
+            assert (result["green.nodes"], result["green.world_size"]) == ("2", "2")
+            assert result["green.job.node_rank"] == str(node)
+            assert result["green.job.scope"] == (
+                f"node {node} of 2: the other 1 node is not measured by this run"
+            )
+            assert f"job: node {node} of a 2-node torchrun job" in result["green.notes"]
+        assert stderr.count(f"node {node} of a 2-node torchrun job: only this node") == 1
