@@ -64,13 +64,14 @@ def doctor(settings: Settings, sample_s: float) -> int:
         return 1
     if sample_s > 0:
         quiet = logging.getLogger("green_mlops")
-        level, quiet.level = quiet.level, logging.ERROR  # the table above said it already
-        try:
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # the table above said it already (setLevel: clears the
+        try:  # level cache that logging keeps per logger; assigning .level would not)
             tracker = Tracker(settings, meters=[*used, *unavailable]).start()
             time.sleep(sample_s)
             snapshot = tracker.stop()
         finally:
-            quiet.level = level
+            quiet.setLevel(level)
         _print_snapshot(console, snapshot, title=f"Power over {sample_s:g} s")
     return 0
 
@@ -158,10 +159,19 @@ def demo(overrides: dict[str, Any], epochs: int) -> int:
     )
     console.print(
         f"\nStored in MLflow ({result.tracking_uri}), experiment 'green-mlops-demo'. Open the UI:\n"
-        f"  [bold].venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}[/]"
+        f"  [bold]{mlflow_command()} ui --backend-store-uri {result.tracking_uri}[/]"
         "  then http://127.0.0.1:5000"
     )
     return 0
+
+
+def mlflow_command(executable: str | None = None) -> str:
+    """The ``mlflow`` script installed beside this Python (a virtual environment's ``bin``), if
+    there is one; else plain ``mlflow``, found on the PATH."""
+    from pathlib import Path
+
+    beside = Path(executable or sys.executable).parent / "mlflow"
+    return str(beside) if beside.is_file() else "mlflow"
 
 
 def sync(settings: Settings) -> int:

@@ -42,12 +42,18 @@ def run_demo(
     from green_mlops.integrations.lightning import EnergyMonitor
 
     monitor = EnergyMonitor(monitor="val_acc", mode="max", target=0.97, settings=settings)
-    L.seed_everything(seed, verbose=False)
+    # Reproducible through generators of its own: seeding the process-wide RNGs
+    # (L.seed_everything) would also fix the run names MLflow draws from `random`.
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, 32, generator=generator)
     y = (x[:, :4].sum(dim=1) > 0).long()
     split = samples * 3 // 4
-    train = DataLoader(TensorDataset(x[:split], y[:split]), batch_size=64, shuffle=True)
+    train = DataLoader(
+        TensorDataset(x[:split], y[:split]),
+        batch_size=64,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
     val = DataLoader(TensorDataset(x[split:], y[split:]), batch_size=256)
 
     class Classifier(L.LightningModule):
@@ -80,7 +86,10 @@ def run_demo(
         enable_checkpointing=False,
         log_every_n_steps=20,
     )
-    trainer.fit(Classifier(), train, val)
+    with torch.random.fork_rng(devices=[]):  # the initial weights, without touching torch's RNG
+        torch.manual_seed(seed)
+        model = Classifier()
+    trainer.fit(model, train, val)
     run = MlflowClient(tracking_uri).get_run(str(logger.run_id))
     green = {k: v for k, v in run.data.metrics.items() if k.startswith("green/")}
     tags = {k: v for k, v in run.data.tags.items() if k.startswith("green.")}

@@ -81,6 +81,7 @@ def test_demo_trains_measures_and_stores_in_the_local_mlflow_store(tmp_path: Pat
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "mlflow.db").exists()
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out.stdout
+    assert f"{Path(sys.executable).parent / 'mlflow'} ui" in out.stdout  # this environment's
     assert "val_acc" in out.stdout and "phase train" in out.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("green-mlops-demo").experiment_id])
@@ -89,3 +90,52 @@ def test_demo_trains_measures_and_stores_in_the_local_mlflow_store(tmp_path: Pat
     assert metrics["green/energy_kwh"] > 0 and metrics["green/co2e_g"] > 0
     assert metrics["green/phase/train_kwh"] > 0 and metrics["green/phase/validation_kwh"] > 0
     assert runs[0].data.tags["green.location"].startswith("FR")
+
+
+def test_demo_runs_get_different_names_and_stay_reproducible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from green_mlops.demo import EXPERIMENT, run_demo
+
+    # the demo's own store: with the embedded sqlite store MLflow names runs in this process
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("GREEN_MLOPS_CACHE_DIR", str(tmp_path / "cache"))
+    first = run_demo(epochs=1, samples=512)
+    second = run_demo(epochs=1, samples=512)
+    client = MlflowClient(uri)
+    names = {client.get_run(r.run_id).info.run_name for r in (first, second)}
+    assert len(names) == 2, names
+    assert client.get_experiment_by_name(EXPERIMENT) is not None
+    # still reproducible: the same seed trains the same model
+    assert first.val_acc == second.val_acc
+
+
+def test_the_printed_mlflow_command_is_the_one_next_to_this_python(tmp_path: Path) -> None:
+    from green_mlops.cli import mlflow_command
+
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.touch()
+    assert mlflow_command(str(python)) == "mlflow"  # not installed beside it: the PATH's
+    (python.parent / "mlflow").touch()
+    assert mlflow_command(str(python)) == str(python.parent / "mlflow")
+    assert mlflow_command(sys.executable) == str(Path(sys.executable).parent / "mlflow")
+
+
+def test_doctor_sample_is_quiet_even_after_the_logger_was_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from green_mlops.cli import doctor
+    from green_mlops.config import Settings
+
+    caplog.set_level(logging.WARNING, logger="green_mlops")
+    logging.getLogger("green_mlops").warning("an earlier warning")  # fills logging's cache
+    root = tmp_path / "no-rapl-here"
+    before = len(caplog.records)
+    assert doctor(Settings.load(environ={}, rapl_root=root), 0.1) == 0
+    said = [r.getMessage() for r in caplog.records[before:] if r.name.startswith("green_mlops")]
+    assert not any(str(root) in message for message in said), said
+    assert logging.getLogger("green_mlops").level == logging.WARNING  # restored
