@@ -132,9 +132,15 @@ def _postcode(value: object) -> str:
     return text
 
 
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "green-mlops"
+def _default_cache_dir(env: Mapping[str, str]) -> Path:
+    """$XDG_CACHE_HOME/green-mlops, else ~/.cache/green-mlops, from ``env`` when settings load
+    (not at import: a later XDG_CACHE_HOME counts). A relative XDG_CACHE_HOME is ignored, as
+    the XDG spec says."""
+    xdg = env.get("XDG_CACHE_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "green-mlops"
+    home = env.get("HOME") or os.path.expanduser("~")
+    return Path(home) / ".cache" / "green-mlops"
 
 
 def _path(value: object) -> Path:
@@ -229,14 +235,21 @@ def _setting(
     doc: str,
     *,
     secret: bool = False,
+    shown_default: str | None = None,
 ) -> Any:
+    """A setting. ``default`` may be a function of the environment (resolved when settings
+    load), shown in the table as ``shown_default``."""
     meta = {
         "env": ENV_PREFIX + name,
         "parse": parse,
         "accepted": accepted,
         "doc": doc,
         "secret": secret,
+        "default_from_env": default if callable(default) else None,
+        "shown_default": shown_default,
     }
+    if callable(default):
+        return field(default_factory=lambda: default(os.environ), metadata=meta, repr=not secret)
     return field(default=default, metadata=meta, repr=not secret)
 
 
@@ -402,10 +415,11 @@ class Settings:
     )
     cache_dir: Path = _setting(
         "CACHE_DIR",
-        _default_cache_dir(),
+        _default_cache_dir,
         _path,
         "a directory path",
         "Where API responses are cached on disk ($XDG_CACHE_HOME/green-mlops by default).",
+        shown_default="$XDG_CACHE_HOME/green-mlops (~/.cache/green-mlops)",
     )
     cache_ttl_s: float = _setting(
         "CACHE_TTL_S",
@@ -482,6 +496,8 @@ class Settings:
             elif meta["env"] in env:
                 raw, origin = env[meta["env"]], meta["env"]
             else:
+                if meta["default_from_env"] is not None:
+                    values[f.name] = meta["default_from_env"](env)
                 continue
             origins[f.name] = (origin, raw)
             try:
@@ -533,7 +549,9 @@ def settings_table() -> Iterator[tuple[str, str, str, str]]:
     """(variable, default, accepted form, description) for every setting, in declaration order."""
     for f in dataclasses.fields(Settings):
         default = f.default
-        if isinstance(default, frozenset):
+        if f.metadata["shown_default"] is not None:
+            shown = f.metadata["shown_default"]
+        elif isinstance(default, frozenset):
             shown = ",".join(sorted(default)) or "(none)"
         elif isinstance(default, tuple):
             shown = ",".join(default)

@@ -148,3 +148,19 @@ def test_mlflow_run_is_not_created_with_a_misspelled_provider(
     experiment = client.get_experiment_by_name("typo-provider")
     assert experiment is not None
     assert client.search_runs([experiment.experiment_id]) == []
+
+
+def test_cache_dir_default_follows_xdg_cache_home_when_settings_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # set after import
+    assert Settings.load().cache_dir == tmp_path / "xdg" / "green-mlops"
+    other = {"XDG_CACHE_HOME": str(tmp_path / "other")}
+    assert Settings.load(environ=other).cache_dir == tmp_path / "other" / "green-mlops"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Settings.load().cache_dir == tmp_path / "home" / ".cache" / "green-mlops"
+    # an explicit setting wins; the table shows the rule, not this machine's path
+    assert Settings.load(environ={"GREEN_MLOPS_CACHE_DIR": "/x"}).cache_dir == Path("/x")
+    rows = {row[0]: row[1] for row in settings_table()}
+    assert rows["GREEN_MLOPS_CACHE_DIR"] == "$XDG_CACHE_HOME/green-mlops (~/.cache/green-mlops)"
