@@ -8,12 +8,14 @@ through the real Trainer, EarlyStopping and ModelCheckpoint.
 
 from __future__ import annotations
 
+import importlib
 import math
 import subprocess
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -32,8 +34,13 @@ from tests.conftest import ClockMeter
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning:lightning.*",
+    "ignore::UserWarning:pytorch_lightning.*",
     "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",
+    "ignore::lightning_fabric.utilities.warnings.PossibleUserWarning",
 )
+
+#: Lightning's namespaces: the ``lightning`` package's and the standalone ``pytorch_lightning``.
+NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
 N_VAL, BATCH = 2000, 100
 
@@ -41,8 +48,11 @@ N_VAL, BATCH = 2000, 100
 # -- modules -----------------------------------------------------------------------------------
 
 
-class Scripted(pl.LightningModule):
-    """Validation losses come from ``table[epoch]`` (examples identified by their index)."""
+class ScriptedSteps:
+    """Validation losses come from ``table[epoch]`` (examples identified by their index); the
+    code of ``Scripted``, for a LightningModule of either namespace (see ``scripted``)."""
+
+    current_epoch: int
 
     def __init__(self, table: np.ndarray) -> None:
         super().__init__()
@@ -60,7 +70,31 @@ class Scripted(pl.LightningModule):
         return {"per_example_loss": self.table[row][index] + 0 * self.weight}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=0.1)  # type: ignore[attr-defined]
+
+
+class Scripted(ScriptedSteps, pl.LightningModule):
+    pass
+
+
+def scripted(ns: ModuleType = pl) -> type[Any]:
+    """``Scripted`` as a LightningModule of namespace ``ns``."""
+    if ns is pl:
+        return Scripted
+    return type("Scripted", (ScriptedSteps, ns.LightningModule), {})
+
+
+@pytest.fixture(params=NAMESPACES)
+def ns(request: pytest.FixtureRequest) -> ModuleType:
+    """Each Lightning namespace in turn: its Trainer, callbacks, strategies and modules."""
+    return importlib.import_module(request.param)
+
+
+def refusal(ns: ModuleType) -> type[Exception]:
+    """The namespace's MisconfigurationException (each namespace has its own class)."""
+    fabric = "lightning.fabric" if ns is pl else "lightning_fabric"
+    module = importlib.import_module(f"{fabric}.utilities.exceptions")
+    return module.MisconfigurationException  # type: ignore[no-any-return]
 
 
 class MLP(pl.LightningModule):
@@ -132,7 +166,9 @@ class Record(Callback):
             self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+def trainer(
+    tmp_path: Path, callbacks: list[Callback], ns: ModuleType = pl, **kwargs: Any
+) -> pl.Trainer:
     options: dict[str, Any] = {
         "max_epochs": 10,
         "accelerator": "cpu",
@@ -143,13 +179,16 @@ def trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trai
         "default_root_dir": str(tmp_path),
     }
     options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+    return ns.Trainer(callbacks=callbacks, **options)  # type: ignore[no-any-return]
 
 
-def stock(tmp_path: Path, patience: int = 3) -> tuple[EarlyStopping, ModelCheckpoint]:
+def stock(
+    tmp_path: Path, patience: int = 3, ns: ModuleType = pl
+) -> tuple[EarlyStopping, ModelCheckpoint]:
+    cb = ns.callbacks
     return (
-        EarlyStopping(monitor="val_loss", mode="min", patience=patience),
-        ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", mode="min", save_top_k=1),
+        cb.EarlyStopping(monitor="val_loss", mode="min", patience=patience),
+        cb.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", mode="min", save_top_k=1),
     )
 
 
@@ -160,19 +199,23 @@ def decisions(es: EarlyStopping, mc: ModelCheckpoint) -> tuple[int, str]:
 # -- decisions equal full validation -----------------------------------------------------------
 
 
-def fit_scripted(tmp_path: Path, enabled: bool, rows: np.ndarray) -> tuple[Any, ...]:
-    es, mc = stock(tmp_path / str(enabled))
+def fit_scripted(
+    tmp_path: Path, enabled: bool, rows: np.ndarray, ns: ModuleType = pl
+) -> tuple[Any, ...]:
+    es, mc = stock(tmp_path / str(enabled), ns=ns)
     record = Record()
     callback = AdaptiveValidation(enabled=enabled)
-    module = Scripted(rows)
-    trainer(tmp_path, [callback, es, mc, record]).fit(module, train_loader(), index_loader())
+    module = scripted(ns)(rows)
+    trainer(tmp_path, [callback, es, mc, record], ns).fit(module, train_loader(), index_loader())
     return decisions(es, mc), record.rows, module.steps, callback
 
 
-def test_scripted_fit_decides_like_full_validation_and_like_its_replay(tmp_path: Path) -> None:
+def test_scripted_fit_decides_like_full_validation_and_like_its_replay(
+    tmp_path: Path, ns: ModuleType
+) -> None:
     rows = table()
-    full_decisions, full_rows, _, _ = fit_scripted(tmp_path, False, rows)
-    got_decisions, got_rows, steps, callback = fit_scripted(tmp_path, True, rows)
+    full_decisions, full_rows, _, _ = fit_scripted(tmp_path, False, rows, ns)
+    got_decisions, got_rows, steps, callback = fit_scripted(tmp_path, True, rows, ns)
     assert got_decisions == full_decisions == (8, "epoch=5")
     fractions = [r["green/validation/fraction_evaluated"] for r in got_rows]
     assert [r["green/validation/fraction_evaluated"] for r in full_rows] == [1.0] * 9
@@ -360,41 +403,55 @@ def test_lazy_incumbent_evaluation_leaves_training_untouched(tmp_path: Path) -> 
     assert sum(lazy) > 0  # the shadow copy did run
 
 
-class OtherStateKey(EarlyStopping):
-    @property
-    def state_key(self) -> str:
-        return "other-" + super().state_key
+def other_state_key(cb: ModuleType, *args: Any, **kwargs: Any) -> EarlyStopping:
+    """An EarlyStopping of namespace ``cb`` with a state key of its own (a second instance)."""
+
+    class OtherStateKey(cb.EarlyStopping):  # type: ignore[name-defined, misc]
+        @property
+        def state_key(self) -> str:
+            return "other-" + super().state_key  # type: ignore[no-any-return]
+
+    return OtherStateKey(*args, **kwargs)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize(
     ("callbacks", "fix"),
     [
-        (lambda p: [AdaptiveValidation()], "no upper= bound"),
-        (lambda p: [AdaptiveValidation(upper=5.0, incumbent="values")], "incumbent='values'"),
+        (lambda p, cb: [AdaptiveValidation()], "no upper= bound"),
+        (lambda p, cb: [AdaptiveValidation(upper=5.0, incumbent="values")], "incumbent='values'"),
         (
-            lambda p: [
+            lambda p, cb: [
                 AdaptiveValidation(upper=5.0),
-                EarlyStopping("val_loss", stopping_threshold=0.1),
+                cb.EarlyStopping("val_loss", stopping_threshold=0.1),
             ],
             "stopping_threshold",
         ),
         (
-            lambda p: [
+            lambda p, cb: [
                 AdaptiveValidation(upper=5.0),
-                EarlyStopping("val_loss", min_delta=0.1),
-                OtherStateKey("val_loss", min_delta=0.2),
+                cb.EarlyStopping("val_loss", min_delta=0.1),
+                other_state_key(cb, "val_loss", min_delta=0.2),
             ],
             "different min_delta",
         ),
-        (lambda p: [AdaptiveValidation(upper=5.0), EarlyStopping("val_loss", min_delta=0.1)], ""),
+        (
+            lambda p, cb: [
+                AdaptiveValidation(upper=5.0),
+                cb.EarlyStopping("val_loss", min_delta=0.1),
+            ],
+            "",
+        ),
     ],
 )
 def test_when_early_improved_is_off_the_callback_says_why(
-    tmp_path: Path, callbacks: Callable[[Path], list[Callback]], fix: str
+    tmp_path: Path,
+    callbacks: Callable[[Path, ModuleType], list[Callback]],
+    fix: str,
+    ns: ModuleType,
 ) -> None:
-    made = callbacks(tmp_path)
-    trainer(tmp_path, made, max_epochs=1).fit(
-        Scripted(np.minimum(table(n=200), 5.0)), train_loader(), index_loader(200)
+    made = callbacks(tmp_path, ns.callbacks)
+    trainer(tmp_path, made, ns, max_epochs=1).fit(
+        scripted(ns)(np.minimum(table(n=200), 5.0)), train_loader(), index_loader(200)
     )
     callback = made[0]
     assert isinstance(callback, AdaptiveValidation)
@@ -469,36 +526,43 @@ def test_stop_iteration_in_on_validation_batch_start_ends_the_run_cleanly(
 
 # -- refusals and errors -----------------------------------------------------------------------
 
-REFUSED: dict[str, tuple[Callable[[Path], list[Callback]], dict[str, Any], str]] = {
-    "es mode": (lambda p: [EarlyStopping("val_loss", mode="max")], {}, "same mode"),
-    "es other key": (lambda p: [EarlyStopping("val_acc")], {}, "allow_monitors"),
+REFUSED: dict[str, tuple[Callable[[Path, ModuleType], list[Callback]], dict[str, Any], str]] = {
+    "es mode": (lambda p, cb: [cb.EarlyStopping("val_loss", mode="max")], {}, "same mode"),
+    "es other key": (lambda p, cb: [cb.EarlyStopping("val_acc")], {}, "allow_monitors"),
     "es divergence": (
-        lambda p: [EarlyStopping("val_loss", divergence_threshold=5.0)],
+        lambda p, cb: [cb.EarlyStopping("val_loss", divergence_threshold=5.0)],
         {},
         "divergence_threshold",
     ),
     "es negative min_delta": (
-        lambda p: [EarlyStopping("val_loss", min_delta=-0.1)],
+        lambda p, cb: [cb.EarlyStopping("val_loss", min_delta=-0.1)],
         {},
         "min_delta",
     ),
     "es at train epoch end": (
-        lambda p: [EarlyStopping("val_loss", check_on_train_epoch_end=True)],
+        lambda p, cb: [cb.EarlyStopping("val_loss", check_on_train_epoch_end=True)],
         {"val_check_interval": 0.5},
         "check_on_train_epoch_end=False",
     ),
     "mc top 2": (
-        lambda p: [ModelCheckpoint(dirpath=p, monitor="val_loss", save_top_k=2)],
+        lambda p, cb: [cb.ModelCheckpoint(dirpath=p, monitor="val_loss", save_top_k=2)],
+        {},
+        "save_top_k=1",
+    ),
+    "mc top 3": (
+        lambda p, cb: [cb.ModelCheckpoint(dirpath=p, monitor="val_loss", save_top_k=3)],
         {},
         "save_top_k=1",
     ),
     "mc mode": (
-        lambda p: [ModelCheckpoint(dirpath=p, monitor="val_loss", mode="max")],
+        lambda p, cb: [cb.ModelCheckpoint(dirpath=p, monitor="val_loss", mode="max")],
         {},
         "same mode",
     ),
     "mc at train epoch end": (
-        lambda p: [ModelCheckpoint(dirpath=p, monitor="val_loss", save_on_train_epoch_end=True)],
+        lambda p, cb: [
+            cb.ModelCheckpoint(dirpath=p, monitor="val_loss", save_on_train_epoch_end=True)
+        ],
         {"val_check_interval": 0.5},
         "save_on_train_epoch_end=False",
     ),
@@ -506,36 +570,50 @@ REFUSED: dict[str, tuple[Callable[[Path], list[Callback]], dict[str, Any], str]]
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_configurations_that_would_change_decisions_are_refused(tmp_path: Path, case: str) -> None:
+def test_configurations_that_would_change_decisions_are_refused(
+    tmp_path: Path, case: str, ns: ModuleType
+) -> None:
     make, kwargs, fix = REFUSED[case]
-    callbacks = [AdaptiveValidation(), *make(tmp_path)]
-    fit = trainer(tmp_path, callbacks, max_epochs=1, **kwargs)
-    with pytest.raises(MisconfigurationException, match=fix):
+    callbacks = [AdaptiveValidation(), *make(tmp_path, ns.callbacks)]
+    fit = trainer(tmp_path, callbacks, ns, max_epochs=1, **kwargs)
+    with pytest.raises(refusal(ns), match=fix):
         fit.fit(
-            Scripted(table(n=200)),
+            scripted(ns)(table(n=200)),
             DataLoader(TensorDataset(torch.arange(8)), batch_size=2),
             index_loader(200),
         )
 
 
-def test_allowed_monitors_and_default_callbacks_are_accepted(tmp_path: Path) -> None:
+def test_allowed_monitors_and_default_callbacks_are_accepted(
+    tmp_path: Path, ns: ModuleType
+) -> None:
+    cb = ns.callbacks
     callbacks: list[Callback] = [
         AdaptiveValidation(allow_monitors=["train_loss"]),
-        EarlyStopping("val_loss", min_delta=0.01, stopping_threshold=0.01),  # defaults otherwise
-        EarlyStopping("train_loss", check_on_train_epoch_end=True),
-        ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1),
-        ModelCheckpoint(dirpath=tmp_path / "every", every_n_epochs=1),  # no monitor
+        cb.EarlyStopping("val_loss", min_delta=0.01, stopping_threshold=0.01),  # defaults else
+        cb.EarlyStopping("train_loss", check_on_train_epoch_end=True),
+        cb.ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1),
+        cb.ModelCheckpoint(dirpath=tmp_path / "every", every_n_epochs=1),  # no monitor
     ]
 
-    class Logged(Scripted):
+    class Logged(scripted(ns)):  # type: ignore[misc]
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             loss = super().training_step(batch, batch_idx)
             self.log("train_loss", loss, on_epoch=True)
             return loss
 
-    trainer(tmp_path, callbacks, max_epochs=2).fit(
+    trainer(tmp_path, callbacks, ns, max_epochs=2).fit(
         Logged(table(n=200)), train_loader(), index_loader(200)
     )
+
+
+def test_a_callback_of_either_namespace(ns: ModuleType) -> None:
+    callback = AdaptiveValidation()
+    assert isinstance(callback, ns.Callback)
+    fit = ns.Trainer(callbacks=callback, logger=False, enable_checkpointing=False)
+    assert callback in fit.callbacks
+    with pytest.raises(refusal(ns), match="mode"):  # refusals are the namespace's exception
+        AdaptiveValidation(mode="maximum")  # type: ignore[arg-type]
 
 
 class Plateau(Scripted):

@@ -30,7 +30,6 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     ThroughputMonitor,
 )
-from lightning.pytorch.loggers import CSVLogger
 
 from green_mlops.config import ConfigError
 from green_mlops.integrations.lightning import EnergyMonitor
@@ -315,6 +314,16 @@ def test_pickles_for_ddp_spawn_even_with_a_secret_setting() -> None:
     assert copy.monitor == "val_acc"
 
 
+def test_a_callback_of_either_namespace(tmp_path: Path, ns: ModuleType) -> None:
+    """``from green_mlops.integrations.lightning import EnergyMonitor`` is a ``Callback`` of
+    ``lightning.pytorch`` and of ``pytorch_lightning`` (a Trainer takes a single callback only
+    when it is an instance of its own namespace's class)."""
+    mon = monitor()
+    assert isinstance(mon, ns.Callback)
+    tr = ns.Trainer(callbacks=mon, logger=False, enable_checkpointing=False)
+    assert mon in tr.callbacks
+
+
 def test_init_is_typed_for_lightning_cli() -> None:
     hints = typing.get_type_hints(EnergyMonitor.__init__)
     assert hints["monitor"] == str | None
@@ -501,10 +510,8 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
-def _mlflow_logger(uri: str, tmp_path: Path) -> Any:
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    return MLFlowLogger(
+def _mlflow_logger(uri: str, tmp_path: Path, ns: ModuleType = pl) -> Any:
+    return ns.loggers.MLFlowLogger(
         experiment_name=tmp_path.name,
         tracking_uri=uri,
         artifact_location=str(tmp_path / "artifacts"),
@@ -512,12 +519,14 @@ def _mlflow_logger(uri: str, tmp_path: Path) -> Any:
 
 
 @pytest.mark.slow
-def test_mlflow_logger_gets_metrics_tags_and_report(tmp_path: Path, mlflow_uri: str) -> None:
+def test_mlflow_logger_gets_metrics_tags_and_report(
+    tmp_path: Path, mlflow_uri: str, ns: ModuleType
+) -> None:
     from mlflow import MlflowClient
 
-    logger = _mlflow_logger(mlflow_uri, tmp_path)
-    tr = trainer(tmp_path, [monitor(monitor="val_acc")], max_epochs=2, logger=logger)
-    tr.fit(Classifier(), loader(), loader(1))
+    logger = _mlflow_logger(mlflow_uri, tmp_path, ns)
+    tr = trainer(tmp_path, [monitor(monitor="val_acc")], ns, max_epochs=2, logger=logger)
+    tr.fit(classifier(ns)(), loader(), loader(1))
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(logger.run_id)
@@ -540,23 +549,23 @@ def test_mlflow_logger_gets_metrics_tags_and_report(tmp_path: Path, mlflow_uri: 
 
 @pytest.mark.slow
 def test_run_measured_by_the_mlflow_plugin_is_shared_not_logged_twice(
-    tmp_path: Path, mlflow_uri: str
+    tmp_path: Path, mlflow_uri: str, ns: ModuleType
 ) -> None:
     from mlflow import MlflowClient
 
     from green_mlops.session import Measurement, claim, lookup, release
     from green_mlops.tracker import Tracker
 
-    logger = _mlflow_logger(mlflow_uri, tmp_path)
+    logger = _mlflow_logger(mlflow_uri, tmp_path, ns)
     run_id = logger.run_id
     plugin = Measurement(settings=None, **SETTINGS)  # what GREEN_MLOPS_ENABLE=1 registers
     plugin.tracker = Tracker(plugin.settings, meters=meters())
     plugin.start()
     claim(run_id, "mlflow", lambda: plugin)
     try:
-        csv_logger = CSVLogger(tmp_path, name="csv")
-        tr = trainer(tmp_path, [monitor()], max_epochs=2, logger=[logger, csv_logger])
-        tr.fit(Classifier(), loader(), loader(1))
+        csv_logger = ns.loggers.CSVLogger(tmp_path, name="csv")
+        tr = trainer(tmp_path, [monitor()], ns, max_epochs=2, logger=[logger, csv_logger])
+        tr.fit(classifier(ns)(), loader(), loader(1))
         assert plugin.running  # the plugin's run goes on: it stops it itself
         snap = plugin.tracker.snapshot()
         assert {"sanity_check", "train", "validation", "data_wait"} <= set(snap.phases)

@@ -16,9 +16,6 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import (
@@ -31,9 +28,11 @@ from torch.utils.data import (
 )
 
 from green_mlops.adaptive import AdaptiveValidator, Outcome
+from green_mlops.integrations.lightning._namespaces import Callback, Misconfiguration, classes
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 log = logging.getLogger("green_mlops")
 
@@ -250,11 +249,11 @@ class AdaptiveValidation(Callback):
     ) -> None:
         super().__init__()
         if mode not in ("min", "max"):
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"AdaptiveValidation(mode={mode!r}): mode must be 'min' or 'max'"
             )
         if incumbent_device not in ("cpu", "module"):
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"AdaptiveValidation(incumbent_device={incumbent_device!r}): use 'cpu' or 'module'"
             )
         if upper == "auto":
@@ -269,7 +268,7 @@ class AdaptiveValidation(Callback):
                 incumbent=incumbent,
             )
         except ValueError as exc:
-            raise MisconfigurationException(f"AdaptiveValidation: {exc}") from exc
+            raise Misconfiguration(f"AdaptiveValidation: {exc}") from exc
         self.monitor = monitor
         self.mode = mode
         self.alpha = alpha
@@ -321,10 +320,12 @@ class AdaptiveValidation(Callback):
         )
         self._min_deltas = set()
         self._off_reasons = []
+        early_stopping = classes("callbacks", "EarlyStopping")  # of either namespace
+        checkpoint = classes("callbacks", "ModelCheckpoint")
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, EarlyStopping):
+            if isinstance(callback, early_stopping):
                 self._check_early_stopping(callback, trainer, many)
-            elif isinstance(callback, ModelCheckpoint):
+            elif isinstance(callback, checkpoint):
                 self._check_checkpoint(callback, trainer, many)
         if len(self._min_deltas) > 1:
             self._off_reasons.append(
@@ -351,10 +352,13 @@ class AdaptiveValidation(Callback):
         self.validator.early_improved = self.early_improved_off is None
         if self.validator.improves_early and self.enabled:
             strategy = trainer.strategy
-            if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
-                strategy, (SingleDeviceStrategy, DDPStrategy)
+            whole = classes("strategies", "SingleDeviceStrategy") + classes(
+                "strategies", "DDPStrategy"
+            )
+            if isinstance(strategy, classes("strategies", "DeepSpeedStrategy")) or not isinstance(
+                strategy, whole
             ):
-                raise MisconfigurationException(
+                raise Misconfiguration(
                     f"AdaptiveValidation(incumbent='weights') evaluates a copy of the whole "
                     f"model, which {type(strategy).__name__} shards: pass "
                     "AdaptiveValidation(incumbent='values') (only 'not improved' stops early)"
@@ -374,7 +378,7 @@ class AdaptiveValidation(Callback):
 
     def _other_monitor(self, what: str, monitor: str) -> None:
         if monitor != self.monitor and monitor not in self.allow_monitors:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"{what} monitors {monitor!r}, but AdaptiveValidation keeps only "
                 f"{self.monitor!r} exact: a metric logged in validation_step covers only the "
                 f"examples evaluated. Monitor {self.monitor!r} instead, or, if {monitor!r} is "
@@ -388,13 +392,13 @@ class AdaptiveValidation(Callback):
             return
         name = f"EarlyStopping(monitor={es.monitor!r})"
         if es.mode != self.mode:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"{name} has mode={es.mode!r}, AdaptiveValidation has mode={self.mode!r}: "
                 "pass the same mode to both"
             )
         min_delta = es.min_delta if es.mode == "max" else -es.min_delta  # ES stores it signed
         if min_delta < 0:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"{name} has min_delta={min_delta}: AdaptiveValidation supports min_delta >= 0"
             )
         self._min_deltas.add(float(min_delta))
@@ -404,7 +408,7 @@ class AdaptiveValidation(Callback):
                 "improving run could sit on the other side of it)"
             )
         if es.divergence_threshold is not None:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"{name} has divergence_threshold={es.divergence_threshold}: an early-stopped "
                 "validation run logs an estimate, which may sit on the other side of that "
                 "threshold. Remove divergence_threshold (or use AdaptiveValidation(enabled=False))."
@@ -412,7 +416,7 @@ class AdaptiveValidation(Callback):
         # None resolves (in EarlyStopping.setup) to True only when validation runs once per epoch,
         # where acting at the end of the training epoch sees every validation run: fine.
         if getattr(es, "_check_on_train_epoch_end", None) and many:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"{name} acts at the end of the training epoch, but validation runs more than "
                 f"once per epoch (val_check_interval={trainer.val_check_interval!r}): it would "
                 "miss runs that AdaptiveValidation counts. Pass "
@@ -427,18 +431,18 @@ class AdaptiveValidation(Callback):
             return
         name = f"ModelCheckpoint(monitor={mc.monitor!r})"
         if mc.mode != self.mode:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"{name} has mode={mc.mode!r}, AdaptiveValidation has mode={self.mode!r}: "
                 "pass the same mode to both"
             )
         if mc.save_top_k not in (-1, 0, 1):
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"{name} has save_top_k={mc.save_top_k}: keeping the k > 1 best compares with "
                 "the k-th best, which AdaptiveValidation does not track. Use save_top_k=1 (the "
                 "best checkpoint) or save_top_k=-1 (all; best_model_path stays right)."
             )
         if getattr(mc, "_save_on_train_epoch_end", None) and many:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"{name} saves at the end of the training epoch, but validation runs more than "
                 f"once per epoch (val_check_interval={trainer.val_check_interval!r}). Pass "
                 "ModelCheckpoint(..., save_on_train_epoch_end=False)."
@@ -454,14 +458,14 @@ class AdaptiveValidation(Callback):
                 continue
             scheduler: Any = config.scheduler
             if getattr(scheduler, "mode", self.mode) != self.mode:
-                raise MisconfigurationException(
+                raise Misconfiguration(
                     f"{name} has mode={scheduler.mode!r}, AdaptiveValidation has "
                     f"mode={self.mode!r}: pass the same mode to both"
                 )
             threshold = float(getattr(scheduler, "threshold", 0.0))
             relative = getattr(scheduler, "threshold_mode", "rel") == "rel"
             if threshold < 0 or (relative and (self.lower is None or self.lower < 0)):
-                raise MisconfigurationException(
+                raise Misconfiguration(
                     f"{name} needs threshold >= 0 and, with threshold_mode='rel', values that "
                     "cannot be negative (AdaptiveValidation(lower=0.0)); got "
                     f"threshold={threshold}, lower={self.lower}"
@@ -477,19 +481,19 @@ class AdaptiveValidation(Callback):
         loaders = trainer.val_dataloaders
         if isinstance(loaders, (list, tuple)):
             if len(loaders) != 1:
-                raise MisconfigurationException(
+                raise Misconfiguration(
                     f"AdaptiveValidation supports one validation dataloader; got {len(loaders)}"
                 )
             loaders = loaders[0]
         if isinstance(loaders, Mapping):
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 "AdaptiveValidation supports one validation dataloader; got a mapping of them"
             )
         if id(loaders) in self._checked_loaders:
             return
         if not isinstance(loaders, DataLoader):
             if not self.trust_order:
-                raise MisconfigurationException(
+                raise Misconfiguration(
                     f"AdaptiveValidation cannot check the order of a {type(loaders).__name__}: "
                     "use a torch DataLoader over AdaptiveValidation.permute_once(dataset), or "
                     "pass trust_order=True if it yields the same examples in the same random "
@@ -509,13 +513,13 @@ class AdaptiveValidation(Callback):
         if isinstance(sampler, RandomSampler) or (
             isinstance(sampler, DistributedSampler) and sampler.shuffle
         ):
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 "AdaptiveValidation: the validation loader shuffles (RandomSampler or "
                 f"DistributedSampler(shuffle=True)), so the examples change order every run and "
                 f"cannot be paired with the incumbent's. {fix}"
             )
         if trainer.world_size > 1 and not isinstance(sampler, DistributedSampler):
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 "AdaptiveValidation in a multi-process run needs Lightning's DistributedSampler "
                 "on the validation loader (Trainer(use_distributed_sampler=True), the default) "
                 f"to know which rank holds which example; got {type(sampler).__name__}"
@@ -524,7 +528,7 @@ class AdaptiveValidation(Callback):
         if isinstance(dataset, PermutedDataset):
             order = (dataset.seed, len(dataset))
             if self._order is not None and order != self._order:
-                raise MisconfigurationException(
+                raise Misconfiguration(
                     f"AdaptiveValidation: the validation order changed during the fit (seed, "
                     f"size) {self._order} -> {order}: the incumbent's values no longer pair with "
                     "the examples. Keep the same dataset and permute_once seed for the whole fit."
@@ -532,7 +536,7 @@ class AdaptiveValidation(Callback):
             self._order = order
         known = isinstance(sampler, (SequentialSampler, DistributedSampler))
         if not self.trust_order and not (known and isinstance(dataset, PermutedDataset)):
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 "AdaptiveValidation's guarantee needs the validation examples in a random order "
                 f"fixed once (got {type(dataset).__name__} through "
                 f"{type(sampler).__name__}). {fix} If the data are already stored in a random "
@@ -590,14 +594,14 @@ class AdaptiveValidation(Callback):
             if self.validator.incumbent_missing(array.size):  # same answer on every rank
                 mine = self._incumbent_values(trainer, pl_module, batch, batch_idx)
                 if mine.shape != values.shape:
-                    raise MisconfigurationException(
+                    raise Misconfiguration(
                         f"AdaptiveValidation: the incumbent's copy returned {tuple(mine.shape)} "
                         f"values for a batch where the model returned {tuple(values.shape)}"
                     )
                 self.validator.extend_incumbent(self._gather(trainer, mine, start))
             self.validator.observe(array)
         except ValueError as exc:
-            raise MisconfigurationException(f"AdaptiveValidation: {exc}") from exc
+            raise Misconfiguration(f"AdaptiveValidation: {exc}") from exc
         if self.validator.problem is not None and not self._warned_problem:
             self._warned_problem = True
             rank_zero_warn(f"AdaptiveValidation: {self.validator.problem}")
@@ -616,13 +620,13 @@ class AdaptiveValidation(Callback):
         try:
             outcome = self.validator.end()
         except ValueError as exc:
-            raise MisconfigurationException(f"AdaptiveValidation: {exc}") from exc
+            raise Misconfiguration(f"AdaptiveValidation: {exc}") from exc
         if not self.validator.needs_weights:
             self._incumbent_weights = None
         elif outcome.improved:  # a new incumbent, known on a prefix: keep its weights
             self._incumbent_weights = self._copy_weights(pl_module)
         elif self._incumbent_weights is None:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 "AdaptiveValidation: the incumbent's weights are missing (restored from a "
                 "checkpoint without them?)"
             )
@@ -663,7 +667,7 @@ class AdaptiveValidation(Callback):
             return
         seen = float(logged)
         if seen != ours and not (math.isnan(seen) and math.isnan(ours)):
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"AdaptiveValidation logged {self.monitor}={ours!r} but the trainer holds "
                 f"{seen!r}: something else logs {self.monitor!r} after it (e.g. the "
                 "LightningModule's on_validation_epoch_end). Only AdaptiveValidation may log "
@@ -686,14 +690,14 @@ class AdaptiveValidation(Callback):
                 if isinstance(outputs, Mapping)
                 else type(outputs).__name__
             )
-            raise MisconfigurationException(f"AdaptiveValidation: {how}; got {got}")
+            raise Misconfiguration(f"AdaptiveValidation: {how}; got {got}")
         values = outputs[self.key]
         if not isinstance(values, torch.Tensor):
             values = torch.as_tensor(values)
         if values.ndim == 2 and values.shape[1] == 1:
             values = values[:, 0]
         if values.ndim != 1 or values.numel() == 0:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 f"AdaptiveValidation: {how}; got a tensor of shape {tuple(values.shape)}"
             )
         return values.detach()
@@ -734,7 +738,7 @@ class AdaptiveValidation(Callback):
         module loaded with the kept weights. The training module is not touched."""
         weights = self._incumbent_weights
         if weights is None:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 "AdaptiveValidation: the incumbent must be evaluated but its weights are missing "
                 "(restored from a checkpoint without them?)"
             )
@@ -823,9 +827,9 @@ class AdaptiveValidation(Callback):
         try:
             self.validator.load_state_dict(state)
         except ValueError as exc:
-            raise MisconfigurationException(f"AdaptiveValidation: {exc}") from exc
+            raise Misconfiguration(f"AdaptiveValidation: {exc}") from exc
         if self.validator.needs_weights and weights is None:
-            raise MisconfigurationException(
+            raise Misconfiguration(
                 "AdaptiveValidation: the checkpoint's incumbent is known on a prefix only but "
                 "its weights are not in the checkpoint"
             )

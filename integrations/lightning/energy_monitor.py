@@ -29,7 +29,6 @@ import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from green_mlops.config import Settings
@@ -42,6 +41,7 @@ from green_mlops.flops import (
     peak_flops,
     signature,
 )
+from green_mlops.integrations.lightning._namespaces import Callback, classes
 from green_mlops.log import warn_once
 from green_mlops.meters import Component, Device, Meter, MeterUnavailable, Readings
 from green_mlops.session import Measurement, Result, claim, lookup, release
@@ -1132,9 +1132,7 @@ class EnergyMonitor(Callback):
 
 
 def _mlflow_run_id(logger: Any) -> str | None:
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    if not isinstance(logger, MLFlowLogger):
+    if not isinstance(logger, classes("loggers", "MLFlowLogger")):  # of either namespace
         return None
     run_id = logger.run_id
     return str(run_id) if run_id else None
