@@ -660,6 +660,11 @@ def build_meters(root: Path) -> list[Meter | MeterUnavailable]:
             _close_all(domains)
             reason = f"cannot read {'; '.join(failed)}; the {component.value} estimate is used"
             offers.append(_unavailable(component, reason))
+        elif all(d.fd < 0 for d in domains):  # nothing readable at all: not a transient failure
+            _close_all(domains)
+            which = ", ".join(f"{d.path}/energy_uj" for d in domains)
+            reason = f"no read of {which} succeeded; the {component.value} estimate is used"
+            offers.append(_unavailable(component, reason))
         else:
             offers.append(RaplMeter(domains, ignored if component is Component.CPU else ()))
     return offers

@@ -703,3 +703,16 @@ def test_a_bad_read_at_discovery_does_not_disable_rapl(
     set_energy(tmp_path, "intel-rapl:1", 15.0)
     assert cpu.sample(t0 + 1.5) == {"cpu:package-0": 2.0, "cpu:package-1": 3.0}
     assert any("unreadable at start" in note for note in cpu.notes())
+
+
+def test_counters_that_never_read_at_discovery_leave_the_cpu_to_the_estimate(
+    tmp_path: Path, opened: list[Meter]
+) -> None:
+    # Unlike one transient failure, no package readable at all: a RAPL meter would report 0 J
+    # forever and hide the CPU; the estimate must take over instead.
+    zone(tmp_path, "intel-rapl:0", "package-0", 1.0, max_power_w=100.0)
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("")
+    meters, unavailable = build(tmp_path, opened)
+    assert Component.CPU not in meters
+    (cpu,) = [u for u in unavailable if u.component is Component.CPU]
+    assert "no read of" in cpu.reason and "estimate is used" in cpu.reason
