@@ -375,6 +375,34 @@ def test_fit_validate_test_on_one_trainer_accumulate(tmp_path: Path) -> None:
     assert kwh == pytest.approx(after_test["green/energy_kwh"], rel=1e-9)
 
 
+def test_the_report_after_several_stages_describes_them_all(tmp_path: Path) -> None:
+    """Issue #10, item 6: the sentence, footprint and FLOP method cover fit and test."""
+
+    class WithFlops(Classifier):
+        flops_per_batch = 1000  # training FLOPs from the module, evaluation FLOPs counted
+
+    mon = monitor()
+    tr = trainer(tmp_path, [mon], max_epochs=1)
+    model = WithFlops()
+    tr.fit(model, loader(), loader(1))
+    tr.test(model, loader(2), verbose=False)
+    rep = report(tr)
+    metrics, fp = rep["metrics"], rep["footprint"]
+    assert metrics["green/phase/test_kwh"] < metrics["green/energy_kwh"] / 2  # fit dominates
+    assert fp["it_kwh"] == metrics["green/energy_kwh"]
+    assert fp["duration_s"] == metrics["green/duration_s"]
+    assert fp["operational_g"] == metrics["green/co2e_g"]
+    assert fp["facility_kwh"] == metrics["green/energy_facility_kwh"]
+    sentence = rep["reporting_sentence"]
+    assert f"IT energy {metrics['green/energy_kwh']:.3g} kWh" in sentence
+    assert f"emitting {metrics['green/co2e_g'] / 1000:.3g} kgCO2e" in sentence
+    method = rep["tags"]["green.flops.method"]
+    assert "the module's flops_per_batch" in method and "eval: FlopCounterMode" in method
+    assert mon.state_dict()["flop_methods"] == method.split(" (FlopCounterMode counts")[0].split(
+        "; "
+    )
+
+
 @pytest.mark.slow
 def test_resume_from_checkpoint_continues_the_totals(tmp_path: Path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

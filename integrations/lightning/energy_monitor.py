@@ -21,6 +21,7 @@ See :class:`EnergyMonitor` for the example, the arguments and the metric keys. H
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -50,6 +51,8 @@ from green_mlops.tracker import offers_from_plugins
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+    from green_mlops.footprint import Footprint
 
 log = logging.getLogger("green_mlops")
 
@@ -391,6 +394,8 @@ class EnergyMonitor(Callback):
         self._base_source: Measurement | None = None
         self._said: set[str] = set()
         self._last_quality: dict[str, float] = {}
+        #: How the FLOPs in the totals were counted (every stage, and the checkpoint's).
+        self._flop_methods: set[str] = set()
         self._reset_stage()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -424,7 +429,6 @@ class EnergyMonitor(Callback):
         self._flop_cache: dict[tuple[str, Hashable], int | None] = {}
         #: The step being counted live: (counter, cache key, phase, kind, batch elements).
         self._live: tuple[LiveCount, Any, str, str, float] | None = None
-        self._flop_methods: set[str] = set()
         self._flop_problems: dict[str, None] = {}
         self._uncounted_ops: set[str] = set()
         self._per_element: dict[str, tuple[float, float]] = {}
@@ -446,6 +450,7 @@ class EnergyMonitor(Callback):
             "totals": dict(self._totals or self._base),
             "to_target": dict(self._to_target) if self._to_target is not None else None,
             "validations": self._validations,
+            "flop_methods": sorted(self._flop_methods),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -463,6 +468,7 @@ class EnergyMonitor(Callback):
         target = state_dict.get("to_target")
         self._to_target = dict(target) if target else None
         self._validations = int(state_dict.get("validations", 0))
+        self._flop_methods |= {str(m) for m in state_dict.get("flop_methods", ())}
 
     # -- stage lifecycle -------------------------------------------------------------------
 
@@ -1104,6 +1110,12 @@ class EnergyMonitor(Callback):
         if self._world > 1:
             report["rank0_metrics"] = report["metrics"]
         report["metrics"] = dict(metrics)
+        if result.footprint is not None:  # the run's stages so far, not the last one only
+            from green_mlops.footprint import reporting_sentence
+
+            whole = _whole_footprint(result.footprint, metrics)
+            report["footprint"] = dataclasses.asdict(whole)
+            report["reporting_sentence"] = reporting_sentence(whole)
         report["tags"] = dict(tags)
         for logger in trainer.loggers:
             try:
@@ -1129,6 +1141,27 @@ class EnergyMonitor(Callback):
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _whole_footprint(fp: Footprint, metrics: Mapping[str, float]) -> Footprint:
+    """The stage's footprint with the run's totals (earlier stages, checkpoint, ranks)."""
+    fields = {
+        "duration_s": "green/duration_s",
+        "it_kwh": "green/energy_kwh",
+        "facility_kwh": "green/energy_facility_kwh",
+        "operational_g": "green/co2e_g",
+        "operational_uncertainty_g": "green/co2e_uncertainty_g",
+        "intensity_g_per_kwh": "green/intensity_g_per_kwh",
+        "cost": "green/cost",
+        "embodied_g": "green/embodied_g",
+        "sci_g": f"green/sci_g_per_{fp.functional_unit}",
+    }
+    changes = {
+        name: metrics[key]
+        for name, key in fields.items()
+        if key in metrics and getattr(fp, name) is not None
+    }
+    return dataclasses.replace(fp, **changes)
 
 
 def _mlflow_run_id(logger: Any) -> str | None:
