@@ -61,6 +61,9 @@ class Device:
     (``gpu:0``, ``cpu:package-0``, ``ram:package-0``, ``cpu:estimate``).
     ``uncertainty`` is the relative half-width of the band around the measured energy
     (0.05 means +/-5 %), as documented by the meter.
+    ``resolution_s``: for a counter that changes only every so many seconds (NVML total
+    energy), that period; the engine then apportions shorter intervals by the power the meter
+    reports in :meth:`Meter.power_w`. 0 for counters that follow the energy closely.
     """
 
     id: str
@@ -68,6 +71,7 @@ class Device:
     method: Method
     uncertainty: float
     label: str = ""
+    resolution_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,12 @@ class Meter(abc.ABC):
         power. Must not raise for a single failing device: return a :class:`DeviceError` for it.
         If the whole meter fails, raising is fine: every device is then marked failed.
         """
+
+    def power_w(self) -> Mapping[str, float]:
+        """Power in watts, as read by the last :meth:`sample` (or :meth:`start`), of devices
+        with a ``resolution_s``; the engine uses it for intervals shorter than the resolution.
+        Leave a device out when its power could not be read. Default: none."""
+        return {}
 
     def close(self) -> None:
         """Release handles. Called once when the tracker stops."""

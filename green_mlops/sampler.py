@@ -1,9 +1,12 @@
 """The one background sampler thread of a process, shared by every running tracker.
 
-Each tracker asks to be sampled at least every ``interval_s`` seconds, and may ask for an
-immediate sample (a phase boundary). The thread sleeps on an event between samples, so it costs
-nothing while idle, and it exits when the last tracker leaves. It is recreated lazily in a forked
-child, and stopped at interpreter exit.
+Each tracker asks to be sampled at least every ``interval_s`` seconds (a full sample: every
+meter), and may ask for an immediate sample at a phase boundary, which reads only what a
+boundary needs (``counters_only=True``: energy counters; estimates and sampled power are split
+over phases by time at their next periodic read). A boundary sample does not move the periodic
+schedule. The thread sleeps on an event between samples, so it costs nothing while idle, and it
+exits when the last tracker leaves. It is recreated lazily in a forked child, and stopped at
+interpreter exit.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ class Sampled(Protocol):
     @property
     def interval_s(self) -> float: ...
 
-    def sample_now(self, now: float) -> None:
-        """Take one sample. Must not raise (the sampler logs and continues if it does)."""
+    def sample_now(self, now: float | None = None, *, counters_only: bool = False) -> None:
+        """Take one sample at ``now`` (default: the target's own clock); ``counters_only``: only
+        what a phase boundary needs. Must not raise (the sampler logs and continues if it does)."""
 
 
 class Sampler:
@@ -57,8 +61,11 @@ class Sampler:
         self._wake.set()
 
     def request(self, target: Sampled) -> None:
-        """Ask for a sample of ``target`` as soon as possible (O(1), no syscall besides a wake)."""
-        self._urgent.add(target)
+        """Ask for a boundary sample of ``target`` as soon as possible (O(1): a set insertion
+        under the lock, which the sampler thread holds only to swap its bookkeeping, and a
+        wake)."""
+        with self._lock:
+            self._urgent.add(target)
         self._wake.set()
 
     def close(self, timeout: float = 2.0) -> None:
@@ -77,7 +84,8 @@ class Sampler:
                     return
                 now = time.monotonic()
                 timeout = max(0.0, min(self._due.values()) - now)
-            if not self._urgent:
+                pending = bool(self._urgent)
+            if not pending:
                 self._wake.wait(timeout)
             self._wake.clear()
             now = time.monotonic()
@@ -86,12 +94,13 @@ class Sampler:
                     self._thread = None
                     return
                 urgent, self._urgent = self._urgent, set()
-                ready = [t for t, due in self._due.items() if due <= now or t in urgent]
-                for target in ready:
+                due = [t for t, at in self._due.items() if at <= now]
+                for target in due:
                     self._due[target] = now + target.interval_s
-            for target in ready:
+                boundary = [t for t in urgent if t in self._due and t not in due]
+            for target, counters_only in [(t, False) for t in due] + [(t, True) for t in boundary]:
                 try:
-                    target.sample_now(time.monotonic())
+                    target.sample_now(counters_only=counters_only)
                 except Exception:  # the thread must survive anything a tracker does
                     log.exception("green-mlops: sampling failed")
 

@@ -44,6 +44,8 @@ class DeviceEnergy:
     status: str = "ok"
     problem: str | None = None
     label: str = ""
+    #: Seconds between changes of the device's counter (0: follows the energy closely).
+    resolution_s: float = 0.0
 
     @property
     def uncertainty_j(self) -> float:

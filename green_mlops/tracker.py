@@ -10,11 +10,23 @@
     print(tracker.stop().kwh)
 
 How phases are attributed: entering or leaving a phase only records a timestamp (O(1), no
-syscall in the caller's thread) and wakes the sampler, which reads the meters a moment later.
-The energy of each sample interval is split over the phases active in it in proportion to time,
-so a boundary's attribution error is confined to the few milliseconds between the boundary and
-the sample it triggered. Phases nest; energy goes to the innermost phase, and energy outside
-any phase goes to ``other``: the phases always sum to the total.
+syscall in the caller's thread) and, if the tracker has energy-counter meters (NVML, RAPL),
+wakes the sampler, which reads those counters a moment later. Estimates and sampled power are
+read on the sampler's periodic schedule only. Every device's energy since its previous read is
+split over the phases active in that time in proportion to time, so a boundary's attribution
+error is confined to the few milliseconds between the boundary and the counter read it
+triggered, and to the interval of a periodic read for the other methods. Phases nest; energy
+goes to the innermost phase, and energy outside any phase goes to ``other``: the phases always
+sum to the total.
+
+Counters that change only every ``Device.resolution_s`` (NVML's total energy, ~0.1 s) would give
+a shorter phase 0 J or a whole step. For them the energy is the integral of the power the meter
+reads beside the counter (:meth:`~green_mlops.meters.Meter.power_w`, trapezoids between
+reads), held where the truth lies: between the counter and the counter plus one step of power.
+Outside that band it is pulled back by the gap x the interval / (``SMOOTHING_RESOLUTIONS`` x the
+resolution), so a counter step is spread over the following second instead of landing in
+whichever short phase it falls, and an interval that long takes the band outright. The
+snapshot's notes say how each such device was read.
 
 After :meth:`Tracker.start`, no method raises into the caller: failures are recorded in the
 snapshot's ``problems`` and logged once.
@@ -27,12 +39,20 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from green_mlops.config import Settings
 from green_mlops.log import log, warn_once
-from green_mlops.meters import Component, Device, DeviceError, Meter, MeterUnavailable
+from green_mlops.meters import (
+    Component,
+    Device,
+    DeviceError,
+    Meter,
+    MeterUnavailable,
+    Method,
+    Readings,
+)
 from green_mlops.snapshot import (
     OTHER_PHASE,
     DeviceEnergy,
@@ -41,9 +61,40 @@ from green_mlops.snapshot import (
     TimelinePoint,
 )
 
-__all__ = ["Tracker", "offers_from_plugins", "select_meters"]
+__all__ = ["SMOOTHING_RESOLUTIONS", "MeterPart", "Tracker", "offers_from_plugins", "select_meters"]
 
 _MAX_TIMELINE = 4096
+
+#: For a counter with a coarse resolution: a power integral that leaves the counter's band is
+#: brought back over this many resolutions.
+SMOOTHING_RESOLUTIONS = 10.0
+
+
+class MeterPart(Meter):
+    """Some of another meter's devices: only these are reported (the rest lost their component
+    to a better meter). Starting, sampling and closing go to the whole meter."""
+
+    def __init__(self, meter: Meter, devices: Sequence[Device]) -> None:
+        super().__init__(list(devices))
+        self.meter = meter
+        self.name = meter.name
+        self.max_interval_s = meter.max_interval_s
+        self._ids = frozenset(d.id for d in devices)
+
+    def start(self) -> None:
+        self.meter.start()
+
+    def sample(self, now: float) -> Readings:
+        return {k: v for k, v in self.meter.sample(now).items() if k in self._ids}
+
+    def power_w(self) -> Mapping[str, float]:
+        return {k: v for k, v in self.meter.power_w().items() if k in self._ids}
+
+    def close(self) -> None:
+        self.meter.close()
+
+    def notes(self) -> list[str]:
+        return self.meter.notes()
 
 
 def select_meters(
@@ -53,6 +104,9 @@ def select_meters(
 
     For each component, the meter whose best device method ranks highest wins (counter over
     sampled power over estimate); ties go to the first offer. ``other`` devices never compete.
+    A meter that wins some components and loses others is used for its winning devices only
+    and listed as superseded for the others (each part a :class:`MeterPart`), so no component
+    is counted twice.
     """
     meters = [o for o in offers if isinstance(o, Meter)]
     unavailable = [o for o in offers if isinstance(o, MeterUnavailable)]
@@ -65,18 +119,37 @@ def select_meters(
                 d.method.rank for d in current.devices if d.component == component
             ):
                 winner[component] = meter
-    used, superseded = [], []
+    used: list[Meter] = []
+    superseded: list[Meter] = []
     for meter in meters:
-        mine = {d.component for d in meter.devices}
-        if Component.OTHER in mine or any(winner.get(c) is meter for c in mine):
+        keep = [
+            d
+            for d in meter.devices
+            if d.component is Component.OTHER or winner.get(d.component) is meter
+        ]
+        lose = [d for d in meter.devices if d.component is not Component.OTHER and d not in keep]
+        if not lose:
             used.append(meter)
-        else:
+        elif not keep:
             superseded.append(meter)
+        else:
+            used.append(MeterPart(meter, keep))
+            superseded.append(MeterPart(meter, lose))
     return used, superseded, unavailable
 
 
 class _DeviceState:
-    __slots__ = ("device", "failures", "joules", "meter", "problem")
+    __slots__ = (
+        "device",
+        "failures",
+        "joules",
+        "meter",
+        "powered",
+        "problem",
+        "since",
+        "t",
+        "watts",
+    )
 
     def __init__(self, meter: Meter, device: Device) -> None:
         self.meter = meter
@@ -84,6 +157,12 @@ class _DeviceState:
         self.joules = 0.0
         self.problem: str | None = None
         self.failures = 0
+        #: Cumulative phase seconds at the last attributed read: the device's energy since then
+        #: is split over the phase time accumulated since.
+        self.since: Mapping[str, float] = {}
+        self.t = 0.0  # time of the last good read (coarse counters)
+        self.watts: float | None = None  # power at that read (coarse counters)
+        self.powered = 0  # reads apportioned by power (coarse counters)
 
 
 class Tracker:
@@ -92,6 +171,8 @@ class Tracker:
     Args:
         settings: resolved settings; by default ``Settings.load(**overrides)``.
         meters: use these meters instead of asking the plugins (for tests and embedding).
+        clock: the monotonic clock for phase marks and readings (``time.monotonic``; tests
+            pass one they control). Meters receive its time in ``sample(now)``.
         **overrides: settings as keyword arguments (``sample_interval_s=0.1``, ...).
 
     Raises:
@@ -103,6 +184,7 @@ class Tracker:
         settings: Settings | None = None,
         *,
         meters: Sequence[Meter | MeterUnavailable] | None = None,
+        clock: Callable[[], float] | None = None,
         **overrides: Any,
     ) -> None:
         if settings is None:
@@ -111,10 +193,12 @@ class Tracker:
             settings = settings.replace(**overrides)
         self.settings = settings
         self._offers = None if meters is None else list(meters)
+        self._clock: Callable[[], float] = time.monotonic if clock is None else clock
         self._lock = threading.RLock()
         self._events: collections.deque[tuple[float, bool, str]] = collections.deque()
         self._stack: list[str] = []
         self._meters: list[Meter] = []
+        self._counters: list[Meter] = []  # the meters a phase boundary reads
         self._superseded: list[Meter] = []
         self._unavailable: list[MeterUnavailable] = []
         self._states: dict[str, _DeviceState] = {}
@@ -157,11 +241,17 @@ class Tracker:
             for device in meter.devices:
                 self._states[device.id] = _DeviceState(meter, device)
         self._meters = started
+        self._counters = [m for m in started if any(d.method is Method.COUNTER for d in m.devices)]
         if started:
             self.interval_s = min(
                 [self.settings.sample_interval_s, *(m.max_interval_s for m in started)]
             )
-        self._t0 = self._last = self._last_timeline = time.monotonic()
+        self._t0 = self._last = self._last_timeline = self._clock()
+        for meter in started:
+            watts = self._power(meter)
+            for device in meter.devices:
+                state = self._states[device.id]
+                state.t, state.watts = self._t0, watts.get(device.id)
         self._unix0 = time.time()
         self._timeline.append(TimelinePoint(self._unix0, {}))
         self._started = True
@@ -183,7 +273,7 @@ class Tracker:
 
             get_sampler().remove(self)
             with self._lock:
-                self.sample_now(time.monotonic())
+                self._sample(self._clock(), self._meters)
                 self._append_timeline(force=True)
                 final = self._build(running=False)
                 self._final = final
@@ -207,20 +297,21 @@ class Tracker:
     # -- phases ----------------------------------------------------------------------------
 
     def enter(self, name: str, *, precise: bool = True) -> None:
-        """Mark the start of phase ``name``. ``precise`` wakes the sampler for a fresh read;
-        leave it False for very frequent phases (per-batch data wait)."""
+        """Mark the start of phase ``name``. ``precise`` wakes the sampler to read the energy
+        counters (if there are any); leave it False for very frequent phases (per-batch data
+        wait), which are attributed by time."""
         if self._final is not None:
             return
-        self._events.append((time.monotonic(), True, name))
-        if precise and self._started:
+        self._events.append((self._clock(), True, name))
+        if precise and self._counters:
             self._wake()
 
     def exit(self, name: str, *, precise: bool = True) -> None:
         """Mark the end of phase ``name`` (the innermost open phase of that name)."""
         if self._final is not None:
             return
-        self._events.append((time.monotonic(), False, name))
-        if precise and self._started:
+        self._events.append((self._clock(), False, name))
+        if precise and self._counters:
             self._wake()
 
     @contextlib.contextmanager
@@ -247,52 +338,70 @@ class Tracker:
             return self._empty("the tracker is not running")
         try:
             with self._lock:
-                self.sample_now(time.monotonic())
+                self.sample_now()
                 return self._build(running=True)
         except Exception as exc:
             self._problem(f"snapshot failed: {exc}")
             return self._empty(f"snapshot failed: {exc}")
 
-    def sample_now(self, now: float) -> None:
-        """Read every meter and attribute the energy since the last sample (sampler's entry)."""
+    def sample_now(self, now: float | None = None, *, counters_only: bool = False) -> None:
+        """Read the meters and attribute their energy since their last read (sampler's entry).
+
+        ``now`` defaults to the tracker's clock. ``counters_only`` (a phase boundary) reads only
+        the meters with an energy counter; the others wait for the next full sample.
+        """
         with self._lock:
             if self._final is not None or os.getpid() != self._pid:
                 return
-            deltas: dict[str, float] = {}
-            for meter in self._meters:
-                try:
-                    readings = meter.sample(now)
-                except Exception as exc:
-                    readings = {
-                        d.id: DeviceError(f"{type(exc).__name__}: {exc}") for d in meter.devices
-                    }
-                for device in meter.devices:
-                    state = self._states.get(device.id)
-                    if state is None:
-                        continue
-                    value = readings.get(device.id, DeviceError("no reading returned"))
-                    if isinstance(value, DeviceError):
-                        state.failures += 1
-                        if state.problem != value.reason:
-                            state.problem = value.reason
-                            self._problem(f"{device.id} ({meter.name}): {value.reason}")
-                        continue
-                    state.problem = None
-                    if value > state.joules:
-                        deltas[device.id] = value - state.joules
-                        state.joules = value
-            self._attribute(now, deltas)
-            self._append_timeline()
+            self._sample(
+                self._clock() if now is None else now,
+                self._counters if counters_only else self._meters,
+            )
+            if not counters_only:
+                self._append_timeline()
 
-    def _attribute(self, now: float, deltas: dict[str, float]) -> None:
-        """Split ``deltas`` (energy of [last, now]) over the phases active in that interval."""
-        segments: dict[str, float] = {}
+    def _sample(self, now: float, meters: Sequence[Meter]) -> None:
+        self._advance(now)
+        mark = dict(self._phase_seconds)
+        shares: dict[int, dict[str, float]] = {}  # by id of a device's ``since``
+        for meter in meters:
+            try:
+                readings = meter.sample(now)
+            except Exception as exc:
+                readings = {
+                    d.id: DeviceError(f"{type(exc).__name__}: {exc}") for d in meter.devices
+                }
+            watts: Mapping[str, float] | None = None
+            for device in meter.devices:
+                state = self._states.get(device.id)
+                if state is None:
+                    continue
+                value = readings.get(device.id, DeviceError("no reading returned"))
+                if isinstance(value, DeviceError):
+                    state.failures += 1
+                    if state.problem != value.reason:
+                        state.problem = value.reason
+                        self._problem(f"{device.id} ({meter.name}): {value.reason}")
+                    continue
+                state.problem = None
+                if device.resolution_s > 0:
+                    if watts is None:
+                        watts = self._power(meter)
+                    value = self._smooth(state, value, watts.get(device.id), now)
+                if value > state.joules:
+                    self._assign(state, value - state.joules, mark, shares)
+                    state.joules = value
+                state.since = mark
+
+    def _advance(self, now: float) -> None:
+        """Consume the phase marks up to ``now``, adding each phase's time up to ``now``."""
         cursor = self._last
+        seconds = self._phase_seconds
         while self._events and self._events[0][0] <= now:
             t, entering, name = self._events.popleft()
             t = max(t, cursor)
             leaf = self.current_phase
-            segments[leaf] = segments.get(leaf, 0.0) + (t - cursor)
+            seconds[leaf] = seconds.get(leaf, 0.0) + (t - cursor)
             cursor = t
             if entering:
                 self._stack.append(name)
@@ -300,17 +409,56 @@ class Tracker:
             elif name in self._stack:
                 del self._stack[len(self._stack) - 1 - self._stack[::-1].index(name)]
         leaf = self.current_phase
-        segments[leaf] = segments.get(leaf, 0.0) + max(0.0, now - cursor)
-        span = sum(segments.values())
-        for phase, seconds in segments.items():
-            self._phase_seconds[phase] = self._phase_seconds.get(phase, 0.0) + seconds
-            share = seconds / span if span > 0 else (1.0 if phase == leaf else 0.0)
-            if share <= 0:
-                continue
-            bucket = self._phase_joules.setdefault(phase, {})
-            for device, joules in deltas.items():
-                bucket[device] = bucket.get(device, 0.0) + joules * share
+        seconds[leaf] = seconds.get(leaf, 0.0) + max(0.0, now - cursor)
         self._last = max(self._last, now)
+
+    def _assign(
+        self,
+        state: _DeviceState,
+        joules: float,
+        mark: Mapping[str, float],
+        cache: dict[int, dict[str, float]],
+    ) -> None:
+        """Split a device's ``joules`` over the phase time since its last read, by time."""
+        since = state.since
+        shares = cache.get(id(since))
+        if shares is None:
+            span = {p: s - since.get(p, 0.0) for p, s in mark.items() if s > since.get(p, 0.0)}
+            total = sum(span.values())
+            shares = (
+                {p: s / total for p, s in span.items()} if total > 0 else {self.current_phase: 1.0}
+            )
+            cache[id(since)] = shares
+        device = state.device.id
+        for phase, share in shares.items():
+            bucket = self._phase_joules.setdefault(phase, {})
+            bucket[device] = bucket.get(device, 0.0) + joules * share
+
+    def _smooth(
+        self, state: _DeviceState, counted: float, watts: float | None, now: float
+    ) -> float:
+        """A coarse counter's energy at ``now`` (see the module docstring): the power integral,
+        pulled towards [counter, counter + one step of power], where the truth lies, in
+        proportion to the interval's share of the horizon."""
+        resolution = state.device.resolution_s
+        dt = now - state.t
+        if watts is None or state.watts is None or dt < 0:
+            value = counted
+        else:
+            value = state.joules + 0.5 * (state.watts + watts) * dt
+            high = counted + max(watts, state.watts) * resolution
+            gap = counted - value if value < counted else min(0.0, high - value)
+            value += gap * min(1.0, dt / (SMOOTHING_RESOLUTIONS * resolution))
+            state.powered += 1
+        state.t, state.watts = now, watts
+        return value
+
+    def _power(self, meter: Meter) -> Mapping[str, float]:
+        try:
+            return meter.power_w()
+        except Exception as exc:
+            self._problem(f"meter {meter.name} power reading failed: {exc}")
+            return {}
 
     def _append_timeline(self, *, force: bool = False) -> None:
         if not force and self._last - self._last_timeline < self._timeline_step:
@@ -339,6 +487,7 @@ class Tracker:
                 status="failed" if s.problem else ("degraded" if s.failures else "ok"),
                 problem=s.problem,
                 label=s.device.label,
+                resolution_s=s.device.resolution_s,
             )
             for s in self._states.values()
         )
@@ -357,6 +506,9 @@ class Tracker:
                 notes.extend(f"{meter.name}: {note}" for note in meter.notes())
             except Exception as exc:
                 self._problem(f"meter {meter.name} notes failed: {exc}")
+        notes.extend(
+            self._resolution_note(s) for s in self._states.values() if s.device.resolution_s > 0
+        )
         return Snapshot(
             started_at=self._unix0,
             duration_s=self._last - self._t0,
@@ -374,6 +526,21 @@ class Tracker:
         )
 
     # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolution_note(state: _DeviceState) -> str:
+        resolution = state.device.resolution_s
+        head = (
+            f"{state.device.id} ({state.meter.name}): the energy counter changes every "
+            f"~{resolution:g} s"
+        )
+        if not state.powered:
+            return f"{head}; no power reading, so phases shorter than that get its steps"
+        return (
+            f"{head}; energy apportioned by power x time between reads ({state.powered} reads),"
+            f" held within one step of the counter (a drift is corrected over "
+            f"{SMOOTHING_RESOLUTIONS * resolution:g} s)"
+        )
 
     def _unix(self, monotonic: float) -> float:
         return self._unix0 + (monotonic - self._t0)

@@ -9,14 +9,16 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from green_mlops import Tracker
 from green_mlops.config import ConfigError
-from green_mlops.meters import Component, Meter, MeterUnavailable, Method
+from green_mlops.meters import Component, Device, Meter, MeterUnavailable, Method, Readings
 from green_mlops.metrics import energy_metrics, power_series, provenance_tags
-from green_mlops.tracker import select_meters
+from green_mlops.sampler import Sampler
+from green_mlops.tracker import MeterPart, select_meters
 from tests.conftest import ClockMeter
 
 
@@ -24,14 +26,52 @@ def _sampler_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "green-mlops-sampler"]
 
 
-def test_phases_are_exclusive_nested_and_sum_to_the_total(clock_meter: ClockMeter) -> None:
-    tracker = Tracker(meters=[clock_meter]).start()
+class ManualClock:
+    """A monotonic clock that moves only when the test says so (thread-safe under the GIL)."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class ClockedMeter(ClockMeter):
+    """A ClockMeter whose zero point is taken on a ManualClock (the tracker passes the same
+    clock's time to ``sample``): energy = watts x the clock's time since start, exactly."""
+
+    def __init__(self, clock: ManualClock, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.clock = clock
+
+    def start(self) -> None:
+        self._t0 = self.clock()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Poll ``condition()`` until true or ``timeout`` seconds pass (real time)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def test_phases_are_exclusive_nested_and_sum_to_the_total() -> None:
+    clock = ManualClock()
+    clock_meter = ClockedMeter(clock)
+    tracker = Tracker(meters=[clock_meter], clock=clock).start()
     with tracker.phase("train"):
-        time.sleep(0.3)
+        clock.advance(0.3)
         with tracker.phase("validation"):
-            time.sleep(0.2)
-        time.sleep(0.1)
-    time.sleep(0.1)
+            clock.advance(0.2)
+        clock.advance(0.1)
+    clock.advance(0.1)
+    assert wait_for(lambda: "green-mlops-sampler" in clock_meter.threads)
     snap = tracker.stop()
 
     train, val, other = snap.phases["train"], snap.phases["validation"], snap.phases["other"]
@@ -49,12 +89,16 @@ def test_phases_are_exclusive_nested_and_sum_to_the_total(clock_meter: ClockMete
     assert "green-mlops-sampler" in clock_meter.threads
 
 
-def test_frequent_imprecise_phases_are_attributed_by_time(clock_meter: ClockMeter) -> None:
-    tracker = Tracker(meters=[clock_meter], sample_interval_s=0.05).start()
-    for _ in range(200):  # like per-batch data waits: 1 ms wait, 1 ms compute
+def test_frequent_imprecise_phases_are_attributed_by_time() -> None:
+    clock = ManualClock()
+    clock_meter = ClockedMeter(clock)
+    tracker = Tracker(meters=[clock_meter], sample_interval_s=0.05, clock=clock).start()
+    for i in range(200):  # like per-batch data waits: 1 ms wait, 1 ms compute
         with tracker.phase("data_wait", precise=False):
-            time.sleep(0.001)
-        time.sleep(0.001)
+            clock.advance(0.001)
+        clock.advance(0.001)
+        if i % 50 == 0:  # some samples fall in the middle, as the sampler's would
+            tracker.sample_now()
     snap = tracker.stop()
     wait = snap.phases["data_wait"]
     assert wait.entries == 200
@@ -82,18 +126,21 @@ def test_start_and_stop_are_idempotent_and_never_started_is_reported(
     assert first.joules >= live.joules
 
 
-def test_a_failing_device_is_reported_and_keeps_its_energy(clock_meter: ClockMeter) -> None:
-    tracker = Tracker(meters=[clock_meter]).start()
-    time.sleep(0.1)
+def test_a_failing_device_is_reported_and_keeps_its_energy() -> None:
+    clock = ManualClock()
+    clock_meter = ClockedMeter(clock)
+    tracker = Tracker(meters=[clock_meter], clock=clock).start()
+    clock.advance(0.1)
+    tracker.sample_now()  # the last good read, at 0.1 s
     clock_meter.fail = "GPU is lost"
-    time.sleep(0.1)
+    clock.advance(0.1)
     during = tracker.snapshot()
     device = during.devices[0]
     assert device.status == "failed" and device.problem == "GPU is lost"
     assert device.joules == pytest.approx(10, rel=0.5)  # kept, not zeroed
     assert any("GPU is lost" in p for p in during.problems)
     clock_meter.fail = None  # recovers: a counter catches up with what it missed
-    time.sleep(0.05)
+    clock.advance(0.05)
     snap = tracker.stop()
     assert snap.devices[0].status == "degraded" and snap.devices[0].problem is None
     assert snap.joules == pytest.approx(100 * snap.duration_s, abs=1.0)
@@ -144,6 +191,121 @@ def test_meter_selection_prefers_counters_per_component() -> None:
     assert snap.unavailable == ("ram_x (ram): not here. Fix: do this",)
 
 
+class GpuWithCpuEstimate(Meter):
+    """One meter, two components (a GPU counter plus a CPU estimate), like a vendor plugin
+    that also estimates the host: energy = watts x time per device, on a ManualClock."""
+
+    name = "combo"
+    max_interval_s = 60.0
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(
+            [
+                Device("gpu:0", Component.GPU, Method.COUNTER, 0.05),
+                Device("cpu:combo", Component.CPU, Method.ESTIMATE, 0.5),
+            ]
+        )
+        self.clock = clock
+        self.watts = {"gpu:0": 300.0, "cpu:combo": 40.0}
+        self.t0 = 0.0
+        self.started = self.closed = 0
+
+    def start(self) -> None:
+        self.t0 = self.clock()
+        self.started += 1
+
+    def sample(self, now: float) -> Readings:
+        return {device: w * (now - self.t0) for device, w in self.watts.items()}
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_a_meter_losing_one_of_its_components_reports_only_the_ones_it_won() -> None:
+    """A GPU+CPU-estimate meter beside RAPL: the GPU is the combo's, the CPU RAPL's, once."""
+    clock = ManualClock()
+    combo = GpuWithCpuEstimate(clock)
+    rapl = ClockedMeter(clock, name="rapl", device="cpu:package-0", watts=60.0)
+    used, superseded, _ = select_meters([combo, rapl])
+    assert [m.name for m in used] == ["combo", "rapl"]
+    assert [d.id for d in used[0].devices] == ["gpu:0"]
+    assert [(m.name, [d.id for d in m.devices]) for m in superseded] == [("combo", ["cpu:combo"])]
+    assert isinstance(used[0], MeterPart) and used[0].meter is combo
+
+    tracker = Tracker(meters=[combo, rapl], clock=clock).start()
+    with tracker.phase("train"):
+        clock.advance(2.0)
+    snap = tracker.stop()
+    assert snap.joules_by_component() == {"gpu": pytest.approx(600.0), "cpu": pytest.approx(120.0)}
+    assert sorted(d.device for d in snap.devices) == ["cpu:package-0", "gpu:0"]
+    assert snap.superseded == ("combo (cpu)",)
+    assert snap.phases["train"].joules == pytest.approx(720.0)
+    assert (combo.started, combo.closed) == (1, 1)  # the whole meter, once
+
+
+def test_a_boundary_reads_only_counter_meters_and_the_rest_is_split_by_time() -> None:
+    clock = ManualClock()
+    counter = ClockedMeter(clock, name="rapl", device="cpu:package-0", watts=100.0)
+    estimate = ClockedMeter(
+        clock,
+        name="ram_estimate",
+        device="ram:estimate",
+        component=Component.RAM,
+        method=Method.ESTIMATE,
+        watts=10.0,
+    )
+    for meter in (counter, estimate):
+        meter.max_interval_s = 60.0  # no periodic read during the test
+    tracker = Tracker(meters=[counter, estimate], sample_interval_s=60, clock=clock).start()
+    durations = {"train": 0.4, "validation": 0.03}
+    for _ in range(3):
+        for phase, seconds in durations.items():
+            before = counter.samples
+            tracker.enter(phase)  # precise: wakes the sampler
+            assert wait_for(lambda: counter.samples > before)  # noqa: B023
+            clock.advance(seconds)
+            before = counter.samples
+            tracker.exit(phase)
+            assert wait_for(lambda: counter.samples > before)  # noqa: B023
+    assert estimate.samples == 0  # boundaries read the counter only
+    assert "green-mlops-sampler" in counter.threads
+    snap = tracker.stop()
+    assert estimate.samples == 1  # the final read
+    for phase, seconds in durations.items():
+        by_device = snap.phases[phase].joules_by_device
+        assert by_device["cpu:package-0"] == pytest.approx(100.0 * 3 * seconds)
+        assert by_device["ram:estimate"] == pytest.approx(10.0 * 3 * seconds)  # by time
+    assert sum(p.joules for p in snap.phases.values()) == pytest.approx(snap.joules, rel=1e-9)
+
+
+def test_a_boundary_without_counter_meters_does_not_wake_the_sampler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    requests: list[object] = []
+    monkeypatch.setattr(Sampler, "request", lambda self, target: requests.append(target))
+    estimate = ClockMeter(name="cpu_estimate", method=Method.ESTIMATE, device="cpu:estimate")
+    tracker = Tracker(meters=[estimate]).start()
+    with tracker.phase("validation"):
+        pass
+    snap = tracker.stop()
+    assert requests == []
+    assert snap.phases["validation"].entries == 1
+
+
+def test_request_adds_under_the_samplers_lock() -> None:
+    """The sampler swaps its set of requests under its lock; an insertion outside the lock
+    could land in the set being swapped out and be lost."""
+    sampler = Sampler()  # no thread: nothing but this test touches it
+    target = object()
+    with sampler._lock:
+        caller = threading.Thread(target=sampler.request, args=(target,), daemon=True)
+        caller.start()
+        caller.join(1.0)  # the caller waits for the lock (it would finish in microseconds)
+        assert caller.is_alive() and target not in sampler._urgent
+    caller.join(10.0)
+    assert not caller.is_alive() and target in sampler._urgent
+
+
 def test_one_sampler_thread_for_all_trackers_and_it_leaves_when_idle() -> None:
     trackers = [Tracker(meters=[ClockMeter()]).start() for _ in range(3)]
     time.sleep(0.1)
@@ -160,10 +322,14 @@ def test_sample_interval_honours_the_fastest_meter() -> None:
     slow, fast = ClockMeter(device="cpu:a"), ClockMeter(device="gpu:b", component=Component.GPU)
     slow.max_interval_s, fast.max_interval_s = 10.0, 0.02
     tracker = Tracker(meters=[slow, fast], sample_interval_s=5).start()
-    time.sleep(0.5)
+    started = time.monotonic()
+    # 10 samples take ~0.2 s at 0.02 s, and at least 45 s at the 5 s setting: waiting up to
+    # 20 s for them tolerates a loaded machine and still tells the two apart.
+    wait_for(lambda: fast.samples >= 10, timeout=20.0)
+    elapsed = time.monotonic() - started
     tracker.stop()
     assert tracker.interval_s == 0.02
-    assert fast.samples >= 10  # ~25 expected; generous for a loaded 2-core machine
+    assert fast.samples >= 10 and elapsed < 20.0
 
 
 def test_timeline_is_bounded_and_gives_power(monkeypatch: pytest.MonkeyPatch) -> None:
