@@ -9,7 +9,11 @@ How, per device, best first:
 
 * ``counter``: ``nvmlDeviceGetTotalEnergyConsumption``, millijoules since the driver was loaded
   (Volta and newer). Energy = reading - reading at ``start()``. The counter is 64-bit (no
-  wraparound in practice), so a failed read costs nothing once reads work again.
+  wraparound in practice), so a failed read costs nothing once reads work again. It changes
+  only every ~0.1 s (:data:`COUNTER_RESOLUTION_S`, the device's ``resolution_s``; observed,
+  not documented by NVIDIA), so every counter read also reads the power
+  (:meth:`NvmlMeter.power_w`): the engine apportions shorter intervals (a short validation
+  phase) by power x time and keeps the total on the counter (see :mod:`green_mlops.tracker`).
 * ``sampled-power``: where the counter is not supported, ``nvmlDeviceGetPowerUsage`` (milliwatts)
   read every <= 0.1 s (``max_interval_s``) and integrated with the trapezoid rule. A failed read
   leaves a *gap* whose energy is not invented: :attr:`NvmlMeter.gaps` gives, per device, how many
@@ -58,6 +62,7 @@ if TYPE_CHECKING:
     from green_mlops.config import Settings
 
 __all__ = [
+    "COUNTER_RESOLUTION_S",
     "COUNTER_UNCERTAINTY",
     "SAMPLED_POWER_UNCERTAINTY",
     "Gap",
@@ -78,6 +83,9 @@ SAMPLED_POWER_UNCERTAINTY = 0.10
 POWER_MAX_INTERVAL_S = 0.1
 #: The 64-bit mJ counter does not wrap (2**64 mJ is ~585 million years at 1 kW).
 COUNTER_MAX_INTERVAL_S = 60.0
+#: How often the total-energy counter changes: ~100 ms as observed (NVIDIA documents no
+#: figure); phases shorter than ~10x this are apportioned by power (green_mlops.tracker).
+COUNTER_RESOLUTION_S = 0.1
 
 _ORDER_WARNED = False  # the CUDA_DEVICE_ORDER warning is given once per process
 
@@ -207,6 +215,7 @@ class _Channel:
         "last_t",
         "last_w",
         "lost",
+        "power_w",
         "start_mj",
     )
 
@@ -222,6 +231,7 @@ class _Channel:
         self.gap_count = 0
         self.gap_s = 0.0
         self.lost: str | None = None  # set when the GPU is gone for good
+        self.power_w: float | None = None  # power at the last counter read, if readable
 
     def close_gap(self, now: float) -> None:
         if self.gap_from is not None:
@@ -252,6 +262,7 @@ class NvmlMeter(Meter):
                     if gpu.method is Method.COUNTER
                     else SAMPLED_POWER_UNCERTAINTY,
                     label=gpu.label,
+                    resolution_s=COUNTER_RESOLUTION_S if gpu.method is Method.COUNTER else 0.0,
                 )
                 for gpu in gpus
             ]
@@ -294,6 +305,15 @@ class NvmlMeter(Meter):
             for device, gap in self.gaps.items()
         ]
 
+    def power_w(self) -> dict[str, float]:
+        """Power (W) of the counter devices at their last read (see ``COUNTER_RESOLUTION_S``);
+        a device whose power could not be read then is left out."""
+        return {
+            ch.gpu.device_id: ch.power_w
+            for ch in self._channels
+            if ch.gpu.method is Method.COUNTER and ch.power_w is not None
+        }
+
     def start(self, now: float | None = None) -> None:
         """Take the zero point (``now`` defaults to ``time.monotonic()``, like ``sample``'s)."""
         t = time.monotonic() if now is None else now
@@ -304,6 +324,7 @@ class NvmlMeter(Meter):
                         self._nvml.nvmlDeviceGetTotalEnergyConsumption(ch.gpu.handle)
                     )
                     ch.last_t = t
+                    self._read_power(ch)
                 else:
                     ch.last_w = self._nvml.nvmlDeviceGetPowerUsage(ch.gpu.handle) / 1000.0
                     ch.last_t = t
@@ -322,7 +343,9 @@ class NvmlMeter(Meter):
             try:
                 mj = int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
             except self._nvml.NVMLError as exc:
+                ch.power_w = None
                 return self._failed(ch, exc)
+            self._read_power(ch)
             if ch.start_mj is None or mj < ch.last_mj:
                 # No zero point yet, or the counter went backwards (driver reloaded): keep what
                 # was counted and restart from here; the time since the last good read is a gap.
@@ -347,6 +370,13 @@ class NvmlMeter(Meter):
             ch.close_gap(now)
         ch.last_t, ch.last_w = now, watts
         return ch.energy_j
+
+    def _read_power(self, ch: _Channel) -> None:
+        """Power beside a counter read (~1 us): only for apportioning; a failure is no error."""
+        try:
+            ch.power_w = self._nvml.nvmlDeviceGetPowerUsage(ch.gpu.handle) / 1000.0
+        except self._nvml.NVMLError:
+            ch.power_w = None
 
     def _failed(self, ch: _Channel, exc: BaseException, note: str = "") -> DeviceError:
         reason = f"{ch.gpu.device_id} ({ch.gpu.label}): NVML: {_text(exc)}"

@@ -13,11 +13,13 @@ from collections.abc import Iterator
 import pynvml
 import pytest
 
+from green_mlops import Tracker
 from green_mlops.config import Settings
 from green_mlops.meters import Component, DeviceError, Meter, MeterUnavailable, Method
 from green_mlops.plugin_manager import create_plugin_manager
 from green_mlops.plugins import nvml
 from green_mlops.plugins.nvml import Gap, NvmlMeter, build_meters, select_visible
+from green_mlops.snapshot import Snapshot
 
 H100 = "NVIDIA H100 80GB HBM3"
 UUID0 = "GPU-11111111-aaaa-bbbb-cccc-000000000000"
@@ -44,6 +46,58 @@ class FakeGpu:
     def add_energy(self, mj: int) -> None:
         assert self.energy_mj is not None
         self.energy_mj += mj
+
+
+class ManualClock:
+    """The host's monotonic clock, moved only by the test."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class CoarseCounterGpu(FakeGpu):
+    """A GPU whose total-energy counter changes only every ``update_s`` of its own clock, as
+    NVML's does: a read returns the true energy at the last update instant (the GPU's clock
+    is ``offset_s`` out of step with the host's). Power reads give the power the test set."""
+
+    def __init__(
+        self, uuid: str, clock: ManualClock, *, watts: float, update_s: float, offset_s: float
+    ) -> None:
+        super().__init__(uuid)
+        self.clock, self.update_s, self.offset_s = clock, update_s, offset_s
+        # (from, true mJ then, watts since): on since well before the test starts
+        self.segments = [(clock() - 100.0, 7_000_000.0, watts)]
+
+    def set_power(self, watts: float) -> None:
+        now = self.clock()
+        self.segments.append((now, self.true_mj(now), watts))
+
+    def true_mj(self, t: float) -> float:
+        start, mj, watts = next(seg for seg in reversed(self.segments) if seg[0] <= t)
+        return mj + watts * (t - start) * 1000.0
+
+    @property  # type: ignore[override]
+    def energy_mj(self) -> int:
+        steps = (self.clock() - self.offset_s) // self.update_s
+        return int(self.true_mj(self.offset_s + steps * self.update_s))
+
+    @energy_mj.setter
+    def energy_mj(self, value: int | None) -> None:  # FakeGpu.__init__ sets it: ignored
+        pass
+
+    @property  # type: ignore[override]
+    def power_mw(self) -> int:
+        return int(self.segments[-1][2] * 1000)
+
+    @power_mw.setter
+    def power_mw(self, value: int | None) -> None:
+        pass
 
 
 class FakeNvml:
@@ -196,6 +250,99 @@ def test_sampled_power_over_real_time(fake: FakeNvml) -> None:
     assert isinstance(joules, float)
     assert 250.0 * (now - after) <= joules <= 250.0 * (now - before)  # constant 250 W
     meter.close()
+
+
+# --- a counter that changes every ~100 ms ------------------------------------------------------
+
+
+def coarse_tracker(
+    monkeypatch: pytest.MonkeyPatch, offset_s: float, watts: float = 300.0
+) -> tuple[Tracker, CoarseCounterGpu, ManualClock]:
+    clock = ManualClock()
+    gpu = CoarseCounterGpu(UUID0, clock, watts=watts, update_s=0.1, offset_s=offset_s)
+    FakeNvml([gpu]).install(monkeypatch)
+    meter = only_meter(build_meters(environ={}))
+    return Tracker(meters=[meter], sample_interval_s=60, clock=clock).start(), gpu, clock
+
+
+def boundary(tracker: Tracker, name: str, entering: bool) -> None:
+    """A phase boundary and the counter read it triggers, in this thread (the sampler thread
+    would do the same read a moment later)."""
+    (tracker.enter if entering else tracker.exit)(name, precise=False)
+    tracker.sample_now(counters_only=True)
+
+
+def run_phases(tracker: Tracker, clock: ManualClock, phases: list[tuple[str, float]]) -> None:
+    for name, seconds in phases:
+        boundary(tracker, name, True)
+        clock.advance(seconds)
+        boundary(tracker, name, False)
+
+
+@pytest.mark.parametrize(
+    "offset_s",
+    [0.0505, 0.0785, 0.0795, 0.0990],  # the counter changes inside the 29 ms phase, or after
+)
+def test_a_phase_shorter_than_the_counter_step_gets_power_x_time(
+    monkeypatch: pytest.MonkeyPatch, offset_s: float
+) -> None:
+    """A 29 ms validation at 200 W after 2 s of training at 300 W: 5.8 J, not 0 J or a whole
+    counter step (~30 J); the total stays within one step (0.1 s x 300 W) of the counter."""
+    tracker, gpu, clock = coarse_tracker(monkeypatch, offset_s)
+    start_mj = gpu.energy_mj
+    run_phases(tracker, clock, [("train", 2.05)])
+    gpu.set_power(200.0)
+    run_phases(tracker, clock, [("validation", 0.029)])
+    gpu.set_power(300.0)
+    run_phases(tracker, clock, [("train", 2.0)])
+    snap = tracker.stop()
+
+    val = snap.phases["validation"]
+    assert val.duration_s == pytest.approx(0.029)
+    assert val.joules == pytest.approx(200.0 * 0.029, rel=0.10)
+    assert snap.phases["train"].joules == pytest.approx(300.0 * 4.05, rel=0.02)
+    (device,) = snap.devices
+    counted = (gpu.energy_mj - start_mj) / 1000.0
+    assert counted <= device.joules <= counted + 300.0 * 0.1 + 1e-9
+    assert sum(p.joules for p in snap.phases.values()) == pytest.approx(snap.joules, rel=1e-9)
+    assert_resolution_provenance(snap)
+
+
+def assert_resolution_provenance(snap: Snapshot) -> None:
+    (device,) = snap.devices
+    assert device.method == "counter" and device.resolution_s == nvml.COUNTER_RESOLUTION_S
+    (note,) = [n for n in snap.notes if n.startswith("gpu:0")]
+    assert "changes every ~0.1 s" in note and "apportioned by power x time" in note
+
+
+def test_many_short_phases_in_step_with_the_counter_keep_their_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Epochs of exactly 0.5 s: every 29 ms validation sees the counter at the same point of
+    its 100 ms step (here: no change inside it). Validation's share must stay 29/500."""
+    tracker, _, clock = coarse_tracker(monkeypatch, offset_s=0.0505)
+    for _ in range(40):
+        run_phases(tracker, clock, [("train", 0.471), ("validation", 0.029)])
+    snap = tracker.stop()
+    val, train = snap.phases["validation"], snap.phases["train"]
+    assert val.joules == pytest.approx(300.0 * 40 * 0.029, rel=0.05)
+    assert train.joules == pytest.approx(300.0 * 40 * 0.471, rel=0.02)
+    assert_resolution_provenance(snap)
+
+
+def test_without_power_readings_a_coarse_counter_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker, gpu, clock = coarse_tracker(monkeypatch, offset_s=0.05)
+    gpu.error = None
+    monkeypatch.setattr(
+        pynvml,
+        "nvmlDeviceGetPowerUsage",
+        lambda handle: (_ for _ in ()).throw(pynvml.NVMLError_NotSupported()),
+    )
+    run_phases(tracker, clock, [("train", 1.0), ("validation", 0.029)])
+    snap = tracker.stop()
+    (note,) = [n for n in snap.notes if n.startswith("gpu:0")]
+    assert "no power reading" in note
+    assert snap.devices[0].status == "ok"
 
 
 def test_power_only_skips_the_counter(fake: FakeNvml) -> None:
