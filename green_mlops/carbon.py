@@ -149,6 +149,9 @@ class CarbonAccountant:
             parse_location(settings.location) if settings.location else UNKNOWN
         )
         problems: dict[str, str] = {}
+        #: Providers made for this accountant (by the plugins) are closed with it; ones passed
+        #: in belong to the caller.
+        self._owns_providers = providers is None
         if providers is None:
             providers, problems = chosen_providers(settings)
         self._providers = list(providers)
@@ -214,6 +217,18 @@ class CarbonAccountant:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        self._close_providers()
+
+    def _close_providers(self) -> None:
+        """Close the HTTP sessions of the providers made for this accountant (urllib3 lets a
+        request still in flight finish)."""
+        if not self._owns_providers:
+            return
+        for provider in self._providers:
+            try:
+                provider.close()
+            except Exception:  # a provider bug must not surface at the end of a run
+                log.exception("green-mlops: closing intensity provider %s failed", provider.name)
 
     def _fetch(self, start: float, end: float) -> list[IntensitySeries]:
         chain: list[IntensitySeries] = []

@@ -5,7 +5,11 @@
   "come back in an hour" cannot stall a run).
 * Responses are cached in memory and on disk (``cache_dir``) for ``cache_ttl_s``, keyed by URL
   and parameters, never by credentials. Providers align their request windows (whole hours),
-  so a sweep of runs in the same hour makes one call per zone and hour.
+  so a sweep of runs in the same hour makes one call per zone and hour. Expired entries (and
+  temporary files a crash left) are deleted once per process, when the first new entry is
+  stored, so the directory does not grow without bound.
+* :meth:`HttpClient.close` closes the session; providers call it from their ``close()``, which
+  the run's accountant calls when the run ends.
 * Failures become :class:`~green_mlops.intensity.IntensityUnavailable` with a message that
   names the host and the status, and never a header, a token or a password.
 """
@@ -34,6 +38,13 @@ __all__ = ["HttpClient"]
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 MAX_RETRY_AFTER_S = 10
+#: No entry lives longer than this (the largest GREEN_MLOPS_CACHE_TTL_S): older ones are gone.
+MAX_TTL_S = 7 * 86400.0
+#: A temporary file older than this is a write a crash interrupted.
+STALE_TMP_S = 3600.0
+
+_pruned: set[Path] = set()
+_pruned_lock = threading.Lock()
 
 
 def _retry(total: int) -> Retry:
@@ -157,7 +168,40 @@ class HttpClient:
                 json.dump({"expires": entry[0], "data": data}, handle)
             Path(tmp).replace(self.cache_dir / f"{key}.json")
         except OSError:
-            pass  # a read-only or full disk only costs a repeated request
+            return  # a read-only or full disk only costs a repeated request
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete expired entries and crash leftovers, once per process and directory (when the
+        first new entry is stored, in the fetch thread). Reads only files old enough to have
+        expired; a file older than the longest TTL goes unread."""
+        with _pruned_lock:
+            if self.cache_dir in _pruned:
+                return
+            _pruned.add(self.cache_dir)
+        now = time.time()
+        try:
+            paths = list(self.cache_dir.iterdir())
+        except OSError:
+            return
+        for path in paths:
+            try:
+                age = now - path.stat().st_mtime
+                if path.suffix == ".tmp":
+                    expired = age > STALE_TMP_S
+                elif path.suffix != ".json" or age <= min(self.ttl_s, MAX_TTL_S):
+                    continue
+                elif age > MAX_TTL_S:
+                    expired = True
+                else:
+                    try:
+                        expired = float(json.loads(path.read_text())["expires"]) <= now
+                    except (ValueError, KeyError, TypeError):
+                        expired = True  # unreadable: a miss for everyone, never useful
+                if expired:
+                    path.unlink()
+            except OSError:
+                continue  # gone already (another process pruned it), or not ours to delete
 
 
 class HttpStatusError(IntensityUnavailable):

@@ -96,6 +96,10 @@ class IntensityProvider(abc.ABC):
         """``None`` when usable; otherwise why not (e.g. "no token: set ..."). Cheap, no I/O."""
         return None
 
+    def close(self) -> None:
+        """Release what :meth:`series` opened (an HTTP session). Called once when the run's
+        accountant closes; the hook makes new providers for each run."""
+
     @abc.abstractmethod
     def series(self, location: Location, start: float, end: float) -> IntensitySeries:
         """Intensity at ``location`` over ``[start, end)`` (Unix seconds).

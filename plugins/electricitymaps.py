@@ -191,6 +191,11 @@ class ElectricityMapsProvider(IntensityProvider):
 
         return HttpClient(self.settings, self.name)
 
+    def close(self) -> None:
+        client = self.__dict__.pop("client", None)  # only if series() created it
+        if client is not None:
+            client.close()
+
     def __repr__(self) -> str:
         token = "***" if self.settings.electricitymaps_token is not None else "unset"
         return f"ElectricityMapsProvider(url={self.base_url!r}, token={token})"

@@ -79,6 +79,11 @@ class UkCarbonIntensityProvider(IntensityProvider):
             self._http = HttpClient(self.settings, self.name)
         return self._http
 
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
     def configured(self) -> str | None:
         return None  # no key; series() declines locations outside Great Britain
 

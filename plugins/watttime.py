@@ -227,6 +227,11 @@ class WattTimeProvider(IntensityProvider):
             self._http = HttpClient(self.settings, self.name)
         return self._http
 
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
     def configured(self) -> str | None:
         missing = [
             variable

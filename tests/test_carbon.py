@@ -368,3 +368,80 @@ def test_run_that_no_provider_could_price_has_no_carbon_metric(
     assert "co2e:" in reasons and "not priced" in reasons
     assert "HTTP 401" in result.tags["green.intensity.fallbacks"]
     assert "not computed" in result.sentence
+
+
+@pytest.mark.parametrize(
+    ("name", "location", "extra"),
+    [
+        ("electricitymaps", "DE", {"electricitymaps_token": "token"}),
+        (
+            "watttime",
+            "DE",
+            {"watttime_username": "u", "watttime_password": "p", "watttime_region": "DE"},
+        ),
+        ("uk", "GB", {}),
+    ],
+)
+def test_closing_the_accountant_closes_the_providers_connections(
+    tmp_path: object, name: str, location: str, extra: dict[str, str]
+) -> None:
+    import http.server
+    import threading
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from green_mlops.carbon import CarbonAccountant
+    from green_mlops.config import Settings
+
+    assert isinstance(tmp_path, Path)
+
+    class KeepAlive(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # connections stay open until the client closes them
+
+        def do_GET(self) -> None:
+            body = b'{"zone": "DE", "data": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def open_connections() -> int:
+        return sum(
+            1
+            for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        )
+
+    try:
+        settings = Settings.load(
+            environ={},
+            location=location,
+            intensity_providers=f"{name},static",
+            **{
+                f"{prefix}_url": f"http://127.0.0.1:{port}"
+                for prefix in ("electricitymaps", "watttime", "uk")
+            },
+            **extra,
+            cache_dir=tmp_path / "cache",
+        )
+        accountant = CarbonAccountant(settings)
+        t0 = time.time()
+        result = accountant.result([(t0 - 7200, 0.0), (t0, 3.6e6)], wait_s=10)
+        assert result.unpriced_kwh == 0  # static priced what the API did not
+        assert open_connections() >= 1  # the provider's session keeps its connection alive
+        accountant.close()
+        assert open_connections() == 0
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -418,3 +418,40 @@ def test_token_appears_nowhere(
     # ...while the token did reach the server, in the header and nowhere else
     assert len(sent) >= 7 and all(request.headers.get("auth-token") == SECRET for request in sent)
     assert all(SECRET not in request.url for request in sent)
+
+
+# --- the disk cache does not grow without bound ---------------------------------------------------
+
+
+def test_expired_disk_entries_are_pruned_when_a_new_one_is_stored(
+    httpserver: HTTPServer, tmp_path: Path
+) -> None:
+    import os
+
+    directory = tmp_path / "cache" / "t"
+    directory.mkdir(parents=True)
+    now = time.time()
+    expired = directory / ("a" * 32 + ".json")  # written 2 h ago with a 1 h TTL
+    expired.write_text(json.dumps({"expires": now - 3600, "data": 1}))
+    os.utime(expired, (now - 7200, now - 7200))
+    ancient = directory / ("b" * 32 + ".json")  # older than the longest TTL: no need to read
+    ancient.write_text("not even json")
+    os.utime(ancient, (now - 8 * 86400, now - 8 * 86400))
+    fresh = directory / ("c" * 32 + ".json")  # another run's entry, still valid
+    fresh.write_text(json.dumps({"expires": now + 3600, "data": 2}))
+    longer = directory / ("d" * 32 + ".json")  # old, but stored with a longer TTL: valid
+    longer.write_text(json.dumps({"expires": now + 86400, "data": 3}))
+    os.utime(longer, (now - 7200, now - 7200))
+    crashed = directory / "tmp1234.tmp"  # a write interrupted by a crash, long ago
+    crashed.write_text("{")
+    os.utime(crashed, (now - 7200, now - 7200))
+    writing = directory / "tmp5678.tmp"  # another process writing right now
+    writing.write_text("{")
+
+    httpserver.expect_request("/c").respond_with_json({"v": 1})
+    client = HttpClient(settings(tmp_path), "t")
+    client.get_json(httpserver.url_for("/c"))
+    left = {p.name for p in directory.iterdir()}
+    assert expired.name not in left and ancient.name not in left and crashed.name not in left
+    assert {fresh.name, longer.name, writing.name} <= left
+    assert len(left) == 4  # plus the new entry
