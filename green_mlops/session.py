@@ -56,6 +56,8 @@ class Result:
     footprint: Any = None
     sentence: str = ""
     power: list[tuple[float, float]] = field(default_factory=list)
+    #: The values at the run's end (or at a termination of a run that may go on).
+    final: bool = False
 
     def report(self) -> dict[str, Any]:
         """The versioned JSON report (``green/report.json``)."""
@@ -66,7 +68,7 @@ class Result:
             "schema": REPORT_SCHEMA,
             "green_mlops_version": __version__,
             "generated_at": time.time(),
-            "final": not self.snapshot.running,
+            "final": self.final or not self.snapshot.running,
             "metrics": self.metrics,
             "tags": self.tags,
             "footprint": fp,
@@ -129,10 +131,14 @@ class Measurement:
 
     def add_child(self, child: Result) -> None:
         """Subtract a nested run's totals from ours (it reports them itself)."""
+        self.subtract(child.metrics)
+
+    def subtract(self, totals: dict[str, float]) -> None:
+        """Leave ``totals`` (of :data:`ADDITIVE_KEYS`) out of ours: nested runs report them."""
         with self._lock:
             for key in ADDITIVE_KEYS:
-                if key in child.metrics:
-                    self._children[key] = self._children.get(key, 0.0) + child.metrics[key]
+                if key in totals:
+                    self._children[key] = self._children.get(key, 0.0) + totals[key]
 
     def result(self) -> Result:
         """The run so far (or the final result once stopped)."""
@@ -140,17 +146,32 @@ class Measurement:
             return self._final
         return self._compose(self.tracker.snapshot(), wait_s=0.0)
 
+    def checkpoint(self) -> Result:
+        """A final result (carbon waited for, as at the end) of the run so far, without
+        stopping: for a run that was terminated but may be written again."""
+        if self._final is not None:
+            return self._final
+        return self._compose(self.tracker.snapshot(), wait_s=FINAL_WAIT_S, final=True)
+
     def stop(self) -> Result:
         """Stop and return the final result. Idempotent."""
         with self._lock:
             if self._final is None:
                 snapshot = self.tracker.stop()
-                self._final = self._compose(snapshot, wait_s=FINAL_WAIT_S)
+                self._final = self._compose(snapshot, wait_s=FINAL_WAIT_S, final=True)
                 if self._accountant is not None:
                     self._accountant.close()
             return self._final
 
-    def _compose(self, snapshot: Snapshot, *, wait_s: float) -> Result:
+    def close(self) -> None:
+        """Stop measuring without a result (nothing more will be reported). Idempotent."""
+        with self._lock:
+            if self._final is None:
+                self._final = Result(self.tracker.stop(), {}, {}, final=True)
+                if self._accountant is not None:
+                    self._accountant.close()
+
+    def _compose(self, snapshot: Snapshot, *, wait_s: float, final: bool = False) -> Result:
         metrics = energy_metrics(snapshot)
         tags = provenance_tags(snapshot)
         from green_mlops.job import job_tags  # launcher ranks/sizes; multi-node scope note
@@ -199,7 +220,7 @@ class Measurement:
                 metrics[key] += value
         metrics.update(self.extra_metrics)
         tags.update(self.extra_tags)
-        return Result(snapshot, metrics, tags, fp, sentence, power_series(snapshot))
+        return Result(snapshot, metrics, tags, fp, sentence, power_series(snapshot), final)
 
 
 def phase_carbon(metrics: dict[str, float]) -> dict[str, float]:

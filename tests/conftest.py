@@ -123,10 +123,24 @@ class MlflowServer:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
                     if r.status == 200:
-                        return
+                        break
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError("MLflow server did not start")
+        else:
+            raise RuntimeError("MLflow server did not start")
+        self.warm_up(max(1.0, deadline - time.monotonic()))
+
+    def warm_up(self, timeout: float) -> None:
+        """One real API call: the first one (store initialisation, imports) can take seconds
+        on a loaded machine, after ``/health`` already answers."""
+        request = urllib.request.Request(
+            self.url + "/api/2.0/mlflow/experiments/search",
+            data=b'{"max_results": 1}',
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            if r.status != 200:
+                raise RuntimeError(f"MLflow server answered {r.status} to its first API call")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -142,6 +156,8 @@ class MlflowServer:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

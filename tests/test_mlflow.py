@@ -216,6 +216,9 @@ def test_client_api_threads_failures_and_exit_paths(
         run = client.get_run(out[name])
         statuses[name] = run.info.status
         assert green_metrics(client, out[name]).get("green/energy_kwh", 0) > 0, name
+        # carbon too, also for the run MLflow's atexit handler ends at interpreter exit
+        assert green_metrics(client, out[name]).get("green/co2e_g", 0) > 0, name
+        assert "footprint failed" not in run.data.tags.get("green.problems", ""), name
         assert run.data.tags["green.run_status"] == run.info.status, name
     assert statuses["failed"] == "FAILED" and statuses["atexit"] == "FINISHED"
     concurrent = client.get_run(out["thread-0"]).data.tags.get("green.concurrent_runs")
@@ -369,7 +372,14 @@ def test_lightning_mlflow_logger_runs_are_tracked(
 def test_server_down_mid_run_loses_nothing(tmp_path: Path) -> None:
     server = MlflowServer(tmp_path / "srv")
     server.root.mkdir()
-    server.start()
+    try:
+        server.start()
+        _server_down_mid_run(server, tmp_path)
+    finally:
+        server.stop()
+
+
+def _server_down_mid_run(server: MlflowServer, tmp_path: Path) -> None:
     flag = tmp_path / "server_is_back"
     code = f"""
         import json, os, time, mlflow
@@ -401,36 +411,38 @@ def test_server_down_mid_run_loses_nothing(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    run_id = json.loads(proc.stdout.readline())["run_id"]
-    time.sleep(1.2)  # a couple of periodic sends land
-    server.stop()
-    time.sleep(2.5)  # sends fail: spooled
-    spool = tmp_path / "cache" / "spool" / f"{run_id}.jsonl"
-    assert spool.exists() and spool.read_text().strip()
-    server.start()
-    flag.write_text("1")
-    stdout, stderr = proc.communicate(timeout=120)
     try:
-        assert proc.returncode == 0, stderr
-        assert json.loads(stdout.strip().splitlines()[-1])["done"] is True
-        assert "kept in" in stderr  # it said so
-        assert not spool.exists()  # everything replayed
-        client = MlflowClient(server.url)
-        run = client.get_run(run_id)
-        history = client.get_metric_history(run_id, "green/energy_kwh")
-        # one value per interval over the whole run, including those sent while it was down
-        assert len(history) >= 8
-        report = json.loads(
-            Path(client.download_artifacts(run_id, "green/report.json", str(tmp_path))).read_text()
-        )
-        power = client.get_metric_history(run_id, "system/green/power_w")
-        assert len(power) == len(report["energy"]["timeline"]) - 1
-        assert run.data.metrics["green/energy_kwh"] == pytest.approx(
-            report["metrics"]["green/energy_kwh"]
-        )
-    finally:
+        assert proc.stdout is not None
+        run_id = json.loads(proc.stdout.readline())["run_id"]
+        time.sleep(1.2)  # a couple of periodic sends land
         server.stop()
+        time.sleep(2.5)  # sends fail: spooled
+        spool = tmp_path / "cache" / "spool" / f"{run_id}.jsonl"
+        assert spool.exists() and spool.read_text().strip()
+        server.start()
+        flag.write_text("1")
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["done"] is True
+    assert "kept in" in stderr  # it said so
+    assert not spool.exists()  # everything replayed
+    client = MlflowClient(server.url)
+    run = client.get_run(run_id)
+    history = client.get_metric_history(run_id, "green/energy_kwh")
+    # one value per interval over the whole run, including those sent while it was down
+    assert len(history) >= 8
+    report = json.loads(
+        Path(client.download_artifacts(run_id, "green/report.json", str(tmp_path))).read_text()
+    )
+    power = client.get_metric_history(run_id, "system/green/power_w")
+    assert len(power) == len(report["energy"]["timeline"]) - 1
+    assert run.data.metrics["green/energy_kwh"] == pytest.approx(
+        report["metrics"]["green/energy_kwh"]
+    )
 
 
 def test_sync_command_replays_a_spool(mlflow_server: MlflowServer, tmp_path: Path) -> None:
@@ -521,3 +533,351 @@ def test_tokens_appear_nowhere_in_a_tracked_run(
     text = "\n".join(seen)
     assert token not in text and password not in text
     assert "Secret('***')" in out["_stdout"] and "error:" in out["_stdout"]
+
+
+# --- issue 10 -----------------------------------------------------------------------------
+
+ADDITIVE = ("green/energy_kwh", "green/co2e_g")
+
+
+def test_overlapping_nested_runs_subtract_their_union(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """Children alive at the same time (threads, as sklearn's autologging flushes its child
+    runs): the parent leaves out the union of their time, not the sum; they are tagged."""
+    code = f"""
+        import json, threading, time, mlflow
+        mlflow.set_experiment("{experiment()}")
+        ids = []
+        with mlflow.start_run() as parent:
+            time.sleep(0.6)
+            def child():
+                with mlflow.start_run(nested=True, parent_run_id=parent.info.run_id) as r:
+                    ids.append(r.info.run_id)
+                    time.sleep(1.0)
+            threads = [threading.Thread(target=child) for _ in range(4)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+        print(json.dumps({{"parent": parent.info.run_id, "children": ids}}))
+    """
+    out = run_script(code, tmp_path, mlflow_server, GREEN_MLOPS_ENABLE="1")
+    assert out["_returncode"] == 0, out["_stderr"]
+    client = MlflowClient(mlflow_server.url)
+    parent = green_metrics(client, out["parent"])
+    children = [green_metrics(client, c) for c in out["children"]]
+    for key in ADDITIVE:
+        exclusive, inclusive = parent[key], parent[key.replace("green/", "green/inclusive/")]
+        left_out = inclusive - exclusive
+        assert 0 < exclusive < inclusive, key
+        # the union of the children's time: less than their sum, as long as one of them
+        assert max(c[key] for c in children) * 0.8 < left_out < sum(c[key] for c in children)
+    for child in out["children"]:
+        assert client.get_run(child).data.tags.get("green.concurrent_runs") == "4"
+    assert "green.concurrent_runs" not in client.get_run(out["parent"]).data.tags
+
+
+def test_sklearn_grid_search_children_never_make_the_parent_negative(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    code = f"""
+        import json, mlflow
+        from sklearn.datasets import make_classification
+        from sklearn.model_selection import GridSearchCV
+        from sklearn.tree import DecisionTreeClassifier
+        mlflow.set_experiment("{experiment()}")
+        mlflow.sklearn.autolog(log_models=False, log_datasets=False, max_tuning_runs=None)
+        X, y = make_classification(400, 8, random_state=0)
+        search = GridSearchCV(DecisionTreeClassifier(random_state=0),
+                              {{"max_depth": list(range(1, 13)), "min_samples_leaf": [1, 5]}},
+                              cv=2, n_jobs=1)
+        with mlflow.start_run() as parent:
+            search.fit(X, y)
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+            filter_string=f"tags.mlflow.parentRunId = '{{parent.info.run_id}}'")
+        print(json.dumps({{"parent": parent.info.run_id,
+                           "children": [r.info.run_id for r in runs]}}))
+    """
+    out = run_script(code, tmp_path, mlflow_server, GREEN_MLOPS_ENABLE="1")
+    assert out["_returncode"] == 0, out["_stderr"]
+    assert len(out["children"]) == 24
+    client = MlflowClient(mlflow_server.url)
+    parent = green_metrics(client, out["parent"])
+    children = [green_metrics(client, c) for c in out["children"]]
+    for key in ADDITIVE:
+        inclusive = parent[key.replace("green/", "green/inclusive/")]
+        assert 0 < parent[key] < inclusive, key
+        assert inclusive - parent[key] <= sum(c[key] for c in children) * (1 + 1e-9)
+    tagged = [c for c in out["children"] if "green.concurrent_runs" in client.get_run(c).data.tags]
+    assert tagged, "children alive at the same time are tagged"
+
+
+def test_resumed_nested_runs_keep_their_parent(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """Optuna's MLflowCallback pattern: each trial's run is created, ended, then resumed with
+    ``start_run(run_id=..., nested=True)`` to log the trial's results."""
+    code = f"""
+        import json, time, mlflow
+        mlflow.set_experiment("{experiment()}")
+        children = []
+        with mlflow.start_run() as parent:
+            for trial in range(4):
+                with mlflow.start_run(nested=True) as child:
+                    time.sleep(0.3)
+                children.append(child.info.run_id)
+                with mlflow.start_run(run_id=child.info.run_id, nested=True):
+                    mlflow.log_metric("value", trial)
+                    time.sleep(0.1)
+            time.sleep(0.2)
+        print(json.dumps({{"parent": parent.info.run_id, "children": children}}))
+    """
+    out = run_script(code, tmp_path, mlflow_server, GREEN_MLOPS_ENABLE="1")
+    assert out["_returncode"] == 0, out["_stderr"]
+    client = MlflowClient(mlflow_server.url)
+    parent = green_metrics(client, out["parent"])
+    children = [green_metrics(client, c) for c in out["children"]]
+    for run_id in [out["parent"], *out["children"]]:
+        assert "green.concurrent_runs" not in client.get_run(run_id).data.tags, run_id
+    for key in ADDITIVE:
+        assert parent[key.replace("green/", "green/inclusive/")] == pytest.approx(
+            parent[key] + sum(c[key] for c in children), rel=1e-9
+        ), key
+    for child in children:  # both segments of each trial (and the time between them)
+        assert 0.4 <= child["green/duration_s"] < parent["green/duration_s"] / 4
+
+
+def test_lightning_stages_after_fit_are_measured(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """MLFlowLogger terminates the run at the end of fit, then ``trainer.test()`` logs to it
+    and terminates it again: the test stage is measured and the shown totals are cumulative."""
+    code = f"""
+        import json, time, torch, lightning as L
+        from lightning.pytorch.loggers import MLFlowLogger
+        from mlflow import MlflowClient
+        from torch.utils.data import DataLoader, TensorDataset
+
+        class M(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.layer = torch.nn.Linear(8, 1)
+            def training_step(self, batch, _):
+                return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+            def test_step(self, batch, _):
+                time.sleep(0.1)
+                self.log("test_loss", torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1]))
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        data = DataLoader(TensorDataset(torch.randn(256, 8), torch.randn(256, 1)), batch_size=16)
+        logger = MLFlowLogger(experiment_name="{experiment()}")
+        trainer = L.Trainer(max_epochs=1, logger=logger, enable_progress_bar=False,
+                            enable_checkpointing=False, enable_model_summary=False)
+        trainer.fit(M(), data)
+        after_fit = MlflowClient().get_run(logger.run_id).data.metrics
+        trainer.test(trainer.lightning_module, data, verbose=False)
+        print(json.dumps({{"run_id": logger.run_id, "after_fit": after_fit}}))
+    """
+    out = run_script(code, tmp_path, mlflow_server, GREEN_MLOPS_ENABLE="1")
+    assert out["_returncode"] == 0, out["_stderr"]
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED" and "test_loss" in run.data.metrics
+    shown, fit = run.data.metrics, out["after_fit"]
+    # 16 test batches of >= 0.1 s
+    assert shown["green/duration_s"] >= fit["green/duration_s"] + 1.6
+    for key in (*GREEN_TOTALS, "green/energy_uncertainty_kwh"):
+        assert shown[key] > fit[key], key
+        history = client.get_metric_history(out["run_id"], key)
+        latest = max(history, key=lambda m: (m.step, m.timestamp))
+        assert latest.value == shown[key] == max(m.value for m in history), key
+
+
+def test_server_down_at_the_end_with_default_retries(tmp_path: Path) -> None:
+    """MLflow's default retries (7, ~4 min per request) must not hold up ``end_run``; the values
+    and the termination are kept and ``green-mlops sync`` delivers them."""
+    server = MlflowServer(tmp_path / "srv")
+    server.root.mkdir()
+    down = tmp_path / "server_is_down"
+    code = f"""
+        import json, os, time, mlflow
+        mlflow.set_experiment("down-at-end")
+        run = mlflow.start_run()
+        print(json.dumps({{"run_id": run.info.run_id}}), flush=True)
+        while not os.path.exists({str(down)!r}):
+            time.sleep(0.1)
+        time.sleep(1.0)  # periodic sends fail meanwhile
+        t0 = time.monotonic()
+        mlflow.end_run()
+        print(json.dumps({{"run_id": run.info.run_id, "end_run_s": time.monotonic() - t0}}))
+    """
+    script = tmp_path / "down_at_end.py"
+    script.write_text(textwrap.dedent(code))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("GREEN_MLOPS_", "MLFLOW_"))},
+        "MLFLOW_TRACKING_URI": server.url,
+        "GREEN_MLOPS_ENABLE": "1",
+        "GREEN_MLOPS_LOG_INTERVAL_S": "0.5",
+        "GREEN_MLOPS_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    try:
+        server.start()
+        proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            run_id = json.loads(proc.stdout.readline())["run_id"]
+            time.sleep(1.0)
+            server.stop()
+            down.write_text("1")
+            stdout, stderr = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, stderr
+        out = json.loads(stdout.strip().splitlines()[-1])
+        assert out["end_run_s"] < 15  # documented bound: ~10 s
+        spool = tmp_path / "cache" / "spool" / f"{run_id}.jsonl"
+        assert spool.exists()
+        server.start()
+        proc2 = subprocess.run(
+            [sys.executable, "-m", "green_mlops", "sync"],
+            env={**env, "GREEN_MLOPS_ENABLE": "0"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc2.returncode == 0, proc2.stdout + proc2.stderr
+        assert not spool.exists()
+        client = MlflowClient(server.url)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["green.run_status"] == "FINISHED"
+        report = json.loads(
+            Path(client.download_artifacts(run_id, "green/report.json", str(tmp_path))).read_text()
+        )
+        assert report["final"] is True
+        for key in GREEN_TOTALS:
+            assert run.data.metrics[key] == pytest.approx(report["metrics"][key]), key
+    finally:
+        server.stop()
+
+
+def _spool_batch(run_id: str, url: str, value: float, step: int) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "tracking_uri": url,
+        "tags": {},
+        "metrics": [["green/energy_kwh", value, 1_700_000_000_000 + step, step]],
+        "report": None,
+        "power_until": 0,
+    }
+
+
+def test_a_torn_spool_line_is_quarantined_and_the_rest_delivered(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment(experiment())).info.run_id
+    spool = tmp_path / "cache" / "spool" / f"{run_id}.jsonl"
+    spool.parent.mkdir(parents=True)
+    torn = json.dumps(_spool_batch(run_id, mlflow_server.url, 0.2, 2))[:40]
+    spool.write_text(
+        json.dumps(_spool_batch(run_id, mlflow_server.url, 0.1, 1))
+        + "\n"
+        + torn  # a write cut short (killed, disk full), then more appends after it
+        + "\n"
+        + json.dumps(_spool_batch(run_id, mlflow_server.url, 0.3, 3))
+        + "\n"
+    )
+    env = {**os.environ, "GREEN_MLOPS_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "green_mlops", "sync"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not spool.exists()
+    history = client.get_metric_history(run_id, "green/energy_kwh")
+    assert sorted(m.value for m in history) == [0.1, 0.3]
+    bad = list(spool.parent.glob("*.bad"))
+    assert [p.read_text().strip() for p in bad] == [torn]
+
+
+def test_the_spool_is_locked_across_processes(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """While another process holds a run's spool (the training process appending or replaying
+    it), ``green-mlops sync`` leaves that run alone instead of sending or rewriting under it."""
+    from filelock import FileLock
+
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment(experiment())).info.run_id
+    spool = tmp_path / "cache" / "spool" / f"{run_id}.jsonl"
+    spool.parent.mkdir(parents=True)
+    spool.write_text(json.dumps(_spool_batch(run_id, mlflow_server.url, 0.5, 1)) + "\n")
+    env = {**os.environ, "GREEN_MLOPS_CACHE_DIR": str(tmp_path / "cache")}
+    sync = [sys.executable, "-m", "green_mlops", "sync"]
+    with FileLock(str(spool) + ".lock"):
+        held = subprocess.run(sync, env=env, capture_output=True, text=True, timeout=120)
+        assert held.returncode == 1 and spool.exists()
+        assert "green/energy_kwh" not in client.get_run(run_id).data.metrics
+    free = subprocess.run(sync, env=env, capture_output=True, text=True, timeout=120)
+    assert free.returncode == 0, free.stdout + free.stderr
+    assert client.get_run(run_id).data.metrics["green/energy_kwh"] == 0.5
+
+
+def test_an_unusable_cache_dir_never_stops_delivery(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    broken = tmp_path / ("x" * 300)  # ENAMETOOLONG on stat, like EACCES
+    out = run_script(
+        SIMPLE.format(exp=experiment()),
+        tmp_path,
+        mlflow_server,
+        GREEN_MLOPS_ENABLE="1",
+        GREEN_MLOPS_CACHE_DIR=str(broken),
+    )
+    assert out["_returncode"] == 0, out["_stderr"]
+    client = MlflowClient(mlflow_server.url)
+    metrics = green_metrics(client, out["run_id"])
+    for key in GREEN_TOTALS:
+        assert metrics[key] > 0, key
+    assert len(client.get_metric_history(out["run_id"], "green/energy_kwh")) >= 2
+
+
+def test_an_unusable_spool_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from green_mlops.integrations import mlflow_spool
+
+    broken = tmp_path / ("x" * 300) / "spool"
+    with caplog.at_level("WARNING", logger="green_mlops"):
+        for i in range(3):
+            path = broken / f"run{i}.jsonl"
+            assert mlflow_spool.append(path, _spool_batch(f"run{i}", "http://x", 1.0, i)) is False
+    said = [r for r in caplog.records if "not spooled" in r.getMessage()]
+    assert len(said) == 1
+
+
+def test_drawing_the_power_chart_keeps_the_users_matplotlib_backend(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    code = f"""
+        import json, sys, time, matplotlib, mlflow
+        matplotlib.use("svg")  # e.g. a notebook's inline backend
+        from green_mlops.integrations.mlflow import flush
+        mlflow.set_experiment("{experiment()}")
+        with mlflow.start_run() as run:
+            time.sleep(1.2)
+        flush()
+        print(json.dumps({{"run_id": run.info.run_id, "backend": matplotlib.get_backend(),
+                           "pyplot": "matplotlib.pyplot" in sys.modules}}))
+    """
+    out = run_script(code, tmp_path, mlflow_server, GREEN_MLOPS_ENABLE="1")
+    assert out["_returncode"] == 0, out["_stderr"]
+    assert out["backend"] == "svg" and out["pyplot"] is False
+    client = MlflowClient(mlflow_server.url)
+    assert "green/power.png" in {a.path for a in client.list_artifacts(out["run_id"], "green")}

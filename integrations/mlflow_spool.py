@@ -1,0 +1,219 @@
+"""The MLflow plugin's spool: values that could not be delivered, kept until they can be.
+
+One file per run, ``<cache dir>/spool/<run id>.jsonl``, one JSON batch per line (the plain-data
+form of one ``log_batch``, a report, or a termination). The training process appends to it and
+replays it; ``green-mlops sync`` replays it from another process. So:
+
+* every read, append and rewrite holds a cross-process lock (``<file>.lock``, ``filelock``);
+  a replay that finds the lock taken leaves the file to its holder (:class:`SpoolBusy`);
+* rewrites are atomic (a temporary file in the same directory, then ``os.replace``);
+* a line that does not parse (a write cut short) is moved to ``<file>.bad`` and the others
+  are delivered;
+* the spool is a fallback, never a precondition: a directory that cannot be used (missing
+  permissions, a name too long, a full disk) means "not spooled", said once, and never stops
+  a delivery to a server that answers (:class:`SpoolUnusable` separates the two).
+* compaction: after :data:`COMPACT_LINES` appends from this process a file is rewritten as
+  one batch, and a replay sends merged batches (:func:`merge`): cumulative totals keep only
+  their latest value per step, series (``system/...`` keys) keep every point, tags merge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from green_mlops.log import log, warn_once
+
+__all__ = [
+    "COMPACT_LINES",
+    "SpoolBusy",
+    "SpoolUnusable",
+    "append",
+    "merge",
+    "path_for",
+    "replay",
+]
+
+#: How long an append waits for another process's replay of the same run (it then gives up).
+APPEND_LOCK_TIMEOUT_S = 10.0
+#: A replay never waits: the holder of the lock is delivering the same lines.
+REPLAY_LOCK_TIMEOUT_S = 0.0
+COMPACT_LINES = 256
+_appends: dict[Path, int] = {}
+
+
+class SpoolBusy(Exception):
+    """Another process holds this spool file."""
+
+
+class SpoolUnusable(Exception):
+    """The spool file or its directory cannot be read or written."""
+
+
+def path_for(cache_dir: Path, run_id: str) -> Path:
+    return cache_dir / "spool" / f"{run_id}.jsonl"
+
+
+@contextlib.contextmanager
+def _locked(path: Path, timeout: float) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    try:
+        lock = FileLock(str(path) + ".lock", timeout=timeout)
+        lock.acquire()
+    except Timeout:
+        raise SpoolBusy(f"{path.name} is held by another process") from None
+    except OSError as exc:
+        raise SpoolUnusable(str(exc)) from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def append(path: Path, batch: dict[str, Any]) -> bool:
+    """Keep ``batch`` for later. Returns False (said once) when the spool cannot be used."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path, APPEND_LOCK_TIMEOUT_S):
+            with path.open("a") as handle:
+                handle.write(json.dumps(batch) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            _maybe_compact(path)
+        return True
+    except Exception as exc:
+        warn_once(
+            f"values that could not be delivered are not spooled: {path.parent} is unusable "
+            f"({type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}); "
+            "set GREEN_MLOPS_CACHE_DIR to a writable directory"
+        )
+        return False
+
+
+def replay(path: Path, deliver: Callable[[dict[str, Any]], None]) -> int:
+    """Deliver the batches kept in ``path`` (oldest first); delete it when all went through.
+
+    Returns the number of batches delivered. Raises the delivery error at the first failure,
+    keeping what is undelivered; :class:`SpoolBusy` when another process holds the file;
+    :class:`SpoolUnusable` when it cannot be read or rewritten.
+    """
+    try:
+        if not path.exists():
+            return 0
+    except OSError as exc:
+        raise SpoolUnusable(str(exc)) from exc
+    with _locked(path, REPLAY_LOCK_TIMEOUT_S):
+        batches = merge(_read(path))
+        sent = 0
+        for i, batch in enumerate(batches):
+            try:
+                deliver(batch)
+            except Exception:
+                _rewrite(path, batches[i:])
+                raise
+            sent += 1
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise SpoolUnusable(str(exc)) from exc
+        return sent
+
+
+def merge(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Batches of one run merged into as few as possible: metrics in order, a total's points
+    of the same step kept once (the latest; a ``system/`` series keeps each timestamp), tags
+    merged (the latest wins), the latest report; a termination stays separate, in order."""
+    out: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    points: dict[tuple[str, int, int], list[Any]] = {}
+    for batch in batches:
+        if batch.get("terminate") is not None:
+            out.append(batch)
+            current = None
+            continue
+        if current is None or current["tracking_uri"] != batch.get("tracking_uri"):
+            current = {**batch, "metrics": [], "tags": {}, "report": None}
+            points = {}
+            out.append(current)
+        for point in batch.get("metrics", []):
+            name = str(point[0])
+            key = (name, int(point[3]), int(point[2]) if name.startswith("system/") else 0)
+            if key in points:
+                points[key][:] = point
+            else:
+                points[key] = list(point)
+                current["metrics"].append(points[key])
+        current["tags"].update(batch.get("tags", {}))
+        if batch.get("report") is not None:
+            current["report"] = batch["report"]
+        current["power_until"] = max(current.get("power_until", 0), batch.get("power_until", 0))
+    return out
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    """The parsable batches of ``path``; the others go to ``<path>.bad``."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise SpoolUnusable(str(exc)) from exc
+    batches: list[dict[str, Any]] = []
+    bad: list[str] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            batch = json.loads(line)
+            if not isinstance(batch, dict) or "run_id" not in batch:
+                raise ValueError("not a batch")
+        except ValueError:
+            bad.append(line)
+            continue
+        batches.append(batch)
+    if bad:
+        quarantine = path.with_name(path.name + ".bad")
+        try:
+            with quarantine.open("a") as handle:
+                handle.write("\n".join(bad) + "\n")
+            log.warning(
+                "green-mlops: %d unreadable line(s) of %s moved to %s; the rest is delivered",
+                len(bad),
+                path.name,
+                quarantine,
+            )
+        except OSError as exc:
+            log.warning(
+                "green-mlops: %d unreadable line(s) of %s dropped (%s)", len(bad), path, exc
+            )
+        _rewrite(path, batches)
+    return batches
+
+
+def _rewrite(path: Path, batches: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with ``batches`` atomically (the caller holds the lock)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.writelines(json.dumps(batch) + "\n" for batch in batches)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise SpoolUnusable(str(exc)) from exc
+
+
+def _maybe_compact(path: Path) -> None:
+    count = _appends[path] = _appends.get(path, 0) + 1
+    if count >= COMPACT_LINES:
+        _appends[path] = 0
+        _rewrite(path, merge(_read(path)))
