@@ -187,8 +187,24 @@ class CarbonAccountant:
                 return self._future
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="green-mlops-intensity")
-            self._future = self._pool.submit(self._fetch, start, end)
-            return self._future
+            try:
+                self._future = self._pool.submit(self._fetch, start, end)
+                return self._future
+            except RuntimeError:  # interpreter exit (or closed): executors take no new work
+                future: Future[list[IntensitySeries]] = Future()
+                self._future = future
+
+        def fetch() -> None:
+            try:
+                future.set_result(self._fetch(start, end))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        try:  # a plain thread, so that result() can still bound its wait
+            threading.Thread(target=fetch, name="green-mlops-intensity", daemon=True).start()
+        except RuntimeError:  # no new threads either: fetch here (bounded by HTTP timeouts)
+            fetch()
+        return future
 
     def result(
         self, timeline: Sequence[tuple[float, float]], *, wait_s: float = 2.0
