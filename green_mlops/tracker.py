@@ -572,16 +572,17 @@ def offers_from_plugins(settings: Settings) -> list[Meter | MeterUnavailable]:
     Each plugin is asked on its own: one that failed to load or whose hook raises is listed as
     unavailable, with its name and the error, and the others' meters are still used.
     """
-    from green_mlops.plugin_manager import call_hook, get_plugin_manager
+    from green_mlops.plugin_manager import HookFailure, call_hook, get_plugin_manager
 
     pm = get_plugin_manager(settings.disable_plugins)
     offers: list[Meter | MeterUnavailable] = [
         MeterUnavailable(name, Component.OTHER, f"plugin failed to load ({error})")
         for name, error in pm.load_errors.items()
     ]
-    items, failures = call_hook(
+    found: tuple[list[tuple[str, Meter | MeterUnavailable]], list[HookFailure]] = call_hook(
         pm, "green_mlops_meters", (Meter, MeterUnavailable), settings=settings
     )
+    items, failures = found
     offers.extend(
         MeterUnavailable(f.plugin, Component.OTHER, f"hook {f.hook} failed ({f.error})")
         for f in failures
