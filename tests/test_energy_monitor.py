@@ -614,6 +614,98 @@ def test_run_measured_by_the_mlflow_plugin_is_shared_not_logged_twice(
         release(run_id)
 
 
+#: Cumulative totals: MLflow shows each at its highest step, which must be the latest total.
+CUMULATIVE = ("green/energy_kwh", "green/duration_s", "green/co2e_g", "green/flops")
+
+
+class SlowStep(ClassifierSteps):
+    """A training step that takes 2 s: a fit lasts more seconds than it has steps."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        import time
+
+        time.sleep(2.0)
+        return super().training_step(batch, batch_idx)  # type: ignore[no-any-return]
+
+
+def _history(client: Any, run_id: str, key: str) -> list[Any]:
+    """A metric's logged values in MLflow's display order: by step, then by timestamp."""
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+
+
+def _server_logger(server: Any, tmp_path: Path, ns: ModuleType) -> Any:
+    return ns.loggers.MLFlowLogger(experiment_name=tmp_path.name, tracking_uri=server.url)
+
+
+@pytest.mark.slow
+def test_mlflow_totals_use_the_seconds_step_and_fit_then_test_shows_the_whole_run(
+    tmp_path: Path, mlflow_server: Any, ns: ModuleType
+) -> None:
+    """Issue #10, item 5 (EnergyMonitor alone): totals at step = whole seconds since the run's
+    measurement began (the plugin's convention), per-epoch series at ``global_step``."""
+    from mlflow import MlflowClient
+
+    logger = _server_logger(mlflow_server, tmp_path, ns)
+    mon = monitor()
+    tr = trainer(tmp_path, [mon], ns, max_epochs=2, logger=logger)
+    model = classifier(ns)()
+    tr.fit(model, loader(), loader(1))
+    tr.test(model, loader(2), verbose=False)
+
+    client = MlflowClient(mlflow_server.url)
+    shown = client.get_run(logger.run_id).data.metrics
+    whole = mon.state_dict()["totals"]
+    assert shown["green/flops"] == SANITY + 2 * EPOCH + BATCHES * FWD
+    for key in CUMULATIVE:
+        assert shown[key] == whole[key], key
+    durations = {m.timestamp: m.value for m in _history(client, logger.run_id, "green/duration_s")}
+    for key in CUMULATIVE:
+        history = _history(client, logger.run_id, key)
+        assert len(history) == 4  # two epochs, the end of fit, the end of test
+        assert [m.step for m in history] == [int(durations[m.timestamp]) for m in history], key
+        assert [m.value for m in history] == sorted(m.value for m in history), key
+    epochs = _history(client, logger.run_id, "green/epoch/energy_kwh")
+    assert [m.step for m in epochs] == [BATCHES, 2 * BATCHES]  # a series: global_step
+
+
+@pytest.mark.slow
+def test_with_the_mlflow_plugin_fit_then_test_shows_the_cumulative_totals(
+    tmp_path: Path, mlflow_server: Any, ns: ModuleType
+) -> None:
+    """Issue #10, item 5: EnergyMonitor + GREEN_MLOPS_ENABLE=1 + MLFlowLogger; MLFlowLogger ends
+    the run after fit, test writes to it again: the shown totals are the whole run's."""
+    from mlflow import MlflowClient
+
+    from green_mlops.integrations import mlflow as plugin
+
+    plugin.autolog(**SETTINGS, log_interval_s=0.5, cache_dir=str(tmp_path / "cache"))
+    try:
+        logger = _server_logger(mlflow_server, tmp_path, ns)
+        tr = trainer(tmp_path, [monitor()], ns, max_epochs=1, logger=logger, limit_train_batches=1)
+        model = type("Slow", (SlowStep, ns.LightningModule), {})()
+        tr.fit(model, loader(), loader(1))
+        client = MlflowClient(mlflow_server.url)
+        after_fit = client.get_run(logger.run_id).data.metrics
+        assert after_fit["green/duration_s"] > tr.global_step + 1  # more seconds than steps
+        tr.test(model, loader(2), verbose=False)
+    finally:
+        plugin.disable()
+
+    run = client.get_run(logger.run_id)
+    shown = run.data.metrics
+    assert after_fit["green/flops"] == SANITY + TRAIN + BATCHES * FWD
+    assert shown["green/flops"] == after_fit["green/flops"] + BATCHES * FWD
+    path = client.download_artifacts(logger.run_id, "green/report.json", str(tmp_path))
+    final = json.loads(Path(path).read_text())["metrics"]  # the last report: the whole run's
+    for key in CUMULATIVE:
+        assert shown[key] > after_fit[key], key
+        assert shown[key] == final[key], key
+        values = [m.value for m in _history(client, logger.run_id, key)]
+        assert values == sorted(values), key  # one writer's cumulative totals, in step order
+    assert shown["green/phase/test_kwh"] > 0
+    assert "green.meters" in run.data.tags
+
+
 # --- distributed -------------------------------------------------------------------------------
 
 

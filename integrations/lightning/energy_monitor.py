@@ -420,6 +420,8 @@ class EnergyMonitor(Callback):
         self._own = False
         self._claimed: list[str] = []
         self._skip_loggers: set[int] = set()
+        #: Loggers (MLflow's) whose totals are logged at step = seconds, as the plugin does.
+        self._seconds_step: set[int] = set()
         self._owner_offsets: dict[str, float] = {}
         self._pushed: dict[str, float] = {}
         self._open: list[str] = []
@@ -489,6 +491,7 @@ class EnergyMonitor(Callback):
                     if run_id is None:
                         continue
                     run_ids.append(run_id)
+                    self._seconds_step.add(id(logger))
                     found = lookup(run_id)
                     if found is not None and found[1] != OWNER and found[0].running:
                         owner = found[0]
@@ -502,8 +505,8 @@ class EnergyMonitor(Callback):
         if owner is not None:
             self._measurement = owner
             self._owner_offsets = dict(owner.offsets)
-            if owner is self._base_source:  # an earlier stage's totals are already in it
-                self._base = {}
+            if owner is self._base_source:  # it measured the earlier stages: keep only ours
+                self._base = {k: v for k, v in self._base.items() if _counted_here(k)}
         else:
             if covered and trainer.node_rank == 0:
                 offers: list[Meter | MeterUnavailable] = []
@@ -1036,15 +1039,28 @@ class EnergyMonitor(Callback):
     # -- output ----------------------------------------------------------------------------
 
     def _log(self, trainer: pl.Trainer, metrics: Mapping[str, float], *, totals: bool) -> None:
-        """Log through every logger; loggers whose run the MLflow plugin owns get no totals."""
-        step = trainer.global_step
+        """Log through every logger; loggers whose run the MLflow plugin owns get no totals.
+
+        Series (per epoch, per validation, per step) use step = ``global_step``. MLflow shows
+        a metric's value at its highest step, so there run totals use step = whole seconds
+        of the run's measurement (``green/duration_s``, over every stage and segment), the
+        plugin's step: the value shown is the latest total, whoever wrote it.
+        """
         for logger in trainer.loggers:
             chosen = dict(metrics)
             if id(logger) in self._skip_loggers and totals:
                 chosen = {k: v for k, v in chosen.items() if k.startswith("green/epoch/")}
-            if chosen:
+            batches = [(chosen, trainer.global_step)]
+            if totals and id(logger) in self._seconds_step:
+                series = {k: v for k, v in chosen.items() if k.startswith("green/epoch/")}
+                rest = {k: v for k, v in chosen.items() if k not in series}
+                seconds = int(metrics.get("green/duration_s", 0.0))
+                batches = [(series, trainer.global_step), (rest, seconds)]
+            for batch, step in batches:
+                if not batch:
+                    continue
                 try:
-                    logger.log_metrics(chosen, step=step)
+                    logger.log_metrics(batch, step=step)
                 except Exception as exc:
                     warn_once(f"EnergyMonitor could not log to {type(logger).__name__}: {exc}")
 
@@ -1219,6 +1235,11 @@ def _elements(batch: Any) -> int:
     if isinstance(batch, Mapping):
         return sum(_elements(item) for item in batch.values())
     return 0
+
+
+def _counted_here(key: str) -> bool:
+    """Totals the callback counts itself (FLOPs), not the measurement it shares."""
+    return key == "green/flops" or key.endswith("_flops") or key.endswith("_batches")
 
 
 def _is_flop_or_quality(key: str) -> bool:
