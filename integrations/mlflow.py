@@ -169,7 +169,8 @@ def autolog_from_env() -> None:
 
 
 def disable() -> None:
-    """Undo :func:`autolog`: restore MLflow's functions. Runs being measured are finished."""
+    """Undo :func:`autolog`: restore MLflow's functions. Runs being measured are finished and
+    their reports sent (waiting at most :data:`UPLOAD_WAIT_S`)."""
     with _state.lock:
         runs = list(_state.runs.values())
         _restore()
@@ -178,6 +179,7 @@ def disable() -> None:
     for run in runs:
         _finish(run, status="FINISHED")
     _discard_lingering(keep=None)
+    flush()
 
 
 def tracked_runs() -> list[str]:
@@ -743,7 +745,7 @@ def _post(store: Any, endpoint: str, body: dict[str, Any]) -> None:
     """One REST call with green-mlops' bounded retries (MLflow's default would be ~4 min)."""
     from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-    response = http_request(
+    response = http_request(  # type: ignore[no-untyped-call]
         store.get_host_creds(),
         endpoint,
         "POST",

@@ -881,3 +881,45 @@ def test_drawing_the_power_chart_keeps_the_users_matplotlib_backend(
     assert out["backend"] == "svg" and out["pyplot"] is False
     client = MlflowClient(mlflow_server.url)
     assert "green/power.png" in {a.path for a in client.list_artifacts(out["run_id"], "green")}
+
+
+def test_long_runs_send_their_totals_at_a_rate_that_follows_the_runs_age() -> None:
+    """A simulated 30-day run at the default 10 s interval (a clock we control): the totals
+    (19 keys) are due every interval while the run is young, then every 0.5 % of its age."""
+    from green_mlops.integrations.mlflow import TOTALS_AGE_FRACTION, totals_due
+
+    interval, last, sends, worst = 10.0, None, 0, 0.0
+    for i in range(1, 30 * 8640 + 1):
+        age = i * interval
+        if totals_due(last, age, interval):
+            if last is not None:
+                rate = max(interval, TOTALS_AGE_FRACTION * age)
+                worst = max(worst, (age - last) - rate)
+            last, sends = age, sends + 1
+        elif i <= 200:
+            raise AssertionError(f"totals not sent at {age} s")
+    assert 1000 < sends < 2000  # not 259,200: 19 x sends points instead of 4.9 million
+    assert worst <= interval  # never staler than the rate, to the next interval
+
+
+def test_a_long_spool_is_compacted_and_replayed_in_few_requests(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    from green_mlops.integrations import mlflow_spool
+
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment(experiment())).info.run_id
+    path = mlflow_spool.path_for(tmp_path, run_id)
+    n = mlflow_spool.COMPACT_LINES * 2 + 10
+    for i in range(n):  # two intervals per second: two totals at each step
+        batch = _spool_batch(run_id, mlflow_server.url, float(i), i // 2)
+        batch["metrics"].append(["system/green/power_w", 100.0 + i, 1_700_000_000_000 + i, i // 2])
+        assert mlflow_spool.append(path, batch)
+    lines = path.read_text().splitlines()
+    assert len(lines) < 20  # compacted as it grew
+    from green_mlops.integrations.mlflow import replay_spool
+
+    assert replay_spool(path) == 1  # one merged batch (in 2 log_batch requests of <= 1000)
+    totals = client.get_metric_history(run_id, "green/energy_kwh")
+    assert sorted(m.value for m in totals) == [float(i) for i in range(1, n, 2)]  # latest per step
+    assert len(client.get_metric_history(run_id, "system/green/power_w")) == n  # every point
