@@ -21,13 +21,13 @@ __all__ = ["NAMESPACES", "Callback", "Misconfiguration", "classes"]
 NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
 
-def classes(module: str, name: str) -> tuple[type, ...]:
+def classes(module: str, name: str) -> tuple[type[Any], ...]:
     """``name`` from ``<namespace>.<module>`` of each namespace that is imported.
 
     An object of a namespace's class implies its package was imported, so nothing is imported
     here (a dictionary look-up per namespace).
     """
-    found = []
+    found: list[type[Any]] = []
     for namespace in NAMESPACES:
         cls = getattr(sys.modules.get(f"{namespace}.{module}"), name, None)
         if isinstance(cls, type):

@@ -6,7 +6,10 @@ See :class:`EnergyMonitor` for the example, the arguments and the metric keys. H
   ``predict``) of each process; its :class:`~green_mlops.tracker.Tracker` is told the phase
   boundaries (``tracker.enter``/``exit``: O(1), no syscall). Phases nest and energy goes to the
   innermost one, so the validation that runs inside a training epoch is not in ``train``.
-  The stages of one Trainer (fit, then validate, then test) add up: totals continue.
+  The stages of one Trainer (fit, then validate, then test) add up: totals continue. The
+  totals are checkpointed and restored when a fit resumes from the checkpoint (not when a
+  checkpoint is tested, validated or predicted: ``ckpt_path="best"`` never rewinds them).
+* Works with both Lightning namespaces (``lightning.pytorch`` and ``pytorch_lightning``).
 * Distributed: every process measures only what it owns: its own GPU (matched by UUID, or by
   CUDA index), and, on each node's local rank 0 only, the node's CPU, RAM and other devices (a
   rank training on the CPU treats visible GPUs as node devices). Totals are summed across ranks
@@ -300,7 +303,9 @@ class EnergyMonitor(Callback):
     What is logged, through every logger of the Trainer (``logger.log_metrics``), with the
     same keys as green-mlops' MLflow plugin:
 
-    * per epoch (step = ``trainer.global_step``) and at the end of each stage, run totals:
+    * per epoch and at the end of each stage, run totals (step = ``trainer.global_step``; in
+      an ``MLFlowLogger``, step = whole seconds of the run's measurement, the MLflow plugin's
+      step, so that MLflow, which shows the value at the highest step, shows the latest total):
       ``green/energy_kwh``, ``green/energy/<gpu|cpu|ram>_kwh``, ``green/phase/<phase>_kwh``,
       ``green/phase/<phase>_s``, ``green/phase/<phase>/<component>_kwh``, ``green/co2e_g``,
       ``green/phase/<phase>_co2e_g``, ``green/intensity_g_per_kwh``, and the footprint keys
@@ -1172,7 +1177,7 @@ def _whole_footprint(fp: Footprint, metrics: Mapping[str, float]) -> Footprint:
         "embodied_g": "green/embodied_g",
         "sci_g": f"green/sci_g_per_{fp.functional_unit}",
     }
-    changes = {
+    changes: dict[str, Any] = {
         name: metrics[key]
         for name, key in fields.items()
         if key in metrics and getattr(fp, name) is not None
