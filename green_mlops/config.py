@@ -339,7 +339,8 @@ class Settings:
         _providers,
         "comma-separated provider names, first preferred, e.g. electricitymaps,uk,static",
         "Carbon-intensity providers in order of preference; each falls back to the next. "
-        "Unconfigured ones (no token) are skipped; `static` works offline.",
+        "Unconfigured ones (no token) are skipped; `static` works offline. A name that no "
+        "installed plugin offers is a configuration error.",
     )
     intensity_g_per_kwh: float | None = _setting(
         "INTENSITY_G_PER_KWH",
