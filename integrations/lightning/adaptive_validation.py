@@ -181,7 +181,9 @@ class AdaptiveValidation(Callback):
     validation runs once per epoch) is refused when validation can run more than once per
     epoch (``val_check_interval != 1.0``). Callbacks watching other keys are refused unless
     listed in ``allow_monitors`` (keys that validation does not compute): a metric logged in
-    ``validation_step`` covers only the examples evaluated.
+    ``validation_step`` covers only the examples evaluated. The checks recognise the classes of
+    both Lightning namespaces (``lightning.pytorch`` and ``pytorch_lightning``); a refusal is a
+    ``MisconfigurationException`` of both.
 
     What the logged ``monitor`` means (for charts): where ``green/validation/exact`` is 1 it
     is the exact mean over the validation set. Where it is 0 it is an estimate (the paired
