@@ -522,9 +522,13 @@ def _at_exit() -> None:
         for batch, path in _state.uploads.wait(UPLOAD_WAIT_S):
             if spool.append(path, batch):
                 _state.spooled.add(path)
-        for path in sorted(_state.spooled):
-            with contextlib.suppress(Exception):
+        for path in sorted(_state.spooled):  # one last try, until the server fails to answer
+            try:
                 replay_spool(path)
+            except (spool.SpoolBusy, spool.SpoolUnusable):
+                continue
+            except Exception:
+                break
     except Exception:
         log.exception("green-mlops: finishing at interpreter exit failed")
 
@@ -617,7 +621,8 @@ def _send(
                 replay_spool(path)
             except (spool.SpoolBusy, spool.SpoolUnusable) as exc:
                 if isinstance(exc, spool.SpoolUnusable):
-                    warn_once(f"the spool {path.parent} cannot be read ({exc}); sending anyway")
+                    reason = getattr(exc.__cause__, "strerror", None) or str(exc)
+                    warn_once(f"the spool {path.parent} cannot be read ({reason}); sending anyway")
             _deliver({**batch, "report": None})  # report and chart: from another thread
         except _RunGone as exc:
             run.dead = str(exc)
