@@ -363,7 +363,7 @@ class Tracker:
     def _sample(self, now: float, meters: Sequence[Meter]) -> None:
         self._advance(now)
         mark = dict(self._phase_seconds)
-        shares: dict[int, dict[str, float]] = {}  # by id of a device's ``since``
+        shares: dict[int, tuple[object, dict[str, float]]] = {}  # by id of a ``since``
         for meter in meters:
             try:
                 readings = meter.sample(now)
@@ -417,18 +417,20 @@ class Tracker:
         state: _DeviceState,
         joules: float,
         mark: Mapping[str, float],
-        cache: dict[int, dict[str, float]],
+        cache: dict[int, tuple[object, dict[str, float]]],
     ) -> None:
         """Split a device's ``joules`` over the phase time since its last read, by time."""
         since = state.since
-        shares = cache.get(id(since))
-        if shares is None:
+        cached = cache.get(id(since))  # the entry keeps ``since`` alive: its id stays unique
+        if cached is not None:
+            shares = cached[1]
+        else:
             span = {p: s - since.get(p, 0.0) for p, s in mark.items() if s > since.get(p, 0.0)}
             total = sum(span.values())
             shares = (
                 {p: s / total for p, s in span.items()} if total > 0 else {self.current_phase: 1.0}
             )
-            cache[id(since)] = shares
+            cache[id(since)] = (since, shares)
         device = state.device.id
         for phase, share in shares.items():
             bucket = self._phase_joules.setdefault(phase, {})

@@ -82,7 +82,7 @@ class CoarseCounterGpu(FakeGpu):
         start, mj, watts = next(seg for seg in reversed(self.segments) if seg[0] <= t)
         return mj + watts * (t - start) * 1000.0
 
-    @property  # type: ignore[override]
+    @property
     def energy_mj(self) -> int:
         steps = (self.clock() - self.offset_s) // self.update_s
         return int(self.true_mj(self.offset_s + steps * self.update_s))
@@ -91,7 +91,7 @@ class CoarseCounterGpu(FakeGpu):
     def energy_mj(self, value: int | None) -> None:  # FakeGpu.__init__ sets it: ignored
         pass
 
-    @property  # type: ignore[override]
+    @property
     def power_mw(self) -> int:
         return int(self.segments[-1][2] * 1000)
 
