@@ -394,22 +394,31 @@ class Tracker:
                 state.since = mark
 
     def _advance(self, now: float) -> None:
-        """Consume the phase marks up to ``now``, adding each phase's time up to ``now``."""
+        """Consume the phase marks up to ``now``, adding each phase's time up to ``now``.
+
+        Runs in the sampler thread for every mark (per-batch ones included), so it is kept to
+        a few operations per mark."""
+        events, stack = self._events, self._stack
+        seconds, entries = self._phase_seconds, self._phase_entries
+        get, pop = seconds.get, events.popleft
         cursor = self._last
-        seconds = self._phase_seconds
-        while self._events and self._events[0][0] <= now:
-            t, entering, name = self._events.popleft()
-            t = max(t, cursor)
-            leaf = self.current_phase
-            seconds[leaf] = seconds.get(leaf, 0.0) + (t - cursor)
-            cursor = t
+        leaf = stack[-1] if stack else OTHER_PHASE
+        while events and events[0][0] <= now:
+            t, entering, name = pop()
+            if t > cursor:
+                seconds[leaf] = get(leaf, 0.0) + (t - cursor)
+                cursor = t
+            elif leaf not in seconds:
+                seconds[leaf] = 0.0
             if entering:
-                self._stack.append(name)
-                self._phase_entries[name] = self._phase_entries.get(name, 0) + 1
-            elif name in self._stack:
-                del self._stack[len(self._stack) - 1 - self._stack[::-1].index(name)]
-        leaf = self.current_phase
-        seconds[leaf] = seconds.get(leaf, 0.0) + max(0.0, now - cursor)
+                stack.append(name)
+                entries[name] = entries.get(name, 0) + 1
+            elif stack and stack[-1] == name:
+                stack.pop()
+            elif name in stack:
+                del stack[len(stack) - 1 - stack[::-1].index(name)]
+            leaf = stack[-1] if stack else OTHER_PHASE
+        seconds[leaf] = get(leaf, 0.0) + max(0.0, now - cursor)
         self._last = max(self._last, now)
 
     def _assign(
