@@ -151,7 +151,7 @@ class Measurement:
         stopping: for a run that was terminated but may be written again."""
         if self._final is not None:
             return self._final
-        return self._compose(self.tracker.snapshot(), wait_s=FINAL_WAIT_S, final=True)
+        return self._compose(self.tracker.snapshot(mark=True), wait_s=FINAL_WAIT_S, final=True)
 
     def stop(self) -> Result:
         """Stop and return the final result. Idempotent."""

@@ -330,8 +330,11 @@ class Tracker:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def snapshot(self) -> Snapshot:
-        """The energy so far. Reads the meters now (in the caller's thread); never raises."""
+    def snapshot(self, *, mark: bool = False) -> Snapshot:
+        """The energy so far. Reads the meters now (in the caller's thread); never raises.
+
+        ``mark`` also ends the timeline here (a point now, as :meth:`stop` adds), for a result
+        that must cover the time up to now: the values at a run's termination."""
         if self._final is not None:
             return self._final
         if not self.running:
@@ -339,6 +342,8 @@ class Tracker:
         try:
             with self._lock:
                 self.sample_now()
+                if mark:
+                    self._append_timeline(force=True)
                 return self._build(running=True)
         except Exception as exc:
             self._problem(f"snapshot failed: {exc}")

@@ -52,8 +52,11 @@ import atexit
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import math
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -807,8 +810,7 @@ def _deliver(batch: dict[str, Any]) -> None:
                     synchronous=True,
                 )
         if batch.get("report") is not None:
-            client.log_dict(run_id, batch["report"], REPORT_ARTIFACT)
-            _log_power_figure(client, run_id, batch["report"])
+            _log_report(client, run_id, batch["report"])
     except MlflowException as exc:
         answered = store is None or isinstance(exc, RestException)
         if answered and (
@@ -825,7 +827,20 @@ def _deleted(client: Any, run_id: str) -> bool:
         return False
 
 
-def _log_power_figure(client: Any, run_id: str, report: dict[str, Any]) -> None:
+def _log_report(client: Any, run_id: str, report: dict[str, Any]) -> None:
+    """``green/report.json`` and ``green/power.png`` in one upload, from a directory of our own:
+    MLflow's ``log_dict``/``log_figure`` use ``TemporaryDirectory``, whose exit-time finalizer
+    deletes it under an upload still running at interpreter exit."""
+    folder = Path(tempfile.mkdtemp(prefix="green-mlops-"))
+    try:
+        (folder / Path(REPORT_ARTIFACT).name).write_text(json.dumps(report, indent=2))
+        _draw_power(report, folder / Path(TIMELINE_ARTIFACT).name)
+        client.log_artifacts(run_id, str(folder), str(Path(REPORT_ARTIFACT).parent))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _draw_power(report: dict[str, Any], path: Path) -> None:
     """A power-over-time image per component, from the report's timeline. Drawn on a bare
     ``matplotlib.figure.Figure``: pyplot and the user's backend are left alone."""
     timeline = report["energy"]["timeline"]
@@ -855,7 +870,7 @@ def _log_power_figure(client: Any, run_id: str, report: dict[str, Any]) -> None:
     ax.set_title("green-mlops: power by component")
     ax.legend()
     fig.tight_layout()
-    client.log_figure(run_id, fig, TIMELINE_ARTIFACT)
+    fig.savefig(path)
 
 
 # --- spool ----------------------------------------------------------------------------------

@@ -923,3 +923,32 @@ def test_a_long_spool_is_compacted_and_replayed_in_few_requests(
     totals = client.get_metric_history(run_id, "green/energy_kwh")
     assert sorted(m.value for m in totals) == [float(i) for i in range(1, n, 2)]  # latest per step
     assert len(client.get_metric_history(run_id, "system/green/power_w")) == n  # every point
+
+
+def test_the_last_runs_report_lands_when_the_script_exits_right_after(tmp_path: Path) -> None:
+    # The report and chart upload in the background; the interpreter exits at once after the
+    # last run (an Optuna sweep's last trial). Python's exit-time finalizers delete temporary
+    # directories still in use, so an upload through MLflow's temp files lost the report.
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_script(
+        """
+        import json, time, mlflow
+        mlflow.set_experiment("sweep")
+        ids = []
+        for i in range(3):
+            with mlflow.start_run() as run:
+                time.sleep(0.3)
+            ids.append(run.info.run_id)
+        print(json.dumps({"run_ids": ids}))
+        """,
+        tmp_path,
+        None,
+        GREEN_MLOPS_ENABLE="1",
+        MLFLOW_TRACKING_URI=store,
+    )
+    assert out["_returncode"] == 0, out["_stderr"]
+    assert "could not send" not in out["_stderr"], out["_stderr"]
+    client = MlflowClient(store)
+    for run_id in out["run_ids"]:
+        artifacts = {a.path for a in client.list_artifacts(run_id, "green")}
+        assert artifacts == {"green/report.json", "green/power.png"}, run_id

@@ -348,6 +348,24 @@ def test_timeline_is_bounded_and_gives_power(monkeypatch: pytest.MonkeyPatch) ->
     tracker.stop()
 
 
+def test_a_marked_snapshot_ends_its_timeline_now_and_the_tracker_goes_on() -> None:
+    # The values at a run's termination (a run that may be written again keeps its tracker)
+    # must cover the run up to now: the power series and report timeline included.
+    clock = ManualClock()
+    meter = ClockedMeter(clock, watts=40.0)
+    tracker = Tracker(meters=[meter], log_interval_s=10.0, sample_interval_s=60, clock=clock)
+    tracker.start()
+    clock.advance(3.0)  # shorter than the logging interval: no periodic timeline point yet
+    assert power_series(tracker.snapshot()) == []
+    snap = tracker.snapshot(mark=True)
+    assert snap.timeline[-1].time == pytest.approx(snap.started_at + 3.0)
+    assert power_series(snap) == [(pytest.approx(snap.started_at + 3.0), pytest.approx(40.0))]
+    clock.advance(2.0)
+    final = tracker.stop()  # still running after the mark, and the series goes on from it
+    assert final.joules == pytest.approx(200.0)
+    assert [w for _, w in power_series(final)] == [pytest.approx(40.0)] * 2
+
+
 def test_metrics_and_tags_follow_the_scheme(clock_meter: ClockMeter) -> None:
     tracker = Tracker(
         meters=[clock_meter, MeterUnavailable("nvml", Component.GPU, "no driver", quiet=True)]
