@@ -20,11 +20,13 @@ logging interval, halved in resolution as the tracker's timeline grows past 4096
 cumulative totals are sent every logging interval while the run is young and then at most
 every :data:`TOTALS_AGE_FRACTION` of its age (a 30-day run: ~1,700 sends, not 259,000).
 
-Terminated, then written again: a terminated run's measurement goes on ("lingers") until
-another run starts in this process. A write to it (``log_batch``, ``log_metric``,
-``log_param``, ``set_tag``), a ``start_run(run_id=...)`` or a second ``set_terminated``
-(Lightning's ``MLFlowLogger`` terminates the run after ``fit`` and again after ``test``)
-revives it: the time since its termination belongs to it and its totals continue.
+Terminated, then terminated again: a terminated run's measurement goes on ("lingers") until
+another run starts in this process, or the process exits; nothing is sent for it meanwhile. A
+second ``set_terminated`` (Lightning's ``MLFlowLogger`` terminates the run after ``fit`` and
+again after ``test``) sends its cumulative totals again: the time since the first termination
+belongs to it. ``start_run(run_id=...)`` measures it live again (a resumed run). Plain writes
+(``log_metric``, ``set_tag``) never revive a run: a post-hoc tag must not bill the machine's
+energy to a finished run.
 
 If the tracking server is unreachable or fails, training goes on: the batch is appended to a
 spool file (``<cache_dir>/spool/<run_id>.jsonl``, see :mod:`.mlflow_spool`) and replayed at the
@@ -91,7 +93,6 @@ TOTALS_AGE_FRACTION = 0.005
 UPLOAD_WAIT_S = 10.0
 _LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 _UPDATE_RUN = "/api/2.0/mlflow/runs/update"
-_WRITES = ("log_batch", "log_metric", "log_param", "set_tag")
 
 
 @dataclass
@@ -208,12 +209,9 @@ def _instrument() -> None:
         "create_run": MlflowClient.create_run,
         "set_terminated": MlflowClient.set_terminated,
         "start_run": fluent.start_run,
-        **{name: getattr(MlflowClient, name) for name in _WRITES},
     }
     MlflowClient.create_run = _wrap_create_run(MlflowClient.create_run)  # type: ignore[method-assign]
     MlflowClient.set_terminated = _wrap_set_terminated(MlflowClient.set_terminated)  # type: ignore[method-assign]
-    for name in _WRITES:
-        setattr(MlflowClient, name, _wrap_write(getattr(MlflowClient, name)))
     wrapped = _wrap_start_run(fluent.start_run)
     fluent.start_run = wrapped
     if getattr(mlflow, "start_run", None) is _state.originals["start_run"]:
@@ -230,7 +228,7 @@ def _restore() -> None:
     import mlflow.tracking.fluent as fluent
     from mlflow.tracking.client import MlflowClient
 
-    for name in ("create_run", "set_terminated", *_WRITES):
+    for name in ("create_run", "set_terminated"):
         setattr(MlflowClient, name, _state.originals[name])
     if getattr(mlflow, "start_run", None) is fluent.start_run:
         mlflow.start_run = _state.originals["start_run"]
@@ -239,7 +237,7 @@ def _restore() -> None:
 
 
 def _original(name: str) -> Any:
-    """MLflow's own ``MlflowClient.<name>`` (green-mlops' writes must not revive runs)."""
+    """MLflow's own ``MlflowClient.<name>`` (green-mlops' own termination must not recurse)."""
     from mlflow.tracking.client import MlflowClient
 
     return _state.originals.get(name) or getattr(MlflowClient, name)
@@ -275,18 +273,6 @@ def _wrap_set_terminated(original: Callable[..., Any]) -> Callable[..., Any]:
         return original(self, run_id, *args, **kwargs)
 
     return set_terminated
-
-
-def _wrap_write(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def write(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if _state.lingering:  # O(1) otherwise
-            run = _state.lingering.get(kwargs.get("run_id") or (args[0] if args else ""))
-            if run is not None:
-                _revive(run)
-        return original(self, *args, **kwargs)
-
-    return write
 
 
 def _wrap_start_run(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -479,7 +465,7 @@ def _finish(run: _Run, *, status: str | None, terminating: bool = False) -> bool
 
 
 def _revive(run: _Run) -> None:
-    """A lingering run is written to again: measure it again (its totals continue)."""
+    """A lingering run is resumed (``start_run(run_id=...)``): measure it live again."""
     try:
         with _state.lock:
             if _state.lingering.get(run.run_id) is not run:

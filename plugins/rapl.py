@@ -212,6 +212,19 @@ def _agree(p: _Domain, p_uj: int, d: _Domain, d_uj: int) -> bool:
     return p.range_uj == d.range_uj and abs(p_uj - d_uj) <= tolerance
 
 
+def _between(p: _Domain, before_uj: int, value_uj: int) -> bool:
+    """Whether ``value_uj``, read after ``p`` read ``before_uj``, lies between that and a read
+    of ``p`` now: a mirror read late (the sampler thread waiting for the GIL) is still one
+    counter's value. An unreadable ``p`` cannot tell, so the pair stays a mirror for now."""
+    try:
+        after_uj = p.read()
+    except (OSError, ValueError):
+        return True
+    if after_uj >= before_uj:
+        return before_uj <= value_uj <= after_uj
+    return value_uj >= before_uj or value_uj <= after_uj  # the counter wrapped in between
+
+
 def _close_all(domains: list[_Domain]) -> None:
     for domain in domains:
         domain.close()
@@ -322,7 +335,12 @@ class RaplMeter(Meter):
             if p is None:
                 continue
             mine, theirs = raws.get(id(d)), raws.get(id(p))
-            if mine is not None and theirs is not None and not _agree(p, theirs[1], d, mine[1]):
+            if (
+                mine is not None
+                and theirs is not None
+                and not _agree(p, theirs[1], d, mine[1])
+                and not _between(p, theirs[1], mine[1])
+            ):
                 d.mirror_of = None
                 self._note(
                     f"{d.device.id} and {p.device.id} were taken as one counter (equal readings)"

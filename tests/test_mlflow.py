@@ -952,3 +952,36 @@ def test_the_last_runs_report_lands_when_the_script_exits_right_after(tmp_path: 
     for run_id in out["run_ids"]:
         artifacts = {a.path for a in client.list_artifacts(run_id, "green")}
         assert artifacts == {"green/report.json", "green/power.png"}, run_id
+
+
+def test_a_post_hoc_write_never_keeps_a_finished_run_measured(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    # A sweep that tags each run after it ended (selection, review): the tag must not put the
+    # finished run back into measurement, or each later run's energy is billed to it too.
+    out = run_script(
+        f"""
+        import json, time, mlflow
+        from mlflow.tracking import MlflowClient
+        from green_mlops.integrations.mlflow import tracked_runs
+        mlflow.set_experiment("{experiment()}")
+        ids = []
+        for i in range(3):
+            with mlflow.start_run() as run:
+                time.sleep(1.0)
+            MlflowClient().set_tag(run.info.run_id, "selected", "no")
+            mlflow.log_metric("score", i, run_id=run.info.run_id)
+            ids.append(run.info.run_id)
+        print(json.dumps({{"run_ids": ids, "tracked": tracked_runs()}}))
+        """,
+        tmp_path,
+        mlflow_server,
+        GREEN_MLOPS_ENABLE="1",
+    )
+    assert out["_returncode"] == 0, out["_stderr"]
+    assert out["tracked"] == []
+    client = MlflowClient(mlflow_server.url)
+    for run_id in out["run_ids"]:
+        run = client.get_run(run_id)
+        assert "green.concurrent_runs" not in run.data.tags
+        assert run.data.metrics["green/duration_s"] == pytest.approx(1.0, abs=0.5)

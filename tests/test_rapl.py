@@ -628,6 +628,38 @@ def test_mirrored_die_zones_of_one_counter_are_counted_once_and_noted(
     assert "counted once" in note
 
 
+def test_a_mirror_read_late_is_still_one_counter(
+    tmp_path: Path, opened: list[Meter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One counter read twice, 5 ms apart (the sampler thread waited for the GIL between the
+    # two preads): the second read is ahead by 150 W x 5 ms, beyond the equality tolerance.
+    # Judged on that alone, the mirror would be counted separately for good: 2x the energy.
+    for n in (0, 1):
+        zone(tmp_path, f"intel-rapl:{n}", f"package-0-die-{n}", 500.0, max_power_w=180.0)
+    meters, _ = build(tmp_path, opened)
+    cpu = meters[Component.CPU]
+    cpu.start()
+    t0 = time.monotonic()
+    late = {"energy": 0.0}
+    original = rapl._Domain.read
+
+    def read(domain: rapl._Domain) -> int:  # the real counter moves on while we read
+        value = original(domain)
+        if late["energy"] and domain.path.startswith(str(tmp_path / "intel-rapl:1")):
+            set_energy(tmp_path, "intel-rapl:0", late["energy"])
+        return value
+
+    monkeypatch.setattr(rapl._Domain, "read", read)
+    for second in range(1, 6):
+        energy = 500.0 + 150.0 * second
+        late["energy"] = energy + 150.0 * 0.005 if second == 3 else 0.0
+        set_energy(tmp_path, "intel-rapl:0", energy)
+        set_energy(tmp_path, "intel-rapl:1", late["energy"] or energy)
+        readings = cpu.sample(t0 + second)
+    assert sum(readings.values()) == pytest.approx(150.0 * 5, abs=1.0)  # type: ignore[arg-type]
+    assert not any("no longer equal" in note for note in cpu.notes())
+
+
 def test_separate_die_counters_are_both_counted(tmp_path: Path, opened: list[Meter]) -> None:
     # Intel multi-die parts (Cascade Lake-AP, Granite Rapids): one counter per die.
     zone(tmp_path, "intel-rapl:0", "package-0-die-0", 100.0, max_power_w=180.0)
