@@ -211,7 +211,7 @@ class Measurement:
         except Exception as exc:  # energy is still worth logging
             log.exception("green-mlops: carbon/footprint failed")
             tags["green.problems"] = f"{tags.get('green.problems', '')} footprint failed: {exc}"
-        for key, value in self._children.items():
+        for key, value in dict(self._children).items():  # a copy: nested runs end in threads
             if key in metrics:
                 metrics[key.replace("green/", "green/inclusive/", 1)] = metrics[key]
                 metrics[key] -= value

@@ -83,6 +83,8 @@ REPORT_ARTIFACT = "green/report.json"
 TIMELINE_ARTIFACT = "green/power.png"
 _MAX_METRICS = 1000  # MLflow's log_batch limits
 _MAX_TAGS = 100
+#: Longest the last replay of spooled values may delay interpreter exit.
+EXIT_REPLAY_S = 10.0
 #: green-mlops' own requests to a tracking server: retries, backoff factor, timeout per try.
 SEND_RETRIES = 1
 SEND_BACKOFF_S = 0.5
@@ -435,23 +437,7 @@ def _finish(run: _Run, *, status: str | None, terminating: bool = False) -> bool
         outcome = _send(run, result, final=True, extra_tags=extra)
         spooled = False
         if outcome == "down" and terminating and status:
-            path = spool.path_for(run.measurement.settings.cache_dir, run.run_id)
-            record = {
-                "run_id": run.run_id,
-                "tracking_uri": run.tracking_uri,
-                "terminate": {"status": status, "end_time": int(time.time() * 1000)},
-            }
-            spooled = spool.append(path, record)
-            if spooled:
-                _state.spooled.add(path)
-                log.warning(
-                    "green-mlops: %s is unreachable; run %s will be marked %s by "
-                    "`green-mlops sync` (kept in %s)",
-                    run.tracking_uri,
-                    run.run_id,
-                    status,
-                    path,
-                )
+            spooled = _terminate_or_spool(run, status)
         if run.dead is None:
             with _state.lock:
                 _state.lingering[run.run_id] = run
@@ -461,7 +447,39 @@ def _finish(run: _Run, *, status: str | None, terminating: bool = False) -> bool
         return spooled
     except Exception:
         log.exception("green-mlops: could not finish MLflow run %s", run.run_id)
+        with contextlib.suppress(Exception):  # never leave a tracker sampling for nobody
+            run.measurement.close()
+        session.release(run.run_id)
         return False
+
+
+def _terminate_or_spool(run: _Run, status: str) -> bool:
+    """The final values could not be sent: end the run with our bounded request (a slow server
+    may answer now; MLflow's own termination then goes ahead too), else spool the termination
+    for ``green-mlops sync``. Returns True when spooled (MLflow's own call is then skipped)."""
+    record = {
+        "run_id": run.run_id,
+        "tracking_uri": run.tracking_uri,
+        "terminate": {"status": status, "end_time": int(time.time() * 1000)},
+    }
+    try:
+        _deliver(record)
+        return False
+    except Exception:
+        pass
+    path = spool.path_for(run.measurement.settings.cache_dir, run.run_id)
+    if not spool.append(path, record):
+        return False
+    _state.spooled.add(path)
+    log.warning(
+        "green-mlops: %s is unreachable; run %s will be marked %s by `green-mlops sync` "
+        "(kept in %s)",
+        _shown(run.tracking_uri),
+        run.run_id,
+        status,
+        path,
+    )
+    return True
 
 
 def _revive(run: _Run) -> None:
@@ -511,15 +529,23 @@ def _at_exit() -> None:
         for batch, path in _state.uploads.wait(UPLOAD_WAIT_S):
             if spool.append(path, batch):
                 _state.spooled.add(path)
-        for path in sorted(_state.spooled):  # one last try, until the server fails to answer
-            try:
-                replay_spool(path)
-            except (spool.SpoolBusy, spool.SpoolUnusable):
-                continue
-            except Exception:
-                break
+        # One last try, until the server fails to answer, bounded: an artifact store that
+        # hangs retries for minutes inside MLflow. What is not sent stays for `green-mlops sync`.
+        last_try = threading.Thread(target=_replay_spooled, name="green-mlops-exit", daemon=True)
+        last_try.start()
+        last_try.join(EXIT_REPLAY_S)
     except Exception:
         log.exception("green-mlops: finishing at interpreter exit failed")
+
+
+def _replay_spooled() -> None:
+    for path in sorted(_state.spooled):
+        try:
+            replay_spool(path)
+        except (spool.SpoolBusy, spool.SpoolUnusable):
+            continue
+        except Exception:
+            break
 
 
 # --- sending ---------------------------------------------------------------------------------
@@ -629,7 +655,7 @@ def _send(
                     "green-mlops: could not send green metrics of run %s to %s (%s); kept in %s "
                     "and sent when the server answers again (or run `green-mlops sync`)",
                     run.run_id,
-                    run.tracking_uri,
+                    _shown(run.tracking_uri),
                     type(exc).__name__,
                     path,
                 )
@@ -709,6 +735,16 @@ class _Uploads:
 
 class _RunGone(Exception):
     pass
+
+
+def _shown(tracking_uri: str) -> str:
+    """The tracking URI as logged: without credentials embedded in it (``user:token@``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(tracking_uri)
+    if "@" not in parts.netloc:
+        return tracking_uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def _unreachable(exc: Exception, tracking_uri: str) -> bool:
@@ -869,9 +905,18 @@ def replay_spool(path: Path) -> int:
     (:class:`~.mlflow_spool.SpoolBusy` when another process is sending it).
     """
 
+    from mlflow.exceptions import RestException
+
     def deliver(batch: dict[str, Any]) -> None:
-        with contextlib.suppress(_RunGone):  # the run was deleted: its values land nowhere
+        try:
             _deliver(batch)
+        except _RunGone:  # the run was deleted: its values land nowhere
+            pass
+        except RestException as exc:  # refused for good (not busy): never block what follows
+            code = exc.get_http_status_code()
+            if 400 <= code < 500 and code not in (408, 429):
+                raise spool.Refused(f"{exc.error_code} ({code})") from None
+            raise
 
     return spool.replay(path, deliver)
 

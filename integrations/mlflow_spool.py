@@ -51,6 +51,11 @@ class SpoolBusy(Exception):
     """Another process holds this spool file."""
 
 
+class Refused(Exception):
+    """Raised by a ``deliver`` callback: the server refused the batch for good (a 4xx answer);
+    it is moved to ``<path>.bad`` so it cannot block the values behind it."""
+
+
 class SpoolUnusable(Exception):
     """The spool file or its directory cannot be read or written."""
 
@@ -79,14 +84,21 @@ def _locked(path: Path, timeout: float) -> Iterator[None]:
 def append(path: Path, batch: dict[str, Any]) -> bool:
     """Keep ``batch`` for later. Returns False (said once) when the spool cannot be used."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the owner's values only
         with _locked(path, APPEND_LOCK_TIMEOUT_S):
-            with path.open("a") as handle:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a") as handle:
                 handle.write(json.dumps(batch) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
             _maybe_compact(path)
         return True
+    except SpoolBusy:
+        warn_once(
+            f"values that could not be delivered are not spooled: {path.name} stayed locked by "
+            f"another process (`green-mlops sync`?) for {APPEND_LOCK_TIMEOUT_S:g} s"
+        )
+        return False
     except Exception as exc:
         warn_once(
             f"values that could not be delivered are not spooled: {path.parent} is unusable "
@@ -114,6 +126,9 @@ def replay(path: Path, deliver: Callable[[dict[str, Any]], None]) -> int:
         for i, batch in enumerate(batches):
             try:
                 deliver(batch)
+            except Refused as exc:
+                _quarantine(path, [json.dumps(batch)], f"refused by the server: {exc}")
+                continue
             except Exception:
                 _rewrite(path, batches[i:])
                 raise
@@ -176,22 +191,27 @@ def _read(path: Path) -> list[dict[str, Any]]:
             continue
         batches.append(batch)
     if bad:
-        quarantine = path.with_name(path.name + ".bad")
-        try:
-            with quarantine.open("a") as handle:
-                handle.write("\n".join(bad) + "\n")
-            log.warning(
-                "green-mlops: %d unreadable line(s) of %s moved to %s; the rest is delivered",
-                len(bad),
-                path.name,
-                quarantine,
-            )
-        except OSError as exc:
-            log.warning(
-                "green-mlops: %d unreadable line(s) of %s dropped (%s)", len(bad), path, exc
-            )
+        _quarantine(path, bad, "unreadable")
         _rewrite(path, batches)
     return batches
+
+
+def _quarantine(path: Path, lines: list[str], why: str) -> None:
+    """Move ``lines`` of ``path`` to ``<path>.bad`` (kept for a person to look at)."""
+    quarantine = path.with_name(path.name + ".bad")
+    try:
+        fd = os.open(quarantine, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as handle:
+            handle.write("\n".join(lines) + "\n")
+        log.warning(
+            "green-mlops: %d line(s) of %s (%s) moved to %s; the rest is delivered",
+            len(lines),
+            path.name,
+            why,
+            quarantine,
+        )
+    except OSError as exc:
+        log.warning("green-mlops: %d line(s) of %s (%s) dropped (%s)", len(lines), path, why, exc)
 
 
 def _rewrite(path: Path, batches: list[dict[str, Any]]) -> None:

@@ -985,3 +985,50 @@ def test_a_post_hoc_write_never_keeps_a_finished_run_measured(
         run = client.get_run(run_id)
         assert "green.concurrent_runs" not in run.data.tags
         assert run.data.metrics["green/duration_s"] == pytest.approx(1.0, abs=0.5)
+
+
+def test_credentials_in_the_tracking_uri_are_never_logged_and_the_spool_is_private(
+    tmp_path: Path,
+) -> None:
+    from green_mlops.integrations import mlflow_spool
+    from green_mlops.integrations.mlflow import _shown
+
+    assert (
+        _shown("https://alice:s3cr3t@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
+    )
+    assert _shown("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    # the spool keeps the URI to deliver later: readable by its owner only
+    path = mlflow_spool.path_for(tmp_path / "cache", "run1")
+    assert mlflow_spool.append(path, {"run_id": "run1", "tracking_uri": "https://a:b@h"})
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_batch_the_server_refuses_for_good_never_blocks_the_values_behind_it(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    from green_mlops.integrations import mlflow_spool
+    from green_mlops.integrations.mlflow import replay_spool
+
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment(experiment())).info.run_id
+    path = mlflow_spool.path_for(tmp_path / "cache", run_id)
+
+    def batch(key: str, value: float) -> dict[str, Any]:
+        now = int(time.time() * 1000)
+        return {
+            "run_id": run_id,
+            "tracking_uri": mlflow_server.url,
+            "tags": {},
+            "metrics": [[key, value, now, 0]],
+            "report": None,
+        }
+
+    refused = batch("green/bad?key", 1.0)  # an invalid metric name: 400 INVALID_PARAMETER_VALUE
+    assert mlflow_spool.append(path, refused)
+    assert replay_spool(path) == 0  # before: raised at every replay, and every send replays
+    assert not path.exists()
+    assert "green/bad?key" in path.with_name(path.name + ".bad").read_text()
+    assert mlflow_spool.append(path, batch("green/ok", 2.0))
+    assert replay_spool(path) == 1
+    assert client.get_run(run_id).data.metrics.get("green/ok") == 2.0
