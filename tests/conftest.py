@@ -53,6 +53,19 @@ class ClockMeter(Meter):
         self.closed = True
 
 
+class ManualClock:
+    """A monotonic clock that moves only when the test says so (thread-safe under the GIL)."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 @pytest.fixture
 def clock_meter() -> ClockMeter:
     return ClockMeter()

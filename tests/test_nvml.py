@@ -20,6 +20,7 @@ from green_mlops.plugin_manager import create_plugin_manager
 from green_mlops.plugins import nvml
 from green_mlops.plugins.nvml import Gap, NvmlMeter, build_meters, select_visible
 from green_mlops.snapshot import Snapshot
+from tests.conftest import ManualClock
 
 H100 = "NVIDIA H100 80GB HBM3"
 UUID0 = "GPU-11111111-aaaa-bbbb-cccc-000000000000"
@@ -46,19 +47,6 @@ class FakeGpu:
     def add_energy(self, mj: int) -> None:
         assert self.energy_mj is not None
         self.energy_mj += mj
-
-
-class ManualClock:
-    """The host's monotonic clock, moved only by the test."""
-
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class CoarseCounterGpu(FakeGpu):

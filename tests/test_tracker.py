@@ -19,24 +19,11 @@ from green_mlops.meters import Component, Device, Meter, MeterUnavailable, Metho
 from green_mlops.metrics import energy_metrics, power_series, provenance_tags
 from green_mlops.sampler import Sampler
 from green_mlops.tracker import MeterPart, select_meters
-from tests.conftest import ClockMeter
+from tests.conftest import ClockMeter, ManualClock
 
 
 def _sampler_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "green-mlops-sampler"]
-
-
-class ManualClock:
-    """A monotonic clock that moves only when the test says so (thread-safe under the GIL)."""
-
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class ClockedMeter(ClockMeter):
