@@ -913,7 +913,7 @@ def replay_spool(path: Path) -> int:
         except _RunGone:  # the run was deleted: its values land nowhere
             pass
         except RestException as exc:  # refused for good (not busy): never block what follows
-            code = exc.get_http_status_code()
+            code = int(exc.get_http_status_code())  # type: ignore[no-untyped-call]
             if 400 <= code < 500 and code not in (408, 429):
                 raise spool.Refused(f"{exc.error_code} ({code})") from None
             raise
