@@ -272,11 +272,6 @@ class CarbonAccountant:
         return chain
 
 
-def providers_from_plugins(settings: Settings) -> list[IntensityProvider]:
-    """The providers named in ``settings.intensity_providers``, in that order."""
-    return chosen_providers(settings)[0]
-
-
 def offered_providers(
     settings: Settings,
 ) -> tuple[dict[str, IntensityProvider], dict[str, str], dict[str, str]]:

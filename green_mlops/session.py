@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from green_mlops.config import Settings
+from green_mlops.job import job_tags
 from green_mlops.meters import Meter, MeterUnavailable
 from green_mlops.metrics import energy_metrics, power_series, provenance_tags
 from green_mlops.snapshot import Snapshot
@@ -174,8 +175,6 @@ class Measurement:
     def _compose(self, snapshot: Snapshot, *, wait_s: float, final: bool = False) -> Result:
         metrics = energy_metrics(snapshot)
         tags = provenance_tags(snapshot)
-        from green_mlops.job import job_tags  # launcher ranks/sizes; multi-node scope note
-
         tags.update(job_tags(tags))
         fp: Any = None
         sentence = ""

@@ -181,7 +181,6 @@ agent = psutil.Process(os.getppid()).cpu_times()
 """
 
 
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torch's torchrun is not installed")
 def test_torchrun_rank_0_counts_rank_1_cpu_time_in_process_share(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(RANK_SCRIPT))
@@ -232,7 +231,6 @@ out.write_text(json.dumps({"live": first.tags, "final": result.tags}))
 """
 
 
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torch's torchrun is not installed")
 def test_a_two_node_torchrun_job_says_once_that_only_this_node_is_measured(
     tmp_path: Path,
 ) -> None:

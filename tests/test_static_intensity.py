@@ -184,10 +184,10 @@ def test_hooks_return_the_providers(tmp_path: Path) -> None:
 
 
 def test_plugins_are_found_through_entry_points(tmp_path: Path) -> None:
-    from green_mlops.carbon import providers_from_plugins
+    from green_mlops.carbon import chosen_providers
 
     settings = Settings.load(environ={}, intensity_providers="static,constant", cache_dir=tmp_path)
-    assert [p.name for p in providers_from_plugins(settings)] == ["static", "constant"]
+    assert [p.name for p in chosen_providers(settings)[0]] == ["static", "constant"]
 
 
 def test_tables_are_parsed_once() -> None:
