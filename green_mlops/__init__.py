@@ -15,6 +15,7 @@ _LAZY = {
     "Snapshot": "green_mlops.snapshot",
     "Settings": "green_mlops.config",
     "ConfigError": "green_mlops.config",
+    "GreenMlopsWarning": "green_mlops.log",
     "hookimpl": "green_mlops.hookspecs",
     "Meter": "green_mlops.meters",
     "Device": "green_mlops.meters",
@@ -29,6 +30,7 @@ __all__ = ["__version__", *_LAZY]
 if TYPE_CHECKING:
     from green_mlops.config import ConfigError, Settings
     from green_mlops.hookspecs import hookimpl
+    from green_mlops.log import GreenMlopsWarning
     from green_mlops.meters import Component, Device, DeviceError, Meter, MeterUnavailable, Method
     from green_mlops.snapshot import Snapshot
     from green_mlops.tracker import Tracker

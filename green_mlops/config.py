@@ -517,6 +517,22 @@ class Settings:
             _check_provider_names(settings, *origins["intensity_providers"])
         return settings
 
+    @classmethod
+    def resolve(
+        cls, settings: Settings | Mapping[str, Any] | None = None, **overrides: Any
+    ) -> Settings:
+        """The one way an entry point takes settings: a :class:`Settings`, a mapping of
+        keyword arguments, or nothing (``GREEN_MLOPS_*`` and defaults); ``overrides`` on top.
+        Raises :class:`ConfigError` for a bad value, before anything is measured."""
+        if isinstance(settings, Settings):
+            return settings.replace(**overrides) if overrides else settings
+        if settings is not None and not isinstance(settings, Mapping):
+            raise ConfigError(
+                f"settings={type(settings).__name__} is not valid: expected a "
+                "green_mlops.Settings, a mapping of setting names to values, or None"
+            )
+        return cls.load(**{**(settings or {}), **overrides})
+
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` validated like keyword arguments to :meth:`load`."""
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
