@@ -5,7 +5,9 @@ They are copies of the same code with distinct classes: a ``pytorch_lightning.Tr
 ``lightning.pytorch`` classes. So every class check here accepts the class of either namespace
 (:func:`classes`), the callbacks subclass the ``Callback`` of both (:data:`Callback`: accepted
 by either ``Trainer`` and ``LightningCLI``), and refusals are a ``MisconfigurationException``
-of both (:class:`Misconfiguration`), caught by ``except`` with either import.
+of both and a :class:`~green_mlops.config.ConfigError` (:class:`Misconfiguration`), caught by
+``except ValueError``, ``except ConfigError`` and ``except MisconfigurationException`` of either
+namespace.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from green_mlops.config import ConfigError
 
 __all__ = ["NAMESPACES", "Callback", "Misconfiguration", "classes"]
 
@@ -46,8 +50,8 @@ def _legacy(module: str, name: str) -> tuple[Any, ...]:
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
 
-    class Misconfiguration(MisconfigurationException):
-        """A configuration a callback refuses (a ``MisconfigurationException``)."""
+    class Misconfiguration(MisconfigurationException, ConfigError):
+        """A refused configuration: a ``MisconfigurationException`` and a ``ConfigError``."""
 
 else:
     from lightning.pytorch.callbacks import Callback as _Callback
@@ -62,6 +66,10 @@ else:
         (
             MisconfigurationException,
             *_legacy("lightning_fabric.utilities.exceptions", "MisconfigurationException"),
+            ConfigError,
         ),
-        {"__module__": __name__, "__doc__": "A ``MisconfigurationException`` of both namespaces."},
+        {
+            "__module__": __name__,
+            "__doc__": "A ``MisconfigurationException`` of both namespaces and a ``ConfigError``.",
+        },
     )
