@@ -8,13 +8,85 @@ filtered with ``mlflow.search_runs(filter_string="tags.`green.measured` = 'true'
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 
-from green_mlops.snapshot import Snapshot, joules_to_kwh
+from green_mlops.meters import Component
+from green_mlops.snapshot import Snapshot
+from green_mlops.units import clip, joules_to_kwh
 
-__all__ = ["POWER_KEY", "energy_metrics", "power_series", "provenance_tags"]
+__all__ = [
+    "EXCLUSIVE_KEYS",
+    "POWER_KEY",
+    "additive_keys",
+    "energy_metrics",
+    "is_additive",
+    "power_series",
+    "provenance_tags",
+]
 
 #: Time series of average power between timeline points, in watts.
 POWER_KEY = "system/green/power_w"
+
+# --- totals that add up ------------------------------------------------------------------------
+
+_AMOUNTS = ("_kwh", "_g", "_s", "/cost", "_flops", "/flops")
+#: Series, quality and another callback's figures: not run totals of a measurement.
+_NOT_TOTALS = ("green/epoch/", "green/step/", "green/quality/", "green/validation/")
+#: Rates and one-off values that end like an amount.
+_NOT_ADDITIVE = frozenset(
+    {"green/intensity_g_per_kwh", "green/flops_per_s", "green/energy_to_target_kwh"}
+)
+
+
+def is_additive(key: str) -> bool:
+    """Whether metric ``key`` is a run total that adds up over disjoint pieces of a run: the
+    segments of a resumed run, the stages of one Trainer, the ranks of a distributed job.
+
+    Amounts are additive (energy ``_kwh``, carbon ``_g``, time ``_s``, ``cost``, FLOPs), also
+    per component, per phase and inclusive of nested runs; so is SCI (carbon per functional
+    unit of the whole run). Rates, ratios, series and quality are not
+    (``green/intensity_g_per_kwh``, ``green/mfu``, ``green/flops_per_s``, ``green/epoch/...``).
+    """
+    if not key.startswith("green/") or key.startswith(_NOT_TOTALS) or key in _NOT_ADDITIVE:
+        return False
+    return key.startswith("green/sci_g_per_") or key.endswith(_AMOUNTS)
+
+
+def additive_keys(functional_unit: str, phases: Iterable[str]) -> tuple[str, ...]:
+    """Every additive total a measurement (plus FLOP counting) reports, in a fixed order: what
+    a distributed job sums across ranks as one vector. Phase carbon is left out (it is derived
+    from the summed totals)."""
+    components = [c.value for c in Component]
+    keys = [
+        "green/energy_kwh",
+        "green/energy_uncertainty_kwh",
+        "green/duration_s",
+        "green/energy_facility_kwh",
+        "green/co2e_g",
+        "green/co2e_uncertainty_g",
+        "green/cost",
+        "green/embodied_g",
+        f"green/sci_g_per_{functional_unit}",
+        "green/flops",
+        *(f"green/energy/{c}_kwh" for c in components),
+    ]
+    for p in phases:
+        keys += [f"green/phase/{p}_kwh", f"green/phase/{p}_s", f"green/phase/{p}_flops"]
+        keys += [f"green/phase/{p}/{c}_kwh" for c in components]
+    return tuple(k for k in keys if is_additive(k))
+
+
+#: The additive totals a parent run reports exclusive of its nested runs: energy, carbon and
+#: cost (not durations, which the parent lives through, uncertainties, which do not subtract,
+#: phases or SCI).
+EXCLUSIVE_KEYS = (
+    "green/energy_kwh",
+    *(f"green/energy/{c.value}_kwh" for c in Component),
+    "green/energy_facility_kwh",
+    "green/co2e_g",
+    "green/cost",
+    "green/embodied_g",
+)
 
 
 def energy_metrics(snapshot: Snapshot) -> dict[str, float]:
@@ -63,13 +135,9 @@ def provenance_tags(snapshot: Snapshot) -> dict[str, str]:
     for component, method in sorted(snapshot.methods.items()):
         tags[f"green.method.{component}"] = method
     if snapshot.unavailable:
-        tags["green.unavailable"] = _clip("; ".join(snapshot.unavailable))
+        tags["green.unavailable"] = clip("; ".join(snapshot.unavailable))
     if snapshot.problems:
-        tags["green.problems"] = _clip("; ".join(snapshot.problems))
+        tags["green.problems"] = clip("; ".join(snapshot.problems))
     if snapshot.notes:
-        tags["green.notes"] = _clip("; ".join(snapshot.notes))
+        tags["green.notes"] = clip("; ".join(snapshot.notes))
     return tags
-
-
-def _clip(text: str, limit: int = 5000) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"

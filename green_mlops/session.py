@@ -13,38 +13,26 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from green_mlops.config import Settings
 from green_mlops.job import job_tags
 from green_mlops.meters import Meter, MeterUnavailable
-from green_mlops.metrics import energy_metrics, power_series, provenance_tags
+from green_mlops.metrics import EXCLUSIVE_KEYS, energy_metrics, power_series, provenance_tags
 from green_mlops.snapshot import Snapshot
 from green_mlops.tracker import Tracker
 
-log = logging.getLogger("green_mlops")
+log = logging.getLogger(__name__)
 
 __all__ = ["REPORT_SCHEMA", "Measurement", "Result", "claim", "lookup", "release"]
 
 REPORT_SCHEMA = "green-mlops/report/v1"
 #: Longest wait for intensity data when the run ends; the tail is priced by the fallback after.
 FINAL_WAIT_S = 3.0
-
-
-#: Totals that add up over runs; a parent reports them exclusive of its nested runs.
-ADDITIVE_KEYS = (
-    "green/energy_kwh",
-    "green/energy/gpu_kwh",
-    "green/energy/cpu_kwh",
-    "green/energy/ram_kwh",
-    "green/energy/other_kwh",
-    "green/energy_facility_kwh",
-    "green/co2e_g",
-    "green/cost",
-    "green/embodied_g",
-)
+#: Transitional name (the MLflow plugin's import), to be removed: use metrics.EXCLUSIVE_KEYS.
+ADDITIVE_KEYS = EXCLUSIVE_KEYS
 
 
 @dataclass(frozen=True)
@@ -88,16 +76,12 @@ class Measurement:
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        settings: Settings | Mapping[str, Any] | None = None,
         *,
         meters: Sequence[Meter | MeterUnavailable] | None = None,
         **overrides: Any,
     ) -> None:
-        self.settings = (
-            settings.replace(**overrides)
-            if settings and overrides
-            else (settings or Settings.load(**overrides))
-        )
+        self.settings = Settings.resolve(settings, **overrides)
         self.tracker = Tracker(self.settings, meters=meters)
         self.functional_units: float | None = None
         #: Totals of earlier segments of the same run (a resumed MLflow run), added to ours.
@@ -135,9 +119,10 @@ class Measurement:
         self.subtract(child.metrics)
 
     def subtract(self, totals: dict[str, float]) -> None:
-        """Leave ``totals`` (of :data:`ADDITIVE_KEYS`) out of ours: nested runs report them."""
+        """Leave ``totals`` (of :data:`~green_mlops.metrics.EXCLUSIVE_KEYS`) out of ours: nested
+        runs report them."""
         with self._lock:
-            for key in ADDITIVE_KEYS:
+            for key in EXCLUSIVE_KEYS:
                 if key in totals:
                     self._children[key] = self._children.get(key, 0.0) + totals[key]
 
