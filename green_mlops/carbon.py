@@ -13,20 +13,30 @@ sum of the two parts (a property test checks it).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from green_mlops.config import Settings
 from green_mlops.intensity import IntensityProvider, IntensitySeries, IntensityUnavailable
 from green_mlops.location import UNKNOWN, Location, parse_location
-from green_mlops.log import log, warn_once
+from green_mlops.log import warn_once
+from green_mlops.plugin_manager import call_hook, get_plugin_manager
+from green_mlops.units import J_PER_KWH
 
-__all__ = ["CarbonAccountant", "CarbonResult", "account"]
+if TYPE_CHECKING:  # config reads this module (provider names): it must not import config
+    from green_mlops.config import Settings
 
-KWH = 3.6e6
+__all__ = ["DEFAULT_INTENSITY_PROVIDERS", "CarbonAccountant", "CarbonResult", "account"]
+
+log = logging.getLogger(__name__)
+
+#: The built-in providers, best first (the default of ``GREEN_MLOPS_INTENSITY_PROVIDERS``); a
+#: name whose plugin is disabled is skipped, not refused.
+DEFAULT_INTENSITY_PROVIDERS = ("constant", "electricitymaps", "watttime", "static")
 
 
 @dataclass(frozen=True)
@@ -85,8 +95,8 @@ def account(
             if i < n and pts[i].start < t1:
                 p = pts[i]
                 if p.start <= t0 and t1 <= p.end:
-                    grams += joules / KWH * p.g_per_kwh
-                    by_kwh[k] += joules / KWH
+                    grams += joules / J_PER_KWH * p.g_per_kwh
+                    by_kwh[k] += joules / J_PER_KWH
                     joules = 0.0
                 break
         if joules == 0.0:
@@ -110,8 +120,8 @@ def account(
                     if lo > cursor:
                         remaining.append((cursor, lo))
                     piece = watts * (hi - lo)
-                    grams += piece / KWH * p.g_per_kwh
-                    by_kwh[k] += piece / KWH
+                    grams += piece / J_PER_KWH * p.g_per_kwh
+                    by_kwh[k] += piece / J_PER_KWH
                     cursor = hi
                     if cursor >= b:
                         break
@@ -126,7 +136,10 @@ def account(
         if value > 0:
             by_source[key] = by_source.get(key, 0.0) + value
     return CarbonResult(
-        grams=grams, kwh=total_j / KWH, kwh_by_source=by_source, unpriced_kwh=unpriced_j / KWH
+        grams=grams,
+        kwh=total_j / J_PER_KWH,
+        kwh_by_source=by_source,
+        unpriced_kwh=unpriced_j / J_PER_KWH,
     )
 
 
@@ -281,8 +294,6 @@ def offered_providers(
 
     Each plugin's hook is called on its own, so one that raises leaves the others' providers.
     """
-    from green_mlops.plugin_manager import call_hook, get_plugin_manager
-
     pm = get_plugin_manager(settings.disable_plugins)
     items, failures = call_hook(
         pm, "green_mlops_intensity_providers", IntensityProvider, settings=settings
@@ -303,8 +314,6 @@ def chosen_providers(settings: Settings) -> tuple[list[IntensityProvider], dict[
     (:func:`unknown_provider_names`), so a name missing here belongs to a plugin that failed to
     load or was disabled (a default name), never to a typo.
     """
-    from green_mlops.config import DEFAULT_INTENSITY_PROVIDERS
-
     offered, problems, not_loaded = offered_providers(settings)
     chosen: list[IntensityProvider] = []
     for name in settings.intensity_providers:

@@ -9,11 +9,16 @@ value and the accepted form. Secret settings are never echoed (not in errors, no
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from green_mlops.carbon import DEFAULT_INTENSITY_PROVIDERS, unknown_provider_names
+from green_mlops.facility import CLOUD_PUE
+from green_mlops.location import parse_location
 
 __all__ = ["ConfigError", "Secret", "Settings", "settings_table"]
 
@@ -174,15 +179,9 @@ def _providers(value: object) -> tuple[str, ...]:
     return names
 
 
-#: The built-in providers, best first; a name whose plugin is disabled is skipped, not refused.
-DEFAULT_INTENSITY_PROVIDERS = ("constant", "electricitymaps", "watttime", "static")
-
-
 def _location(value: object) -> str | None:
     if value is None or not str(value).strip():
         return None
-    from green_mlops.location import parse_location
-
     return parse_location(str(value)).raw  # raises ValueError for an unknown form
 
 
@@ -201,8 +200,6 @@ class Pue(float):
 def _pue(value: object) -> float:
     if isinstance(value, Pue):
         return value
-    from green_mlops.footprint import CLOUD_PUE
-
     text = str(value).strip().lower()
     if text in CLOUD_PUE:
         figure = CLOUD_PUE[text]
@@ -542,10 +539,6 @@ class Settings:
 def _check_provider_names(settings: Settings, origin: str, raw: object) -> None:
     """Provider names come from plugins: a name none offers is a typo, refused now (before a
     run exists) rather than leaving the run's carbon unpriced."""
-    import difflib
-
-    from green_mlops.carbon import unknown_provider_names
-
     found = unknown_provider_names(settings)
     if found is None:
         return

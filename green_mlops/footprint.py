@@ -1,27 +1,6 @@
 """The footprint of a run: facility energy, operational and embodied carbon, cost and SCI.
 
-Order of the calculation (each step documented where it happens):
-
-1. IT energy ``E_IT`` is what the meters measured (:attr:`Snapshot.kwh`).
-2. :func:`green_mlops.carbon.account` prices the IT energy timeline with the grid intensity of
-   each interval: ``C_IT`` grams.
-3. PUE scales both: facility energy ``E = E_IT x PUE``; operational carbon ``C = C_IT x PUE``
-   (PUE is a constant, so multiplying after the time-resolved sum is exact). Energy that no
-   intensity series covered is *unpriced*: when none of it was priced, carbon is not reported
-   (absent, never 0 g); when part was, ``C`` is the carbon of the priced part, a lower bound,
-   and ``not_reported`` states the unpriced kWh (SCI is then not reported).
-4. Cost ``E x price`` when a price is configured (otherwise *not configured*, never 0).
-5. Embodied carbon, the SCI ``M`` term:
-   ``M = TE x 1000 x reserved_s / (lifetime_years x 365.25 x 86400) x resource_share`` grams.
-6. ``SCI = (C + M) / R`` with ``R`` the number of functional units (1 for ``run``).
-
-Uncertainty: the relative energy band of the snapshot (meters' documented bands, added
-linearly) is carried to the operational carbon unchanged. The intensity providers publish no
-uncertainty, so none is added for the grid intensity, nor for PUE or embodied figures: the
-``co2e_uncertainty_g`` is a lower bound of the real uncertainty.
-
-Sources of the constants: :data:`CLOUD_PUE` cites each provider's own publication;
-:data:`KNOWN_EMBODIED` holds only manufacturers' product carbon footprints.
+Each step of the calculation and its uncertainty: see docs/carbon-accounting.md.
 """
 
 from __future__ import annotations
@@ -30,81 +9,22 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from green_mlops import __version__
 from green_mlops.carbon import CarbonResult
 from green_mlops.config import Settings
+from green_mlops.facility import KNOWN_EMBODIED
 from green_mlops.intensity import IntensitySeries
 from green_mlops.location import Location
 from green_mlops.snapshot import Snapshot
+from green_mlops.units import HOUR, YEAR, clip
 
 __all__ = [
-    "CLOUD_PUE",
-    "KNOWN_EMBODIED",
-    "EmbodiedFigure",
     "Footprint",
-    "PueFigure",
     "footprint",
     "footprint_metrics",
     "footprint_tags",
     "reporting_sentence",
 ]
-
-SECONDS_PER_YEAR = 365.25 * 86400
-
-
-@dataclass(frozen=True)
-class PueFigure:
-    """A data-centre fleet's published power usage effectiveness."""
-
-    value: float
-    source: str
-    #: Year the figure describes (not the year it was published).
-    year: int
-
-
-#: Fleet-wide PUE published by the cloud providers themselves (opt-in: GREEN_MLOPS_PUE=gcp).
-#: A fleet average, not the PUE of the region a job runs in. Microsoft Azure is absent: its
-#: fleet figure could not be verified from a Microsoft publication (only from press reports).
-CLOUD_PUE: dict[str, PueFigure] = {
-    "aws": PueFigure(
-        1.14,
-        "Amazon Sustainability, 'AWS Cloud' page: 'In 2025, our data centers reported an "
-        "average global PUE of 1.14' (1.15 in 2024); "
-        "https://sustainability.aboutamazon.com/environment/the-cloud/asdi (as retrieved)",
-        2025,
-    ),
-    "gcp": PueFigure(
-        1.10,
-        "Google, 'Our 2024 Environmental Report': 'In 2023, the average annual power usage "
-        "effectiveness for our data centers was 1.10'; "
-        "https://blog.google/outreach-initiatives/sustainability/2024-environmental-report",
-        2023,
-    ),
-}
-
-
-@dataclass(frozen=True)
-class EmbodiedFigure:
-    """Embodied (cradle-to-gate) emissions of one device, from a manufacturer's footprint."""
-
-    kgco2e: float
-    source: str
-    #: What the figure covers and what it leaves out.
-    scope: str
-
-
-#: Known devices by model name, as NVML reports it (the device label before `` (``).
-#: Only figures a manufacturer published; everything else needs GREEN_MLOPS_EMBODIED_KGCO2E.
-KNOWN_EMBODIED: dict[str, EmbodiedFigure] = {
-    # H100 SXM5 80GB: the GPU of the HGX H100 8-GPU baseboard.
-    "NVIDIA H100 80GB HBM3": EmbodiedFigure(
-        1312.0 / 8,
-        "NVIDIA, 'HGX H100 PCF Summary': cradle-to-gate carbon footprint of one HGX H100 "
-        "baseboard (8 GPUs) 1,312 kgCO2e, divided by 8; "
-        "https://images.nvidia.com/aem-dam/Solutions/documents/HGX-H100-PCF-Summary.pdf",
-        "GPU share of the baseboard only; host server (CPUs, memory, storage, chassis) "
-        "not included",
-    ),
-}
 
 _NO_EMBODIED = (
     "not configured: set GREEN_MLOPS_EMBODIED_KGCO2E to the embodied kgCO2e of the reserved "
@@ -302,21 +222,19 @@ def footprint_tags(fp: Footprint) -> dict[str, str]:
         "green.intensity.scope": fp.intensity_scope,
         "green.intensity.estimated": fp.intensity_estimated,
         "green.intensity.vintage": fp.intensity_vintage,
-        "green.intensity.fallbacks": _clip(fp.intensity_fallbacks),
+        "green.intensity.fallbacks": clip(fp.intensity_fallbacks),
         "green.pue": f"{fp.pue:g}",
-        "green.pue.source": _clip(fp.pue_source),
+        "green.pue.source": clip(fp.pue_source),
         "green.currency": fp.currency,
-        "green.embodied.source": _clip(fp.embodied_source),
+        "green.embodied.source": clip(fp.embodied_source),
         "green.functional_unit": fp.functional_unit,
-        "green.not_reported": _clip("; ".join(fp.not_reported)) or "none",
+        "green.not_reported": clip("; ".join(fp.not_reported)) or "none",
     }
 
 
 def reporting_sentence(fp: Footprint) -> str:
     """One sentence for a paper or model card (ML CO2 Impact / Green Algorithms style)."""
-    from green_mlops import __version__
-
-    hours = fp.duration_s / 3600
+    hours = fp.duration_s / HOUR
     where = "an unknown location" if fp.location == "unknown" else fp.location
     text = (
         f"The run took {hours:.2f} h on {fp.hardware} in {where} and used "
@@ -370,7 +288,7 @@ def _embodied(
             for m, n in known.items()
         )
         source += "; set GREEN_MLOPS_EMBODIED_KGCO2E for the whole machine"
-    share = seconds / (settings.hardware_lifetime_years * SECONDS_PER_YEAR)
+    share = seconds / (settings.hardware_lifetime_years * YEAR)
     grams = total_kg * 1000 * share * settings.resource_share
     return grams, (
         f"{source}; TE {total_kg:g} kg over {settings.hardware_lifetime_years:g} years, "
@@ -409,7 +327,3 @@ def _distinct(values: Iterable[str]) -> str:
         if value not in seen:
             seen.append(value)
     return "+".join(seen) or "unknown"
-
-
-def _clip(text: str, limit: int = 5000) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"

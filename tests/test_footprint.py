@@ -14,9 +14,8 @@ import pytest
 from green_mlops import __version__
 from green_mlops.carbon import CarbonResult, account
 from green_mlops.config import ConfigError, Settings
+from green_mlops.facility import CLOUD_PUE, KNOWN_EMBODIED
 from green_mlops.footprint import (
-    CLOUD_PUE,
-    KNOWN_EMBODIED,
     Footprint,
     footprint,
     footprint_metrics,
