@@ -39,18 +39,28 @@ per process of the tree (process); the table is read once, in the hook, never in
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import psutil
 
 from green_mlops import job
 from green_mlops.hookspecs import hookimpl
-from green_mlops.meters import Component, Device, DeviceError, Meter, Method, Readings
+from green_mlops.meters import (
+    Component,
+    Device,
+    DeviceError,
+    Meter,
+    MeterUnavailable,
+    Method,
+    Readings,
+)
+from green_mlops.plugins import cpu_models
+from green_mlops.plugins.cpu_models import CpuInfo, CpuLimit
+from green_mlops.plugins.psutil_probe import psutil_unavailable
 
 if TYPE_CHECKING:
-    import psutil
-
     from green_mlops.config import Settings
-    from green_mlops.cpu_models import CpuInfo, CpuLimit
-    from green_mlops.meters import MeterUnavailable
 
 __all__ = ["CHILDREN_REFRESH_S", "DEVICE_ID", "UNCERTAINTY", "CpuEstimateMeter", "build_meter"]
 
@@ -80,9 +90,6 @@ class _TreeCpu:
     """
 
     def __init__(self, refresh_s: float, root_pid: int | None = None) -> None:
-        import psutil
-
-        self._psutil = psutil
         self._refresh_s = refresh_s
         self._root = psutil.Process(root_pid)
         self._procs: dict[int, psutil.Process] = {}
@@ -110,7 +117,6 @@ class _TreeCpu:
             self._pending[parent] = self._pending.get(parent, 0.0) + own + reaped
 
     def _scan(self, now: float, baseline_now: bool = False) -> None:
-        psutil = self._psutil
         self._next_scan = now + self._refresh_s
         try:
             children = self._root.children(recursive=True)
@@ -139,7 +145,6 @@ class _TreeCpu:
         All times are read first, parents before children (the scan's order), so that a child
         reaped between two reads is credited against its parent in the same call.
         """
-        psutil = self._psutil
         if now >= self._next_scan:
             self._scan(now)
         readings: dict[int, tuple[float, float]] = {}
@@ -197,9 +202,6 @@ class CpuEstimateMeter(Meter):
         self._last_now = 0.0
         self._last_busy = self._last_total = 0.0
         self._tree: _TreeCpu | None = None
-        import psutil
-
-        self._psutil = psutil
         super().__init__(
             [
                 Device(
@@ -216,7 +218,7 @@ class CpuEstimateMeter(Meter):
         self._joules = 0.0
         self._last_now = time.monotonic()
         if self.share == "machine":
-            self._last_busy, self._last_total = _busy_total(self._psutil.cpu_times())
+            self._last_busy, self._last_total = _busy_total(psutil.cpu_times())
         else:
             root = None if self.group is None else self.group.root_pid
             self._tree = _TreeCpu(self._refresh_s, root)
@@ -228,7 +230,7 @@ class CpuEstimateMeter(Meter):
     def sample(self, now: float) -> Readings:
         try:
             if self._tree is None:
-                busy, total = _busy_total(self._psutil.cpu_times())
+                busy, total = _busy_total(psutil.cpu_times())
                 d_total = total - self._last_total
                 if d_total > 0:  # else no clock tick yet: keep the interval open
                     fraction = min(max((busy - self._last_busy) / d_total, 0.0), 1.0)
@@ -237,7 +239,7 @@ class CpuEstimateMeter(Meter):
             else:
                 cpu_s = self._tree.advance(now)
                 self._joules += cpu_s * self.tdp_w / self.logical_cpus
-        except (self._psutil.Error, OSError) as exc:
+        except (psutil.Error, OSError) as exc:
             return {DEVICE_ID: DeviceError(f"cannot read CPU times: {exc}")}
         return {DEVICE_ID: self._joules}
 
@@ -253,8 +255,6 @@ def build_meter(
 
     ``limit`` (detected when ``info`` is ``None``) adds a note to the basis in machine share.
     """
-    from green_mlops import cpu_models
-
     if info is None:
         info = cpu_models.detect_cpu()
         limit = cpu_models.cpu_limit(info.logical_cpus)
@@ -287,22 +287,9 @@ def build_meter(
 @hookimpl
 def green_mlops_meters(settings: Settings) -> list[Meter | MeterUnavailable]:
     """The CPU estimate meter (the engine drops it where RAPL measures the CPU)."""
-    import psutil
-
-    from green_mlops.meters import MeterUnavailable
-
     job.warn_scope()
-    try:
-        psutil.cpu_times()
-        if settings.share == "process":
-            psutil.Process().cpu_times()
-    except (psutil.Error, OSError, NotImplementedError) as exc:
-        return [
-            MeterUnavailable(
-                name="cpu_estimate",
-                component=Component.CPU,
-                reason=f"psutil cannot read CPU times here: {exc}",
-                fix="check that /proc is mounted (Linux) or psutil supports this platform",
-            )
-        ]
-    return [build_meter(settings)]
+    reads: list[Callable[[], object]] = [psutil.cpu_times]
+    if settings.share == "process":
+        reads.append(lambda: psutil.Process().cpu_times())
+    missing = psutil_unavailable("cpu_estimate", Component.CPU, "CPU times", *reads)
+    return [missing] if missing is not None else [build_meter(settings)]

@@ -32,17 +32,26 @@ process of the tree (process) per sample.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import psutil
 
 from green_mlops import job
 from green_mlops.hookspecs import hookimpl
-from green_mlops.meters import Component, Device, DeviceError, Meter, Method, Readings
+from green_mlops.meters import (
+    Component,
+    Device,
+    DeviceError,
+    Meter,
+    MeterUnavailable,
+    Method,
+    Readings,
+)
+from green_mlops.plugins.psutil_probe import psutil_unavailable
 
 if TYPE_CHECKING:
-    import psutil
-
     from green_mlops.config import Settings
-    from green_mlops.meters import MeterUnavailable
 
 __all__ = ["CHILDREN_REFRESH_S", "DEVICE_ID", "GIB", "UNCERTAINTY", "RamEstimateMeter"]
 
@@ -72,9 +81,6 @@ class RamEstimateMeter(Meter):
         by default: all local ranks of a distributed job)."""
         if share not in ("machine", "process"):
             raise ValueError(f"share must be 'machine' or 'process', not {share!r}")
-        import psutil
-
-        self._psutil = psutil
         self.w_per_gib = float(w_per_gib)
         self.share = share
         #: For the process share: the process tree counted (all local ranks of a job).
@@ -111,7 +117,7 @@ class RamEstimateMeter(Meter):
         self._next_scan = now + self._refresh_s
         try:
             children = self._root.children(recursive=True)
-        except self._psutil.Error:
+        except psutil.Error:
             return
         procs = {self._root.pid: self._root}
         for child in children:
@@ -121,7 +127,7 @@ class RamEstimateMeter(Meter):
     def in_use_bytes(self, now: float) -> float:
         """Memory in use now, in bytes, for this meter's share."""
         if self.share == "machine":
-            vm = self._psutil.virtual_memory()
+            vm = psutil.virtual_memory()
             return float(vm.total - vm.available)
         if now >= self._next_scan:
             self._scan(now)
@@ -129,7 +135,7 @@ class RamEstimateMeter(Meter):
         for pid, proc in list(self._procs.items()):
             try:
                 total += proc.memory_info().rss
-            except self._psutil.Error:
+            except psutil.Error:
                 if self._root is not None and pid == self._root.pid:
                     raise
                 del self._procs[pid]
@@ -140,7 +146,7 @@ class RamEstimateMeter(Meter):
         self._last_now = time.monotonic()
         if self.share == "process":
             assert self.group is not None
-            self._root = self._psutil.Process(self.group.root_pid)
+            self._root = psutil.Process(self.group.root_pid)
             self._procs = {self._root.pid: self._root}
             self._scan(self._last_now)
         self._last_bytes = self.in_use_bytes(self._last_now)
@@ -151,7 +157,7 @@ class RamEstimateMeter(Meter):
     def sample(self, now: float) -> Readings:
         try:
             in_use = self.in_use_bytes(now)
-        except (self._psutil.Error, OSError) as exc:
+        except (psutil.Error, OSError) as exc:
             return {DEVICE_ID: DeviceError(f"cannot read memory use: {exc}")}
         dt = max(now - self._last_now, 0.0)
         self._joules += (self._last_bytes + in_use) / 2 / GIB * self.w_per_gib * dt
@@ -162,22 +168,11 @@ class RamEstimateMeter(Meter):
 @hookimpl
 def green_mlops_meters(settings: Settings) -> list[Meter | MeterUnavailable]:
     """The RAM estimate meter for ``settings.share`` with ``settings.ram_w_per_gb``."""
-    import psutil
-
-    from green_mlops.meters import MeterUnavailable
-
     job.warn_scope()
-    try:
-        psutil.virtual_memory()
-        if settings.share == "process":
-            psutil.Process().memory_info()
-    except (psutil.Error, OSError, NotImplementedError) as exc:
-        return [
-            MeterUnavailable(
-                name="ram_estimate",
-                component=Component.RAM,
-                reason=f"psutil cannot read memory use here: {exc}",
-                fix="check that /proc is mounted (Linux) or psutil supports this platform",
-            )
-        ]
+    reads: list[Callable[[], object]] = [psutil.virtual_memory]
+    if settings.share == "process":
+        reads.append(lambda: psutil.Process().memory_info())
+    missing = psutil_unavailable("ram_estimate", Component.RAM, "memory use", *reads)
+    if missing is not None:
+        return [missing]
     return [RamEstimateMeter(settings.ram_w_per_gb, share=settings.share)]

@@ -13,12 +13,12 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from green_mlops import cpu_models, hookspecs
+from green_mlops import hookspecs
 from green_mlops.config import Settings
-from green_mlops.cpu_models import CpuInfo, TdpTable, estimate_tdp, lookup_tdp, model_tokens
 from green_mlops.meters import Component, DeviceError, Method
-from green_mlops.plugins import cpu_estimate
+from green_mlops.plugins import cpu_estimate, cpu_models
 from green_mlops.plugins.cpu_estimate import DEVICE_ID, CpuEstimateMeter, build_meter
+from green_mlops.plugins.cpu_models import CpuInfo, TdpTable, estimate_tdp, lookup_tdp, model_tokens
 
 # --- model names -----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from green_mlops import hookspecs
 from green_mlops.config import Settings
 from green_mlops.meters import Component, Method
 from green_mlops.plugins import ram_estimate
+from green_mlops.plugins.psutil_probe import psutil_unavailable
 from green_mlops.plugins.ram_estimate import DEVICE_ID, GIB, RamEstimateMeter
 
 MB = 1_000_000
@@ -130,3 +131,19 @@ def test_sample_is_cheap(share: str) -> None:
         _joules(meter)
     per_call_us = (time.perf_counter() - begin) / calls * 1e6
     assert per_call_us < 500  # measured 13-31 us on this machine; the bound leaves room for load
+
+
+def test_psutil_probe_names_what_it_cannot_read_and_the_fix() -> None:
+    # The probe both estimates share: a read psutil refuses (here: a process that has exited)
+    # makes the meter unavailable, with the reason and the fix; reads that work make nothing.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    missing = psutil_unavailable(
+        "ram_estimate", Component.RAM, "memory use", lambda: psutil.Process(gone.pid).memory_info()
+    )
+    assert missing is not None
+    assert missing.name == "ram_estimate" and missing.component is Component.RAM
+    assert missing.reason.startswith("psutil cannot read memory use here: ")
+    assert str(gone.pid) in missing.reason
+    assert missing.fix == "check that /proc is mounted (Linux) or psutil supports this platform"
+    assert psutil_unavailable("cpu_estimate", Component.CPU, "CPU times", psutil.cpu_times) is None

@@ -45,6 +45,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 __all__ = [
     "DEFAULT_W_PER_CORE",
     "DEFAULT_W_PER_CORE_SOURCE",
@@ -372,8 +374,6 @@ def detect_cpu(
     if model is None:
         model, source = platform.processor().strip() or None, "platform"
     if not physical:
-        import psutil
-
         physical = psutil.cpu_count(logical=False) or logical
     if vendor is None and model:
         vendor = _Key.of(model_tokens(model)).vendor
