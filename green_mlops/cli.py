@@ -15,6 +15,7 @@ from green_mlops.config import ConfigError, Settings, settings_table
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from green_mlops.plugin_manager import PluginManager
     from green_mlops.snapshot import Snapshot
 
 
@@ -32,11 +33,8 @@ def doctor(settings: Settings, sample_s: float) -> int:
     from green_mlops.tracker import Tracker, offers_from_plugins, select_meters
 
     console = _console()
-    pm = get_plugin_manager(settings.disable_plugins)
-    names = sorted(name for name, plugin in pm.list_name_plugin() if plugin is not None)
-    console.print(f"[bold]Plugins loaded:[/] {', '.join(names) or 'none'}")
-    if settings.disable_plugins:
-        console.print(f"[bold]Disabled:[/] {', '.join(sorted(settings.disable_plugins))}")
+    _print_plugins(console, get_plugin_manager(settings.disable_plugins))
+    _print_extras(console)
     used, superseded, unavailable = select_meters(offers_from_plugins(settings))
 
     table = Table(title="Meters on this machine", show_lines=True)
@@ -74,6 +72,43 @@ def doctor(settings: Settings, sample_s: float) -> int:
             quiet.setLevel(level)
         _print_snapshot(console, snapshot, title=f"Power over {sample_s:g} s")
     return 0
+
+
+def _print_plugins(console: Console, pm: PluginManager) -> None:
+    """Each plugin, the distribution (and version) it comes from, and whether it loaded."""
+    from rich.table import Table
+
+    table = Table(title="Plugins")
+    for column in ("plugin", "distribution", "status"):
+        table.add_column(column)
+    for name, origin in pm.origins.items():
+        if name in pm.load_errors:
+            status = f"[red]failed:[/] {pm.load_errors[name]}"
+        elif pm.is_blocked(name):
+            status = "[yellow]disabled[/]"
+        else:
+            status = "[green]loaded[/]"
+        table.add_row(name, origin, status)
+    console.print(table)
+
+
+def _print_extras(console: Console) -> None:
+    """One line per extra of the distribution: installed, or the command that installs it."""
+    from rich.markup import escape
+
+    from green_mlops.extras import EXTRAS, install_command, missing_modules
+
+    console.print("[bold]Extras:[/]")
+    for extra, (purpose, _) in EXTRAS.items():
+        missing = missing_modules(extra)
+        if missing:
+            console.print(
+                f"  {extra}: [yellow]missing[/] ({', '.join(missing)}): "
+                f"[bold]{escape(install_command(extra))}[/]  for {purpose}",
+                soft_wrap=True,
+            )
+        else:
+            console.print(f"  {extra}: [green]installed[/]  ({purpose})", soft_wrap=True)
 
 
 def _print_providers(console: Console, settings: Settings) -> None:

@@ -1,27 +1,32 @@
-"""The plugin manager: built-in and third-party plugins, all found through entry points.
+"""The plugin manager: the built-in plugins by module name, third-party ones by entry point.
 
-Plugins are isolated from each other: one that fails to import, misspells a hook, or whose hook
-raises or returns something odd is recorded (plugin name and error, for ``green-mlops doctor``
-and the run's provenance) and the others go on.
+Built-ins are registered from :data:`DEFAULT_PLUGINS` (datasette's ``DEFAULT_PLUGINS``, pytest's
+``default_plugins``), so they load from an uninstalled copy too; other distributions add plugins
+through the ``green_mlops`` entry-point group. Any of them can be disabled by name. Plugins are
+isolated from each other: one that fails to import, misspells a hook, or whose hook raises or
+returns something odd is recorded (for ``green-mlops doctor`` and the run's provenance) and the
+others go on.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import importlib.metadata
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pluggy
 
-from green_mlops import hookspecs
+from green_mlops import __version__, hookspecs
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_PLUGINS",
     "ENTRY_POINT_GROUP",
     "HookFailure",
     "PluginManager",
@@ -32,16 +37,33 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "green_mlops"
 
+# The built-in plugins, registered under the last part of the module name (in this order).
+DEFAULT_PLUGINS = (
+    "green_mlops.plugins.constant_intensity",
+    "green_mlops.plugins.cpu_estimate",
+    "green_mlops.plugins.electricitymaps",
+    "green_mlops.plugins.nvml",
+    "green_mlops.plugins.ram_estimate",
+    "green_mlops.plugins.rapl",
+    "green_mlops.plugins.static_intensity",
+    "green_mlops.plugins.uk_carbon_intensity",
+    "green_mlops.plugins.watttime",
+)
+
+BUILTIN = f"green-mlops {__version__}"
+
 T = TypeVar("T")
 
 
 class PluginManager(pluggy.PluginManager):
-    """pluggy's manager, plus the plugins that failed to load and why (for doctor/provenance)."""
+    """pluggy's manager, plus where each plugin came from and the ones that failed to load."""
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT_NAME)
         self.add_hookspecs(hookspecs)
         self.load_errors: dict[str, str] = {}
+        # every plugin name seen (loaded, failed or disabled) -> "distribution version" of it
+        self.origins: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -57,30 +79,52 @@ class HookFailure:
 
 
 def create_plugin_manager(disabled: frozenset[str] = frozenset()) -> PluginManager:
-    """A new manager with every plugin of the ``green_mlops`` entry-point group, less ``disabled``.
+    """A new manager with the built-in plugins and those of the ``green_mlops`` entry-point
+    group, less the ``disabled`` names.
 
-    Built-in plugins are declared in green-mlops' own ``pyproject.toml`` under that group, so they
-    load exactly like third-party ones. A plugin that fails to import, or that implements a hook
-    no spec declares (a misspelled name, found by pluggy's ``check_pending``), is skipped and
-    recorded in ``load_errors``: a broken plugin must not stop measurement by the others.
+    A plugin that fails to import, or that implements a hook no spec declares (a misspelled
+    name, found by pluggy's ``check_pending``), is skipped and recorded in ``load_errors``: a
+    broken plugin must not stop measurement by the others. A name already taken, or a module
+    already registered (a distribution listing a built-in again), is not registered twice.
     """
     pm = PluginManager()
     for name in disabled:
         pm.set_blocked(name)
+    for module in DEFAULT_PLUGINS:
+        load = functools.partial(importlib.import_module, module)
+        _add(pm, module.rpartition(".")[2], module, BUILTIN, load)
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
-            continue
-        try:
-            plugin = ep.load()
-            pm.register(plugin, name=ep.name)
-        except Exception as exc:
-            _refuse(pm, ep.name, ep.value, f"{type(exc).__name__}: {exc}")
-            continue
-        try:
-            pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            _refuse(pm, ep.name, ep.value, _unknown_hook(exc))
+        if ep.value not in DEFAULT_PLUGINS:  # a built-in listed again is the built-in
+            _add(pm, ep.name, ep.value, _distribution(ep), ep.load)
     return pm
+
+
+def _add(pm: PluginManager, name: str, value: str, origin: str, load: Callable[[], Any]) -> None:
+    if name in pm.origins:
+        return  # the name is taken (by a built-in, or an earlier distribution)
+    pm.origins[name] = origin
+    if pm.is_blocked(name):
+        return
+    try:
+        plugin = load()
+        if pm.get_name(plugin) is not None:
+            del pm.origins[name]  # the same object under another name: registered already
+            return
+        pm.register(plugin, name=name)
+    except Exception as exc:
+        _refuse(pm, name, value, f"{type(exc).__name__}: {exc}")
+        return
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        _refuse(pm, name, value, _unknown_hook(exc))
+
+
+def _distribution(ep: importlib.metadata.EntryPoint) -> str:
+    dist = ep.dist
+    if dist is None:
+        return "unknown distribution"
+    return f"{dist.metadata['Name']} {dist.version}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -92,8 +136,9 @@ def get_plugin_manager(disabled: frozenset[str] = frozenset()) -> PluginManager:
 def call_hook(
     pm: pluggy.PluginManager, hook: str, kind: type[T] | tuple[type[T], ...], **kwargs: Any
 ) -> tuple[list[tuple[str, T]], list[HookFailure]]:
-    """Call each plugin's implementation of ``hook`` on its own, in registration (entry-point)
-    order, and collect the items it returns: ``None`` or an iterable of ``kind`` instances.
+    """Call each plugin's implementation of ``hook`` on its own, in registration order
+    (built-ins first), and collect the items it returns: ``None`` or an iterable of ``kind``
+    instances.
 
     An implementation that raises or returns anything else is recorded as a
     :class:`HookFailure` (and logged) and contributes nothing; the others are still called.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MlflowServer
+from tests.mlflow_server import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def test_third_party_meter_is_used_like_a_builtin(site: Path) -> None:
     devices = result["devices"]
     assert isinstance(devices, dict)
     assert devices["plug:0"] == pytest.approx(42.0 * result["duration"], rel=0.01)  # type: ignore[operator]
-    # the built-ins came through the same entry-point group
+    # and the built-ins beside it
     assert {"cpu_estimate", "ram_estimate", "rapl", "nvml"} <= set(result["plugins"])  # type: ignore[arg-type]
 
 
@@ -119,13 +119,10 @@ def test_plugins_can_be_disabled_by_name(site: Path) -> None:
     assert result["errors"] == {}
 
 
-def test_builtins_are_declared_as_entry_points_of_this_distribution() -> None:
-    eps = {
-        ep.name: ep.value
-        for ep in distribution("green-mlops").entry_points
-        if ep.group == "green_mlops"
-    }
-    assert eps == {
+def test_builtins_are_registered_by_module_not_through_this_distributions_entry_points() -> None:
+    from green_mlops.plugin_manager import DEFAULT_PLUGINS
+
+    assert {module.rpartition(".")[2]: module for module in DEFAULT_PLUGINS} == {
         "nvml": "green_mlops.plugins.nvml",
         "rapl": "green_mlops.plugins.rapl",
         "cpu_estimate": "green_mlops.plugins.cpu_estimate",
@@ -136,6 +133,140 @@ def test_builtins_are_declared_as_entry_points_of_this_distribution() -> None:
         "watttime": "green_mlops.plugins.watttime",
         "uk_carbon_intensity": "green_mlops.plugins.uk_carbon_intensity",
     }
+    # declared twice they would be two sources of truth: the group is for other distributions
+    assert [
+        ep for ep in distribution("green-mlops").entry_points if ep.group == "green_mlops"
+    ] == []
+
+
+def _uninstalled(tmp_path: Path, without: tuple[str, ...] = ()) -> list[str]:
+    """``sys.path`` of a copy of green-mlops that is not installed: the package laid out as
+    files (symlinks into this checkout, as a wheel lays it out) with no distribution metadata,
+    beside this environment's other packages, less the distributions named in ``without``.
+    Run with ``python -S`` (no site: neither the editable install's finder nor its metadata)."""
+    import site
+
+    tree = tmp_path / "copy" / "green_mlops"
+    tree.mkdir(parents=True)
+    for entry in (ROOT / "green_mlops").iterdir():
+        if entry.name != "__pycache__":
+            (tree / entry.name).symlink_to(entry)
+    (tree / "plugins").symlink_to(ROOT / "plugins")
+    (tree / "integrations").symlink_to(ROOT / "integrations")
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    left_out = ("green_mlops", "__editable__", *without)
+    for directory in site.getsitepackages():
+        for entry in Path(directory).iterdir():
+            name = entry.name.replace("-", "_").lower()
+            if not name.startswith(left_out) and not (deps / entry.name).exists():
+                (deps / entry.name).symlink_to(entry)
+    return [str(tree.parent), str(deps)]
+
+
+def _run_uninstalled(path: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("GREEN_MLOPS_", "PYTHON"))}
+    return subprocess.run(
+        [sys.executable, "-S", *args],
+        env={**base, "PYTHONPATH": os.pathsep.join(path), "COLUMNS": "250"},
+        cwd=path[0],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_builtins_load_from_a_copy_that_is_not_installed(tmp_path: Path) -> None:
+    path = _uninstalled(tmp_path)
+    probe = (
+        "import importlib.metadata as m, json; "
+        "from green_mlops.plugin_manager import get_plugin_manager; "
+        "pm = get_plugin_manager(); "
+        "print(json.dumps({'eps': len(m.entry_points(group='green_mlops')), "
+        "'dists': [d.metadata['Name'] for d in m.distributions() "
+        "if d.metadata['Name'] == 'green-mlops'], "
+        "'plugins': sorted(n for n, p in pm.list_name_plugin() if p is not None), "
+        "'origins': sorted(set(pm.origins.values())), 'errors': pm.load_errors}))"
+    )
+    proc = _run_uninstalled(path, "-c", probe)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["eps"] == 0 and result["dists"] == []  # really not installed
+    assert result["plugins"] == [
+        "constant_intensity",
+        "cpu_estimate",
+        "electricitymaps",
+        "nvml",
+        "ram_estimate",
+        "rapl",
+        "static_intensity",
+        "uk_carbon_intensity",
+        "watttime",
+    ]
+    from green_mlops import __version__
+
+    assert result["origins"] == [f"green-mlops {__version__}"]
+    assert result["errors"] == {}
+
+
+def test_a_missing_extra_is_named_with_its_install_command(tmp_path: Path) -> None:
+    path = _uninstalled(tmp_path, without=("lightning", "pytorch_lightning", "matplotlib"))
+    proc = _run_uninstalled(path, "-m", "green_mlops", "doctor", "--sample", "0")
+    assert proc.returncode == 0, proc.stderr
+    said = {
+        line.split(":")[0]: line for line in (" ".join(x.split()) for x in proc.stdout.splitlines())
+    }
+    assert said["lightning"].startswith(
+        'lightning: missing (lightning): pip install "green-mlops[lightning]" for '
+    )
+    assert said["plot"].startswith('plot: missing (matplotlib): pip install "green-mlops[plot]" ')
+    assert said["mlflow"].startswith("mlflow: installed ")
+    assert said["nvidia"].startswith("nvidia: installed ")
+    proc = _run_uninstalled(
+        path, "-c", "from green_mlops.integrations.lightning import EnergyMonitor"
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ") and 'pip install "green-mlops[lightning]"' in last
+
+
+def test_a_distribution_listing_a_builtin_again_does_not_register_it_twice(
+    tmp_path: Path,
+) -> None:
+    info = tmp_path / "nvml_again-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: nvml_again\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[green_mlops]\nnvml_again = green_mlops.plugins.nvml\nrapl = green_mlops.plugins.rapl\n"
+    )
+    result = _run(tmp_path)
+    assert result["errors"] == {}
+    assert "nvml_again" not in result["plugins"]  # type: ignore[operator]
+    assert {"nvml", "rapl"} <= set(result["plugins"])  # type: ignore[arg-type]
+
+
+def test_doctor_says_which_distribution_each_plugin_comes_from(site: Path) -> None:
+    import os
+
+    from green_mlops import __version__
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "green_mlops", "doctor", "--sample", "0"],
+        env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("│")[1:-1] for line in proc.stdout.splitlines() if line.startswith("│")]
+    plugins = {
+        cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows if len(cells) == 3
+    }
+    assert plugins["smart_plug"] == ["smart_plug 1.0", "loaded"]
+    assert plugins["rapl"] == [f"green-mlops {__version__}", "loaded"]
+    assert plugins["broken_plugin"] == ["broken_plugin 1.0", "failed: ImportError: oops"]
 
 
 def test_import_green_mlops_is_cheap() -> None:

@@ -25,4 +25,15 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(name)
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in ("lightning", "torch"):
+            raise
+        from green_mlops.extras import install_command
+
+        raise ImportError(
+            f"green-mlops: {name} needs Lightning, which is not installed "
+            f"({exc.name}): {install_command('lightning')}",
+            name=exc.name,
+        ) from exc
