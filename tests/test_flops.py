@@ -14,16 +14,8 @@ import re
 import pytest
 import torch
 
-from green_mlops.flops import (
-    DENSE_PEAKS,
-    FlopCountError,
-    compute_dtype,
-    count_flops,
-    default_loss,
-    find_peak,
-    peak_flops,
-    signature,
-)
+from green_mlops.flops import FlopCountError, count_flops, default_loss, signature
+from green_mlops.flops_peaks import DENSE_PEAKS, compute_dtype, find_peak, peak_flops
 
 B, IN, H, OUT = 16, 8, 32, 4
 
