@@ -152,14 +152,28 @@ def _print_snapshot(console: Console, snapshot: Snapshot, title: str) -> None:
             console.print(f"[bold]{heading}:[/] {line}")
 
 
+# what `green-mlops demo` imports beyond the core (the `demo` extra)
+DEMO_MODULES = frozenset({"lightning", "torch", "mlflow", "sqlalchemy", "alembic"})
+
+
 def demo(overrides: dict[str, Any], epochs: int) -> int:
     from rich.table import Table
 
-    from green_mlops.demo import run_demo
-
     console = _console()
-    console.print(f"Training a small MLP for {epochs} epochs on synthetic data (CPU)...")
-    result = run_demo(epochs=epochs, settings=overrides)
+    try:
+        from green_mlops.integrations.demo import run_demo
+
+        console.print(f"Training a small MLP for {epochs} epochs on synthetic data (CPU)...")
+        result = run_demo(epochs=epochs, settings=overrides)
+    except ImportError as exc:  # ModuleNotFoundError, or the Lightning integration's own
+        if (exc.name or "").partition(".")[0] not in DEMO_MODULES:
+            raise
+        print(
+            f"green-mlops demo: {exc.name} is not installed; the demo needs Lightning and MLflow "
+            'with its local store: pip install "green-mlops[demo]"',
+            file=sys.stderr,
+        )
+        return 1
     m, tags = result.metrics, result.tags
     table = Table(title=f"MLflow run {result.run_id}")
     table.add_column("what")

@@ -95,7 +95,7 @@ def test_demo_trains_measures_and_stores_in_the_local_mlflow_store(tmp_path: Pat
 def test_demo_runs_get_different_names_and_stay_reproducible(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from green_mlops.demo import EXPERIMENT, run_demo
+    from green_mlops.integrations.demo import EXPERIMENT, run_demo
 
     # the demo's own store: with the embedded sqlite store MLflow names runs in this process
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -109,6 +109,19 @@ def test_demo_runs_get_different_names_and_stay_reproducible(
     assert client.get_experiment_by_name(EXPERIMENT) is not None
     # still reproducible: the same seed trains the same model
     assert first.val_acc == second.val_acc
+
+
+def test_demo_without_its_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    from tests.test_plugin_manager import _run_uninstalled, _uninstalled
+
+    path = _uninstalled(tmp_path, without=("lightning", "pytorch_lightning"))
+    out = _run_uninstalled(path, "-m", "green_mlops", "demo", "--epochs", "1")
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "green-mlops demo: lightning is not installed; the demo needs Lightning and MLflow with "
+        'its local store: pip install "green-mlops[demo]"'
+    ]
+    assert not (Path(path[0]) / "mlflow.db").exists()
 
 
 def test_the_printed_mlflow_command_is_the_one_next_to_this_python(tmp_path: Path) -> None:

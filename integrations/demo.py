@@ -9,8 +9,12 @@ embedded default store (``sqlite:///mlflow.db`` in the working directory) unless
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from green_mlops.config import Settings
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "green-mlops-demo"
@@ -26,11 +30,16 @@ class DemoResult:
 
 
 def run_demo(
-    *, epochs: int = 3, samples: int = 8192, seed: int = 0, settings: dict[str, Any] | None = None
+    *,
+    epochs: int = 3,
+    samples: int = 8192,
+    seed: int = 0,
+    settings: Settings | Mapping[str, Any] | None = None,
 ) -> DemoResult:
     """Train a small MLP for ``epochs`` epochs, measure it, log everything to MLflow.
 
-    ``settings`` are green-mlops settings as keyword arguments (over ``GREEN_MLOPS_*``).
+    ``settings``: green-mlops settings, or keyword arguments over ``GREEN_MLOPS_*`` variables.
+    Needs Lightning and full MLflow (the sqlite store): ``pip install "green-mlops[demo]"``.
     """
     import lightning as L
     import torch
