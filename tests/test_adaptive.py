@@ -537,7 +537,8 @@ def test_confidence_sequence_covers_with_a_lazily_extended_incumbent(known: floa
     st.sampled_from([np.float32, np.float64]),
 )
 def test_float_keys_order_like_floats(pair: list[float], dtype: Any) -> None:
-    from green_mlops.adaptive import _float_key, _from_key
+    from green_mlops.adaptive.rounding import float_key as _float_key
+    from green_mlops.adaptive.rounding import from_key as _from_key
 
     a, b = (float(dtype(x)) for x in pair)
     ka, kb = _float_key(a, dtype), _float_key(b, dtype)
