@@ -1,13 +1,7 @@
 """Time-resolved carbon accounting: energy in each interval x the intensity of that interval.
 
-The energy side is a timeline of cumulative joules (the tracker's); power is taken as constant
-between two timeline points. The intensity side is a chain of :class:`IntensitySeries`, most
-preferred first: each piece of time is priced by the first series that covers it, so a forecast
-shorter than the run or an API outage is filled by the next provider (ultimately a yearly
-table, which covers all time) and the result says how much energy each source priced.
-
-Splitting is exact and additive: the carbon of a run split in two at any instant equals the
-sum of the two parts (a property test checks it).
+Providers are chained, most preferred first; each piece of time is priced by the first series
+that covers it. Exact and additive. See docs/carbon-accounting.md.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def count_flops(
 ) -> FlopCount:
     """FLOPs of ``step(copy_of_module, batch)`` (and of the loss's backward if ``backward``).
 
-    The module and batch are copied (meta device first, then CPU; see the module docstring);
+    The module and batch are copied (meta device first, then CPU; see docs/flops.md);
     evaluation steps (``backward=False``) run under ``torch.no_grad``. A step whose output has
     no loss (``loss(output) is None``, e.g. Lightning's "skip this batch") counts its forward
     only. Warnings raised by the step on the copy (e.g. ``self.log`` without a trainer) are

@@ -1,15 +1,8 @@
 """The hooks a green-mlops plugin can implement.
 
-A plugin is a module (or object) with functions named like the specs below, decorated with
-:data:`hookimpl`, and advertised through the ``green_mlops`` entry-point group::
-
-    # pyproject.toml of your plugin
-    [project.entry-points.green_mlops]
-    my_meter = "my_package.my_meter"
-
-The built-in plugins in ``green_mlops.plugins`` are registered the same way, so a third-party
-plugin is exactly as privileged as a built-in one. Any plugin can be switched off by name with
-``GREEN_MLOPS_DISABLE_PLUGINS=name,name``.
+Functions named like the specs below, decorated with :data:`hookimpl`, in a module advertised
+through the ``green_mlops`` entry-point group; built-in plugins are no more privileged. Any
+plugin can be switched off with ``GREEN_MLOPS_DISABLE_PLUGINS=name,name``.
 """
 
 from __future__ import annotations

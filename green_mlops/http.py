@@ -1,17 +1,7 @@
 """HTTP for intensity providers: one session, explicit timeouts, urllib3 retries, a TTL cache.
 
-* ``requests.Session`` with ``HTTPAdapter(max_retries=Retry(...))``: retries with exponential
-  backoff on connection errors, 429 and 5xx, honouring ``Retry-After`` (capped, so a provider's
-  "come back in an hour" cannot stall a run).
-* Responses are cached in memory and on disk (``cache_dir``) for ``cache_ttl_s``, keyed by URL
-  and parameters, never by credentials. Providers align their request windows (whole hours),
-  so a sweep of runs in the same hour makes one call per zone and hour. Expired entries (and
-  temporary files a crash left) are deleted once per process, when the first new entry is
-  stored, so the directory does not grow without bound.
-* :meth:`HttpClient.close` closes the session; providers call it from their ``close()``, which
-  the run's accountant calls when the run ends.
-* Failures become :class:`~green_mlops.intensity.IntensityUnavailable` with a message that
-  names the host and the status, and never a header, a token or a password.
+Cache keys never contain credentials; failures become ``IntensityUnavailable`` naming the host
+and status, never a secret. See docs/carbon-accounting.md.
 """
 
 from __future__ import annotations

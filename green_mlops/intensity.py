@@ -1,15 +1,7 @@
 """Carbon-intensity signals and the contract of the providers that supply them.
 
-A provider answers "what was (or will be) the grid's carbon intensity at this location between
-these two times" with an :class:`IntensitySeries`: intervals of constant intensity in
-gCO2e/kWh, labelled with where the numbers come from (source, zone, basis, scope, estimated or
-measured, data year or retrieval time). A yearly table answers with one interval that covers
-all time; an API with its 5-minute, 30-minute or hourly points.
-
-Providers are plugins (hook ``green_mlops_intensity_providers``). They raise
-:class:`IntensityUnavailable` when they cannot answer (not configured, unknown zone, HTTP error,
-malformed data); the chain in :mod:`green_mlops.carbon` then falls back to the next provider and
-records why.
+A provider answers with an :class:`IntensitySeries` (intervals of constant gCO2e/kWh with their
+provenance) or raises :class:`IntensityUnavailable`. See docs/carbon-accounting.md.
 """
 
 from __future__ import annotations

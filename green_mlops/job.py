@@ -1,22 +1,8 @@
 """The distributed job this process belongs to, from its launcher's environment variables.
 
-Read without importing torch (a few ``os.environ`` look-ups):
-
-* ``torchrun`` (``TORCHELASTIC_RUN_ID`` set): ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
-  ``LOCAL_WORLD_SIZE``, ``GROUP_RANK`` (the node's rank) and ``GROUP_WORLD_SIZE`` (nodes), as
-  torch's ``LocalElasticAgent`` sets them for every worker;
-* Slurm ``srun`` tasks (``SLURM_STEP_NUM_TASKS`` set): ``SLURM_PROCID``, ``SLURM_LOCALID``,
-  ``SLURM_NODEID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_STEP_NUM_NODES`` and the step's
-  ``SLURM_STEP_TASKS_PER_NODE`` (``2(x3),1``); a batch script without ``srun`` is a Slurm job
-  of one process;
-* other launchers that export ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (Lightning's DDP
-  launcher, ``torch.distributed.launch``), with ``NODE_RANK``.
-
-What it is used for: run tags (:meth:`Job.tags`, ``green.world_size``, ``green.nodes`` where
-known, ``green.launcher``, ``green.job.*``); a loud warning and a note that a multi-node run
-measures only its own node (aggregation across nodes is not implemented); and, for
-``share=process``, the process tree that holds all local ranks (:func:`local_group`), so that
-one rank's estimate does not silently leave the others out.
+torchrun, Slurm ``srun`` and ``RANK``/``WORLD_SIZE`` launchers, read without importing torch:
+run tags, the multi-node warning, and the process tree of all local ranks
+(:func:`local_group`). See docs/energy-measurement.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,7 @@
 """Where the electricity is drawn: parsing ``GREEN_MLOPS_LOCATION`` into a zone and a country.
 
-Accepted forms (case-insensitive; the resolved :class:`Location` carries the canonical spelling):
-
-* an ISO 3166-1 country code, alpha-2 (``DE``) or alpha-3 (``DEU``). ``UK`` is accepted as an
-  alias of ``GB`` (the United Kingdom), and ``XK``/``XKX`` for Kosovo (user-assigned codes
-  that Electricity Maps and Ember use). The country's Electricity Maps zone is the zone with
-  the same key (``DE`` -> ``DE``), except for the countries in :data:`SPLIT_COUNTRIES`, whose
-  grid Electricity Maps splits into sub-zones (``US`` -> ``US-CAL-CISO``, ``US-MIDA-PJM``, ...):
-  a country code cannot say which, so the location gets no zone, and a yearly national figure
-  is used (set the sub-zone instead for better numbers);
-* an Electricity Maps zone (``US-CAL-CISO``, ``SE-SE3``), as in the bundled yearly table;
-* a cloud region as ``<provider>:<region>`` with provider ``aws``, ``gcp`` or ``azure``
-  (``aws:eu-west-1``, ``gcp:europe-west4``, ``azure:westeurope``), mapped to the zone of its
-  data centres by ``data/cloud-regions.csv``. Only the colon form is accepted. An availability
-  zone is accepted for its region (``aws:us-east-1a``, ``gcp:europe-west4-a``), and spaces in
-  Azure display names are ignored (``azure:West Europe``).
-
-There is no IP geolocation: an unset location is :data:`UNKNOWN`, which the carbon accounting
-turns into the world average with a loud warning. Tables are read from the package data the
-first time they are needed, once per process.
+A country code, an Electricity Maps zone or a cloud region (``aws:eu-west-1``); never guessed
+from the IP address. The accepted forms in detail: docs/carbon-accounting.md.
 """
 
 from __future__ import annotations

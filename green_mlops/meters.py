@@ -1,16 +1,8 @@
 """The meter contract: what a plugin hands the engine, and what the engine reads from it.
 
-A meter measures one or more *devices* (a GPU, a CPU package, a DRAM domain, "the CPU" as a
-whole for an estimate). The engine's sampler thread calls :meth:`Meter.sample` every
-``max_interval_s`` seconds at most, and the meter answers with the *cumulative* energy in joules
-of each device since :meth:`Meter.start`. How it gets there is the meter's business:
-
-* ``counter``: read a hardware energy counter (NVML total energy, RAPL ``energy_uj``), unwrap it;
-* ``sampled-power``: read instantaneous power and integrate it over the sample intervals;
-* ``estimate``: model power from utilisation (TDP x load, W per GB in use) and integrate that.
-
-A device that cannot be read right now is answered with a :class:`DeviceError` (never with
-0 J): the engine keeps its last good value, marks the device degraded and says why.
+A meter answers :meth:`Meter.sample` with each device's *cumulative* joules (method ``counter``,
+``sampled-power`` or ``estimate``), or a :class:`DeviceError`, never 0 J for a failed read.
+See docs/energy-measurement.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """The one background sampler thread of a process, shared by every running tracker.
 
-Each tracker asks to be sampled at least every ``interval_s`` seconds (a full sample: every
-meter), and may ask for an immediate sample at a phase boundary, which reads only what a
-boundary needs (``counters_only=True``: energy counters; estimates and sampled power are split
-over phases by time at their next periodic read). A boundary sample does not move the periodic
-schedule. The thread sleeps on an event between samples, so it costs nothing while idle, and it
-exits when the last tracker leaves. It is recreated lazily in a forked child, and stopped at
-interpreter exit.
+Periodic full samples, and counter-only samples on request at phase boundaries; idle costs
+nothing. See docs/energy-measurement.md.
 """
 
 from __future__ import annotations

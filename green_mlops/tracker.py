@@ -1,35 +1,12 @@
 """The Tracker: energy per device, component and phase, measured by the shared sampler thread.
 
-    from green_mlops import Tracker
-
     with Tracker() as tracker:
         with tracker.phase("train"):
             train()
-        with tracker.phase("validation"):
-            validate()
     print(tracker.stop().kwh)
 
-How phases are attributed: entering or leaving a phase only records a timestamp (O(1), no
-syscall in the caller's thread) and, if the tracker has energy-counter meters (NVML, RAPL),
-wakes the sampler, which reads those counters a moment later. Estimates and sampled power are
-read on the sampler's periodic schedule only. Every device's energy since its previous read is
-split over the phases active in that time in proportion to time, so a boundary's attribution
-error is confined to the few milliseconds between the boundary and the counter read it
-triggered, and to the interval of a periodic read for the other methods. Phases nest; energy
-goes to the innermost phase, and energy outside any phase goes to ``other``: the phases always
-sum to the total.
-
-Counters that change only every ``Device.resolution_s`` (NVML's total energy, ~0.1 s) would give
-a shorter phase 0 J or a whole step. For them the energy is the integral of the power the meter
-reads beside the counter (:meth:`~green_mlops.meters.Meter.power_w`, trapezoids between
-reads), held where the truth lies: between the counter and the counter plus one step of power.
-Outside that band it is pulled back by the gap x the interval / (``SMOOTHING_RESOLUTIONS`` x the
-resolution), so a counter step is spread over the following second instead of landing in
-whichever short phase it falls, and an interval that long takes the band outright. The
-snapshot's notes say how each such device was read.
-
-After :meth:`Tracker.start`, no method raises into the caller: failures are recorded in the
-snapshot's ``problems`` and logged once.
+A phase boundary is O(1) in the caller's thread; after :meth:`Tracker.start` nothing raises into
+the caller. How energy is split over phases: docs/energy-measurement.md.
 """
 
 from __future__ import annotations
@@ -453,9 +430,9 @@ class Tracker:
     def _smooth(
         self, state: _DeviceState, counted: float, watts: float | None, now: float
     ) -> float:
-        """A coarse counter's energy at ``now`` (see the module docstring): the power integral,
-        pulled towards [counter, counter + one step of power], where the truth lies, in
-        proportion to the interval's share of the horizon."""
+        """A coarse counter's energy at ``now``: the power integral, pulled towards [counter,
+        counter + one step of power], where the truth lies, in proportion to the interval's
+        share of the horizon (docs/energy-measurement.md, "Phases")."""
         resolution = state.device.resolution_s
         dt = now - state.t
         if watts is None or state.watts is None or dt < 0:

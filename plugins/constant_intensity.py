@@ -1,12 +1,7 @@
 """A carbon intensity given by the user (provider ``constant``).
 
-What it answers: ``GREEN_MLOPS_INTENSITY_G_PER_KWH`` (gCO2e/kWh) for all time and any
-location, e.g. a figure from the site's electricity contract or a grid operator's report.
-Unset, the provider is skipped (the chain falls back to the next one) and says why.
-
-Uncertainty: whatever the user's figure carries; green-mlops cannot know its basis (average or
-marginal) or scope (lifecycle or direct), so the provenance labels the scope "unknown (user
-constant)". It is reported as an average, the usual meaning of a single grid figure.
+``GREEN_MLOPS_INTENSITY_G_PER_KWH`` for all time and any location; skipped when unset. See
+docs/carbon-accounting.md.
 """
 
 from __future__ import annotations

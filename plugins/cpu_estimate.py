@@ -1,39 +1,8 @@
-"""CPU energy estimate: utilisation x TDP, for machines without RAPL.
+"""CPU energy estimate: utilisation x TDP, for machines without RAPL (+/-50 %).
 
-What it measures: the energy of the CPU sockets, modelled as ``power = utilisation x TDP`` and
-integrated over the sample intervals. The engine prefers RAPL's counter when there is one.
-
-* ``share="machine"``: utilisation is the system-wide busy fraction from :func:`psutil.cpu_times`
-  deltas, busy = total - idle - iowait - steal (guest time is already inside user time and is
-  not counted twice; steal is time the hypervisor gave to another guest). The busy fraction of
-  an interval is its exact average, so the integration has no discretisation error.
-* ``share="process"``: this process tree's CPU seconds (self and descendants, live ones read each
-  sample, the list of descendants refreshed at most every ``CHILDREN_REFRESH_S``; the CPU time
-  of reaped descendants comes from the kernel's children times) x TDP / logical CPUs of the
-  machine: the tree's part of the machine's CPU energy, for shared hosts. In a job with several
-  local ranks (``torchrun --nproc-per-node``, ``srun``) the tree is the one that holds all of
-  them, the launcher's (:func:`green_mlops.job.local_group`): no rank's CPU time is left out,
-  and every rank that measures counts them all. Ranks that cannot be found are named in the
-  basis (and warned about): their CPU time is not counted.
-
-Where this process may use only some of the CPUs (affinity mask, cgroup v2 ``cpu.max`` or v1
-CFS quota: :func:`green_mlops.cpu_models.cpu_limit`), the machine share still counts the load
-of every CPU, other tenants' included: the basis says so and recommends ``share=process``.
-The process share needs no such care: CPU seconds are what the quota limits.
-
-TDP: ``cpu_tdp_w`` (all sockets together) if set; else the model (``cpu_model`` or the detected
-one) looked up in the bundled CodeCarbon table x sockets; else 12 W per physical core (Green
-Algorithms' "Any" CPU, CC BY 4.0). See :mod:`green_mlops.cpu_models`. How the TDP was found is
-in :attr:`CpuEstimateMeter.basis` and in the device label.
-
-Uncertainty: +/-50 % (:data:`UNCERTAINTY`). TDP is a cooling specification, not a power
-reading: real package power runs from 10-30 % of TDP at idle to above TDP under turbo (Intel
-PL2 is 1.2-2x PL1), and it depends on the instruction mix (AVX-512 vs memory stalls) as much as
-on busy time; the model also gives 0 W to an idle CPU that still draws power. The table lookup
-or the per-core default add their own error.
-
-Cost: one :func:`psutil.cpu_times` call per sample (machine), or one ``/proc/<pid>/stat`` read
-per process of the tree (process); the table is read once, in the hook, never in ``sample``.
+Machine share: the system-wide busy fraction; process share: this process tree's CPU seconds
+(all local ranks of a job). TDP lookup: :mod:`green_mlops.plugins.cpu_models`.
+See docs/energy-measurement.md.
 """
 
 from __future__ import annotations
@@ -65,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["CHILDREN_REFRESH_S", "DEVICE_ID", "UNCERTAINTY", "CpuEstimateMeter", "build_meter"]
 
 DEVICE_ID = "cpu:estimate"
-#: Relative half-width of the uncertainty band (see the module docstring).
+#: Relative half-width of the uncertainty band (docs/energy-measurement.md: "CPU estimate").
 UNCERTAINTY = 0.5
 #: Longest time between two scans for new descendant processes (a scan costs ~1 ms).
 CHILDREN_REFRESH_S = 3.0
@@ -172,7 +141,7 @@ class _TreeCpu:
 
 
 class CpuEstimateMeter(Meter):
-    """``energy = utilisation x tdp_w``, integrated; see the module docstring."""
+    """``energy = utilisation x tdp_w``, integrated; see docs/energy-measurement.md."""
 
     name = "cpu_estimate"
     max_interval_s = 5.0

@@ -1,33 +1,7 @@
 """CPU model detection and TDP lookup, for the ``cpu_estimate`` plugin.
 
-Detection (:func:`detect_cpu`): the model name from ``/proc/cpuinfo`` (``model name``; Arm cores
-from ``CPU implementer``/``CPU part``), ``sysctl`` on macOS, the registry on Windows, else
-:func:`platform.processor`. Sockets are the distinct ``physical id`` values (or sysfs
-``physical_package_id``); physical cores the distinct (socket, ``core id``) pairs.
-
-Lookup (:func:`lookup_tdp`): the bundled table ``data/cpu-tdp.csv`` (CodeCarbon ``cpu_power.csv``
-v3.3.2, MIT; TDP per socket in watts) is read once, on first use, through
-:mod:`importlib.resources`. Both the table names and the detected name are normalised
-(:func:`model_tokens`: no ``(R)``/``(TM)``/``CPU``/``Processor``, no ``@ 2.30GHz``, no
-``64-Core``, no ``11th Gen``, no ``with Radeon Graphics``, no parenthesised notes; lower case;
-split on spaces and hyphens). A row matches when
-
-* its vendor does not contradict the detected one (the table rows without a vendor word are
-  AMD's, apart from the Apple and Arm ones),
-* every token with a digit in the row is in the detected name, and every significant token with
-  a digit of the detected name (anything but a tier digit like the ``9`` of ``Ryzen 9`` or a
-  core count like ``X6``) is in the row: ``i7-8700`` never matches ``i7-8700K``, nor
-  ``E5-2630`` ``E5-2630 v4``, nor ``EPYC 7B13`` ``EPYC 7B12``,
-* the product families (Xeon, Core, EPYC, Ryzen, Opteron, ...) of both, where named, overlap,
-* both have the same variant suffix words (``HE``, ``EE``, ``SE``: Opteron 240 EE is 30 W,
-  Opteron 240 is 82 W).
-
-The best row has the most tokens with a digit, then the most shared words. Equally good rows
-with different TDPs (the table lists some parts twice, e.g. a 95 W and a 125 W Phenom II X4 945)
-give the highest TDP, and the others are named in :attr:`TdpMatch.alternatives`.
-
-An unknown model gets :data:`DEFAULT_W_PER_CORE` per physical core, the "Any" row of Green
-Algorithms' ``TDP_cpu.csv`` (Lannelongue et al. 2021, CC BY 4.0).
+The model from ``/proc/cpuinfo`` (or ``sysctl``, the registry), looked up in the bundled
+CodeCarbon table; an unknown model gets 12 W per physical core. See docs/energy-measurement.md.
 """
 
 from __future__ import annotations

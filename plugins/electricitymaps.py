@@ -1,45 +1,7 @@
 """Grid carbon intensity from the Electricity Maps API v3 (time-resolved, average, lifecycle).
 
-What it provides: the average carbon intensity (gCO2eq/kWh) of the electricity consumed in an
-Electricity Maps zone, hour by hour, as :class:`~green_mlops.intensity.IntensitySeries`
-points ``[datetime, datetime + 1 h)``. The documented resolution is 1 hour; ``datetime`` is
-taken as the start of the period (the documented examples are hour starts, and ``/latest``
-answers with the current hour); a ``temporalGranularity`` of ``5_minutes`` or ``15_minutes``
-in a response is honoured. Values are consumption-based and, by the API's
-default, lifecycle (``emissionFactorType``); the scope of the series is what the items say.
-
-How: ``GET {electricitymaps_url}/v3/carbon-intensity/...`` with the header
-``auth-token: <GREEN_MLOPS_ELECTRICITYMAPS_TOKEN>``, through the shared
-:class:`~green_mlops.http.HttpClient` (timeouts, retries with backoff on 429/5xx, TTL cache
-keyed by URL and parameters, never by the token). The part of ``[start, end)`` that is past:
-
-* starts within the last 24 h: ``/history`` (the last 24 hours, hourly; free tier), plus
-  ``/latest`` when history does not reach the current hour;
-* starts earlier: ``/past-range?start&end`` (paid plans). The documented limit is 10 days
-  (240 h) per hourly request, so the range is cut into whole UTC days on a fixed 10-day grid
-  (keys of the HTTP cache are then the same for every run of the same days). If the token's
-  plan refuses it (HTTP 403) and the run reaches into the last 24 h, ``/history`` covers that.
-
-The part after now (carbon-aware planning) comes from ``/forecast``. Every request sends
-``shouldUseFallbackCallerLookup=false``: the API must never guess the zone from our IP address,
-and an item for another zone than the one asked for is dropped.
-
-Gaps: items with ``carbonIntensity: null`` (the API's gaps), items with missing or invalid
-fields, and hours the API did not return are left uncovered; the carbon chain prices them with
-the next provider, and the series' notes say how many there were. A forecast shorter than the
-run leaves the rest to the next provider in the same way.
-
-Uncertainty: the API's own; ``isEstimated`` items (and every forecast) make the series
-``estimated``, with the API's ``estimationMethod`` in the notes.
-
-Errors (never with the token in the text): no token -> not configured; a location without a
-zone -> :class:`~green_mlops.intensity.IntensityUnavailable`. Hard failures - 401 (token
-rejected), 400/404 (zone unknown to the API, or a wrong base URL), other statuses after the
-HTTP layer's retries (429, 5xx), an unreachable host, a timeout, malformed JSON - raise at once
-when nothing was collected yet (the chain falls back without waiting on the other endpoints),
-and otherwise end the fetching with what was collected, the rest being gaps. Soft failures - 403
-on one endpoint (not in the token's plan), a response without the expected list - leave that
-part as a gap and the other endpoints are still asked; unavailable only if none answered.
+Hourly history, past ranges and forecasts for a zone, with the token only in a header; gaps are
+left to the next provider. See docs/carbon-accounting.md.
 """
 
 from __future__ import annotations

@@ -1,40 +1,7 @@
 """NVIDIA GPU energy through NVML (package ``nvidia-ml-py``, module ``pynvml``).
 
-What it measures: the whole-board energy (GPU, memory and circuitry) of every NVIDIA GPU this
-process may use, as devices ``gpu:<NVML index>`` labelled with the model name and UUID.
-"May use" follows ``CUDA_VISIBLE_DEVICES`` (see :func:`select_visible`); MIG instances are not
-measured yet (NVML energy and power are per physical GPU, shared by all of its instances).
-
-How, per device, best first:
-
-* ``counter``: ``nvmlDeviceGetTotalEnergyConsumption``, millijoules since the driver was loaded
-  (Volta and newer). Energy = reading - reading at ``start()``. The counter is 64-bit (no
-  wraparound in practice), so a failed read costs nothing once reads work again. It changes
-  only every ~0.1 s (:data:`COUNTER_RESOLUTION_S`, the device's ``resolution_s``; observed,
-  not documented by NVIDIA), so every counter read also reads the power
-  (:meth:`NvmlMeter.power_w`): the engine apportions shorter intervals (a short validation
-  phase) by power x time and keeps the total on the counter (see :mod:`green_mlops.tracker`).
-* ``sampled-power``: where the counter is not supported, ``nvmlDeviceGetPowerUsage`` (milliwatts)
-  read every <= 0.1 s (``max_interval_s``) and integrated with the trapezoid rule. A failed read
-  leaves a *gap* whose energy is not invented: :attr:`NvmlMeter.gaps` gives, per device, how many
-  gaps there were and how many seconds they lasted.
-* neither (or a reading of exactly 0, as vGPUs give): a :class:`MeterUnavailable` for that
-  device, never 0 J.
-
-Cost (H200, driver 580, ``benchmarks/gpu_check.py``): one counter read ~3 ms (p90 up to 9 ms;
-ctypes releases the GIL meanwhile), one power read ~1 us. Sampled power agreed with the counter
-within 0.1 % over 25 s and 45 s of steady matmul load at ~690 W.
-
-Uncertainty (relative half-width, see :class:`~green_mlops.meters.Device`):
-
-* counter, 5 %: NVIDIA documents the board power sensor as accurate to +/-5 % (NVML
-  ``nvmlDeviceGetPowerUsage``, Fermi/Kepler) and ``power.draw`` to +/-5 W (``nvidia-smi
-  --help-query-gpu``); the energy counter comes from the same sensor and has no separate figure.
-* sampled power, 10 %: the same +/-5 % plus integration error. On Ampere (except GA100) and newer
-  ``nvmlDeviceGetPowerUsage`` is a 1 s average (NVML API reference), so 10 Hz trapezoids
-  integrate a smoothed, slightly delayed signal; and on A100/H100 the sensor sees only about 25 %
-  of the runtime (Yang et al., "Accurate and Convenient Energy Measurements for GPUs", SC24,
-  arXiv:2312.02741), so short bursts can be missed. 10 % is our judgement, not a NVIDIA figure.
+The board energy counter where supported (+/-5 %), else power sampled at 10 Hz (+/-10 %), for
+the GPUs this process may use (``CUDA_VISIBLE_DEVICES``). See docs/energy-measurement.md.
 """
 
 from __future__ import annotations

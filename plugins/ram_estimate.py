@@ -1,32 +1,7 @@
 """RAM energy estimate: memory in use x watts per GiB, integrated over the sample intervals.
 
-What it measures: the energy of the memory, modelled as ``power = GiB in use x ram_w_per_gb``
-(default 0.3725 W/GB, Green Algorithms ``referenceValues.csv`` ``memoryPower``, CC BY 4.0).
-
-* ``share="machine"``: memory in use = ``total - available`` of :func:`psutil.virtual_memory`
-  (what the kernel could not hand to a new program without swapping: page cache it can drop
-  is not counted).
-* ``share="process"``: the resident set size (RSS) of this process and its descendants (the list
-  of descendants refreshed at most every ``CHILDREN_REFRESH_S``). RSS counts pages shared
-  between the processes (libraries, copy-on-write pages after ``fork``) once per process, so a
-  tree of forked workers is over-counted; PSS would not be, but costs a ``smaps`` walk. In a job
-  with several local ranks the tree is the one that holds all of them, as for the CPU estimate
-  (:func:`green_mlops.job.local_group`); ranks that cannot be found are named in the basis.
-
-Unit: 1 GB here is 1 GiB = 2**30 bytes. Green Algorithms' figure is the power of a DIMM divided
-by its capacity, and DIMM capacities are binary (an "8 GB" DIMM holds 8 GiB); CodeCarbon's RAM
-model also divides bytes by 1024**3. (With 1e9-byte GB the energy would be 7.4 % higher.)
-
-Integration: trapezoid between consecutive samples (memory in use is a level read at the
-sample times, not an average over the interval).
-
-Uncertainty: +/-50 % (:data:`UNCERTAINTY`). DRAM power depends mostly on the installed DIMMs
-(count, type, DDR4 vs DDR5) and on the access rate, not on how many bytes are allocated; the
-W/GB figure is a convention shared with Green Algorithms and CodeCarbon to make runs comparable,
-not a measurement.
-
-Cost: one :func:`psutil.virtual_memory` call (machine) or one ``/proc/<pid>/statm`` read per
-process of the tree (process) per sample.
+Machine share: ``total - available``; process share: the RSS of this process tree. 0.3725 W per
+GiB (Green Algorithms), +/-50 %. See docs/energy-measurement.md.
 """
 
 from __future__ import annotations

@@ -1,59 +1,8 @@
 """CPU package and DRAM energy from Linux RAPL counters (the ``powercap`` sysfs interface).
 
-What it measures: the energy of every CPU package (devices ``cpu:package-N``) and, where the
-platform exposes it, of each package's DRAM (``ram:package-N``), as hardware energy counters
-(method ``counter``). AMD Zen exposes its package counter through the same interface, usually
-without a DRAM domain. The counters cover the whole machine, whatever ``settings.share`` says.
-
-How: under ``settings.rapl_root`` (``/sys/class/powercap``), a zone ``intel-rapl:N`` named
-``package-N`` (``package-N-die-M`` on multi-die parts) is a package, and its subzone
-``intel-rapl:N:M`` named ``dram`` is that package's memory. Skipped, because adding them would
-count energy twice: the ``core`` and ``uncore`` subzones (parts of the package) and ``psys``
-(the whole platform, packages included). ``intel-rapl-tpmi`` and ``intel-rapl-mmio`` are other
-drivers for the same counters: they are used only when ``intel-rapl`` has no package zone, so
-a package is never counted twice. Per-die zones that mirror one package counter (some AMD
-parts) are recognised by their equal readings and counted once (see :class:`RaplMeter`). Each
-``energy_uj`` is opened once, in the hook, and re-read with ``os.pread`` at every sample; a zone
-whose counter cannot be read at discovery (after :data:`_DISCOVERY_READS` tries) is kept and
-counted from its first good read, with a note, as after a failed read mid-run. The hook returns
-one meter for the packages and one for DRAM, so that the engine's choice of meter per component
-stays clean.
-
-Wraparound: ``energy_uj`` is the 32-bit energy status register times the energy unit, and
-``max_energy_range_uj`` is 0xFFFFFFFF units (kernel ``intel_rapl_common.c``,
-``get_max_energy_counter``), i.e. 65.5 kJ or 262 kJ for the usual 15.3 or 61 uJ units. A
-reading below the previous one has wrapped: ``delta = cur - prev + range``, as codecarbon and
-Zeus do. (The exact modulus is ``range`` + one unit, so each wrap misses one unit, <= 61 uJ.)
-Two wraps between reads would pass unseen, so :attr:`RaplMeter.max_interval_s` is
-``range / (2 x P_max)``, capped at 60 s and floored at :data:`MIN_INTERVAL_S` (0.1 s, with a
-note when the floor applies; wrap counts are then inferred), where ``P_max`` is the largest
-``constraint_{0,1,2}_max_power_uw`` of the zone (TDP, PL2 and PL4 maxima) or, when the zone
-has none, :data:`DEFAULT_PACKAGE_MAX_W` / :data:`DEFAULT_DRAM_MAX_W`; 2 is the safety factor.
-When reads are further apart than that (process suspended, sampler starved) and
-``2 x P_max x elapsed`` leaves room for more than one wrap count, the count is *inferred*: the
-one whose implied average power is closest to the device's average power so far (the smallest
-one when there is no average yet). Every inference is counted in
-:attr:`RaplMeter.inferred_wraps` and explained in :meth:`RaplMeter.notes`, which the engine
-puts in the run's provenance. A reading below the previous one that no single wrap within the
-power bound explains (a counter reset or glitch) adds 0 J for that interval, with a note; a
-zone drawing more than the bound is counted as read, with a note (once) that the bound is low.
-
-Uncertainty (relative half-width, see :class:`~green_mlops.meters.Device`):
-
-* package, 10 %: RAPL covers the package only (not the voltage regulators, PSU losses, board,
-  fans or disks). Khan et al., "RAPL in Action: Experiences in Using RAPL for Power
-  Measurements", ACM TOMPECS 3(2), 2018, doi:10.1145/3177754, find package readings highly
-  correlated with plug power and accurate enough for server monitoring. Sandy Bridge-era RAPL
-  is a model, Haswell-EP's is measured (Hackenberg et al., IPDPSW 2015). 10 % is our
-  judgement, not a vendor figure.
-* DRAM, 20 %: Desrochers, Paradis and Weaver, "A Validation of DRAM RAPL Power Measurements",
-  MEMSYS 2016, doi:10.1145/2989081.2989088, find that DRAM RAPL follows the measured trend but
-  with a system-dependent constant offset on desktops (worst when idle), and is much closer on
-  servers whose regulators measure it (Haswell-EP). 20 % is our judgement.
-
-Permissions: since the CVE-2020-8694 (PLATYPUS) fix, ``energy_uj`` is readable by root only;
-the hook then returns a :class:`~green_mlops.meters.MeterUnavailable` whose ``fix`` gives the
-``chmod`` command and a udev rule that makes it permanent.
+Counters unwrapped with ``max_energy_range_uj`` and read often enough that no wrap passes
+unseen; package +/-10 %, DRAM +/-20 %. Zone discovery: :mod:`green_mlops.plugins.rapl_zones`.
+See docs/energy-measurement.md.
 """
 
 from __future__ import annotations
@@ -61,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,6 +25,16 @@ from green_mlops.meters import (
     MeterUnavailable,
     Method,
     Readings,
+)
+from green_mlops.plugins.rapl_zones import (
+    NOT_EXPOSED_FIX,
+    SAFETY_FACTOR,
+    Zone,
+    permission_fix,
+    power_bound,
+    read_text,
+    scan,
+    select,
 )
 
 if TYPE_CHECKING:
@@ -101,8 +58,6 @@ DRAM_UNCERTAINTY = 0.20
 DEFAULT_PACKAGE_MAX_W = 500.0
 #: Power bound for a DRAM zone without a constraint: 24 DDR5 RDIMMs of ~8 W under load.
 DEFAULT_DRAM_MAX_W = 200.0
-#: The bound times this factor is what the wrap logic treats as the most a zone can draw.
-SAFETY_FACTOR = 2.0
 MAX_INTERVAL_CAP_S = 60.0
 #: RAPL counters update about every millisecond; below this the power bound is meaningless.
 _MIN_ELAPSED_S = 0.01
@@ -116,16 +71,7 @@ MIRROR_TOLERANCE_S = 0.002
 _DISCOVERY_READS = 3
 _MAX_NOTES = 50
 _READ_SIZE = 32
-#: Control types in order of preference; the first with a package zone is the one used.
-CONTROL_TYPES = ("intel-rapl", "intel-rapl-tpmi", "intel-rapl-mmio")
-_ZONE_RE = re.compile(r"^(intel-rapl(?:-tpmi|-mmio)?):(\d+)(?::(\d+))?$")
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-
-NOT_EXPOSED_FIX = (
-    "RAPL is not exposed in most VMs and containers; the CPU estimate is used instead. On "
-    "bare-metal Linux, load the driver (sudo modprobe intel_rapl_msr; it also serves AMD Zen "
-    "on recent kernels) or point GREEN_MLOPS_RAPL_ROOT at the powercap tree"
-)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -436,117 +382,6 @@ class RaplMeter(Meter):
 # --- discovery -------------------------------------------------------------------------------
 
 
-@dataclass
-class _Zone:
-    control: str  # "intel-rapl"
-    zone: str  # "intel-rapl:0" or "intel-rapl:0:2"
-    path: Path
-    name: str = ""
-    package: str = ""  # the name of the package zone it is (in)
-    subzones: dict[str, Path] = field(default_factory=dict)
-
-
-def _read_text(path: Path) -> str:
-    with open(path) as f:
-        return f.read().strip()
-
-
-def _index(zone: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in zone.split(":")[1:])
-
-
-def _scan(root: Path) -> list[_Zone]:
-    """Top-level zones of every RAPL control type, with their subzones (flat or nested)."""
-    tops: dict[str, _Zone] = {}
-    flat_subs: list[tuple[str, str]] = []
-    for entry in os.listdir(root):
-        match = _ZONE_RE.match(entry)
-        if match is None:
-            continue
-        control, _, sub = match.groups()
-        if sub is None:
-            tops[entry] = _Zone(control, entry, root / entry)
-        else:
-            flat_subs.append((entry.rsplit(":", 1)[0], entry))
-    for parent, entry in flat_subs:
-        if parent in tops:
-            tops[parent].subzones[entry] = root / entry
-    for top in tops.values():
-        try:  # in the real tree subzones are also (and in some layouts only) nested
-            nested = [e for e in os.listdir(top.path) if e.startswith(top.zone + ":")]
-        except OSError:
-            nested = []
-        for entry in nested:
-            top.subzones.setdefault(entry, top.path / entry)
-        try:
-            top.name = _read_text(top.path / "name")
-        except OSError:
-            top.name = ""
-    return sorted(tops.values(), key=lambda z: (CONTROL_TYPES.index(z.control), _index(z.zone)))
-
-
-def _select(zones: list[_Zone]) -> tuple[list[_Zone], list[_Zone], list[str], list[str]]:
-    """(packages, dram zones, ignored zones with why, packages without dram)."""
-    ignored: list[str] = []
-    chosen = next(
-        (c for c in CONTROL_TYPES if any(z.control == c and _is_package(z) for z in zones)), ""
-    )
-    packages = [z for z in zones if z.control == chosen and _is_package(z)]
-    names = {z.name for z in packages}
-    for z in zones:
-        if z.control == chosen and _is_package(z):
-            z.package = z.name
-            continue
-        if z.name == "psys":
-            why = "whole platform, it includes the packages"
-        elif z.control != chosen and z.name in names:
-            why = f"same package as {chosen}:*"
-        elif z.control != chosen:
-            why = f"{chosen} is preferred"
-        else:
-            why = "not a package zone"
-        ignored.append(f"{z.zone} ({z.name or 'no name'}): {why}")
-    drams: list[_Zone] = []
-    no_dram: list[str] = []
-    for pkg in packages:
-        found = False
-        for entry, path in sorted(pkg.subzones.items(), key=lambda item: _index(item[0])):
-            try:
-                name = _read_text(path / "name")
-            except OSError as exc:
-                ignored.append(f"{entry}: name unreadable ({exc.strerror or exc})")
-                continue
-            if name == "dram" and not found:
-                drams.append(_Zone(pkg.control, entry, path, name, pkg.name))
-                found = True
-            elif name in ("core", "uncore"):
-                ignored.append(f"{entry} ({name}): part of {pkg.name}")
-            else:
-                ignored.append(f"{entry} ({name}): not a CPU or DRAM domain")
-        if not found:
-            no_dram.append(pkg.name)
-    return packages, drams, ignored, no_dram
-
-
-def _is_package(zone: _Zone) -> bool:
-    return zone.name.startswith("package-")
-
-
-def _power_bound(zone_dir: Path, default_w: float) -> tuple[float, str]:
-    """P_max of a zone: its largest ``constraint_*_max_power_uw``, else ``default_w``."""
-    best, source = 0, ""
-    for i in range(3):
-        try:
-            value = int(_read_text(zone_dir / f"constraint_{i}_max_power_uw"))
-        except (OSError, ValueError):
-            continue
-        if value > best:
-            best, source = value, f"constraint_{i}_max_power_uw"
-    if best > 0:
-        return best / 1e6, f"{source} {best / 1e6:.0f} W x {SAFETY_FACTOR:g}"
-    return default_w, f"default {default_w:.0f} W x {SAFETY_FACTOR:g}"
-
-
 class _Denied(Exception):
     """Permission denied on some of a zone's files (all of them listed, for one fix)."""
 
@@ -555,13 +390,13 @@ class _Denied(Exception):
         self.paths = paths
 
 
-def _open(zone: _Zone, component: Component) -> _Domain:
+def _open(zone: Zone, component: Component) -> _Domain:
     """Open a zone for reading; raises _Denied, OSError or ValueError."""
     denied: list[Path] = []
     range_path, energy_path = zone.path / "max_energy_range_uj", zone.path / "energy_uj"
     range_text = ""
     try:
-        range_text = _read_text(range_path)
+        range_text = read_text(range_path)
     except PermissionError:
         denied.append(range_path)
     try:
@@ -581,7 +416,7 @@ def _open(zone: _Zone, component: Component) -> _Domain:
         os.close(fd)
         fd = -1
     cpu = component is Component.CPU
-    power_w, source = _power_bound(zone.path, DEFAULT_PACKAGE_MAX_W if cpu else DEFAULT_DRAM_MAX_W)
+    power_w, source = power_bound(zone.path, DEFAULT_PACKAGE_MAX_W if cpu else DEFAULT_DRAM_MAX_W)
     device = Device(
         id=f"{'cpu' if cpu else 'ram'}:{zone.package}",
         component=component,
@@ -604,26 +439,8 @@ def _readable(fd: int) -> bool:
     return False
 
 
-def _permission_fix(root: Path, denied: list[Path]) -> str:
-    files = sorted({p.name for p in denied})
-    globs = sorted({f"{root}/{_ZONE_RE.sub(_glob_zone, p.parent.name)}/{p.name}" for p in denied})
-    chmods = " ".join(f"/sys%p/{f}" for f in files)
-    return (
-        f"run as root, or make the counters readable: sudo chmod a+r {' '.join(globs)} "
-        "(until reboot). To keep it, add the udev rule "
-        f'\'SUBSYSTEM=="powercap", KERNEL=="intel-rapl*:*", ACTION=="add", '
-        f'RUN+="/bin/chmod a+r {chmods}"\' to /etc/udev/rules.d/99-rapl.rules. Readable '
-        "counters reopen the PLATYPUS power side channel to local users: on shared machines "
-        "grant a group instead (chgrp <group> + chmod g+r)"
-    )
-
-
-def _glob_zone(match: re.Match[str]) -> str:
-    return f"{match.group(1)}:*"
-
-
 def _open_all(
-    zones: list[_Zone], component: Component, domains: list[_Domain]
+    zones: list[Zone], component: Component, domains: list[_Domain]
 ) -> tuple[list[Path], list[str]]:
     """Open every zone into ``domains``; return (paths denied, other failures)."""
     denied: list[Path] = []
@@ -646,11 +463,11 @@ def build_meters(root: Path) -> list[Meter | MeterUnavailable]:
     sum would undercount silently. What cannot be measured comes back as MeterUnavailable.
     """
     try:
-        zones = _scan(root)
+        zones = scan(root)
     except OSError as exc:
         reason = f"no RAPL powercap tree at {root} ({exc.strerror or exc})"
         return [_unavailable(Component.CPU, reason, NOT_EXPOSED_FIX)]
-    packages, drams, ignored, no_dram = _select(zones)
+    packages, drams, ignored, no_dram = select(zones)
     if not packages:
         found = ", ".join(f"{z.zone} ({z.name or 'no name'})" for z in zones) or "no zones"
         reason = f"no RAPL package domain under {root} (found: {found})"
@@ -672,7 +489,7 @@ def build_meters(root: Path) -> list[Meter | MeterUnavailable]:
                 f"permission denied reading {shown} (root only since the CVE-2020-8694 fix); "
                 f"the {component.value} estimate is used instead"
             )
-            fix = _permission_fix(root, denied)
+            fix = permission_fix(root, denied)
             offers.append(_unavailable(component, reason, fix, extra={"denied": shown}))
         elif failed:
             _close_all(domains)

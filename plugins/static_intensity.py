@@ -1,23 +1,7 @@
 """Offline carbon intensity from bundled yearly tables (provider ``static``).
 
-What it answers: one yearly average intensity (gCO2e/kWh) that covers all time, so it can
-price any run without a network and closes every provider chain.
-
-* Location with an Electricity Maps zone present in the yearly table (``DE``, ``US-CAL-CISO``,
-  cloud regions): Electricity Maps yearly 2025, lifecycle, consumption-based (flow-traced:
-  imports count at the intensity of where they were generated). ODbL 1.0.
-* Otherwise a country (``US``: a country whose grid has several zones): Ember yearly data by
-  ISO alpha-3, lifecycle, generation-based, the latest year Ember has for it (2022-2024).
-  CC BY-SA 4.0.
-* Unknown location: Ember's ``World`` figure, noted "location unknown: world average". A
-  country that neither table covers (Andorra, Monaco, ...) also gets the world figure, noted.
-
-Uncertainty: a yearly average ignores the hour-to-hour and seasonal swing of the grid (large
-where solar or wind are a large share), and the two sources differ in method (consumption vs
-generation basis, emission factors, data year): e.g. France 31 (Electricity Maps 2025) vs
-44.18 (Ember 2024), Great Britain 176 vs the United Kingdom's 215.79, Germany 342 vs 342.06.
-The provenance (dataset, zone, basis, vintage) says which figure priced the energy. Sources and
-licences: ``green_mlops/data/README.md``. The JSON tables are parsed on first use, once.
+Electricity Maps yearly 2025 by zone, else Ember yearly by country, else the world average: one
+interval covering all time, so it closes every provider chain. See docs/carbon-accounting.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,7 @@
 """The Carbon Intensity API of Great Britain's grid operator (NESO) as a provider (``uk``).
 
-What: the average carbon intensity of electricity generated in Great Britain (England, Scotland,
-Wales; not Northern Ireland, which is on the all-island grid), per half-hour settlement period
-in UTC, in gCO2/kWh. Labelled basis ``average`` and scope ``direct``: NESO's methodology prices
-each fuel by its generation emissions (wind, solar, nuclear count 0), not lifecycle; the value
-is CO2, not CO2e. No key is needed; the data are CC BY 4.0 and the attribution travels with the
-series.
-
-How: national ``GET {uk_url}/intensity/{from}/{to}`` (``from``/``to`` as ``YYYY-MM-DDTHH:MMZ``,
-one request per UTC day; the API allows 14 days) -> ``{"data": [{"from", "to", "intensity":
-{"forecast", "actual", "index"}}]}``. ``actual`` (from metered generation) is used when present,
-else ``forecast`` (estimated); ``index`` ("low", "moderate", ...) is a label and is ignored.
-The future comes from ``/intensity/{from}/fw48h``. With ``GREEN_MLOPS_UK_POSTCODE`` the
-regional endpoints are used instead (``/regional/intensity/{from}/{to}/postcode/{outward
-code}``, ``.../{from}/fw48h/postcode/...``), whose periods sit under ``data.data`` next to
-``regionid``/``shortname`` and carry only forecasts, so a regional series is always estimated.
-
-Uncertainty: NESO publishes no error bar; forecasts are flagged ``estimated``, and a period
-with neither value is a gap that the next provider fills.
+Half-hourly average intensity (direct CO2), national or by outward postcode; no key needed.
+See docs/carbon-accounting.md.
 """
 
 from __future__ import annotations

@@ -1,37 +1,7 @@
 """WattTime v3 marginal emissions (MOER) as a carbon-intensity provider (``watttime``).
 
-What: the Marginal Operating Emissions Rate (signal ``co2_moer``) of a WattTime grid region, in
-5-minute points: the CO2 rate of the generators that respond to a change in load. Labelled
-basis ``marginal`` and scope ``direct``: WattTime states the MOER is pounds of CO2 (not CO2e) per
-MWh from generator operation, not lifecycle, and includes transmission but not distribution
-losses (https://watttime.org/data-science/data-signals/marginal-co2). A marginal rate answers
-"what did my extra load cause", an average rate "what share of the grid's emissions is mine":
-the provenance says which one priced the run.
-
-How: ``GET /login`` with HTTP Basic gives a bearer token valid 30 minutes; it is kept in memory
-only, for 25 minutes, shared by the providers of one process that use the same account (the
-login endpoint allows 100 requests per 5 minutes). A 401 on a data call triggers one fresh
-login and one retry. Past: ``/v3/historical?region&start&end&signal_type=co2_moer``, one request
-per UTC day (the API allows 32 days per request; day-aligned windows let the runs of a sweep
-share the HTTP cache); the current day ends at the next full hour. Future:
-``/v3/forecast?region&signal_type=co2_moer&horizon_hours`` (24, 48 or 72 h), marked estimated.
-Each point covers ``[point_time, point_time + data_point_period_seconds)``.
-
-Units: only ``meta.units == "lbs_co2_per_mwh"`` is accepted. g/kWh = lbs/MWh x 453.59237 g/lb /
-1000 kWh/MWh = lbs/MWh x 0.45359237 (exact: the pound is 0.45359237 kg by definition). Anything
-else is refused, above all the 0-100 percentile of ``/v3/signal-index``, which is a rank, not
-an intensity.
-
-Region: WattTime regions are not Electricity Maps zones, and without coordinates
-``/v3/region-from-loc`` cannot be asked. :data:`ZONE_TO_REGION` maps only US balancing
-authorities that both services name by the same utility (EIA balancing-authority code; four
-WattTime codes differ), taken from WattTime's own region list (``data/us_region_meta_data.csv``
-in github.com/WattTime/watttime-python-client). ISOs that WattTime splits into sub-regions
-(CAISO, PJM, ERCOT, MISO, ISO-NE, NYISO, SPP) are not guessed: a run in Los Angeles must not be
-priced with Northern California's MOER. Pass ``region=`` to :class:`WattTimeProvider` to choose.
-
-Uncertainty: the MOER is a model estimate (WattTime publishes its validation, the API gives no
-error bar); forecasts are flagged ``estimated``.
+5-minute marginal CO2 rates, lbs/MWh x 0.45359237 = g/kWh, for regions mapped from the zone
+only where unambiguous. See docs/carbon-accounting.md.
 """
 
 from __future__ import annotations
