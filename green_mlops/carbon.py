@@ -339,7 +339,8 @@ def unknown_provider_names(settings: Settings) -> tuple[list[str], list[str]] | 
 def _warn_once_missing(name: str, available: list[str]) -> None:
     warn_once(
         f"intensity provider {name!r} is not offered by any loaded plugin "
-        f"(GREEN_MLOPS_INTENSITY_PROVIDERS); available: {', '.join(available) or 'none'}"
+        f"(GREEN_MLOPS_INTENSITY_PROVIDERS); available: {', '.join(available) or 'none'}",
+        fix=True,
     )
 
 
@@ -347,5 +348,6 @@ def _warn_unknown_location() -> None:
     warn_once(
         "location unknown, so carbon uses the WORLD AVERAGE grid intensity. "
         "Set GREEN_MLOPS_LOCATION to a country (DE), an Electricity Maps zone (US-CAL-CISO) "
-        "or a cloud region (aws:eu-west-1)."
+        "or a cloud region (aws:eu-west-1).",
+        fix=True,
     )

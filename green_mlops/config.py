@@ -19,6 +19,7 @@ from typing import Any
 from green_mlops.carbon import DEFAULT_INTENSITY_PROVIDERS, unknown_provider_names
 from green_mlops.facility import CLOUD_PUE
 from green_mlops.location import parse_location
+from green_mlops.units import DAY
 
 __all__ = ["ConfigError", "Secret", "Settings", "settings_table"]
 
@@ -422,7 +423,7 @@ class Settings:
     cache_ttl_s: float = _setting(
         "CACHE_TTL_S",
         3600.0,
-        _float_in(0.0, 7 * 86400.0),
+        _float_in(0.0, 7 * DAY),
         "seconds in [0, 604800]",
         "How long a cached API response is reused (0 disables the cache).",
     )

@@ -23,15 +23,16 @@ from urllib3.util.retry import Retry
 
 from green_mlops.config import Settings
 from green_mlops.intensity import IntensityUnavailable
+from green_mlops.units import DAY, HOUR
 
 __all__ = ["HttpClient"]
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 MAX_RETRY_AFTER_S = 10
 #: No entry lives longer than this (the largest GREEN_MLOPS_CACHE_TTL_S): older ones are gone.
-MAX_TTL_S = 7 * 86400.0
+MAX_TTL_S = 7 * DAY
 #: A temporary file older than this is a write a crash interrupted.
-STALE_TMP_S = 3600.0
+STALE_TMP_S = HOUR
 
 _pruned: set[Path] = set()
 _pruned_lock = threading.Lock()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from green_mlops.location import Location
+from green_mlops.units import DAY, HOUR
 
 __all__ = [
     "IntensityPoint",
@@ -117,9 +118,6 @@ def sorted_points(points: Sequence[IntensityPoint]) -> tuple[IntensityPoint, ...
 
 
 # --- helpers for API providers ---------------------------------------------------------------
-
-HOUR = 3600.0
-DAY = 86400.0
 
 
 def parse_time(text: object) -> float:

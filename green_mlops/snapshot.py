@@ -10,23 +10,20 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from green_mlops.units import joules_to_kwh
+
 __all__ = [
     "OTHER_PHASE",
     "DeviceEnergy",
     "PhaseEnergy",
     "Snapshot",
     "TimelinePoint",
-    "joules_to_kwh",
 ]
 
 #: Name of the phase that collects energy spent outside any named phase.
 OTHER_PHASE = "other"
 
 SCHEMA_VERSION = 1
-
-
-def joules_to_kwh(joules: float) -> float:
-    return joules / 3.6e6
 
 
 @dataclass(frozen=True)

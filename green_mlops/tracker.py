@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from green_mlops.config import Settings
-from green_mlops.log import log, warn_once
+from green_mlops.log import warn_once
 from green_mlops.meters import (
     Component,
     Device,
@@ -30,6 +31,8 @@ from green_mlops.meters import (
     Method,
     Readings,
 )
+from green_mlops.plugin_manager import HookFailure, call_hook, get_plugin_manager
+from green_mlops.sampler import get_sampler
 from green_mlops.snapshot import (
     OTHER_PHASE,
     DeviceEnergy,
@@ -39,6 +42,8 @@ from green_mlops.snapshot import (
 )
 
 __all__ = ["SMOOTHING_RESOLUTIONS", "MeterPart", "Tracker", "offers_from_plugins", "select_meters"]
+
+log = logging.getLogger(__name__)
 
 _MAX_TIMELINE = 4096
 
@@ -146,7 +151,8 @@ class Tracker:
     """Measures energy from :meth:`start` to :meth:`stop`, per device, component and phase.
 
     Args:
-        settings: resolved settings; by default ``Settings.load(**overrides)``.
+        settings: a :class:`Settings`, a mapping of setting names to values, or ``None``
+            (``GREEN_MLOPS_*`` and defaults), resolved by :meth:`Settings.resolve`.
         meters: use these meters instead of asking the plugins (for tests and embedding).
         clock: the monotonic clock for phase marks and readings (``time.monotonic``; tests
             pass one they control). Meters receive its time in ``sample(now)``.
@@ -158,16 +164,13 @@ class Tracker:
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        settings: Settings | Mapping[str, Any] | None = None,
         *,
         meters: Sequence[Meter | MeterUnavailable] | None = None,
         clock: Callable[[], float] | None = None,
         **overrides: Any,
     ) -> None:
-        if settings is None:
-            settings = Settings.load(**overrides)
-        elif overrides:
-            settings = settings.replace(**overrides)
+        settings = Settings.resolve(settings, **overrides)
         self.settings = settings
         self._offers = None if meters is None else list(meters)
         self._clock: Callable[[], float] = time.monotonic if clock is None else clock
@@ -205,8 +208,8 @@ class Tracker:
         offers = self._offers if self._offers is not None else offers_from_plugins(self.settings)
         self._meters, self._superseded, self._unavailable = select_meters(offers)
         for item in self._unavailable:
-            if not item.quiet:
-                warn_once(item.describe())
+            if not item.quiet:  # with a fix, the user must act: a GreenMlopsWarning
+                warn_once(item.describe(), fix=bool(item.fix))
         started: list[Meter] = []
         for meter in self._meters:
             try:
@@ -232,8 +235,6 @@ class Tracker:
         self._unix0 = time.time()
         self._timeline.append(TimelinePoint(self._unix0, {}))
         self._started = True
-        from green_mlops.sampler import get_sampler
-
         get_sampler().add(self)
         return self
 
@@ -246,8 +247,6 @@ class Tracker:
         if os.getpid() != self._pid:
             return self._empty("this tracker was started in another process (before a fork)")
         try:
-            from green_mlops.sampler import get_sampler
-
             get_sampler().remove(self)
             with self._lock:
                 self._sample(self._clock(), self._meters)
@@ -539,8 +538,6 @@ class Tracker:
         return self._unix0 + (monotonic - self._t0)
 
     def _wake(self) -> None:
-        from green_mlops.sampler import get_sampler
-
         get_sampler().request(self)
 
     def _problem(self, message: str) -> None:
@@ -565,8 +562,6 @@ def offers_from_plugins(settings: Settings) -> list[Meter | MeterUnavailable]:
     Each plugin is asked on its own: one that failed to load or whose hook raises is listed as
     unavailable, with its name and the error, and the others' meters are still used.
     """
-    from green_mlops.plugin_manager import HookFailure, call_hook, get_plugin_manager
-
     pm = get_plugin_manager(settings.disable_plugins)
     offers: list[Meter | MeterUnavailable] = [
         MeterUnavailable(name, Component.OTHER, f"plugin failed to load ({error})")

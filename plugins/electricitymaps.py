@@ -22,6 +22,7 @@ from green_mlops.intensity import (
     IntensitySeries,
     IntensityUnavailable,
 )
+from green_mlops.units import DAY, HOUR
 
 if TYPE_CHECKING:
     from green_mlops.config import Settings
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ElectricityMapsProvider", "green_mlops_intensity_providers"]
 
-HOUR = 3600.0
-DAY = 24 * HOUR
 #: ``/history`` covers the last 24 hours.
 HISTORY_S = 24 * HOUR
 #: ``/past-range`` accepts at most 10 days (240 h) per request at hourly granularity.

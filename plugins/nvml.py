@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from green_mlops.hookspecs import hookimpl
+from green_mlops.log import warn_once
 from green_mlops.meters import (
     Component,
     Device,
@@ -53,8 +54,6 @@ COUNTER_MAX_INTERVAL_S = 60.0
 #: How often the total-energy counter changes: ~100 ms as observed (NVIDIA documents no
 #: figure); phases shorter than ~10x this are apportioned by power (green_mlops.tracker).
 COUNTER_RESOLUTION_S = 0.1
-
-_ORDER_WARNED = False  # the CUDA_DEVICE_ORDER warning is given once per process
 
 
 # --- CUDA_VISIBLE_DEVICES --------------------------------------------------------------------
@@ -446,17 +445,15 @@ def _probe(
 
 
 def _warn_order(value: str, names: Sequence[str], environ: Mapping[str, str]) -> None:
-    global _ORDER_WARNED
-    if _ORDER_WARNED or len(set(names)) < 2 or environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID":
+    if len(set(names)) < 2 or environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID":
         return
-    _ORDER_WARNED = True
-    log.warning(
-        "green-mlops nvml: CUDA_VISIBLE_DEVICES=%s uses indices and this machine has different "
-        "GPU models (%s). green-mlops reads indices in NVML (PCI bus) order, but CUDA numbers "
-        "GPUs fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, so the GPUs measured may not "
-        "be the GPUs used. Set CUDA_DEVICE_ORDER=PCI_BUS_ID, or list GPU-<uuid> entries.",
-        value,
-        ", ".join(sorted(set(names))),
+    warn_once(
+        f"nvml: CUDA_VISIBLE_DEVICES={value} uses indices and this machine has different GPU "
+        f"models ({', '.join(sorted(set(names)))}). green-mlops reads indices in NVML (PCI bus) "
+        "order, but CUDA numbers GPUs fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, so the "
+        "GPUs measured may not be the GPUs used. Set CUDA_DEVICE_ORDER=PCI_BUS_ID, or list "
+        "GPU-<uuid> entries.",
+        fix=True,
     )
 
 

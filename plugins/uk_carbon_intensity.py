@@ -24,6 +24,7 @@ from green_mlops.intensity import (
     parse_time,
 )
 from green_mlops.location import Location
+from green_mlops.units import HOUR
 
 if TYPE_CHECKING:
     from green_mlops.http import HttpClient
@@ -33,8 +34,6 @@ __all__ = ["ATTRIBUTION", "UkCarbonIntensityProvider"]
 ATTRIBUTION = "Carbon Intensity API (NESO), CC BY 4.0"
 FORECAST_H = 48
 MAX_DAYS = 100  # bound on requests for one range (one per UTC day)
-HOUR = 3600.0
-DAY = 86400.0
 #: Electricity Maps zones of Great Britain's grid (GB-NIR, Northern Ireland, is not on it).
 GB_ZONES = frozenset({"GB", "GB-ORK"})
 

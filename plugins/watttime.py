@@ -26,6 +26,7 @@ from green_mlops.intensity import (
     parse_time,
 )
 from green_mlops.location import Location
+from green_mlops.units import DAY, HOUR
 
 if TYPE_CHECKING:
     from green_mlops.http import HttpClient
@@ -39,8 +40,6 @@ SIGNAL = "co2_moer"
 TOKEN_LIFETIME_S = 25 * 60  # WattTime tokens live 30 min; renew early
 MAX_HORIZON_H = 72
 MAX_DAYS = 100  # bound on requests for one range (one per UTC day)
-HOUR = 3600.0
-DAY = 86400.0
 
 # Electricity Maps zone -> WattTime region, for US balancing authorities that both services name by
 # the same utility. Source: WattTime's region list (watttime-python-client,

@@ -9,12 +9,20 @@ Performance is measured by benchmarks/carbon_accounting.py, not asserted here.
 from __future__ import annotations
 
 import bisect
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from green_mlops import GreenMlopsWarning
+from green_mlops import log as log_module
 from green_mlops.carbon import CarbonResult, account
 from green_mlops.intensity import FOREVER, IntensityPoint, IntensitySeries, sorted_points
 
@@ -445,3 +453,71 @@ def test_closing_the_accountant_closes_the_providers_connections(
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- problems the user must fix: GreenMlopsWarning -------------------------------------------
+
+
+def test_unknown_location_warns_the_user_how_to_set_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from green_mlops.carbon import CarbonAccountant
+    from green_mlops.config import Settings
+
+    monkeypatch.setattr(log_module, "_warned", set())
+    settings = Settings.load(environ={}, cache_dir=tmp_path)
+    with pytest.warns(GreenMlopsWarning, match="WORLD AVERAGE.*Set GREEN_MLOPS_LOCATION to a"):
+        CarbonAccountant(settings, providers=[]).close()
+
+
+PROVIDER_OF_A_BROKEN_PLUGIN = textwrap.dedent(
+    """
+    import json, warnings
+    from green_mlops.carbon import CarbonAccountant
+    from green_mlops.config import Settings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        settings = Settings.load(location="DE", intensity_providers="mine,static")
+        accountant = CarbonAccountant(settings)
+        accountant.close()
+    print(json.dumps({
+        "warnings": [[w.category.__name__, str(w.message)] for w in caught],
+        "skipped": accountant.skipped,
+    }))
+    """
+)
+
+
+def test_a_named_provider_whose_plugin_failed_to_load_warns_the_user(tmp_path: Path) -> None:
+    # GREEN_MLOPS_INTENSITY_PROVIDERS names the provider of a plugin that fails to import: the
+    # settings load (the plugin may have offered it), the run says why in its provenance, and
+    # the user gets a GreenMlopsWarning naming the setting.
+    (tmp_path / "broken_provider.py").write_text("raise ImportError('oops')\n")
+    info = tmp_path / "broken_provider-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-provider\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[green_mlops]\nmine = broken_provider\n")
+    (info / "RECORD").write_text("")
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{root}",
+        "GREEN_MLOPS_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", PROVIDER_OF_A_BROKEN_PLUGIN],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["skipped"]["mine"].startswith("not offered by any loaded plugin")
+    assert "failed to load" in out["skipped"]["plugin mine"]
+    ours = [m for category, m in out["warnings"] if category == "GreenMlopsWarning"]
+    assert ours == [
+        "green-mlops: intensity provider 'mine' is not offered by any loaded plugin "
+        "(GREEN_MLOPS_INTENSITY_PROVIDERS); available: constant, electricitymaps, static, uk, "
+        "watttime"
+    ]

@@ -8,7 +8,6 @@ provider standing in for the static table. urllib3's backoff factor is shrunk fo
 
 from __future__ import annotations
 
-import importlib.metadata
 import itertools
 import json
 import socket
@@ -34,6 +33,7 @@ from green_mlops.intensity import (
     IntensityUnavailable,
 )
 from green_mlops.location import Location
+from green_mlops.plugin_manager import create_plugin_manager
 from green_mlops.plugins import electricitymaps
 from green_mlops.plugins.electricitymaps import (
     MAX_RANGE_S,
@@ -194,12 +194,8 @@ def test_hook_offers_the_provider(tmp_path: Path) -> None:
     conf = make_settings("http://127.0.0.1:9", tmp_path)
     (offered,) = electricitymaps.green_mlops_intensity_providers(settings=conf)
     assert isinstance(offered, ElectricityMapsProvider) and offered.name == "electricitymaps"
-    (entry_point,) = [
-        ep
-        for ep in importlib.metadata.entry_points(group="green_mlops")
-        if ep.name == "electricitymaps"
-    ]
-    assert entry_point.load() is electricitymaps
+    # Built-ins are registered by module (plugin_manager.DEFAULT_PLUGINS), under their name.
+    assert create_plugin_manager().get_plugin("electricitymaps") is electricitymaps
 
 
 # --- response shapes ----------------------------------------------------------------------

@@ -8,12 +8,14 @@ import ctypes
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 
 import pynvml
 import pytest
 
-from green_mlops import Tracker
+from green_mlops import GreenMlopsWarning, Tracker
+from green_mlops import log as log_module
 from green_mlops.config import Settings
 from green_mlops.meters import Component, DeviceError, Meter, MeterUnavailable, Method
 from green_mlops.plugin_manager import create_plugin_manager
@@ -167,7 +169,7 @@ class FakeNvml:
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNvml]:
     lib = FakeNvml([FakeGpu(UUID0), FakeGpu(UUID1)])
     lib.install(monkeypatch)
-    monkeypatch.setattr(nvml, "_ORDER_WARNED", False)
+    monkeypatch.setattr(log_module, "_warned", set())  # each test sees its warnings once
     yield lib
 
 
@@ -508,6 +510,18 @@ def test_pynvml_missing_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "not installed" in missing.reason and "nvidia-ml-py" in missing.fix
 
 
+def test_pynvml_missing_warns_the_user_with_the_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A GPU user without the extra gets a GreenMlopsWarning that says what to install.
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setattr(log_module, "_warned", set())
+    fix = r"nvidia-ml-py \(module pynvml\) is not installed\. Fix: pip install nvidia-ml-py"
+    with pytest.warns(GreenMlopsWarning, match=fix):
+        snap = Tracker(disable_plugins="rapl,cpu_estimate,ram_estimate").start().stop()
+    assert any("pip install nvidia-ml-py" in text for text in snap.unavailable)
+
+
 def test_close_shuts_nvml_down_once(fake: FakeNvml) -> None:
     meter = only_meter(build_meters(environ={}))
     assert fake.refcount == 1
@@ -630,14 +644,12 @@ def test_visible_devices_through_build_meters(fake: FakeNvml) -> None:
     assert fake.refcount == 0
 
 
-def test_heterogeneous_indices_warn_once_about_device_order(
-    fake: FakeNvml, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_heterogeneous_indices_warn_once_about_device_order(fake: FakeNvml) -> None:
     fake.gpus[1].name = "NVIDIA A100-SXM4-40GB"
-    caplog.set_level(logging.WARNING, logger=nvml.__name__)
-    for _ in range(2):
-        only_meter(build_meters(environ={"CUDA_VISIBLE_DEVICES": "1"})).close()
-    warnings = [r.getMessage() for r in caplog.records]
+    with pytest.warns(GreenMlopsWarning, match="CUDA_DEVICE_ORDER=PCI_BUS_ID") as record:
+        for _ in range(2):
+            only_meter(build_meters(environ={"CUDA_VISIBLE_DEVICES": "1"})).close()
+    warnings = [str(w.message) for w in record if issubclass(w.category, GreenMlopsWarning)]
     assert len(warnings) == 1
     assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in warnings[0] and "A100" in warnings[0]
 
@@ -655,11 +667,15 @@ def test_no_order_warning_when_order_cannot_matter(
 ) -> None:
     fake.gpus[1].name = "NVIDIA A100-SXM4-40GB"
     caplog.set_level(logging.WARNING, logger=nvml.__name__)
-    only_meter(build_meters(environ=environ)).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GreenMlopsWarning)  # a warning would raise here
+        only_meter(build_meters(environ=environ)).close()
     assert caplog.records == []
 
 
 def test_same_model_indices_do_not_warn(fake: FakeNvml, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger=nvml.__name__)
-    only_meter(build_meters(environ={"CUDA_VISIBLE_DEVICES": "1,0"})).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GreenMlopsWarning)  # a warning would raise here
+        only_meter(build_meters(environ={"CUDA_VISIBLE_DEVICES": "1,0"})).close()
     assert caplog.records == []

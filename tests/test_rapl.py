@@ -19,13 +19,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from green_mlops import Tracker
 from green_mlops.config import Settings
 from green_mlops.meters import Component, DeviceError, Meter, MeterUnavailable, Method
 from green_mlops.plugin_manager import create_plugin_manager
@@ -482,6 +485,14 @@ def _summary(offer: Meter | MeterUnavailable) -> dict[str, object]:
 
 def _offers_as_unprivileged_user(root: Path) -> list[dict[str, object]]:
     """Build the meters in a child process that has dropped root to ``nobody``."""
+    result: list[dict[str, object]] = _as_unprivileged_user(
+        lambda: [_summary(o) for o in build_meters(root)]
+    )
+    return result
+
+
+def _as_unprivileged_user(work: Callable[[], object]) -> Any:
+    """``work()`` (JSON-ready) in a child process that has dropped root to ``nobody``."""
     nobody = pwd.getpwnam("nobody")
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -492,8 +503,7 @@ def _offers_as_unprivileged_user(root: Path) -> list[dict[str, object]]:
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-            summary = [_summary(o) for o in build_meters(root)]
-            os.write(write_fd, json.dumps(summary).encode())
+            os.write(write_fd, json.dumps(work()).encode())
             code = 0
         finally:
             os._exit(code)
@@ -502,8 +512,7 @@ def _offers_as_unprivileged_user(root: Path) -> list[dict[str, object]]:
         data = pipe.read()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    result: list[dict[str, object]] = json.loads(data)
-    return result
+    return json.loads(data)
 
 
 @pytest.fixture
@@ -543,6 +552,36 @@ def test_permission_denied_is_unavailable_with_the_exact_fix(world_traversable_d
     assert f"sudo chmod a+r {root}/intel-rapl:*/energy_uj (until reboot)" in fix
     assert 'RUN+="/bin/chmod a+r /sys%p/energy_uj"' in fix and "/etc/udev/rules.d/" in fix
     assert fix.startswith("run as root")
+
+
+def test_permission_denied_warns_the_user_with_the_fix(world_traversable_dir: Path) -> None:
+    # The user's situation: an unprivileged training job on bare metal since the CVE-2020-8694
+    # fix. The tracker says so with a GreenMlopsWarning that carries the chmod/udev fix.
+    root = world_traversable_dir
+    two_socket_server(root)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o444)
+    for energy in root.glob("*/energy_uj"):
+        energy.chmod(stat.S_IRUSR if os.geteuid() == 0 else 0)
+
+    def track() -> list[list[str]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Tracker(rapl_root=root, disable_plugins="nvml,cpu_estimate,ram_estimate").start().stop()
+        return [[w.category.__name__, str(w.message)] for w in caught]
+
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root and there is no 'nobody' user to drop privileges to")
+        caught = _as_unprivileged_user(track)
+    else:
+        caught = track()
+    ours = [message for category, message in caught if category == "GreenMlopsWarning"]
+    cpu = [m for m in ours if m.startswith("green-mlops: rapl (cpu): permission denied reading")]
+    assert len(cpu) == 1, caught
+    assert f"Fix: run as root, or make the counters readable: sudo chmod a+r {root}/" in cpu[0]
 
 
 def test_descriptors_are_opened_once_and_closed(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from green_mlops import Tracker
+from green_mlops import GreenMlopsWarning, Tracker
+from green_mlops import log as log_module
 from green_mlops.config import ConfigError
 from green_mlops.meters import Component, Device, Meter, MeterUnavailable, Method, Readings
 from green_mlops.metrics import energy_metrics, power_series, provenance_tags
@@ -458,3 +460,22 @@ def test_user_meter_in_twenty_lines() -> None:
     time.sleep(0.1)
     result = snap.stop()
     assert result.joules_by_component()["other"] == pytest.approx(230 * result.duration_s, abs=2.3)
+
+
+def test_a_meter_the_user_can_fix_is_a_green_mlops_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A meter that is unavailable with a fix (RAPL permission, nvidia-ml-py missing) is a
+    # GreenMlopsWarning, so -W and filterwarnings act on it; one without a fix is a log record;
+    # a quiet one (no driver on a CPU-only host) is neither.
+    monkeypatch.setattr(log_module, "_warned", set())
+    fixable = MeterUnavailable("ram_x", Component.RAM, "not here", fix="do this")
+    broken = MeterUnavailable("gpu_x", Component.GPU, "plugin failed to load (boom)")
+    normal = MeterUnavailable("gpu_y", Component.GPU, "no driver", fix="install it", quiet=True)
+    caplog.set_level(logging.WARNING, logger="green_mlops")
+    with pytest.warns(GreenMlopsWarning, match=r"ram_x \(ram\): not here\. Fix: do this") as got:
+        Tracker(meters=[ClockMeter(), fixable, broken, normal]).start().stop()
+    ours = [str(w.message) for w in got if issubclass(w.category, GreenMlopsWarning)]
+    assert ours == ["green-mlops: ram_x (ram): not here. Fix: do this"]
+    logged = [r.getMessage() for r in caplog.records if "gpu_" in r.getMessage()]
+    assert logged == ["green-mlops: gpu_x (gpu): plugin failed to load (boom)"]
