@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs Debian's chromium for tests/test_mlflow_ui.py (Playwright drives /usr/bin/chromium;
 # no browser is ever downloaded by Playwright). Idempotent: exits 0 at once when it is present.
-# Needs root, or sudo. Prints one line; on failure, apt's output and a reason on stderr.
+# Needs root, or sudo without a password. Prints one line; on failure, apt's output and a reason
+# on stderr.
 set -euo pipefail
 
 CHROMIUM=/usr/bin/chromium
@@ -18,10 +19,12 @@ fi
 
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then
-    SUDO=(sudo)
+  # -n: never wait for a password (make test runs unattended)
+  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    SUDO=(sudo -n)
   else
-    echo "install-browser: run as root (or install sudo) to install chromium" >&2
+    echo "install-browser: needs root to install chromium: run 'sudo apt-get install chromium'" \
+      "(or this script as root)" >&2
     exit 1
   fi
 fi
