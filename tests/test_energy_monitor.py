@@ -33,7 +33,8 @@ from lightning.pytorch.callbacks import (
 
 from green_mlops.config import ConfigError
 from green_mlops.integrations.lightning import EnergyMonitor
-from green_mlops.integrations.lightning.energy_monitor import PHASES, assign_devices
+from green_mlops.integrations.lightning.energy_monitor import PHASES
+from green_mlops.integrations.lightning.ranks import assign_devices
 from green_mlops.meters import Component, Device, DeviceError, Meter, MeterUnavailable, Method
 from tests.conftest import ClockMeter
 

@@ -1,0 +1,217 @@
+"""Where ``EnergyMonitor``'s numbers go: the Trainer's loggers, MLflow tags, the JSON report.
+
+See docs/energy-monitor.md ("Where the numbers go").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from green_mlops.integrations.lightning._namespaces import classes
+from green_mlops.log import warn_once
+from green_mlops.metrics import POWER_KEY
+from green_mlops.session import Measurement, Result, claim, lookup, release
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from green_mlops.footprint import Footprint
+
+__all__ = ["Output", "callback_tags", "interrupted_tags"]
+
+
+class Output:
+    """The Trainer's loggers during one stage: which are MLflow runs (totals at step =
+    seconds), and which of those the MLflow plugin measures (it logs their totals).
+
+    ``owner``: the name under which the callback registers the measurements it owns
+    (:func:`green_mlops.session.claim`), so that an MLflow run has one measurement.
+    """
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        #: Loggers whose run the MLflow plugin owns: no totals from the callback.
+        self._shared: set[int] = set()
+        #: Loggers (MLflow's) whose totals are logged at step = seconds, as the plugin does.
+        self._seconds_step: set[int] = set()
+        self._run_ids: list[str] = []
+        self._claimed: list[str] = []
+
+    def find_owner(self, trainer: pl.Trainer) -> Measurement | None:
+        """The running measurement another integration (the MLflow plugin) has of an
+        ``MLFlowLogger``'s run: its loggers then get no totals from the callback. Never raises
+        (rank 0 calls it before a broadcast)."""
+        owner = None
+        try:
+            for logger in trainer.loggers:
+                run_id = _mlflow_run_id(logger)
+                if run_id is None:
+                    continue
+                self._run_ids.append(run_id)
+                self._seconds_step.add(id(logger))
+                found = lookup(run_id)
+                if found is not None and found[1] != self.owner and found[0].running:
+                    owner = found[0]
+                    self._shared.add(id(logger))
+        except Exception as exc:
+            warn_once(f"EnergyMonitor could not read the MLflow run: {exc}")
+        return owner
+
+    def claim(self, measurement: Measurement) -> None:
+        """Register ``measurement`` as the one of the MLflow runs found (unless one exists)."""
+        for run_id in self._run_ids:
+            _, created = claim(run_id, self.owner, lambda m=measurement: m)
+            if created:
+                self._claimed.append(run_id)
+
+    def release(self) -> None:
+        """The stage is over: the runs claimed are free for another measurement."""
+        for run_id in self._claimed:
+            release(run_id)
+
+    def log(self, trainer: pl.Trainer, metrics: Mapping[str, float], *, totals: bool) -> None:
+        """Log through every logger; loggers whose run the MLflow plugin owns get no totals.
+
+        Series (per epoch, per validation, per step) use step = ``global_step``. MLflow shows
+        a metric's value at its highest step, so there run totals use step = whole seconds
+        of the run's measurement (``green/duration_s``, over every stage and segment), the
+        plugin's step: the value shown is the latest total, whoever wrote it.
+        """
+        for logger in trainer.loggers:
+            chosen = dict(metrics)
+            if id(logger) in self._shared and totals:
+                chosen = {k: v for k, v in chosen.items() if k.startswith("green/epoch/")}
+            batches = [(chosen, trainer.global_step)]
+            if totals and id(logger) in self._seconds_step:
+                series = {k: v for k, v in chosen.items() if k.startswith("green/epoch/")}
+                rest = {k: v for k, v in chosen.items() if k not in series}
+                seconds = int(metrics.get("green/duration_s", 0.0))
+                batches = [(series, trainer.global_step), (rest, seconds)]
+            for batch, step in batches:
+                if not batch:
+                    continue
+                try:
+                    logger.log_metrics(batch, step=step)
+                except Exception as exc:
+                    warn_once(f"EnergyMonitor could not log to {type(logger).__name__}: {exc}")
+
+    def write(
+        self,
+        trainer: pl.Trainer,
+        result: Result,
+        metrics: Mapping[str, float],
+        tags: Mapping[str, str],
+        *,
+        world: int,
+        report: bool,
+    ) -> None:
+        """Tags, the JSON report (with ``report``) and the power series (one process only)
+        to each MLflow run the callback logs; the report into other loggers' ``log_dir``."""
+        document = result.report()
+        if world > 1:
+            document["rank0_metrics"] = document["metrics"]
+        document["metrics"] = dict(metrics)
+        if result.footprint is not None:  # the run's stages so far, not the last one only
+            from green_mlops.footprint import reporting_sentence
+
+            whole = _whole_footprint(result.footprint, metrics)
+            document["footprint"] = dataclasses.asdict(whole)
+            document["reporting_sentence"] = reporting_sentence(whole)
+        document["tags"] = dict(tags)
+        for logger in trainer.loggers:
+            try:
+                run_id = _mlflow_run_id(logger)
+                if run_id is not None:
+                    if id(logger) in self._shared:
+                        continue
+                    from mlflow.entities import RunTag
+
+                    client = cast(Any, logger).experiment
+                    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
+                    if report:
+                        client.log_dict(run_id, document, "green/report.json")
+                    if world == 1 and result.power:
+                        _log_power(client, run_id, result.power)
+                elif report and getattr(logger, "log_dir", None):
+                    path = os.path.join(str(logger.log_dir), "green_report.json")
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "w", encoding="utf-8") as fh:
+                        json.dump(document, fh, indent=2, default=str)
+            except Exception as exc:
+                warn_once(f"EnergyMonitor could not write to {type(logger).__name__}: {exc}")
+
+
+def callback_tags(
+    flop_tags: Mapping[str, str], *, monitor: str | None, mode: str, world: int
+) -> dict[str, str]:
+    """The callback's provenance tags: FLOPs and MFU, phase carbon, quality, ranks."""
+    tags = {
+        **flop_tags,
+        "green.phase.co2e": "phase kWh x the run's mean intensity x PUE (not time-resolved)",
+        "green.ranks": str(world),
+    }
+    if monitor is not None:
+        quality = "metric" if mode == "max" else "1 / metric"
+        tags["green.quality"] = f"{monitor} ({mode}); quality = {quality}"
+    if world > 1:
+        tags["green.ranks"] += (
+            " processes; energy, carbon and FLOPs summed over ranks; durations and the "
+            "other tags are rank 0's"
+        )
+    return tags
+
+
+def interrupted_tags(
+    trainer: pl.Trainer, failure: BaseException | None, world: int
+) -> dict[str, str]:
+    """``green.interrupted`` (and ``green.partial`` with several ranks) after a failure."""
+    if failure is None:
+        return {}
+    fn = trainer.state.fn
+    stage = str(getattr(fn, "value", fn) or "unknown stage")
+    tags = {"green.interrupted": f"{type(failure).__name__} during {stage}"}
+    if world > 1:
+        tags["green.partial"] = (
+            "interrupted: the totals are this process's only (ranks not combined)"
+        )
+    return tags
+
+
+def _whole_footprint(fp: Footprint, metrics: Mapping[str, float]) -> Footprint:
+    """The stage's footprint with the run's totals (earlier stages, checkpoint, ranks)."""
+    fields = {
+        "duration_s": "green/duration_s",
+        "it_kwh": "green/energy_kwh",
+        "facility_kwh": "green/energy_facility_kwh",
+        "operational_g": "green/co2e_g",
+        "operational_uncertainty_g": "green/co2e_uncertainty_g",
+        "intensity_g_per_kwh": "green/intensity_g_per_kwh",
+        "cost": "green/cost",
+        "embodied_g": "green/embodied_g",
+        "sci_g": f"green/sci_g_per_{fp.functional_unit}",
+    }
+    changes: dict[str, Any] = {
+        name: metrics[key]
+        for name, key in fields.items()
+        if key in metrics and getattr(fp, name) is not None
+    }
+    return dataclasses.replace(fp, **changes)
+
+
+def _mlflow_run_id(logger: Any) -> str | None:
+    if not isinstance(logger, classes("loggers", "MLFlowLogger")):  # of either namespace
+        return None
+    run_id = logger.run_id
+    return str(run_id) if run_id else None
+
+
+def _log_power(client: Any, run_id: str, power: Sequence[tuple[float, float]]) -> None:
+    from mlflow.entities import Metric
+
+    points = [Metric(POWER_KEY, watts, int(t * 1000), i) for i, (t, watts) in enumerate(power)]
+    for start in range(0, len(points), 1000):  # MLflow's log_batch limit
+        client.log_batch(run_id, metrics=points[start : start + 1000])

@@ -1,0 +1,197 @@
+"""Which process of a distributed Lightning job measures what, and its totals summed over ranks.
+
+See docs/energy-monitor.md ("Distributed runs") for the rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from green_mlops.integrations.lightning.flop_tracking import (
+    FlopTracker,
+    flop_metrics,
+    is_flop_total,
+)
+from green_mlops.meters import Component, Device, Meter, MeterUnavailable, Readings
+from green_mlops.session import Result
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = [
+    "assign_devices",
+    "derive",
+    "gpu_identity",
+    "local_values",
+    "rank0_only",
+    "sum_over_ranks",
+]
+
+
+class _Subset(Meter):
+    """A meter restricted to some of its devices (the others are read but not counted)."""
+
+    def __init__(self, inner: Meter, devices: Sequence[Device]) -> None:
+        super().__init__(list(devices))
+        self.inner = inner
+        self.name = inner.name
+        self.max_interval_s = inner.max_interval_s
+
+    def start(self) -> None:
+        self.inner.start()
+
+    def sample(self, now: float) -> Readings:
+        return self.inner.sample(now)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def notes(self) -> list[str]:
+        return self.inner.notes()
+
+
+def assign_devices(
+    offers: Sequence[Meter | MeterUnavailable],
+    *,
+    local_rank: int,
+    gpu_index: int | None = None,
+    gpu_uuid: str | None = None,
+) -> list[Meter | MeterUnavailable]:
+    """The offers restricted to the devices this process measures in a multi-process run.
+
+    A process training on CUDA device ``gpu_index`` measures that GPU: the device whose label
+    holds ``gpu_uuid``, else the ``gpu_index``-th GPU device of its meter (NVML lists GPUs in
+    ``CUDA_VISIBLE_DEVICES`` order). Node devices (CPU, RAM, other, and GPUs of a process that
+    does not train on a GPU) are measured by local rank 0 only. Unavailable meters are kept for
+    provenance.
+    """
+    kept: list[Meter | MeterUnavailable] = []
+    for offer in offers:
+        if isinstance(offer, MeterUnavailable):
+            kept.append(offer)
+            continue
+        gpus = [d for d in offer.devices if d.component is Component.GPU]
+        devices = []
+        for device in offer.devices:
+            if device.component is Component.GPU and gpu_index is not None:
+                if gpu_uuid and any(gpu_uuid in g.label for g in gpus):
+                    mine = gpu_uuid in device.label
+                else:
+                    mine = gpus.index(device) == gpu_index
+            else:
+                mine = local_rank == 0
+            if mine:
+                devices.append(device)
+        if len(devices) == len(offer.devices):
+            kept.append(offer)
+        elif devices:
+            kept.append(_Subset(offer, devices))
+    return kept
+
+
+def gpu_identity(trainer: pl.Trainer) -> tuple[int | None, str | None]:
+    """(CUDA index, UUID) of the GPU this process trains on; (None, None) off CUDA."""
+    root = trainer.strategy.root_device
+    if root.type != "cuda":
+        return None, None
+    import torch
+
+    index = root.index if root.index is not None else torch.cuda.current_device()
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+    except Exception:
+        uuid = None
+    return index, uuid or None
+
+
+def rank0_only(key: str) -> bool:
+    """Durations: every rank lives through the same wall-clock time; rank 0's is reported."""
+    return key.endswith("_s") and key != "_peak_x_s"
+
+
+def local_values(
+    result: Result,
+    flops: FlopTracker,
+    *,
+    rank: int,
+    zero_embodied: bool,
+    exclude: Mapping[str, float],
+) -> dict[str, float]:
+    """This process's additive numbers of a stage (before the cross-rank sum).
+
+    The intensity becomes intensity x kWh (summed, then divided by the summed kWh); with
+    ``zero_embodied`` the machine's embodied carbon is left to the node leader; ``exclude``
+    is subtracted (what was already handed to a shared measurement); durations are rank 0's.
+    """
+    values = dict(result.metrics)
+    values.pop("green/intensity_g_per_kwh", None)
+    intensity = result.metrics.get("green/intensity_g_per_kwh")
+    if intensity is not None:
+        values["_intensity_x_kwh"] = intensity * result.metrics.get("green/energy_kwh", 0.0)
+    if zero_embodied and "green/embodied_g" in values:  # the machine's figure: node leader's
+        embodied = values.pop("green/embodied_g")
+        fp = result.footprint
+        for key in [k for k in values if k.startswith("green/sci_g_per_")]:
+            units = getattr(fp, "functional_units", None) or 1.0
+            values[key] -= embodied / units
+    for key, value in exclude.items():
+        if key in values:
+            values[key] -= value
+    loop_s = result.metrics.get("green/phase/train_s", 0.0)
+    loop_s += result.metrics.get("green/phase/data_wait_s", 0.0)
+    values.update(flops.additive(loop_s))
+    values["_train_loop_s"] = loop_s
+    if rank != 0:
+        for key in [k for k in values if rank0_only(k)]:
+            values[key] = 0.0
+    return values
+
+
+def hand_over(
+    stage: Mapping[str, float], local: Mapping[str, float], base: Mapping[str, float]
+) -> dict[str, float]:
+    """What a shared measurement (rank 0's) cannot see of the totals: the other ranks' share
+    of this stage and the earlier stages' (and a checkpoint's) totals; durations are its own."""
+    return {
+        k: stage.get(k, 0.0) - local.get(k, 0.0) + base.get(k, 0.0)
+        for k in set(stage) | set(base)
+        if k.startswith("green/") and not rank0_only(k)
+    }
+
+
+def sum_over_ranks(
+    trainer: pl.Trainer, local: Mapping[str, float], keys: Sequence[str], *, collective: bool
+) -> dict[str, float]:
+    """``local``'s ``keys`` summed over the ranks (a collective when ``collective`` and the
+    job has several processes: every rank must call it at the same point). A key is kept
+    when some rank reported it."""
+    vector = [local.get(k, 0.0) for k in keys] + [1.0 if k in local else 0.0 for k in keys]
+    if collective and trainer.world_size > 1:
+        vector = _reduce(trainer, vector)
+    n = len(keys)
+    return {k: vector[i] for i, k in enumerate(keys) if vector[n + i] > 0}
+
+
+def derive(additive: Mapping[str, float], phases: Iterable[str]) -> dict[str, float]:
+    """The metrics to log from additive totals (summed over ranks and segments)."""
+    out = {k: v for k, v in additive.items() if not k.startswith("_") and not is_flop_total(k)}
+    kwh = additive.get("green/energy_kwh", 0.0)
+    if additive.get("_intensity_x_kwh") and kwh > 0:
+        out["green/intensity_g_per_kwh"] = additive["_intensity_x_kwh"] / kwh
+    co2e = additive.get("green/co2e_g")
+    if co2e is not None and kwh > 0:
+        for p in phases:
+            phase_kwh = additive.get(f"green/phase/{p}_kwh")
+            if phase_kwh is not None:
+                out[f"green/phase/{p}_co2e_g"] = co2e * phase_kwh / kwh
+    out.update(flop_metrics(additive))
+    return out
+
+
+def _reduce(trainer: pl.Trainer, vector: list[float]) -> list[float]:
+    import torch
+
+    tensor = torch.tensor(vector, dtype=torch.float64, device=trainer.strategy.root_device)
+    reduced = trainer.strategy.reduce(tensor, reduce_op="sum")
+    return [float(v) for v in reduced.cpu().tolist()]
