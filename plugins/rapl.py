@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from green_mlops import job
 from green_mlops.hookspecs import hookimpl
 from green_mlops.meters import (
     Component,
@@ -521,7 +522,5 @@ def _unavailable(
 @hookimpl
 def green_mlops_meters(settings: Settings) -> list[Meter | MeterUnavailable]:
     """RAPL package and DRAM meters for this machine, or why they are unavailable."""
-    from green_mlops import job
-
     job.warn_scope()  # the counters are this node's: say so in a multi-node job
     return build_meters(Path(settings.rapl_root))
