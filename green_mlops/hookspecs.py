@@ -1,8 +1,8 @@
 """The hooks a green-mlops plugin can implement.
 
 Functions named like the specs below, decorated with :data:`hookimpl`, in a module advertised
-through the ``green_mlops`` entry-point group; built-in plugins are no more privileged. Any
-plugin can be switched off with ``GREEN_MLOPS_DISABLE_PLUGINS=name,name``.
+through the ``green_mlops`` entry-point group (the built-ins are registered by module, and are
+no more privileged). Any plugin can be switched off with ``GREEN_MLOPS_DISABLE_PLUGINS``.
 """
 
 from __future__ import annotations
