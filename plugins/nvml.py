@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from green_mlops.extras import install_command
 from green_mlops.hookspecs import hookimpl
 from green_mlops.log import warn_once
 from green_mlops.meters import (
@@ -523,7 +524,8 @@ def build_meters(
     except ImportError:
         return [
             _unavailable(
-                "nvidia-ml-py (module pynvml) is not installed", "pip install nvidia-ml-py"
+                "nvidia-ml-py (module pynvml) is not installed",
+                f"{install_command('nvidia')} (it brings nvidia-ml-py)",
             )
         ]
     try:

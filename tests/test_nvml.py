@@ -516,10 +516,10 @@ def test_pynvml_missing_warns_the_user_with_the_install_command(
     # A GPU user without the extra gets a GreenMlopsWarning that says what to install.
     monkeypatch.setitem(sys.modules, "pynvml", None)
     monkeypatch.setattr(log_module, "_warned", set())
-    fix = r"nvidia-ml-py \(module pynvml\) is not installed\. Fix: pip install nvidia-ml-py"
+    fix = r'is not installed\. Fix: pip install "green-mlops\[nvidia\]" \(it brings nvidia-ml-py\)'
     with pytest.warns(GreenMlopsWarning, match=fix):
         snap = Tracker(disable_plugins="rapl,cpu_estimate,ram_estimate").start().stop()
-    assert any("pip install nvidia-ml-py" in text for text in snap.unavailable)
+    assert any('pip install "green-mlops[nvidia]"' in text for text in snap.unavailable)
 
 
 def test_close_shuts_nvml_down_once(fake: FakeNvml) -> None:
