@@ -27,6 +27,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from green_mlops import GreenMlopsWarning
 from green_mlops.adaptive import AdaptiveValidator
 from green_mlops.integrations.lightning import AdaptiveValidation, EnergyMonitor
 from green_mlops.integrations.lightning.adaptive_validation import PermutedDataset
@@ -723,6 +724,21 @@ def test_a_validation_order_that_changes_during_the_fit_is_refused(tmp_path: Pat
         fit.fit(Reshuffles(table(n=200)), train_loader())
 
 
+def test_an_incumbent_copy_of_another_shape_is_refused_with_one_prefix(tmp_path: Path) -> None:
+    class ShortCopy(Versioned):  # the shadow copy (no trainer) returns one value too few
+        def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+            out = super().validation_step(batch, batch_idx)
+            if self._trainer is None:
+                return {"per_example_loss": out["per_example_loss"][:-1]}
+            return out
+
+    fit = trainer(tmp_path, [AdaptiveValidation(upper=5.0)])
+    with pytest.raises(MisconfigurationException, match="incumbent's copy returned") as info:
+        fit.fit(ShortCopy(np.minimum(table(), 5.0)), train_loader(), index_loader())
+    assert str(info.value).startswith("AdaptiveValidation: the incumbent's copy returned (99,)")
+    assert str(info.value).count("AdaptiveValidation") == 1
+
+
 # -- edge cases --------------------------------------------------------------------------------
 
 
@@ -764,6 +780,14 @@ def test_values_outside_the_bounds_switch_to_full_validation_with_a_warning(tmp_
     assert any("outside the declared bounds" in str(w.message) for w in caught)
     assert all(r["green/validation/fraction_evaluated"] == 1.0 for r in record.rows)
     assert callback.validator.problem is not None
+
+
+def test_values_outside_the_bounds_warn_with_green_mlops_warning(tmp_path: Path) -> None:
+    rows = table(n=200) - 0.2  # "losses" that go negative: the user must set lower=
+    with pytest.warns(GreenMlopsWarning, match="outside the declared bounds.*Set lower=/upper="):
+        trainer(tmp_path, [AdaptiveValidation()], max_epochs=2).fit(
+            Scripted(rows), train_loader(), index_loader(200)
+        )
 
 
 def test_trainer_validate_logs_the_full_mean(tmp_path: Path) -> None:
