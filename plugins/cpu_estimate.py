@@ -26,18 +26,16 @@ from green_mlops.meters import (
 )
 from green_mlops.plugins import cpu_models
 from green_mlops.plugins.cpu_models import CpuInfo, CpuLimit
-from green_mlops.plugins.psutil_probe import psutil_unavailable
+from green_mlops.plugins.psutil_probe import CHILDREN_REFRESH_S, psutil_unavailable
 
 if TYPE_CHECKING:
     from green_mlops.config import Settings
 
-__all__ = ["CHILDREN_REFRESH_S", "DEVICE_ID", "UNCERTAINTY", "CpuEstimateMeter", "build_meter"]
+__all__ = ["DEVICE_ID", "UNCERTAINTY", "CpuEstimateMeter", "build_meter"]
 
 DEVICE_ID = "cpu:estimate"
 #: Relative half-width of the uncertainty band (docs/energy-measurement.md: "CPU estimate").
 UNCERTAINTY = 0.5
-#: Longest time between two scans for new descendant processes (a scan costs ~1 ms).
-CHILDREN_REFRESH_S = 3.0
 
 
 def _busy_total(times: tuple[float, ...]) -> tuple[float, float]:

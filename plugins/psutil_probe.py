@@ -1,4 +1,5 @@
-"""Whether psutil can read what an estimate needs here: the probe of the CPU and RAM estimates."""
+"""What the CPU and RAM estimates share about psutil: the probe of what it can read here, and
+how often a process tree is rescanned."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import psutil
 
 from green_mlops.meters import Component, MeterUnavailable
 
-__all__ = ["psutil_unavailable"]
+__all__ = ["CHILDREN_REFRESH_S", "psutil_unavailable"]
+
+#: Longest time between two scans for new descendant processes (a scan costs ~1 ms).
+CHILDREN_REFRESH_S = 3.0
 
 FIX = "check that /proc is mounted (Linux) or psutil supports this platform"
 

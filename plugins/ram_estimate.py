@@ -23,18 +23,16 @@ from green_mlops.meters import (
     Method,
     Readings,
 )
-from green_mlops.plugins.psutil_probe import psutil_unavailable
+from green_mlops.plugins.psutil_probe import CHILDREN_REFRESH_S, psutil_unavailable
 
 if TYPE_CHECKING:
     from green_mlops.config import Settings
 
-__all__ = ["CHILDREN_REFRESH_S", "DEVICE_ID", "GIB", "UNCERTAINTY", "RamEstimateMeter"]
+__all__ = ["DEVICE_ID", "GIB", "UNCERTAINTY", "RamEstimateMeter"]
 
 DEVICE_ID = "ram:estimate"
 UNCERTAINTY = 0.5
 GIB = float(2**30)
-#: Longest time between two scans for new descendant processes (a scan costs ~1 ms).
-CHILDREN_REFRESH_S = 3.0
 W_PER_GB_SOURCE = "Green Algorithms memoryPower 0.3725 W/GB, CC BY 4.0"
 
 
