@@ -27,12 +27,11 @@ from green_mlops.integrations.lightning.flop_tracking import (
 from green_mlops.integrations.lightning.output import Output, callback_tags, interrupted_tags
 from green_mlops.integrations.lightning.quality import Quality
 from green_mlops.integrations.lightning.ranks import (
+    RunTotals,
     assign_devices,
     derive,
+    epoch_share,
     gpu_identity,
-    hand_over,
-    local_values,
-    sum_over_ranks,
 )
 from green_mlops.log import warn_once
 from green_mlops.meters import Meter, MeterUnavailable
@@ -52,8 +51,14 @@ __all__ = ["PHASES", "EnergyMonitor"]
 PHASES = ("sanity_check", "data_wait", "train", "validation", "test", "predict")
 _ALL_PHASES = (*PHASES, OTHER_PHASE)
 #: The callback's own additive numbers, summed across ranks with the metrics.
-_INTERNAL = ("_intensity_x_kwh", "_train_loop_s", "_peak_x_s", "_peak_unknown")
-_INTERNAL += ("_counted_batches", "_uncounted_batches")
+_INTERNAL = (
+    "_intensity_x_kwh",
+    "_train_loop_s",
+    "_peak_x_s",
+    "_peak_unknown",
+    "_counted_batches",
+    "_uncounted_batches",
+)
 #: Name under which this callback registers the measurements it owns.
 OWNER = "lightning"
 
@@ -118,22 +123,12 @@ class EnergyMonitor(Callback):
         Misconfiguration: an argument outside its accepted form (a ``ValueError``; the message
             says how to fix it); ``ConfigError`` for a bad setting.
 
-    Logged through every logger of the Trainer, with the MLflow plugin's keys (what each
-    means and how it is obtained: docs/energy-monitor.md):
-
-    * run totals, per epoch and at each stage end: ``green/energy_kwh``,
-      ``green/energy/<component>_kwh``, ``green/phase/<phase>_kwh|_s|_co2e_g``,
-      ``green/phase/<phase>/<component>_kwh``, ``green/co2e_g``, ``green/intensity_g_per_kwh``
-      and the footprint keys when configured; phases: :data:`PHASES` and ``other``;
-    * FLOPs: ``green/flops``, ``green/phase/<phase>_flops``, ``green/flops_per_s``,
-      ``green/flops_per_joule``, ``green/mfu`` (not logged where a device's peak is unknown);
-    * per epoch: ``green/epoch/energy_kwh``, ``green/epoch/co2e_g``, ``green/epoch/flops``,
-      ``green/epoch/phase/<phase>_kwh``;
-    * at each validation, with ``monitor``: ``green/quality/<monitor>_per_pflop`` and
-      ``green/quality/<monitor>_per_kwh``; with ``target``, once: ``green/energy_to_target_kwh``
-      and ``green/flops_to_target``;
-    * MLflow only: provenance tags (``green.meters``, ``green.flops.method``, ``green.mfu``,
-      ...) and ``green/report.json``; other loggers get ``green_report.json`` in ``log_dir``.
+    Logged through every logger of the Trainer, with the MLflow plugin's keys: run totals
+    (``green/energy_kwh``, ``green/phase/<phase>_kwh``, ``green/co2e_g``, ...), FLOPs and MFU
+    (``green/flops``, ``green/mfu``, ...), per-epoch shares (``green/epoch/...``) and, with
+    ``monitor``, quality per PFLOP and per kWh (``green/quality/...``); in MLflow also the
+    provenance tags and ``green/report.json``. Every key, and how each number is obtained:
+    docs/energy-monitor.md.
     """
 
     def __init__(
@@ -171,13 +166,10 @@ class EnergyMonitor(Callback):
         self.settings = Settings.resolve(settings)  # ConfigError now, not mid-run
         self.meters = meters
         self.max_flop_signatures = max_flop_signatures
-        self._keys = additive_keys(self.settings.functional_unit, _ALL_PHASES) + _INTERNAL
-        #: Additive totals of earlier stages (and of the checkpoint a run resumed from).
-        self._base: dict[str, float] = {}
-        #: Latest additive totals (base + this stage, summed over ranks).
-        self._totals: dict[str, float] = {}
+        keys = additive_keys(self.settings.functional_unit, _ALL_PHASES) + _INTERNAL
+        self._totals = RunTotals(keys)
         self._epoch_mark: dict[str, float] = {}
-        #: The MLflow plugin's measurement whose totals ``_base`` came from (not re-added).
+        #: The MLflow plugin's measurement the base totals came from (not re-added).
         self._base_source: Measurement | None = None
         #: How the FLOPs in the totals were counted (every stage, and the checkpoint's).
         self._flop_methods: set[str] = set()
@@ -209,8 +201,6 @@ class EnergyMonitor(Callback):
         self._measurement: Measurement | None = None
         self._own = False
         self._output = Output(OWNER)
-        self._owner_offsets: dict[str, float] = {}
-        self._pushed: dict[str, float] = {}
         self._open: list[str] = []
         self._flops = FlopTracker(self.max_flop_signatures, methods=self._flop_methods)
         self._last_step_logged = -1
@@ -225,7 +215,7 @@ class EnergyMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
-            "totals": dict(self._totals or self._base),
+            "totals": dict(self._totals.latest or self._totals.base),
             **self._quality.state_dict(),
             "flop_methods": sorted(self._flop_methods),
         }
@@ -240,9 +230,8 @@ class EnergyMonitor(Callback):
         """
         if self._stage not in (None, "fit"):
             return
-        self._base = {str(k): float(v) for k, v in state_dict.get("totals", {}).items()}
-        self._totals = dict(self._base)
-        self._epoch_mark = dict(self._base)
+        self._totals.restore(state_dict.get("totals", {}))
+        self._epoch_mark = dict(self._totals.base)
         self._quality.load_state_dict(state_dict)
         self._flop_methods |= {str(m) for m in state_dict.get("flop_methods", ())}
 
@@ -265,9 +254,10 @@ class EnergyMonitor(Callback):
         self._flops.set_peak(trainer)
         if owner is not None:
             self._measurement = owner
-            self._owner_offsets = dict(owner.offsets)
+            self._totals.share(owner)
             if owner is self._base_source:  # it measured the earlier stages: keep only ours
-                self._base = {k: v for k, v in self._base.items() if counted_here(k)}
+                base = self._totals.base
+                self._totals.base = {k: v for k, v in base.items() if counted_here(k)}
         else:
             if covered and trainer.node_rank == 0:
                 offers: list[Meter | MeterUnavailable] = []
@@ -278,7 +268,7 @@ class EnergyMonitor(Callback):
             self._own = True
             self._output.claim(measurement)
         self._zero_embodied = self._local_rank != 0 and self.settings.embodied_kgco2e is not None
-        self._epoch_mark = dict(self._totals or self._base)
+        self._epoch_mark = dict(self._totals.latest or self._totals.base)
 
     @override
     @_safe
@@ -302,7 +292,7 @@ class EnergyMonitor(Callback):
         self._open.clear()
         result = measurement.stop() if self._own else measurement.result()
         # After a failure other ranks may be gone: no collective, this process's numbers only.
-        additive = self._combine(trainer, result, collective=failure is None)
+        additive = self._update_totals(trainer, result, collective=failure is None)
         metrics = derive(additive, _ALL_PHASES)
         own_tags = self._tags()
         tags = {**result.tags, **own_tags, **interrupted_tags(trainer, failure, self._world)}
@@ -318,9 +308,8 @@ class EnergyMonitor(Callback):
                 trainer, result, metrics, tags, world=self._world, report=self.report
             )
         self._output.release()
-        self._base = dict(additive)
+        self._totals.end_stage()
         self._base_source = None if self._own else measurement
-        self._totals = dict(additive)
         self._reset_stage()
 
     # -- phases ----------------------------------------------------------------------------
@@ -396,15 +385,7 @@ class EnergyMonitor(Callback):
         self._exit("data_wait", precise=False)
         self._exit("train")
         metrics = self._refresh(trainer)
-        epoch = {
-            f"green/epoch/{key.removeprefix('green/')}": metrics[key] - self._epoch_mark.get(key, 0)
-            for key in ("green/energy_kwh", "green/co2e_g", "green/flops")
-            if key in metrics
-        }
-        for p in ("train", "validation", "data_wait"):
-            key = f"green/phase/{p}_kwh"
-            if key in metrics:
-                epoch[f"green/epoch/phase/{p}_kwh"] = metrics[key] - self._epoch_mark.get(key, 0)
+        epoch = epoch_share(metrics, self._epoch_mark)
         self._epoch_mark = dict(metrics)
         if self._rank == 0:
             self._output.log(trainer, {**metrics, **epoch}, totals=True)
@@ -517,40 +498,17 @@ class EnergyMonitor(Callback):
         index, uuid = gpu_identity(trainer)
         return assign_devices(offers, local_rank=self._local_rank, gpu_index=index, gpu_uuid=uuid)
 
-    def _combine(
+    def _update_totals(
         self, trainer: pl.Trainer, result: Result | None, *, collective: bool
     ) -> dict[str, float]:
-        """Additive totals: earlier stages + this stage summed over ranks (if ``collective``).
-
-        Every rank must call it at the same points when ``collective``: it always takes part
-        in the reduction, whatever went wrong locally. A shared measurement (the MLflow
-        plugin's) gets what it cannot see in its ``offsets``, added to its final totals.
-        """
-        shared = not self._own and self._rank == 0 and self._measurement is not None
-        local: dict[str, float] = {}
-        try:
-            if result is not None:
-                exclude = self._pushed if shared else {}
-                local = local_values(
-                    result,
-                    self._flops,
-                    rank=self._rank,
-                    zero_embodied=self._zero_embodied,
-                    exclude=exclude,
-                )
-        except Exception as exc:
-            warn_once(f"EnergyMonitor could not read this process's totals: {exc}")
-        stage = sum_over_ranks(trainer, local, self._keys, collective=collective)
-        if shared:
-            assert self._measurement is not None
-            pushed = hand_over(stage, local, self._base)
-            for key, value in pushed.items():
-                self._measurement.offsets[key] = self._owner_offsets.get(key, 0.0) + value
-            self._pushed = {k: v for k, v in pushed.items() if v}
-        totals = dict(self._base)
-        for key, value in stage.items():
-            totals[key] = totals.get(key, 0.0) + value
-        return totals
+        return self._totals.update(
+            trainer,
+            result,
+            self._flops,
+            rank=self._rank,
+            zero_embodied=self._zero_embodied,
+            collective=collective,
+        )
 
     def _refresh(self, trainer: pl.Trainer) -> dict[str, float]:
         """Current run totals, summed over ranks (a collective: every rank calls it)."""
@@ -560,8 +518,7 @@ class EnergyMonitor(Callback):
                 result = self._measurement.result()
         except Exception as exc:
             warn_once(f"EnergyMonitor could not read the measurement: {exc}")
-        self._totals = self._combine(trainer, result, collective=True)
-        return derive(self._totals, _ALL_PHASES)
+        return derive(self._update_totals(trainer, result, collective=True), _ALL_PHASES)
 
     # -- output ----------------------------------------------------------------------------
 
@@ -575,10 +532,14 @@ class EnergyMonitor(Callback):
             return
         self._last_step_logged = step
         try:
-            kwh = self._measurement.tracker.snapshot().kwh + self._base.get("green/energy_kwh", 0)
+            kwh = self._measurement.tracker.snapshot().kwh + self._totals.base.get(
+                "green/energy_kwh", 0
+            )
             metrics = {"green/step/energy_kwh": kwh}
             if self._flops.counted:
-                metrics["green/step/flops"] = self._flops.total + self._base.get("green/flops", 0)
+                metrics["green/step/flops"] = self._flops.total + self._totals.base.get(
+                    "green/flops", 0
+                )
             self._output.log(trainer, metrics, totals=False)
         except Exception as exc:
             warn_once(f"EnergyMonitor per-step logging failed: {exc}")

@@ -13,15 +13,18 @@ from green_mlops.integrations.lightning.flop_tracking import (
     flop_metrics,
     is_flop_total,
 )
+from green_mlops.log import warn_once
 from green_mlops.meters import Component, Device, Meter, MeterUnavailable, Readings
-from green_mlops.session import Result
+from green_mlops.session import Measurement, Result
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "RunTotals",
     "assign_devices",
     "derive",
+    "epoch_share",
     "gpu_identity",
     "local_values",
     "rank0_only",
@@ -160,6 +163,78 @@ def hand_over(
     }
 
 
+class RunTotals:
+    """A run's additive totals: the earlier stages' (and a resumed checkpoint's) plus the
+    running stage's, summed over ranks.
+
+    Rank 0 of a stage measured by another integration (the MLflow plugin, whose measurement
+    logs the totals) hands that measurement what it cannot see in its ``offsets``: the other
+    ranks' numbers and the earlier totals.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        #: The keys summed across ranks, in one order on every rank.
+        self.keys = tuple(keys)
+        #: Totals of the earlier stages (and of the checkpoint a run resumed from).
+        self.base: dict[str, float] = {}
+        #: Latest totals: ``base`` + the running stage, summed over ranks.
+        self.latest: dict[str, float] = {}
+        self._shared: Measurement | None = None
+        self._owner_offsets: dict[str, float] = {}
+        self._pushed: dict[str, float] = {}
+
+    def restore(self, totals: Mapping[str, float]) -> None:
+        """Continue from ``totals`` (a checkpoint's)."""
+        self.base = {str(k): float(v) for k, v in totals.items()}
+        self.latest = dict(self.base)
+
+    def share(self, measurement: Measurement) -> None:
+        """The running stage's totals come from ``measurement``, another integration's."""
+        self._shared = measurement
+        self._owner_offsets = dict(measurement.offsets)
+
+    def update(
+        self,
+        trainer: pl.Trainer,
+        result: Result | None,
+        flops: FlopTracker,
+        *,
+        rank: int,
+        zero_embodied: bool,
+        collective: bool,
+    ) -> dict[str, float]:
+        """The run totals with the running stage's ``result`` (this process's), summed over
+        ranks if ``collective``: then every rank must call it at the same points, and it always
+        takes part in the reduction, whatever went wrong locally."""
+        local: dict[str, float] = {}
+        try:
+            if result is not None:
+                exclude = self._pushed if self._shared is not None else {}
+                local = local_values(
+                    result, flops, rank=rank, zero_embodied=zero_embodied, exclude=exclude
+                )
+        except Exception as exc:
+            warn_once(f"EnergyMonitor could not read this process's totals: {exc}")
+        stage = sum_over_ranks(trainer, local, self.keys, collective=collective)
+        if self._shared is not None:
+            pushed = hand_over(stage, local, self.base)
+            for key, value in pushed.items():
+                self._shared.offsets[key] = self._owner_offsets.get(key, 0.0) + value
+            self._pushed = {k: v for k, v in pushed.items() if v}
+        totals = dict(self.base)
+        for key, value in stage.items():
+            totals[key] = totals.get(key, 0.0) + value
+        self.latest = totals
+        return totals
+
+    def end_stage(self) -> None:
+        """The latest totals become the base of the next stage."""
+        self.base = dict(self.latest)
+        self._shared = None
+        self._owner_offsets = {}
+        self._pushed = {}
+
+
 def sum_over_ranks(
     trainer: pl.Trainer, local: Mapping[str, float], keys: Sequence[str], *, collective: bool
 ) -> dict[str, float]:
@@ -187,6 +262,17 @@ def derive(additive: Mapping[str, float], phases: Iterable[str]) -> dict[str, fl
                 out[f"green/phase/{p}_co2e_g"] = co2e * phase_kwh / kwh
     out.update(flop_metrics(additive))
     return out
+
+
+def epoch_share(metrics: Mapping[str, float], mark: Mapping[str, float]) -> dict[str, float]:
+    """``green/epoch/...``: the growth of a few totals since ``mark`` (the previous epoch's)."""
+    keys = ["green/energy_kwh", "green/co2e_g", "green/flops"]
+    keys += [f"green/phase/{p}_kwh" for p in ("train", "validation", "data_wait")]
+    return {
+        f"green/epoch/{key.removeprefix('green/')}": metrics[key] - mark.get(key, 0)
+        for key in keys
+        if key in metrics
+    }
 
 
 def _reduce(trainer: pl.Trainer, vector: list[float]) -> list[float]:
