@@ -31,8 +31,6 @@ __all__ = ["REPORT_SCHEMA", "Measurement", "Result", "claim", "lookup", "release
 REPORT_SCHEMA = "green-mlops/report/v1"
 #: Longest wait for intensity data when the run ends; the tail is priced by the fallback after.
 FINAL_WAIT_S = 3.0
-#: Transitional name (the MLflow plugin's import), to be removed: use metrics.EXCLUSIVE_KEYS.
-ADDITIVE_KEYS = EXCLUSIVE_KEYS
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,14 @@ __all__ = ["Quality"]
 
 class Quality:
     """Quality is the ``monitor`` metric in ``"max"`` mode and ``1 / metric`` in ``"min"`` mode
-    (undefined for a metric <= 0), divided by the run's cumulative PFLOPs and kWh."""
+    (undefined for a metric <= 0), divided by the run's cumulative PFLOPs and kWh.
 
-    def __init__(self, monitor: str | None, mode: str, target: float | None) -> None:
-        """Raises:
+    Raises:
         Misconfiguration: ``mode`` is not ``"min"`` or ``"max"``, or ``target`` is not a
             finite number or comes without ``monitor``.
-        """
+    """
+
+    def __init__(self, monitor: str | None, mode: str, target: float | None) -> None:
         if mode not in ("min", "max"):
             raise Misconfiguration(
                 f"EnergyMonitor(mode={mode!r}) is not valid: use mode='max' when a higher "
