@@ -4,12 +4,13 @@
     python benchmarks/mlflow_long_run.py --days 7 --interval 30
 
 Simulated time, real code: every logging interval of the run, the plugin's own batch builder
-(``integrations.mlflow._batch``, with its rate for the totals) is given a result with the 19
-totals of a GPU+CPU+RAM run and the power points its tracker's timeline would have by then
-(one per interval, halving in resolution past 4096 points, as ``Tracker`` does). Two cases:
+(``integrations.mlflow.plugin._queue`` into a ``RunWriter``, with its rate for the totals) is
+given a result with the 19 totals of a GPU+CPU+RAM run and the power points its tracker's
+timeline would have by then (one per interval, halving in resolution past 4096 points, as
+``Tracker`` does). Two cases:
 
 * server up throughout: the points and ``log_batch`` requests that would be sent;
-* server down throughout: every batch goes through the real spool (``mlflow_spool.append``,
+* server down throughout: every batch goes through the real spool (``mlflow.spool.append``,
   with its lock, fsync and compaction) in a temp dir; reported: the spool's size at the end
   and the requests a replay takes (merged batches, 1000 metrics per request).
 
@@ -29,8 +30,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from green_mlops.config import Settings
-from green_mlops.integrations import mlflow as plugin
-from green_mlops.integrations import mlflow_spool as spool
+from green_mlops.integrations.mlflow import plugin, spool
+from green_mlops.integrations.mlflow.writer import RunWriter
 from green_mlops.session import Measurement, Result
 
 MAX_TIMELINE = 4096
@@ -59,8 +60,10 @@ TOTAL_KEYS = [
 
 def simulate(days: float, interval: float, spool_dir: Path | None) -> dict[str, Any]:
     settings = Settings.load(log_interval_s=interval, cache_dir=spool_dir or Path("/nonexistent"))
-    run = plugin._Run("r" * 32, "http://127.0.0.1:5000", Measurement(settings))
-    path = spool.path_for(settings.cache_dir, run.run_id)
+    run_id = "r" * 32
+    writer = RunWriter("http://127.0.0.1:5000", run_id, settings)
+    run = plugin._Run(run_id, writer, Measurement(settings))
+    path = writer.spool_path
     t0 = 1_700_000_000.0
     watts = 450.0
     step, last_point, timeline = interval, 0.0, 1
@@ -84,7 +87,7 @@ def simulate(days: float, interval: float, spool_dir: Path | None) -> dict[str, 
         snapshot = SimpleNamespace(duration_s=age, started_at=t0, running=True)
         result = Result(snapshot, metrics, {}, power=recent)  # type: ignore[arg-type]
         # before: every total at every interval, plus the new power points
-        new_power = sum(1 for t, _ in recent if t > run.sent_power_until)
+        new_power = sum(1 for t, _ in recent if t > writer.power_until)
         before_points += len(TOTAL_KEYS) + new_power
         if i == 1 or i % 10000 == 0:
             sample = [(k, v, 0, int(age)) for k, v in metrics.items()]
@@ -93,7 +96,7 @@ def simulate(days: float, interval: float, spool_dir: Path | None) -> dict[str, 
                 json.dumps(
                     {
                         "run_id": run.run_id,
-                        "tracking_uri": run.tracking_uri,
+                        "tracking_uri": writer.tracking_uri,
                         "metrics": sample,
                         "tags": {},
                         "report": None,
@@ -102,16 +105,14 @@ def simulate(days: float, interval: float, spool_dir: Path | None) -> dict[str, 
                 )
             )
             before_bytes += size * (1 if i == 1 else 10000)
-        batch = plugin._batch(run, result, final=False, extra_tags={})
+        plugin._queue(run, result, final=False, extra_tags={})
+        batch = writer.take()
         if batch is None:
             continue
         requests += 1
         points += len(batch["metrics"])
         if spool_dir is not None:
             spool.append(path, batch)
-        run.sent_power_until = batch["power_until"]
-        if batch["totals_at"] is not None:
-            run.totals_sent_at = batch["totals_at"]
     out: dict[str, Any] = {
         "ticks": ticks,
         "points": points,

@@ -48,8 +48,6 @@ import itertools
 import json
 import math
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +58,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test server helper
+from tests.mlflow_server import MlflowServer
 
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"  # one BLAS thread, here and in the workers (inherited)
@@ -174,58 +175,6 @@ def calibrate(step_s: float) -> tuple[int, int]:
 
 
 # --- MLflow server and counting proxy -----------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class MlflowServer:
-    """``uvicorn mlflow.server.fastapi_app:app`` on 127.0.0.1 with a sqlite store."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 90.0) -> None:
-        env = {
-            **os.environ,
-            "_MLFLOW_SERVER_FILE_STORE": f"sqlite:///{self.root / 'mlflow.db'}",
-            "_MLFLOW_SERVER_ARTIFACT_ROOT": "mlflow-artifacts:/",
-            "_MLFLOW_SERVER_SERVE_ARTIFACTS": "true",
-            "_MLFLOW_SERVER_ARTIFACT_DESTINATION": str(self.root / "artifacts"),
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        }
-        cmd = [sys.executable, "-m", "uvicorn", "mlflow.server.fastapi_app:app"]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        with (self.root / "server.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.root / "server.log").read_text())
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("MLflow server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 @dataclass(frozen=True)
@@ -397,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="green-mlops-bench-") as tmp:
         root = Path(tmp)
         server = MlflowServer(root)
-        server.start()
+        server.start(timeout=90.0)
         proxy = CountingProxy(server.port)
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
         try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from green_mlops.config import ConfigError, Settings, settings_table
-from tests.conftest import MlflowServer
+from tests.mlflow_server import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

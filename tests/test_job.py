@@ -234,7 +234,7 @@ out.write_text(json.dumps({"live": first.tags, "final": result.tags}))
 def test_a_two_node_torchrun_job_says_once_that_only_this_node_is_measured(
     tmp_path: Path,
 ) -> None:
-    from tests.conftest import free_port
+    from tests.mlflow_server import free_port
 
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(NODE_SCRIPT))

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from mlflow.tracking.client import MlflowClient
 
-from tests.conftest import MlflowServer
+from tests.mlflow_server import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEN_TOTALS = ("green/energy_kwh", "green/energy/cpu_kwh", "green/co2e_g", "green/duration_s")
@@ -112,7 +112,8 @@ def test_without_the_variable_nothing_happens_and_import_is_unchanged(
 ) -> None:
     code = SIMPLE.replace("print(json.dumps({{", "import sys\n    print(json.dumps({{").replace(
         '"run_id": run.info.run_id}}',
-        '"run_id": run.info.run_id, "loaded": "green_mlops.integrations.mlflow" in sys.modules}}',
+        '"run_id": run.info.run_id, '
+        '"loaded": "green_mlops.integrations.mlflow.plugin" in sys.modules}}',
     )
     out = run_script(code.format(exp=experiment()), tmp_path, mlflow_server)
     assert out["_returncode"] == 0, out["_stderr"]
@@ -146,7 +147,8 @@ def test_a_broken_integration_never_breaks_import_mlflow(
 ) -> None:
     code = """
         import sys
-        sys.modules["green_mlops.integrations.mlflow"] = None  # importing it raises ImportError
+        # importing it raises ImportError
+        sys.modules["green_mlops.integrations.mlflow.plugin"] = None
         import json, mlflow
         with mlflow.start_run() as run:
             pass
@@ -159,7 +161,7 @@ def test_a_broken_integration_never_breaks_import_mlflow(
 
 def test_autoload_module_is_light_and_safe() -> None:
     code = (
-        "import sys; import green_mlops.integrations.mlflow_autoload as m; "
+        "import sys; import green_mlops.integrations.mlflow.autoload as m; "
         "m.GreenMlopsAutoload(); print(sorted(k for k in sys.modules if k.startswith('mlflow')))"
     )
     proc = subprocess.run(
@@ -479,7 +481,7 @@ def test_tokens_appear_nowhere_in_a_tracked_run(
 ) -> None:
     """Tokens configured (and failing against a closed port): not in logs, tags, params,
     metrics, artifacts, reprs or exception texts."""
-    from tests.conftest import free_port
+    from tests.mlflow_server import free_port
 
     token, password = "EM-SECRET-TOKEN-4242", "WT-SECRET-PASSWORD-4242"
     closed = f"http://127.0.0.1:{free_port()}"
@@ -851,7 +853,7 @@ def test_an_unusable_cache_dir_never_stops_delivery(
 
 
 def test_an_unusable_spool_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from green_mlops.integrations import mlflow_spool
+    from green_mlops.integrations.mlflow import spool as mlflow_spool
 
     broken = tmp_path / ("x" * 300) / "spool"
     with caplog.at_level("WARNING", logger="green_mlops"):
@@ -886,7 +888,7 @@ def test_drawing_the_power_chart_keeps_the_users_matplotlib_backend(
 def test_long_runs_send_their_totals_at_a_rate_that_follows_the_runs_age() -> None:
     """A simulated 30-day run at the default 10 s interval (a clock we control): the totals
     (19 keys) are due every interval while the run is young, then every 0.5 % of its age."""
-    from green_mlops.integrations.mlflow import TOTALS_AGE_FRACTION, totals_due
+    from green_mlops.integrations.mlflow.plugin import TOTALS_AGE_FRACTION, totals_due
 
     interval, last, sends, worst = 10.0, None, 0, 0.0
     for i in range(1, 30 * 8640 + 1):
@@ -905,7 +907,7 @@ def test_long_runs_send_their_totals_at_a_rate_that_follows_the_runs_age() -> No
 def test_a_long_spool_is_compacted_and_replayed_in_few_requests(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
-    from green_mlops.integrations import mlflow_spool
+    from green_mlops.integrations.mlflow import spool as mlflow_spool
 
     client = MlflowClient(mlflow_server.url)
     run_id = client.create_run(client.create_experiment(experiment())).info.run_id
@@ -990,8 +992,8 @@ def test_a_post_hoc_write_never_keeps_a_finished_run_measured(
 def test_credentials_in_the_tracking_uri_are_never_logged_and_the_spool_is_private(
     tmp_path: Path,
 ) -> None:
-    from green_mlops.integrations import mlflow_spool
-    from green_mlops.integrations.mlflow import _shown
+    from green_mlops.integrations.mlflow import spool as mlflow_spool
+    from green_mlops.integrations.mlflow.writer import shown_uri as _shown
 
     assert (
         _shown("https://alice:s3cr3t@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
@@ -1007,8 +1009,8 @@ def test_credentials_in_the_tracking_uri_are_never_logged_and_the_spool_is_priva
 def test_a_batch_the_server_refuses_for_good_never_blocks_the_values_behind_it(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
-    from green_mlops.integrations import mlflow_spool
     from green_mlops.integrations.mlflow import replay_spool
+    from green_mlops.integrations.mlflow import spool as mlflow_spool
 
     client = MlflowClient(mlflow_server.url)
     run_id = client.create_run(client.create_experiment(experiment())).info.run_id
@@ -1032,3 +1034,101 @@ def test_a_batch_the_server_refuses_for_good_never_blocks_the_values_behind_it(
     assert mlflow_spool.append(path, batch("green/ok", 2.0))
     assert replay_spool(path) == 1
     assert client.get_run(run_id).data.metrics.get("green/ok") == 2.0
+
+
+# --- issue 11: the package, the writer, MLflow missing, mlflow-skinny ------------------------
+
+
+def test_without_mlflow_autolog_does_nothing_and_says_how_to_install_it_once() -> None:
+    code = """
+        import json, os, sys, warnings
+        sys.modules["mlflow"] = None  # MLflow not installed: importing it raises ImportError
+        from green_mlops.integrations.mlflow import autolog, autolog_from_env, tracked_runs
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            autolog()
+            autolog(log_interval_s=1)
+            os.environ["GREEN_MLOPS_ENABLE"] = "1"
+            autolog_from_env()
+        print(json.dumps({"said": [[w.category.__name__, str(w.message)] for w in caught],
+                          "tracked": tracked_runs()}))
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["tracked"] == []
+    assert len(out["said"]) == 1, out["said"]
+    category, message = out["said"][0]
+    assert category == "GreenMlopsWarning"
+    assert "MLflow is not installed" in message and 'pip install "green-mlops[mlflow]"' in message
+
+
+def test_importing_the_package_loads_neither_mlflow_nor_the_engine() -> None:
+    code = (
+        "import sys; import green_mlops.integrations.mlflow as m; "
+        "print(sorted(k for k in sys.modules if k.startswith('mlflow') or k in "
+        "('green_mlops.session', 'green_mlops.tracker', 'green_mlops.integrations.mlflow.plugin')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_plugin_uses_only_what_mlflow_skinny_ships(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """``green-mlops[mlflow]`` installs ``mlflow-skinny``: every MLflow module a tracked run
+    loads (the plugin's imports, MLflow's own) must be one of its files."""
+    from importlib.metadata import files
+
+    skinny = {str(f) for f in files("mlflow-skinny") or [] if str(f).endswith(".py")}
+    assert "mlflow/tracking/client.py" in skinny
+    code = SIMPLE.replace("print(json.dumps({{", "import sys\n    print(json.dumps({{").replace(
+        '"run_id": run.info.run_id}}',
+        '"run_id": run.info.run_id, "modules": {{k: getattr(m, "__file__", None) '
+        'for k, m in list(sys.modules.items()) if k.split(".")[0] in ("mlflow", "sqlalchemy")}}}}',
+    )
+    out = run_script(code.format(exp=experiment()), tmp_path, mlflow_server, GREEN_MLOPS_ENABLE="1")
+    assert out["_returncode"] == 0, out["_stderr"]
+    assert green_metrics(MlflowClient(mlflow_server.url), out["run_id"])["green/energy_kwh"] > 0
+    loaded = {name: path for name, path in out["modules"].items() if path}
+    assert "mlflow.store.tracking.rest_store" in loaded  # the plugin's own requests
+    outside = sorted(
+        name
+        for name, path in loaded.items()
+        if not any(path.endswith("/" + f) for f in skinny) or name.startswith("sqlalchemy")
+    )
+    assert outside == []
+
+
+def test_the_writer_batches_at_mlflows_limits_with_one_step_convention(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """``RunWriter``: 2,500 metrics and 250 tags in one flush (MLflow takes 1,000 and 100 per
+    request); totals at whole seconds of the run, series at the caller's step, power at whole
+    seconds since the run's start; unchanged tags are not sent again."""
+    from green_mlops.config import Settings
+    from green_mlops.integrations.mlflow.writer import RunWriter
+
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment(experiment())).info.run_id
+    writer = RunWriter(mlflow_server.url, run_id, Settings.load(cache_dir=tmp_path / "cache"))
+    started = time.time() - 100
+    writer.totals({"green/energy_kwh": 0.25, "green/duration_s": 42.9}, seconds=42.9)
+    writer.series({f"green/epoch/k{i}": float(i) for i in range(2500)}, step=7)
+    writer.power([(started + 10.5, 100.0), (started + 20.2, 110.0)], started_at=started)
+    writer.tags({f"green.t{i}": str(i) for i in range(250)})
+    assert writer.flush() == "sent"
+    run = client.get_run(run_id)
+    assert len([k for k in run.data.tags if k.startswith("green.t")]) == 250
+    assert len([k for k in run.data.metrics if k.startswith("green/epoch/k")]) == 2500
+    assert [m.step for m in client.get_metric_history(run_id, "green/energy_kwh")] == [42]
+    assert [m.step for m in client.get_metric_history(run_id, "green/epoch/k2499")] == [7]
+    power = client.get_metric_history(run_id, "system/green/power_w")
+    assert sorted((m.step, m.value) for m in power) == [(10, 100.0), (20, 110.0)]
+    # the same points and tags again: nothing new to send
+    writer.power([(started + 20.2, 110.0)], started_at=started)
+    writer.tags({"green.t1": "1"})
+    assert writer.flush() == "idle"
+    assert not writer.spool_path.exists()

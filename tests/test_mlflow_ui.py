@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from mlflow.tracking.client import MlflowClient
 
-from tests.conftest import MlflowServer
+from tests.mlflow_server import MlflowServer
 from tests.test_mlflow import ROOT, experiment, run_script
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,14 +1,7 @@
 """Loads green-mlops' MLflow instrumentation when ``GREEN_MLOPS_ENABLE`` is set.
 
-Registered as an ``mlflow.run_context_provider`` entry point, which MLflow imports *during*
-``import mlflow``, while ``mlflow.tracking.client`` is still half-initialised. So this module
-imports nothing from MLflow (nor anything heavy), and nothing here may raise: MLflow only
-forgives ImportError and AttributeError from a provider, and anything else would break
-``import mlflow`` for the user. The real work is in :mod:`green_mlops.integrations.mlflow`.
-
-Instrumentation happens at the first of: MLflow finishing its import (a one-shot import
-watcher sees ``MlflowClient`` defined), or MLflow resolving run-context tags (every
-``mlflow.start_run`` and Lightning's ``MLFlowLogger`` do that before creating a run).
+The ``mlflow.run_context_provider`` entry point: MLflow imports it *during* ``import mlflow``, so
+it imports nothing from MLflow (nor anything heavy) and never raises. See docs/mlflow-plugin.md.
 """
 
 from __future__ import annotations
@@ -19,7 +12,8 @@ import os
 import sys
 from typing import Any
 
-_TRUE = {"1", "true", "yes", "on"}
+log = logging.getLogger(__name__)
+
 _FALSE = {"", "0", "false", "no", "off"}
 
 
@@ -30,11 +24,11 @@ def _wanted() -> bool:
 
 def _load() -> None:
     try:
-        from green_mlops.integrations.mlflow import autolog_from_env
+        from green_mlops.integrations.mlflow.plugin import autolog_from_env
 
         autolog_from_env()
     except Exception:  # never break MLflow; say why once
-        logging.getLogger("green_mlops").exception(
+        log.exception(
             "green-mlops: GREEN_MLOPS_ENABLE is set but the MLflow integration failed to load; "
             "runs are not measured"
         )

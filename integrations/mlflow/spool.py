@@ -1,36 +1,26 @@
-"""The MLflow plugin's spool: values that could not be delivered, kept until they can be.
+"""The spool: values that could not be delivered to MLflow, kept until they can be.
 
-One file per run, ``<cache dir>/spool/<run id>.jsonl``, one JSON batch per line (the plain-data
-form of one ``log_batch``, a report, or a termination). The training process appends to it and
-replays it; ``green-mlops sync`` replays it from another process. So:
-
-* every read, append and rewrite holds a cross-process lock (``<file>.lock``, ``filelock``);
-  a replay that finds the lock taken leaves the file to its holder (:class:`SpoolBusy`);
-* rewrites are atomic (a temporary file in the same directory, then ``os.replace``);
-* a line that does not parse (a write cut short) is moved to ``<file>.bad`` and the others
-  are delivered;
-* the spool is a fallback, never a precondition: a directory that cannot be used (missing
-  permissions, a name too long, a full disk) means "not spooled", said once, and never stops
-  a delivery to a server that answers (:class:`SpoolUnusable` separates the two).
-* compaction: after :data:`COMPACT_LINES` appends from this process a file is rewritten as
-  one batch, and a replay sends merged batches (:func:`merge`): cumulative totals keep only
-  their latest value per step, series (``system/...`` keys) keep every point, tags merge.
+One file per run, ``<cache dir>/spool/<run id>.jsonl``, one plain-data batch per line, shared by
+the training process and ``green-mlops sync`` under a cross-process lock, rewritten atomically,
+compacted as it grows. See docs/mlflow-plugin.md ("The spool").
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from green_mlops.log import log, warn_once
+from green_mlops.log import warn_once
 
 __all__ = [
     "COMPACT_LINES",
+    "Refused",
     "SpoolBusy",
     "SpoolUnusable",
     "append",
@@ -38,6 +28,8 @@ __all__ = [
     "path_for",
     "replay",
 ]
+
+log = logging.getLogger(__name__)
 
 #: How long an append waits for another process's replay of the same run (it then gives up).
 APPEND_LOCK_TIMEOUT_S = 10.0

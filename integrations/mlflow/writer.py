@@ -1,0 +1,495 @@
+"""The one way out to MLflow, for the plugin and the Lightning ``EnergyMonitor``: metrics at the
+agreed steps, tags, the report and chart, bounded requests, and the spool when the server is down.
+
+See docs/mlflow-plugin.md (step convention, spool, bounded sends).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from green_mlops.config import Settings
+from green_mlops.integrations.mlflow import spool
+from green_mlops.integrations.mlflow.chart import draw_power
+from green_mlops.log import warn_once
+from green_mlops.metrics import POWER_KEY
+
+__all__ = [
+    "CHART_ARTIFACT",
+    "REPORT_ARTIFACT",
+    "RunGone",
+    "RunWriter",
+    "deliver",
+    "replay_spool",
+    "shown_uri",
+    "wait_uploads",
+]
+
+log = logging.getLogger(__name__)
+
+REPORT_ARTIFACT = "green/report.json"
+CHART_ARTIFACT = "green/power.png"
+#: MLflow's ``log_batch`` limits per request: tags, and metrics and tags together.
+MAX_TAGS = 100
+MAX_ENTITIES = 1000
+#: green-mlops' own requests to a tracking server: retries, backoff factor, timeout per try.
+SEND_RETRIES = 1
+SEND_BACKOFF_S = 0.5
+SEND_TIMEOUT_S = 5.0
+#: Longest wait at interpreter exit (or in :func:`wait_uploads`) for reports being sent.
+UPLOAD_WAIT_S = 10.0
+#: Longest the last replay of spooled values may delay interpreter exit.
+EXIT_REPLAY_S = 10.0
+_LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
+_UPDATE_RUN = "/api/2.0/mlflow/runs/update"
+
+#: One batch in plain data (the spool's line format): ``run_id``, ``tracking_uri``, ``metrics``
+#: as ``[key, value, timestamp_ms, step]``, ``tags``, ``report`` (or None), ``power_until``; or a
+#: termination: ``run_id``, ``tracking_uri``, ``terminate: {status, end_time}``.
+Batch = dict[str, Any]
+
+
+class RunGone(Exception):
+    """The run was deleted: nothing more can be written to it."""
+
+
+class RunWriter:
+    """Writes one MLflow run. Queue values, then :meth:`flush` sends them as one batch (split
+    at MLflow's per-request limits) or, when the server does not take it, spools it.
+
+    Steps (one convention for every writer): :meth:`totals` at step = whole seconds since the
+    run's measurement began (earlier segments of a resumed run included), so the value MLflow
+    shows (the one at the highest step) is the latest cumulative total; :meth:`series` at the
+    caller's step; :meth:`power` at step = whole seconds since the run's start. Thread-safe:
+    hold :attr:`lock` to queue and flush atomically.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, settings: Settings) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.settings = settings
+        self.lock = threading.RLock()
+        #: Why the run can no longer be written (deleted); None while it can.
+        self.dead: str | None = None
+        #: ``seconds`` of the last :meth:`totals` queued (None: none yet).
+        self.totals_sent_at: float | None = None
+        #: Unix time of the latest power point queued.
+        self.power_until = 0.0
+        self._tags_sent: dict[str, str] = {}
+        self._metrics: list[tuple[str, float, int, int]] = []
+        self._tags: dict[str, str] = {}
+        self._report: dict[str, Any] | None = None
+
+    @property
+    def spool_path(self) -> Path:
+        return spool.path_for(self.settings.cache_dir, self.run_id)
+
+    # -- queueing ------------------------------------------------------------------------------
+
+    def totals(self, metrics: Mapping[str, float], seconds: float) -> None:
+        """Cumulative run totals, at step = ``int(seconds)`` of the run's measurement."""
+        with self.lock:
+            self._add(metrics, int(seconds))
+            self.totals_sent_at = seconds
+
+    def series(self, metrics: Mapping[str, float], step: int) -> None:
+        """Points of series (per epoch, per step) at the caller's ``step``."""
+        with self.lock:
+            self._add(metrics, int(step))
+
+    def power(self, points: Iterable[tuple[float, float]], started_at: float) -> None:
+        """``system/green/power_w`` points ``(unix time, watts)`` not queued before, at step =
+        whole seconds since ``started_at`` (the Unix time of the run's second 0)."""
+        with self.lock:
+            latest = self.power_until
+            for t, watts in points:
+                latest = max(latest, t)
+                if t > self.power_until and math.isfinite(watts):
+                    point = (POWER_KEY, float(watts), int(t * 1000), int(t - started_at))
+                    self._metrics.append(point)
+            self.power_until = latest
+
+    def tags(self, tags: Mapping[str, str]) -> None:
+        """Tags whose value changed since they were last queued."""
+        with self.lock:
+            for key, value in tags.items():
+                if self._tags_sent.get(key) != value:
+                    self._tags[key] = self._tags_sent[key] = str(value)
+
+    def report(self, report: dict[str, Any]) -> None:
+        """The report (``green/report.json``, with the chart ``green/power.png``)."""
+        with self.lock:
+            self._report = report
+
+    def take(self) -> Batch | None:
+        """What is queued, as one plain-data batch (emptying the queue); None: nothing."""
+        with self.lock:
+            if not self._metrics and not self._tags and self._report is None:
+                return None
+            batch = {
+                "run_id": self.run_id,
+                "tracking_uri": self.tracking_uri,
+                "metrics": self._metrics,
+                "tags": self._tags,
+                "report": self._report,
+                "power_until": self.power_until,
+            }
+            self._metrics, self._tags, self._report = [], {}, None
+            return batch
+
+    def _add(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._metrics += [(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def flush(self, *, report_later: bool = False) -> str:
+        """Send what is queued (the spool of this run first, to keep the order). Returns
+        "sent"; "down" (no answer from the server) or "unsent" (refused), spooled either way
+        when the spool can be used; "gone" (the run was deleted); "idle" (nothing queued).
+        ``report_later``: the report and chart go from a background thread
+        (:func:`wait_uploads`). Never raises for a failed delivery."""
+        with self.lock:
+            batch = self.take()
+            if self.dead:
+                return "gone"
+            if batch is None:
+                return "idle"
+            path = self.spool_path
+            try:
+                try:
+                    replay_spool(path)
+                except (spool.SpoolBusy, spool.SpoolUnusable) as exc:
+                    if isinstance(exc, spool.SpoolUnusable):
+                        reason = getattr(exc.__cause__, "strerror", None) or str(exc)
+                        warn_once(
+                            f"the spool {path.parent} cannot be read ({reason}); sending anyway"
+                        )
+                deliver({**batch, "report": None} if report_later else batch)
+            except RunGone as exc:
+                self.dead = str(exc)
+                log.warning(
+                    "green-mlops: run %s can no longer be written (%s); green metrics for it "
+                    "stop here",
+                    self.run_id,
+                    exc,
+                )
+                return "gone"
+            except Exception as exc:
+                _keep(
+                    path,
+                    batch,
+                    "green-mlops: could not send green metrics of run %s to %s (%s); kept in %s "
+                    "and sent when the server answers again (or run `green-mlops sync`)",
+                    self.run_id,
+                    shown_uri(self.tracking_uri),
+                    type(exc).__name__,
+                    path,
+                )
+                return "down" if unreachable(exc, self.tracking_uri) else "unsent"
+            if report_later and batch["report"] is not None:
+                _uploads.put({**batch, "metrics": [], "tags": {}}, path)
+            return "sent"
+
+    def terminate(self, status: str) -> bool:
+        """The final values could not be sent: end the run with one bounded request (a slow
+        server may answer now), else spool the termination for ``green-mlops sync``. Returns
+        True when spooled (the caller then skips MLflow's own ``set_terminated``)."""
+        record = {
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
+            "terminate": {"status": status, "end_time": int(time.time() * 1000)},
+        }
+        try:
+            deliver(record)
+            return False
+        except Exception:
+            pass
+        return _keep(
+            self.spool_path,
+            record,
+            "green-mlops: %s is unreachable; run %s will be marked %s by `green-mlops sync` "
+            "(kept in %s)",
+            shown_uri(self.tracking_uri),
+            self.run_id,
+            status,
+            self.spool_path,
+        )
+
+
+# --- delivery (also of spooled batches, from another process) -------------------------------
+
+
+def deliver(batch: Batch) -> None:
+    """Send one plain-data batch. Raises :class:`RunGone` for a deleted run, else any error."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.tracking.client import MlflowClient
+
+    client = MlflowClient(tracking_uri=batch["tracking_uri"])
+    store = _rest_store(client)
+    run_id = batch["run_id"]
+    try:
+        if batch.get("terminate") is not None:
+            status, end_time = batch["terminate"]["status"], batch["terminate"]["end_time"]
+            if store is not None:
+                body = {"run_id": run_id, "run_uuid": run_id, "status": status}
+                _post(store, _UPDATE_RUN, {**body, "end_time": end_time})
+            else:
+                _unwrapped(MlflowClient.set_terminated)(client, run_id, status, end_time)
+            return
+        metrics = [(k, float(v), int(ts), int(step)) for k, v, ts, step in batch["metrics"]]
+        tags = [(k, str(v)) for k, v in batch["tags"].items()]
+        for some_metrics, some_tags in _requests(metrics, tags):
+            if store is not None:
+                body = {
+                    "run_id": run_id,
+                    "metrics": [
+                        {"key": k, "value": v, "timestamp": ts, "step": s}
+                        for k, v, ts, s in some_metrics
+                    ],
+                    "tags": [{"key": k, "value": v} for k, v in some_tags],
+                }
+                _post(store, _LOG_BATCH, body)
+            else:
+                client.log_batch(
+                    run_id,
+                    metrics=[Metric(*m) for m in some_metrics],
+                    tags=[RunTag(*t) for t in some_tags],
+                    synchronous=True,
+                )
+        if batch.get("report") is not None:
+            _log_report(client, run_id, batch["report"])
+    except MlflowException as exc:
+        answered = store is None or isinstance(exc, RestException)
+        if answered and (
+            getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or _deleted(client, run_id)
+        ):
+            raise RunGone(f"{exc.error_code}: the run was deleted") from None
+        raise
+
+
+def _requests(
+    metrics: list[tuple[str, float, int, int]], tags: list[tuple[str, str]]
+) -> list[tuple[list[tuple[str, float, int, int]], list[tuple[str, str]]]]:
+    """``metrics`` and ``tags`` split into ``log_batch`` requests MLflow accepts."""
+    out = []
+    m = t = 0
+    while m < len(metrics) or t < len(tags):
+        some_tags = tags[t : t + MAX_TAGS]
+        some_metrics = metrics[m : m + MAX_ENTITIES - len(some_tags)]
+        out.append((some_metrics, some_tags))
+        m, t = m + len(some_metrics), t + len(some_tags)
+    return out
+
+
+def replay_spool(path: Path) -> int:
+    """Send the batches kept in ``path`` (oldest first); delete it when all went through.
+
+    Returns the number of batches sent. Raises on the first failure, keeping what is unsent
+    (:class:`~.spool.SpoolBusy` when another process is sending it).
+    """
+    from mlflow.exceptions import RestException
+
+    def send(batch: Batch) -> None:
+        try:
+            deliver(batch)
+        except RunGone:  # the run was deleted: its values land nowhere
+            pass
+        except RestException as exc:  # refused for good (not busy): never block what follows
+            code = int(exc.get_http_status_code())  # type: ignore[no-untyped-call]
+            if 400 <= code < 500 and code not in (408, 429):
+                raise spool.Refused(f"{exc.error_code} ({code})") from None
+            raise
+
+    return spool.replay(path, send)
+
+
+def wait_uploads(timeout: float = UPLOAD_WAIT_S) -> bool:
+    """Wait (at most ``timeout`` s) for the reports queued by ``flush(report_later=True)``.
+    Returns whether all were sent."""
+    return not _uploads.wait(timeout)
+
+
+def shown_uri(tracking_uri: str) -> str:
+    """The tracking URI as logged: without credentials embedded in it (``user:token@``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(tracking_uri)
+    if "@" not in parts.netloc:
+        return tracking_uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def unreachable(exc: Exception, tracking_uri: str) -> bool:
+    """No answer from a tracking server (as opposed to an answer refusing the request)."""
+    from mlflow.exceptions import RestException
+
+    return tracking_uri.startswith(("http://", "https://")) and not isinstance(exc, RestException)
+
+
+def _unwrapped(method: Callable[..., Any]) -> Callable[..., Any]:
+    """MLflow's own method under the plugin's wrappers (our own requests must not recurse)."""
+    while getattr(method, "__green_mlops__", False):
+        method = method.__wrapped__  # type: ignore[attr-defined]
+    return method
+
+
+def _rest_store(client: Any) -> Any:
+    """The client's REST store (for requests with bounded retries), or None."""
+    try:
+        from mlflow.store.tracking.rest_store import RestStore
+
+        store = client._tracking_client.store
+    except Exception:
+        return None
+    return store if isinstance(store, RestStore) else None
+
+
+def _post(store: Any, endpoint: str, body: dict[str, Any]) -> None:
+    """One REST call with green-mlops' bounded retries (MLflow's default would be ~4 min)."""
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    response = http_request(  # type: ignore[no-untyped-call]
+        store.get_host_creds(),
+        endpoint,
+        "POST",
+        json=body,
+        max_retries=SEND_RETRIES,
+        backoff_factor=SEND_BACKOFF_S,
+        timeout=SEND_TIMEOUT_S,
+    )
+    verify_rest_response(response, endpoint)
+
+
+def _deleted(client: Any, run_id: str) -> bool:
+    try:
+        return bool(client.get_run(run_id).info.lifecycle_stage == "deleted")
+    except Exception:
+        return False
+
+
+def _log_report(client: Any, run_id: str, report: dict[str, Any]) -> None:
+    """The report and the chart in one upload, from a directory of our own: MLflow's
+    ``log_dict``/``log_figure`` use ``TemporaryDirectory``, whose exit-time finalizer deletes
+    it under an upload still running at interpreter exit."""
+    folder = Path(tempfile.mkdtemp(prefix="green-mlops-"))
+    try:
+        (folder / Path(REPORT_ARTIFACT).name).write_text(json.dumps(report, indent=2, default=str))
+        draw_power(report, folder / Path(CHART_ARTIFACT).name)
+        client.log_artifacts(run_id, str(folder), str(Path(REPORT_ARTIFACT).parent))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- the spool and the background uploads ----------------------------------------------------
+
+#: Spool files written by this process: one last replay of each at interpreter exit.
+_spooled: set[Path] = set()
+
+
+def _keep(path: Path, batch: Batch, message: str, *args: Any) -> bool:
+    """Spool ``batch``; say so (``message % args``) when it was. Returns whether it was."""
+    if not spool.append(path, batch):
+        return False
+    _spooled.add(path)
+    log.warning(message, *args)
+    return True
+
+
+class _Uploads:
+    """One background thread sends the queued reports and charts, oldest first."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.pending: list[tuple[Batch, Path]] = []
+        self.thread: threading.Thread | None = None
+
+    def put(self, artifacts: Batch, path: Path) -> None:
+        with self.cond:
+            self.pending.append((artifacts, path))
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._work, name="green-mlops-report", daemon=True
+                )
+                self.thread.start()
+
+    def wait(self, timeout: float) -> list[tuple[Batch, Path]]:
+        """Wait until all are sent or ``timeout`` passed; returns those not sent."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.pending and (left := deadline - time.monotonic()) > 0:
+                self.cond.wait(left)
+            return list(self.pending)
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                if not self.pending:
+                    self.thread = None
+                    self.cond.notify_all()
+                    return
+                artifacts, path = self.pending[0]
+            try:
+                deliver(artifacts)
+            except RunGone:
+                pass
+            except Exception as exc:
+                _keep(
+                    path,
+                    artifacts,
+                    "green-mlops: could not send the report of run %s (%s); kept in %s",
+                    artifacts["run_id"],
+                    type(exc).__name__,
+                    path,
+                )
+            with self.cond:
+                self.pending.pop(0)
+                self.cond.notify_all()
+
+
+_uploads = _Uploads()
+
+
+def _at_exit() -> None:
+    """Interpreter exit (after the plugin has finished its runs): spool the reports not sent
+    in time, then one last replay of this process's spools, bounded: an artifact store that
+    hangs retries for minutes inside MLflow. What is not sent stays for ``green-mlops sync``."""
+    try:
+        for batch, path in _uploads.wait(UPLOAD_WAIT_S):
+            if spool.append(path, batch):
+                _spooled.add(path)
+        if _spooled:
+            last_try = threading.Thread(
+                target=_replay_spooled, name="green-mlops-exit", daemon=True
+            )
+            last_try.start()
+            last_try.join(EXIT_REPLAY_S)
+    except Exception:
+        log.exception("green-mlops: finishing at interpreter exit failed")
+
+
+def _replay_spooled() -> None:
+    """Replay each spool of this process until the server fails to answer."""
+    for path in sorted(_spooled):
+        try:
+            replay_spool(path)
+        except (spool.SpoolBusy, spool.SpoolUnusable):
+            continue
+        except Exception:
+            break
+
+
+# Registered at import, before the plugin's own handler: handlers run last-in first-out, so
+# this one runs after the plugin has sent its runs' final values.
+atexit.register(_at_exit)
