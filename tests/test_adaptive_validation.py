@@ -617,6 +617,16 @@ def test_a_callback_of_either_namespace(ns: ModuleType) -> None:
         AdaptiveValidation(mode="maximum")  # type: ignore[arg-type]
 
 
+def test_every_hook_is_marked_override() -> None:
+    own = vars(AdaptiveValidation)
+    hooks = [name for name in own if hasattr(Callback, name) and not name.startswith("__")]
+    assert {"setup", "on_validation_batch_end", "state_dict", "state_key"} <= set(hooks)
+    for name in hooks:
+        attr = own[name]
+        function = attr.fget if isinstance(attr, property) else attr
+        assert getattr(function, "__override__", False), f"{name} lacks @override"
+
+
 class Plateau(Scripted):
     def __init__(self, rows: np.ndarray, mode: Literal["min", "max"]) -> None:
         super().__init__(rows)
