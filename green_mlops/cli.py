@@ -7,10 +7,12 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from green_mlops.config import ConfigError, Settings, settings_table
+from green_mlops.log import GreenMlopsWarning
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -61,13 +63,17 @@ def doctor(settings: Settings, sample_s: float) -> int:
         console.print("[red]No meter is active: nothing would be measured.[/]")
         return 1
     if sample_s > 0:
+        # the tables above said it already: no log record, no GreenMlopsWarning (setLevel: clears
+        # the level cache that logging keeps per logger; assigning .level would not)
         quiet = logging.getLogger("green_mlops")
         level = quiet.level
-        quiet.setLevel(logging.ERROR)  # the table above said it already (setLevel: clears the
-        try:  # level cache that logging keeps per logger; assigning .level would not)
-            tracker = Tracker(settings, meters=[*used, *unavailable]).start()
-            time.sleep(sample_s)
-            snapshot = tracker.stop()
+        quiet.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", GreenMlopsWarning)
+                tracker = Tracker(settings, meters=[*used, *unavailable]).start()
+                time.sleep(sample_s)
+                snapshot = tracker.stop()
         finally:
             quiet.setLevel(level)
         _print_snapshot(console, snapshot, title=f"Power over {sample_s:g} s")

@@ -44,6 +44,15 @@ def test_doctor_lists_active_and_unavailable_meters_with_fixes(tmp_path: Path) -
     assert "Power over 0.2 s" in text
 
 
+def test_doctor_says_each_problem_once_in_its_table_not_again_as_a_warning(tmp_path: Path) -> None:
+    missing = tmp_path / "none"
+    out = cli("doctor", "--sample", "0.2", GREEN_MLOPS_RAPL_ROOT=str(missing))
+    assert out.returncode == 0, out.stderr
+    assert str(missing) in " ".join(out.stdout.split())  # the meter table says it, with the fix
+    assert "Power over 0.2 s" in out.stdout
+    assert out.stderr == ""
+
+
 def test_doctor_prefers_a_rapl_counter_over_the_estimate(tmp_path: Path) -> None:
     fake_rapl(tmp_path)
     out = cli("doctor", "--sample", "0", GREEN_MLOPS_RAPL_ROOT=str(tmp_path))
