@@ -158,28 +158,32 @@ def _print_snapshot(console: Console, snapshot: Snapshot, title: str) -> None:
             console.print(f"[bold]{heading}:[/] {line}")
 
 
-# what `green-mlops demo` imports beyond the core (the `demo` extra)
-DEMO_MODULES = frozenset({"lightning", "torch", "mlflow", "sqlalchemy", "alembic"})
-
-
 def demo(overrides: dict[str, Any], epochs: int) -> int:
+    import importlib.util
+
     from rich.table import Table
 
-    console = _console()
-    try:
-        from green_mlops.integrations.demo import run_demo
+    from green_mlops.integrations.demo import DEFAULT_TRACKING_URI, run_demo
 
-        console.print(f"Training a small MLP for {epochs} epochs on synthetic data (CPU)...")
-        result = run_demo(epochs=epochs, settings=overrides)
-    except ImportError as exc:  # ModuleNotFoundError, or the Lightning integration's own
-        if (exc.name or "").partition(".")[0] not in DEMO_MODULES:
-            raise
+    # Lightning, and MLflow with the server side where the run goes to a local sqlite store
+    # (mlflow-skinny cannot open one): the `demo` extra
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    needed = [
+        "lightning",
+        "mlflow",
+        *(["sqlalchemy", "alembic"] if uri.startswith("sqlite:") else []),
+    ]
+    missing = [module for module in needed if importlib.util.find_spec(module) is None]
+    if missing:
         print(
-            f"green-mlops demo: {exc.name} is not installed; the demo needs Lightning and MLflow "
-            'with its local store: pip install "green-mlops[demo]"',
+            f"green-mlops demo: not installed: {', '.join(missing)}; the demo needs Lightning and "
+            f'MLflow with its local store ({uri}): pip install "green-mlops[demo]"',
             file=sys.stderr,
         )
         return 1
+    console = _console()
+    console.print(f"Training a small MLP for {epochs} epochs on synthetic data (CPU)...")
+    result = run_demo(epochs=epochs, settings=overrides)
     m, tags = result.metrics, result.tags
     table = Table(title=f"MLflow run {result.run_id}")
     table.add_column("what")

@@ -120,16 +120,27 @@ def test_demo_runs_get_different_names_and_stay_reproducible(
     assert first.val_acc == second.val_acc
 
 
-def test_demo_without_its_extra_says_how_to_install_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("without", "named"),
+    [
+        (("lightning", "pytorch_lightning"), "lightning"),
+        (("sqlalchemy", "alembic"), "sqlalchemy, alembic"),
+    ],
+)
+def test_demo_without_its_extra_says_how_to_install_it(
+    tmp_path: Path, without: tuple[str, ...], named: str
+) -> None:
+    """Without Lightning, or with mlflow-skinny (no server side: no sqlite store)."""
     from tests.test_plugin_manager import _run_uninstalled, _uninstalled
 
-    path = _uninstalled(tmp_path, without=("lightning", "pytorch_lightning"))
+    path = _uninstalled(tmp_path, without=without)
     out = _run_uninstalled(path, "-m", "green_mlops", "demo", "--epochs", "1")
     assert out.returncode == 1, out.stderr
     assert out.stderr.strip().splitlines() == [
-        "green-mlops demo: lightning is not installed; the demo needs Lightning and MLflow with "
-        'its local store: pip install "green-mlops[demo]"'
+        f"green-mlops demo: not installed: {named}; the demo needs Lightning and MLflow with "
+        'its local store (sqlite:///mlflow.db): pip install "green-mlops[demo]"'
     ]
+    assert out.stdout == ""
     assert not (Path(path[0]) / "mlflow.db").exists()
 
 

@@ -167,7 +167,11 @@ def _uninstalled(tmp_path: Path, without: tuple[str, ...] = ()) -> list[str]:
 def _run_uninstalled(path: list[str], *args: str) -> subprocess.CompletedProcess[str]:
     import os
 
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("GREEN_MLOPS_", "PYTHON"))}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GREEN_MLOPS_", "MLFLOW_", "PYTHON"))
+    }
     return subprocess.run(
         [sys.executable, "-S", *args],
         env={**base, "PYTHONPATH": os.pathsep.join(path), "COLUMNS": "250"},
