@@ -531,15 +531,12 @@ class EnergyMonitor(Callback):
         if self._measurement is None or self._rank != 0 or step == self._last_step_logged:
             return
         self._last_step_logged = step
+        base = self._totals.base
         try:
-            kwh = self._measurement.tracker.snapshot().kwh + self._totals.base.get(
-                "green/energy_kwh", 0
-            )
+            kwh = self._measurement.tracker.snapshot().kwh + base.get("green/energy_kwh", 0)
             metrics = {"green/step/energy_kwh": kwh}
             if self._flops.counted:
-                metrics["green/step/flops"] = self._flops.total + self._totals.base.get(
-                    "green/flops", 0
-                )
+                metrics["green/step/flops"] = self._flops.total + base.get("green/flops", 0)
             self._output.log(trainer, metrics, totals=False)
         except Exception as exc:
             warn_once(f"EnergyMonitor per-step logging failed: {exc}")
