@@ -235,10 +235,20 @@ def mlflow_command(executable: str | None = None) -> str:
 
 def sync(settings: Settings) -> int:
     """Send the MLflow batches that could not be delivered during runs (kept in the spool)."""
+    from green_mlops.extras import install_command, missing_modules
+
+    files = sorted((settings.cache_dir / "spool").glob("*.jsonl"))
+    missing = missing_modules("mlflow")
+    if files and missing:
+        print(
+            f"green-mlops sync: {len(files)} run(s) wait in the spool, but MLflow is not installed "
+            f"({', '.join(missing)}): {install_command('mlflow')}",
+            file=sys.stderr,
+        )
+        return 1
     from green_mlops.integrations.mlflow import replay_spool
 
     console = _console()
-    files = sorted((settings.cache_dir / "spool").glob("*.jsonl"))
     sent = failed = 0
     for path in files:
         try:

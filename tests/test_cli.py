@@ -144,6 +144,35 @@ def test_demo_without_its_extra_says_how_to_install_it(
     assert not (Path(path[0]) / "mlflow.db").exists()
 
 
+def test_sync_without_mlflow_says_how_to_install_it(tmp_path: Path) -> None:
+    import os
+
+    from tests.test_plugin_manager import _uninstalled
+
+    path = _uninstalled(tmp_path, without=("mlflow", "filelock"))
+    spool = tmp_path / "cache" / "spool"
+    spool.mkdir(parents=True)
+    (spool / "0123abcd.jsonl").write_text("{}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GREEN_MLOPS_", "PYTHON"))}
+    out = subprocess.run(
+        [sys.executable, "-S", "-m", "green_mlops", "sync"],
+        env={
+            **env,
+            "PYTHONPATH": os.pathsep.join(path),
+            "GREEN_MLOPS_CACHE_DIR": str(spool.parent),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "green-mlops sync: 1 run(s) wait in the spool, but MLflow is not installed (mlflow, "
+        'filelock): pip install "green-mlops[mlflow]"'
+    ]
+    assert (spool / "0123abcd.jsonl").read_text() == "{}\n"  # kept for when it is
+
+
 def test_the_printed_mlflow_command_is_the_one_next_to_this_python(tmp_path: Path) -> None:
     from green_mlops.cli import mlflow_command
 
