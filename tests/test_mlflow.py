@@ -1132,3 +1132,60 @@ def test_the_writer_batches_at_mlflows_limits_with_one_step_convention(
     writer.tags({"green.t1": "1"})
     assert writer.flush() == "idle"
     assert not writer.spool_path.exists()
+
+
+def test_energy_monitor_writes_mlflow_through_the_writer_with_the_seconds_steps(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """The Lightning callback alone (no plugin), fit then test into one ``MLFlowLogger`` run:
+    the power series at whole seconds since the run's measurement began (continuing into the
+    test stage), as the plugin logs it, not at the point's index; report and chart together."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import MLFlowLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from green_mlops.integrations.lightning import EnergyMonitor
+
+    class Slow(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            time.sleep(0.4)
+            return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+        def test_step(self, batch: Any, _: int) -> None:
+            time.sleep(0.4)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = DataLoader(TensorDataset(torch.randn(96, 8), torch.randn(96, 1)), batch_size=8)
+    logger = MLFlowLogger(experiment_name=experiment(), tracking_uri=mlflow_server.url)
+    settings = {"location": "DE", "log_interval_s": 0.5, "sample_interval_s": 0.1}
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=logger,
+        callbacks=[EnergyMonitor(settings={**settings, "cache_dir": str(tmp_path / "cache")})],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    model = Slow()
+    trainer.fit(model, data)
+    trainer.test(model, data, verbose=False)  # 12 more batches of 0.4 s
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(logger.run_id)
+    seconds = run.data.metrics["green/duration_s"]
+    power = sorted(
+        client.get_metric_history(logger.run_id, "system/green/power_w"), key=lambda m: m.timestamp
+    )
+    assert len(power) > seconds + 2  # several points per second: an index would outrun seconds
+    steps = [m.step for m in power]
+    assert steps == sorted(steps) and steps[-1] <= int(seconds) + 1, steps
+    assert steps[-1] >= int(seconds) - 1, steps  # the test stage continues the fit's seconds
+    artifacts = {a.path for a in client.list_artifacts(logger.run_id, "green")}
+    assert artifacts == {"green/report.json", "green/power.png"}

@@ -1,6 +1,8 @@
-"""Where ``EnergyMonitor``'s numbers go: the Trainer's loggers, MLflow tags, the JSON report.
+"""Where ``EnergyMonitor``'s numbers go: the Trainer's loggers, and MLflow runs through the
+plugin's :class:`~green_mlops.integrations.mlflow.writer.RunWriter` (one step convention,
+batching, report and chart, spool).
 
-See docs/energy-monitor.md ("Where the numbers go").
+See docs/energy-monitor.md ("Where the numbers go") and docs/mlflow-plugin.md ("Steps").
 """
 
 from __future__ import annotations
@@ -8,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+from green_mlops.config import Settings
 from green_mlops.integrations.lightning._namespaces import classes
+from green_mlops.integrations.mlflow.writer import RunWriter
 from green_mlops.log import warn_once
-from green_mlops.metrics import POWER_KEY
 from green_mlops.session import Measurement, Result, claim, lookup, release
 
 if TYPE_CHECKING:
@@ -25,8 +28,9 @@ __all__ = ["Output", "callback_tags", "interrupted_tags"]
 
 
 class Output:
-    """The Trainer's loggers during one stage: which are MLflow runs (totals at step =
-    seconds), and which of those the MLflow plugin measures (it logs their totals).
+    """The Trainer's loggers during one stage: which are MLflow runs (written through a
+    ``RunWriter``: totals at step = seconds), and which of those the MLflow plugin measures
+    (it logs their totals, tags, report and power series).
 
     ``owner``: the name under which the callback registers the measurements it owns
     (:func:`green_mlops.session.claim`), so that an MLflow run has one measurement.
@@ -36,10 +40,12 @@ class Output:
         self.owner = owner
         #: Loggers whose run the MLflow plugin owns: no totals from the callback.
         self._shared: set[int] = set()
-        #: Loggers (MLflow's) whose totals are logged at step = seconds, as the plugin does.
-        self._seconds_step: set[int] = set()
+        #: MLflow loggers (by id) and the writer of each one's run (made on first use).
+        self._mlflow: dict[int, RunWriter | None] = {}
         self._run_ids: list[str] = []
         self._claimed: list[str] = []
+        #: The stage's measurement settings (the spool's directory).
+        self._settings: Settings | None = None
 
     def find_owner(self, trainer: pl.Trainer) -> Measurement | None:
         """The running measurement another integration (the MLflow plugin) has of an
@@ -52,10 +58,11 @@ class Output:
                 if run_id is None:
                     continue
                 self._run_ids.append(run_id)
-                self._seconds_step.add(id(logger))
+                self._mlflow[id(logger)] = None
                 found = lookup(run_id)
                 if found is not None and found[1] != self.owner and found[0].running:
                     owner = found[0]
+                    self._settings = owner.settings
                     self._shared.add(id(logger))
         except Exception as exc:
             warn_once(f"EnergyMonitor could not read the MLflow run: {exc}")
@@ -63,6 +70,7 @@ class Output:
 
     def claim(self, measurement: Measurement) -> None:
         """Register ``measurement`` as the one of the MLflow runs found (unless one exists)."""
+        self._settings = measurement.settings
         for run_id in self._run_ids:
             _, created = claim(run_id, self.owner, lambda m=measurement: m)
             if created:
@@ -76,8 +84,8 @@ class Output:
     def log(self, trainer: pl.Trainer, metrics: Mapping[str, float], *, totals: bool) -> None:
         """Log through every logger; loggers whose run the MLflow plugin owns get no totals.
 
-        Series (per epoch, per validation, per step) use step = ``global_step``. MLflow shows
-        a metric's value at its highest step, so there run totals use step = whole seconds
+        Series (per epoch, per validation, per step) use step = ``global_step``. In MLflow,
+        which shows a metric's value at its highest step, run totals use step = whole seconds
         of the run's measurement (``green/duration_s``, over every stage and segment), the
         plugin's step: the value shown is the latest total, whoever wrote it.
         """
@@ -85,19 +93,33 @@ class Output:
             chosen = dict(metrics)
             if id(logger) in self._shared and totals:
                 chosen = {k: v for k, v in chosen.items() if k.startswith("green/epoch/")}
-            batches = [(chosen, trainer.global_step)]
-            if totals and id(logger) in self._seconds_step:
-                series = {k: v for k, v in chosen.items() if k.startswith("green/epoch/")}
-                rest = {k: v for k, v in chosen.items() if k not in series}
-                seconds = int(metrics.get("green/duration_s", 0.0))
-                batches = [(series, trainer.global_step), (rest, seconds)]
-            for batch, step in batches:
-                if not batch:
+            if not chosen:
+                continue
+            try:
+                if id(logger) not in self._mlflow:
+                    logger.log_metrics(chosen, step=trainer.global_step)
                     continue
-                try:
-                    logger.log_metrics(batch, step=step)
-                except Exception as exc:
-                    warn_once(f"EnergyMonitor could not log to {type(logger).__name__}: {exc}")
+                writer = self._writer(logger)
+                series = {k: v for k, v in chosen.items() if k.startswith("green/epoch/")}
+                if totals:
+                    rest = {k: v for k, v in chosen.items() if k not in series}
+                    writer.totals(rest, metrics.get("green/duration_s", 0.0))
+                else:
+                    series = chosen
+                writer.series(series, trainer.global_step)
+                writer.flush()
+            except Exception as exc:
+                warn_once(f"EnergyMonitor could not log to {type(logger).__name__}: {exc}")
+
+    def _writer(self, logger: Any) -> RunWriter:
+        """The writer of an MLflow logger's run (its tracking URI and run id)."""
+        writer = self._mlflow.get(id(logger))
+        if writer is None:
+            settings = self._settings or Settings.resolve(None)
+            tracking_uri = str(logger.experiment.tracking_uri)
+            writer = RunWriter(tracking_uri, str(logger.run_id), settings)
+            self._mlflow[id(logger)] = writer
+        return writer
 
     def write(
         self,
@@ -124,18 +146,17 @@ class Output:
         document["tags"] = dict(tags)
         for logger in trainer.loggers:
             try:
-                run_id = _mlflow_run_id(logger)
-                if run_id is not None:
+                if id(logger) in self._mlflow:
                     if id(logger) in self._shared:
                         continue
-                    from mlflow.entities import RunTag
-
-                    client = cast(Any, logger).experiment
-                    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
+                    writer = self._writer(logger)
+                    writer.tags(tags)
                     if report:
-                        client.log_dict(run_id, document, "green/report.json")
-                    if world == 1 and result.power:
-                        _log_power(client, run_id, result.power)
+                        writer.report(document)
+                    if world == 1:  # at step = seconds since the run's measurement began
+                        earlier = metrics.get("green/duration_s", 0.0) - result.snapshot.duration_s
+                        writer.power(result.power, result.snapshot.started_at - earlier)
+                    writer.flush()
                 elif report and getattr(logger, "log_dir", None):
                     path = os.path.join(str(logger.log_dir), "green_report.json")
                     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -207,11 +228,3 @@ def _mlflow_run_id(logger: Any) -> str | None:
         return None
     run_id = logger.run_id
     return str(run_id) if run_id else None
-
-
-def _log_power(client: Any, run_id: str, power: Sequence[tuple[float, float]]) -> None:
-    from mlflow.entities import Metric
-
-    points = [Metric(POWER_KEY, watts, int(t * 1000), i) for i, (t, watts) in enumerate(power)]
-    for start in range(0, len(points), 1000):  # MLflow's log_batch limit
-        client.log_batch(run_id, metrics=points[start : start + 1000])
