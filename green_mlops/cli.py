@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -19,6 +20,11 @@ if TYPE_CHECKING:
 
     from green_mlops.plugin_manager import PluginManager
     from green_mlops.snapshot import Snapshot
+
+
+#: Commands that read finished runs, one module each in :mod:`green_mlops.commands`; each has
+#: ``register(subparsers)``, which adds its parser with ``run`` (``args -> exit code``) as default.
+COMMANDS: tuple[str, ...] = ()
 
 
 def _console() -> Console:
@@ -287,8 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--epochs", type=int, default=3)
     sub.add_parser("config", help="list every setting with its variable and accepted values")
     sub.add_parser("sync", help="send MLflow values kept while the tracking server was down")
+    for name in COMMANDS:
+        importlib.import_module(f"green_mlops.commands.{name}").register(sub)
     args = parser.parse_args(argv)
 
+    if getattr(args, "run", None) is not None:  # a command of green_mlops.commands
+        return int(args.run(args))
     if args.command == "config":
         return show_config()
     try:
