@@ -153,8 +153,8 @@ class Comparison:
         out["baseline"] = self.baseline.run_id if self.baseline else None
         for row, plain in zip(self.rows, out["rows"], strict=True):
             plain["marks"] = list(row.marks)
-        plain: dict[str, Any] = _finite(out)
-        return plain
+        result: dict[str, Any] = _finite(out)
+        return result
 
 
 def compare(
