@@ -6,6 +6,8 @@ that covers it. Exact and additive. See docs/carbon-accounting.md.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import itertools
 import logging
 import math
@@ -24,13 +26,50 @@ from green_mlops.units import J_PER_KWH
 if TYPE_CHECKING:  # config reads this module (provider names): it must not import config
     from green_mlops.config import Settings
 
-__all__ = ["DEFAULT_INTENSITY_PROVIDERS", "CarbonAccountant", "CarbonResult", "account"]
+__all__ = [
+    "DEFAULT_INTENSITY_PROVIDERS",
+    "MARKET_BASED",
+    "CarbonAccountant",
+    "CarbonResult",
+    "PricedInterval",
+    "account",
+    "resolve",
+]
 
 log = logging.getLogger(__name__)
 
 #: The built-in providers, best first (the default of ``GREEN_MLOPS_INTENSITY_PROVIDERS``); a
 #: name whose plugin is disabled is skipped, not refused.
 DEFAULT_INTENSITY_PROVIDERS = ("constant", "electricitymaps", "watttime", "static")
+#: ``IntensitySeries.basis`` of a contractual figure (a PPA, a supplier's factor): the GHG
+#: Protocol's market-based method. Priced apart from the location-based chain; never in SCI.
+MARKET_BASED = "market-based"
+
+
+@dataclass(frozen=True)
+class PricedInterval:
+    """``[start, end)`` priced at ``g_per_kwh`` by ``series``, the first in the chain there."""
+
+    start: float
+    end: float
+    g_per_kwh: float
+    series: IntensitySeries
+
+    def to_dict(self) -> dict[str, object]:
+        """The report's form (docs/report-format.md, ``accounting.intervals``)."""
+        s = self.series
+        return {
+            "start": self.start,
+            "end": self.end,
+            "g_per_kwh": self.g_per_kwh,
+            "source": s.source,
+            "dataset": s.dataset,
+            "zone": s.zone,
+            "basis": s.basis,
+            "scope": s.scope,
+            "estimated": s.estimated,
+            "vintage": s.vintage,
+        }
 
 
 @dataclass(frozen=True)
@@ -43,6 +82,12 @@ class CarbonResult:
     kwh_by_source: dict[str, float]
     #: kWh that no series covered (0 when the chain ends with a yearly table).
     unpriced_kwh: float = 0.0
+    #: The intensity over the priced span (first to last interval with energy): disjoint,
+    #: sorted, clipped to the span; what the energy was priced with.
+    intervals: tuple[PricedInterval, ...] = ()
+    #: The market-based figure (the whole chain, contracts first where preferred), when a
+    #: series of the chain is :data:`MARKET_BASED`; this result is then location-based only.
+    market: CarbonResult | None = None
 
     @property
     def mean_g_per_kwh(self) -> float:
@@ -68,6 +113,7 @@ def account(
     grams = 0.0
     total_j = 0.0
     unpriced_j = 0.0
+    span = [math.inf, -math.inf]
     keys = [series.describe() for series in chain]
     by_kwh = [0.0] * len(chain)
     points = [series.points for series in chain]
@@ -79,6 +125,7 @@ def account(
         total_j += joules
         if t1 <= t0:
             t1 = math.nextafter(t0, math.inf)  # t0 + 1e-9 == t0 for Unix times
+        span[0], span[1] = min(span[0], t0), max(span[1], t1)
         # Fast path, the common case (10 s of energy inside a 5 min .. 1 year point): the
         # first series with a point overlapping [t0, t1) covers it whole.
         for k, pts in enumerate(points):
@@ -134,7 +181,41 @@ def account(
         kwh=total_j / J_PER_KWH,
         kwh_by_source=by_source,
         unpriced_kwh=unpriced_j / J_PER_KWH,
+        intervals=resolve(chain, span[0], span[1]),
     )
+
+
+def resolve(
+    chain: Sequence[IntensitySeries], start: float, end: float
+) -> tuple[PricedInterval, ...]:
+    """The intensity over ``[start, end)`` by :func:`account`'s rule (each piece of time from
+    the first series that covers it): disjoint pieces, sorted; time no series covers is left
+    out. O(points)."""
+    pieces: list[PricedInterval] = []
+    gaps = [(start, end)] if end > start else []
+    for series in chain:
+        if not gaps:
+            break
+        pts = series.points
+        ends = [p.end for p in pts]
+        remaining: list[tuple[float, float]] = []
+        for a, b in gaps:
+            j = bisect.bisect_right(ends, a)  # the first point ending after a
+            cursor = a
+            while j < len(pts) and pts[j].start < b:
+                p = pts[j]
+                lo, hi = max(cursor, p.start), min(b, p.end)
+                if lo > cursor:
+                    remaining.append((cursor, lo))
+                pieces.append(PricedInterval(lo, hi, p.g_per_kwh, series))
+                cursor = hi
+                if cursor >= b:
+                    break
+                j += 1
+            if cursor < b:
+                remaining.append((cursor, b))
+        gaps = remaining
+    return tuple(sorted(pieces, key=lambda p: p.start))
 
 
 class CarbonAccountant:
@@ -235,7 +316,11 @@ class CarbonAccountant:
                     )
         with self._lock:
             chain = list(self._series)
-        return account(timeline, chain)
+        location = [s for s in chain if s.basis != MARKET_BASED]
+        carbon = account(timeline, location)
+        if len(location) < len(chain):  # a contract's figure: reported apart (never in SCI)
+            carbon = dataclasses.replace(carbon, market=account(timeline, chain))
+        return carbon
 
     def close(self) -> None:
         if self._pool is not None:
@@ -271,7 +356,8 @@ class CarbonAccountant:
                 continue
             self.skipped.pop(provider.name, None)
             chain.append(series)
-            if series.covered(start, end) >= end - start:
+            # a market-based figure covering the run still needs the location-based one
+            if series.basis != MARKET_BASED and series.covered(start, end) >= end - start:
                 break
         with self._lock:
             self._series = chain

@@ -117,6 +117,14 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
+def _scope2_method(value: object) -> str:
+    """``location-based`` or ``market-based`` (``location`` and ``market`` for short)."""
+    text = str(value).strip().lower().removesuffix("-based")
+    if text not in ("location", "market"):
+        raise ValueError
+    return f"{text}-based"
+
+
 def _region(value: object) -> str:
     text = str(value).strip().upper()
     if not text.replace("_", "").isalnum():
@@ -345,7 +353,16 @@ class Settings:
         None,
         _optional(_float_in(0.0, 3000.0)),
         "gCO2e/kWh in [0, 3000], or empty",
-        "A constant grid intensity of your own (the `constant` provider), e.g. from a PPA.",
+        "A constant intensity of your own (the `constant` provider): a grid figure, or a "
+        "contract's (a PPA: set GREEN_MLOPS_INTENSITY_BASIS=market-based).",
+    )
+    intensity_basis: str = _setting(
+        "INTENSITY_BASIS",
+        "location-based",
+        _scope2_method,
+        "location-based or market-based",
+        "GHG Protocol method of GREEN_MLOPS_INTENSITY_G_PER_KWH: location-based (the grid's) "
+        "or market-based (a contract: reported as green/co2e_market_g, never in SCI).",
     )
     electricitymaps_token: Secret | None = _setting(
         "ELECTRICITYMAPS_TOKEN",

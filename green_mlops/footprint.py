@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from green_mlops import __version__
-from green_mlops.carbon import CarbonResult
+from green_mlops.carbon import MARKET_BASED, CarbonResult
 from green_mlops.config import Settings
 from green_mlops.facility import KNOWN_EMBODIED
 from green_mlops.intensity import IntensitySeries
@@ -66,6 +66,18 @@ class Footprint:
     sci_g: float | None
     #: ``what: why`` for every quantity that is not reported or only partly.
     not_reported: tuple[str, ...] = ()
+    #: Market-based operational carbon (a contract's figure, GHG Protocol Scope 2), grams; the
+    #: location-based one is :attr:`operational_g`, the only one in SCI.
+    market_g: float | None = None
+    #: The series that priced it (``source/dataset zone (share)``), ``none`` without one.
+    market_source: str = "none"
+    #: The inputs of cost and embodied carbon, for a reader who recomputes them.
+    price_per_kwh: float | None = None
+    #: SCI's TE (kgCO2e of the hardware), EL (years), RS (share) and reserved time (s).
+    embodied_total_kgco2e: float | None = None
+    hardware_lifetime_years: float | None = None
+    resource_share: float | None = None
+    reserved_s: float | None = None
 
 
 def footprint(
@@ -101,8 +113,16 @@ def footprint(
     operational_unc: float | None = None
     mean: float | None = None
     used: list[IntensitySeries] = []
+    market = carbon.market if carbon is not None else None
+    market_priced = market is not None and any(v > 0 for v in market.kwh_by_source.values())
     if carbon is None:
         missing.append("co2e: carbon not computed (no intensity result)")
+    elif market_priced and not any(v > 0 for v in carbon.kwh_by_source.values()):
+        missing.append(
+            "co2e: only market-based intensity (GREEN_MLOPS_INTENSITY_BASIS=market-based) "
+            "priced the run, see green/co2e_market_g; add static to "
+            "GREEN_MLOPS_INTENSITY_PROVIDERS for the location-based figure"
+        )
     elif carbon.unpriced_kwh > 0 and not any(v > 0 for v in carbon.kwh_by_source.values()):
         # Nothing priced any of the energy: carbon is unknown, not 0 g.
         missing.append(
@@ -122,6 +142,12 @@ def footprint(
                 "only (a lower bound)"
             )
         used = [s for s in intensity_sources if carbon.kwh_by_source.get(s.describe(), 0) > 0]
+    market_g = market.grams * pue if market is not None and market_priced else None
+    market_used = [
+        s
+        for s in intensity_sources
+        if market is not None and market.kwh_by_source.get(s.describe(), 0) > 0
+    ]
 
     cost: float | None = None
     if settings.price_per_kwh is None:
@@ -129,7 +155,8 @@ def footprint(
     else:
         cost = facility_kwh * settings.price_per_kwh
 
-    embodied, embodied_source = _embodied(snapshot, settings, reserved_s)
+    seconds = snapshot.duration_s if reserved_s is None else reserved_s
+    embodied, embodied_source, total_kg = _embodied(snapshot, settings, seconds)
     if embodied is None:
         missing.append(f"embodied: {embodied_source}")
 
@@ -143,6 +170,11 @@ def footprint(
     elif not (math.isfinite(count) and count > 0):
         missing.append(f"sci: the number of {unit}s must be > 0, got {count!r}")
         count = None
+    elif operational is None and market_g is not None:
+        missing.append(
+            "sci: SCI excludes market-based intensity, and no location-based intensity priced "
+            "the run; add static to GREEN_MLOPS_INTENSITY_PROVIDERS"
+        )
     elif operational is None or embodied is None:
         missing.append("sci: needs both operational (E x I) and embodied (M) carbon")
     elif carbon is not None and carbon.unpriced_kwh > 0:
@@ -178,6 +210,13 @@ def footprint(
         functional_units=count,
         sci_g=sci,
         not_reported=tuple(missing),
+        market_g=market_g,
+        market_source=_sources_text(market_used, market) if market_g is not None else "none",
+        price_per_kwh=settings.price_per_kwh,
+        embodied_total_kgco2e=total_kg,
+        hardware_lifetime_years=settings.hardware_lifetime_years,
+        resource_share=settings.resource_share,
+        reserved_s=seconds,
     )
 
 
@@ -210,6 +249,8 @@ def footprint_metrics(fp: Footprint) -> dict[str, float]:
         metrics["green/embodied_g"] = fp.embodied_g
     if fp.sci_g is not None:
         metrics[f"green/sci_g_per_{fp.functional_unit}"] = fp.sci_g
+    if fp.market_g is not None:
+        metrics["green/co2e_market_g"] = fp.market_g
     return metrics
 
 
@@ -223,6 +264,11 @@ def footprint_tags(fp: Footprint) -> dict[str, str]:
         "green.intensity.estimated": fp.intensity_estimated,
         "green.intensity.vintage": fp.intensity_vintage,
         "green.intensity.fallbacks": clip(fp.intensity_fallbacks),
+        "green.intensity.market": (
+            f"{MARKET_BASED} (green/co2e_market_g, not in SCI): {fp.market_source}"
+            if fp.market_g is not None
+            else "none"
+        ),
         "green.pue": f"{fp.pue:g}",
         "green.pue.source": clip(fp.pue_source),
         "green.currency": fp.currency,
@@ -264,12 +310,11 @@ def reporting_sentence(fp: Footprint) -> str:
 
 
 def _embodied(
-    snapshot: Snapshot, settings: Settings, reserved_s: float | None
-) -> tuple[float | None, str]:
-    """(grams, source) of SCI's M, or (None, why)."""
-    seconds = snapshot.duration_s if reserved_s is None else reserved_s
+    snapshot: Snapshot, settings: Settings, seconds: float
+) -> tuple[float | None, str, float | None]:
+    """(grams, source, TE kg) of SCI's M, or (None, why, None)."""
     if not (math.isfinite(seconds) and seconds >= 0):
-        return None, f"reserved time must be >= 0 seconds, got {seconds!r}"
+        return None, f"reserved time must be >= 0 seconds, got {seconds!r}", None
     if settings.embodied_kgco2e is not None:
         total_kg = settings.embodied_kgco2e
         source = "GREEN_MLOPS_EMBODIED_KGCO2E"
@@ -280,7 +325,7 @@ def _embodied(
             if model in KNOWN_EMBODIED:
                 known[model] = known.get(model, 0) + 1
         if not known:
-            return None, _NO_EMBODIED
+            return None, _NO_EMBODIED, None
         total_kg = sum(KNOWN_EMBODIED[m].kgco2e * n for m, n in known.items())
         source = "; ".join(
             f"{n} x {m} at {KNOWN_EMBODIED[m].kgco2e:g} kg ({KNOWN_EMBODIED[m].scope}): "
@@ -290,9 +335,11 @@ def _embodied(
         source += "; set GREEN_MLOPS_EMBODIED_KGCO2E for the whole machine"
     share = seconds / (settings.hardware_lifetime_years * YEAR)
     grams = total_kg * 1000 * share * settings.resource_share
-    return grams, (
+    return (
+        grams,
         f"{source}; TE {total_kg:g} kg over {settings.hardware_lifetime_years:g} years, "
-        f"share {settings.resource_share:g}"
+        f"share {settings.resource_share:g}",
+        total_kg,
     )
 
 

@@ -23,12 +23,12 @@ from green_mlops.meters import Meter, MeterUnavailable
 from green_mlops.metrics import EXCLUSIVE_KEYS, energy_metrics, power_series, provenance_tags
 from green_mlops.snapshot import Snapshot
 from green_mlops.tracker import Tracker
+from green_mlops.verify import REPORT_SCHEMA, report_digests
 
 log = logging.getLogger(__name__)
 
 __all__ = ["REPORT_SCHEMA", "Measurement", "Result", "claim", "lookup", "release"]
 
-REPORT_SCHEMA = "green-mlops/report/v1"
 #: Longest wait for intensity data when the run ends; the tail is priced by the fallback after.
 FINAL_WAIT_S = 3.0
 
@@ -45,12 +45,15 @@ class Result:
     power: list[tuple[float, float]] = field(default_factory=list)
     #: The values at the run's end (or at a termination of a run that may go on).
     final: bool = False
+    #: What a reader needs to recompute the figures (the report's ``accounting``).
+    accounting: dict[str, Any] | None = None
 
     def report(self) -> dict[str, Any]:
-        """The versioned JSON report (``green/report.json``)."""
+        """The versioned JSON report (``green/report.json``): docs/report-format.md."""
         from green_mlops import __version__
 
         fp = dataclasses.asdict(self.footprint) if self.footprint is not None else None
+        accounting = self.accounting or accounting_block(None, [], None, None, {}, {})
         return {
             "schema": REPORT_SCHEMA,
             "green_mlops_version": __version__,
@@ -61,6 +64,8 @@ class Result:
             "footprint": fp,
             "reporting_sentence": self.sentence,
             "energy": self.snapshot.to_dict(),
+            "accounting": accounting,
+            "digests": report_digests(accounting),
         }
 
 
@@ -160,7 +165,9 @@ class Measurement:
         tags = provenance_tags(snapshot)
         tags.update(job_tags(tags))
         fp: Any = None
+        carbon: Any = None
         sentence = ""
+        timeline = list(_energy_timeline(snapshot))
         try:
             from green_mlops.footprint import (
                 footprint,
@@ -169,11 +176,11 @@ class Measurement:
                 reporting_sentence,
             )
 
-            carbon = chain = None
+            chain = None
             skipped: dict[str, str] = {}
             location: Any = self.settings.location
             if self._accountant is not None:
-                carbon = self._accountant.result(list(_energy_timeline(snapshot)), wait_s=wait_s)
+                carbon = self._accountant.result(timeline, wait_s=wait_s)
                 chain = self._accountant.chain
                 skipped = dict(self._accountant.skipped)
                 location = self._accountant.location
@@ -193,7 +200,8 @@ class Measurement:
         except Exception as exc:  # energy is still worth logging
             log.exception("green-mlops: carbon/footprint failed")
             tags["green.problems"] = f"{tags.get('green.problems', '')} footprint failed: {exc}"
-        for key, value in dict(self._children).items():  # a copy: nested runs end in threads
+        children = dict(self._children)  # a copy: nested runs end in threads
+        for key, value in children.items():
             if key in metrics:
                 metrics[key.replace("green/", "green/inclusive/", 1)] = metrics[key]
                 metrics[key] -= value
@@ -202,7 +210,55 @@ class Measurement:
                 metrics[key] += value
         metrics.update(self.extra_metrics)
         tags.update(self.extra_tags)
-        return Result(snapshot, metrics, tags, fp, sentence, power_series(snapshot), final)
+        accounting = accounting_block(snapshot, timeline, carbon, fp, children, self.offsets)
+        return Result(
+            snapshot, metrics, tags, fp, sentence, power_series(snapshot), final, accounting
+        )
+
+
+def accounting_block(
+    snapshot: Snapshot | None,
+    timeline: Sequence[tuple[float, float]],
+    carbon: Any,
+    fp: Any,
+    nested: Mapping[str, float],
+    earlier: Mapping[str, float],
+) -> dict[str, Any]:
+    """The report's ``accounting``: the priced timeline, the intervals that priced it, the
+    inputs (PUE, price, embodied) and this measurement's figures, and what the logged totals
+    add or subtract (nested runs, earlier segments). See docs/report-format.md."""
+    market = getattr(carbon, "market", None)
+
+    def figure(name: str) -> Any:
+        return getattr(fp, name, None)
+
+    return {
+        "timeline": [[t, j] for t, j in timeline],
+        "intervals": [p.to_dict() for p in getattr(carbon, "intervals", ())],
+        "market_intervals": None if market is None else [p.to_dict() for p in market.intervals],
+        "pue": figure("pue"),
+        "price_per_kwh": figure("price_per_kwh"),
+        "currency": figure("currency"),
+        "embodied": {
+            "total_kgco2e": figure("embodied_total_kgco2e"),
+            "hardware_lifetime_years": figure("hardware_lifetime_years"),
+            "resource_share": figure("resource_share"),
+            "reserved_s": figure("reserved_s"),
+            "source": figure("embodied_source"),
+        },
+        "functional_unit": figure("functional_unit"),
+        "functional_units": figure("functional_units"),
+        "figures": {
+            "energy_kwh": snapshot.kwh if snapshot is not None else None,
+            "energy_facility_kwh": figure("facility_kwh"),
+            "co2e_g": figure("operational_g"),
+            "co2e_market_g": figure("market_g"),
+            "cost": figure("cost"),
+            "embodied_g": figure("embodied_g"),
+            "sci_g": figure("sci_g"),
+        },
+        "adjustments": {"nested_runs": dict(nested), "earlier_segments": dict(earlier)},
+    }
 
 
 def phase_carbon(metrics: dict[str, float]) -> dict[str, float]:

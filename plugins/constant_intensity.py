@@ -1,6 +1,8 @@
 """A carbon intensity given by the user (provider ``constant``).
 
-``GREEN_MLOPS_INTENSITY_G_PER_KWH`` for all time and any location; skipped when unset. See
+``GREEN_MLOPS_INTENSITY_G_PER_KWH`` for all time and any location; skipped when unset.
+``GREEN_MLOPS_INTENSITY_BASIS=market-based`` marks it a contract's figure (a PPA): priced apart
+from the grid and left out of SCI (:data:`green_mlops.carbon.MARKET_BASED`). See
 docs/carbon-accounting.md.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from green_mlops.carbon import MARKET_BASED
 from green_mlops.hookspecs import hookimpl
 from green_mlops.intensity import (
     FOREVER,
@@ -27,12 +30,14 @@ NOT_SET = "GREEN_MLOPS_INTENSITY_G_PER_KWH not set"
 
 
 class ConstantIntensityProvider(IntensityProvider):
-    """``settings.intensity_g_per_kwh`` over all time."""
+    """``settings.intensity_g_per_kwh`` over all time; ``method``: ``location-based`` (a grid
+    average) or ``market-based`` (a contract)."""
 
     name = "constant"
 
-    def __init__(self, g_per_kwh: float | None) -> None:
+    def __init__(self, g_per_kwh: float | None, method: str = "location-based") -> None:
         self.g_per_kwh = g_per_kwh
+        self.method = method
 
     def configured(self) -> str | None:
         return NOT_SET if self.g_per_kwh is None else None
@@ -40,19 +45,23 @@ class ConstantIntensityProvider(IntensityProvider):
     def series(self, location: Location, start: float, end: float) -> IntensitySeries:
         if self.g_per_kwh is None:
             raise IntensityUnavailable(NOT_SET)
+        market = self.method == MARKET_BASED
         return IntensitySeries(
             points=(IntensityPoint(FOREVER[0], FOREVER[1], self.g_per_kwh),),
             source=self.name,
-            dataset="user constant",
+            dataset="user constant (contract)" if market else "user constant",
             zone=location.zone or location.country or "unknown",
-            basis="average",
+            basis=MARKET_BASED if market else "average",
             scope="unknown (user constant)",
             estimated=False,
             vintage="user constant",
-            notes=(f"GREEN_MLOPS_INTENSITY_G_PER_KWH={self.g_per_kwh:g}",),
+            notes=(
+                f"GREEN_MLOPS_INTENSITY_G_PER_KWH={self.g_per_kwh:g}",
+                f"GREEN_MLOPS_INTENSITY_BASIS={self.method}",
+            ),
         )
 
 
 @hookimpl
 def green_mlops_intensity_providers(settings: Settings) -> list[IntensityProvider]:
-    return [ConstantIntensityProvider(settings.intensity_g_per_kwh)]
+    return [ConstantIntensityProvider(settings.intensity_g_per_kwh, settings.intensity_basis)]

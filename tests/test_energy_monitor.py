@@ -571,7 +571,7 @@ def test_mlflow_logger_gets_metrics_tags_and_report(
     path = client.download_artifacts(logger.run_id, "green/report.json", str(tmp_path))
     rep = json.loads(Path(path).read_text())
     assert rep["metrics"]["green/flops"] == SANITY + 2 * EPOCH
-    assert rep["schema"] == "green-mlops/report/v1"
+    assert rep["schema"] == "green-mlops/report/v2"
     power = client.get_metric_history(logger.run_id, "system/green/power_w")
     assert power and all(p.value == pytest.approx(CPU_W + RAM_W, rel=0.05) for p in power)
 

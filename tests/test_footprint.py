@@ -314,6 +314,7 @@ ALL_TAGS = {
     "green.intensity.estimated",
     "green.intensity.vintage",
     "green.intensity.fallbacks",
+    "green.intensity.market",
     "green.pue",
     "green.pue.source",
     "green.currency",

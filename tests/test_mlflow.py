@@ -98,7 +98,7 @@ def test_every_run_gets_green_metrics_tags_and_artifacts(
     assert artifacts == {"green/report.json", "green/power.png"}
     report = client.download_artifacts(out["run_id"], "green/report.json", str(tmp_path))
     data = json.loads(Path(report).read_text())
-    assert data["schema"] == "green-mlops/report/v1" and data["final"] is True
+    assert data["schema"] == "green-mlops/report/v2" and data["final"] is True
     assert data["metrics"]["green/energy_kwh"] == pytest.approx(metrics["green/energy_kwh"])
     # usable in searches
     found = client.search_runs(
