@@ -3,8 +3,11 @@ layer's one shape): experiments by name or glob, runs by MLflow's own ``filter_s
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
+import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,6 +20,13 @@ __all__ = ["find_experiments", "load_report", "read_runs"]
 
 #: Runs asked of the server per request (MLflow's search_runs accepts up to 50,000).
 PAGE_SIZE = 1000
+#: MLflow's request settings while reading, unless the user set them: one retry, not MLflow's
+#: seven (about four minutes before a down server is reported).
+REQUEST_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
 
 
 def read_runs(
@@ -36,22 +46,23 @@ def read_runs(
 
     client = MlflowClient(tracking_uri)
     uri = shown_uri(str(client.tracking_uri))
-    try:
-        records: dict[str, RunRecord] = {}
-        if experiments or not run_ids:
-            found = find_experiments(client, experiments)
-            names = {e.experiment_id: e.name for e in found}
-            for run in _search(client, list(names), filter_string):
-                records[run.info.run_id] = _record(run, names, uri)
-        for run_id in run_ids:
-            if run_id not in records:
-                run = client.get_run(run_id)
-                experiment = client.get_experiment(run.info.experiment_id)
-                records[run_id] = _record(run, {experiment.experiment_id: experiment.name}, uri)
-    except RunsUnavailable:
-        raise
-    except Exception as exc:
-        raise RunsUnavailable(f"MLflow at {uri}: {type(exc).__name__}: {exc}") from None
+    with _bounded():
+        try:
+            records: dict[str, RunRecord] = {}
+            if experiments or not run_ids:
+                found = find_experiments(client, experiments)
+                names = {e.experiment_id: e.name for e in found}
+                for run in _search(client, list(names), filter_string):
+                    records[run.info.run_id] = _record(run, names, uri)
+            for run_id in run_ids:
+                if run_id not in records:
+                    run = client.get_run(run_id)
+                    experiment = client.get_experiment(run.info.experiment_id)
+                    records[run_id] = _record(run, {experiment.experiment_id: experiment.name}, uri)
+        except RunsUnavailable:
+            raise
+        except Exception as exc:
+            raise RunsUnavailable(_problem(exc, str(client.tracking_uri))) from None
     return sorted(records.values(), key=lambda r: r.start_time or 0.0, reverse=True)
 
 
@@ -97,6 +108,33 @@ def load_report(tracking_uri: str | None, record: RunRecord) -> RunRecord:
         except Exception:
             return record
         return replace(record, report=json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+@contextlib.contextmanager
+def _bounded() -> Iterator[None]:
+    """:data:`REQUEST_SETTINGS` for the requests made inside (the user's own settings win)."""
+    added = [k for k in REQUEST_SETTINGS if k not in os.environ]
+    os.environ.update({k: REQUEST_SETTINGS[k] for k in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _problem(exc: Exception, tracking_uri: str) -> str:
+    """One line: where, what went wrong, the fix; never the URI's credentials."""
+    uri = shown_uri(tracking_uri)
+    text = re.sub(r"//[^/@\s]+@", "//***@", str(exc)).strip().splitlines()
+    first = text[0] if text else ""
+    if isinstance(exc, OSError) or "failed with exception" in first:  # no answer
+        cause = re.findall(r"\[Errno -?\d+\] [^'\")]+", first)
+        why = cause[-1] if cause else type(exc).__name__
+        return (
+            f"MLflow at {uri} does not answer ({why}): check --tracking-uri (or "
+            "MLFLOW_TRACKING_URI) and that the server is running"
+        )
+    return f"MLflow at {uri}: {type(exc).__name__}: {first[:300]}"
 
 
 def _search(client: Any, experiment_ids: list[str], filter_string: str) -> Iterator[Any]:
