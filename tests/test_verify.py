@@ -9,8 +9,13 @@ copies of them must fail, naming the figure.
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import json
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ from green_mlops.config import ConfigError, Settings
 from green_mlops.intensity import IntensityPoint, IntensitySeries
 from green_mlops.session import Measurement
 from green_mlops.verify import digest, price_timeline, verify_report
-from tests.green_runs import INTENSITY_G_PER_KWH, PRICE_PER_KWH, RunSpec, make_runs
+from tests.green_runs import INTENSITY_G_PER_KWH, PRICE_PER_KWH, RunSpec, make_runs, plugin_env
 from tests.mlflow_server import MlflowServer
 
 EMBODIED_KG = 120.0
@@ -163,6 +168,31 @@ def test_a_tampered_reported_carbon_fails_with_both_values(
     assert "digests" not in out.split("MISMATCH green/co2e_g:")[1]
 
 
+@pytest.mark.slow
+def test_a_resumed_run_verifies_with_its_earlier_segment(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = make_runs(mlflow_server, [RunSpec("verify-resumed", "resumed")], tmp_path)
+    code = (
+        "import mlflow, time\n"
+        f"with mlflow.start_run(run_id={ids['resumed']!r}):\n"
+        "    end = time.perf_counter() + 0.3\n"
+        "    while time.perf_counter() < end: pass\n"
+    )
+    env = plugin_env(mlflow_server, tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    path = download(mlflow_server, ids["resumed"], tmp_path / "after")
+    report = json.loads(path.read_text())
+    earlier = report["accounting"]["adjustments"]["earlier_segments"]
+    assert earlier["green/co2e_g"] > 0  # the first segment's carbon is in the logged total
+    assert report["metrics"]["green/co2e_g"] == pytest.approx(
+        report["accounting"]["figures"]["co2e_g"] + earlier["green/co2e_g"]
+    )
+    exit_code, out = verify_cli(path, capsys)
+    assert exit_code == 0, out
+
+
 def test_a_v1_report_cannot_be_verified_and_says_so(
     plugin_reports: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -251,7 +281,9 @@ def test_the_basis_setting_fails_early_with_the_accepted_form() -> None:
 
 
 @pytest.mark.slow
-def test_a_lightning_report_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_lightning_report_verifies_and_a_second_stage_is_said_unverifiable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import lightning.pytorch as pl
 
     from green_mlops.integrations.lightning import EnergyMonitor
@@ -286,6 +318,11 @@ def test_a_lightning_report_verifies(tmp_path: Path, capsys: pytest.CaptureFixtu
         tampered(path, tmp_path, lambda r: r["metrics"].update({"green/cost": 1.0})), capsys
     )
     assert code == 1 and "MISMATCH green/cost" in out
+    # a second stage: the run's totals then cover both stages, the report the last one only
+    trainer.validate(trainer.lightning_module, loader(1))
+    code, out = verify_cli(path, capsys)
+    assert code == 2 and "MISMATCH" not in out
+    assert "cannot verify metrics: the run's totals cover" in out
 
 
 # --- the verifier's own pricing is account()'s --------------------------------------------
@@ -311,7 +348,7 @@ def test_priced_intervals_reproduce_account(steps: list[tuple[float, float]]) ->
         result = account(points, chain)
         intervals = [(p.start, p.end, p.g_per_kwh) for p in result.intervals]
         assert result.intervals == resolve(chain, points[0][0], points[-1][0])
-        assert all(b[0] >= a[1] for a, b in zip(intervals, intervals[1:], strict=False))
+        assert all(b[0] >= a[1] for a, b in itertools.pairwise(intervals))
         grams, priced, unpriced = price_timeline(points, intervals)
         assert grams == pytest.approx(result.grams, rel=1e-12)
         assert unpriced == pytest.approx(result.unpriced_kwh, rel=1e-12, abs=1e-15)
@@ -319,8 +356,6 @@ def test_priced_intervals_reproduce_account(steps: list[tuple[float, float]]) ->
 
 
 def busy(seconds: float) -> None:
-    import time
-
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
@@ -330,7 +365,5 @@ def test_digest_is_of_the_canonical_encoding() -> None:
     value = {"b": [1.5, 2], "a": None}
     same = copy.deepcopy({"a": None, "b": [1.5, 2]})
     assert digest(value) == digest(same)
-    import hashlib
-
     expected = hashlib.sha256(b'{"a":null,"b":[1.5,2]}').hexdigest()
     assert digest(value) == f"sha256:{expected}"
