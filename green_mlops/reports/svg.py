@@ -22,9 +22,9 @@ FIXED = {
     "train": "#0072B2",
     "validation": "#E69F00",
     "test": "#009E73",
-    "sanity": "#CC79A7",
+    "sanity_check": "#CC79A7",
     "predict": "#56B4E9",
-    "data-wait": "#D55E00",
+    "data_wait": "#D55E00",
     "other": "#999999",
     "cpu": "#0072B2",
     "gpu": "#009E73",
@@ -120,7 +120,8 @@ def power_chart(points: Sequence[PowerPoint]) -> tuple[str, list[str]]:
         parts.append(
             f'<rect class="power" x="{x0:.2f}" y="{TOP + plot_h - h:.2f}" '
             f'width="{max(x1 - x0, 0.5):.2f}" height="{h:.2f}" '
-            f'fill="{color(name, phases.index(name))}" data-watts="{p.watts!r}">'
+            f'fill="{color(name, phases.index(name))}" data-watts="{p.watts!r}" '
+            f'data-start-s="{p.start_s!r}" data-end-s="{p.end_s!r}">'
             f"<title>{significant(p.start_s)}–{significant(p.end_s)} s: "
             f"{significant(p.watts)} W ({escape(name)})</title></rect>"
         )
