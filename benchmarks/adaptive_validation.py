@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 
 from green_mlops.adaptive import AdaptiveValidator, Decision, alpha_spending
+from green_mlops.units import J_PER_KWH
 
 Array = npt.NDArray[np.float64]
 
@@ -572,7 +573,7 @@ def live_check(
         f"{replayed == adaptive[2].logged}, {1 - cost:.0%} of validation forward passes saved"
     )
     if energy:
-        detail += f", energy saved (EnergyMonitor's estimate): {adaptive[3] * 3.6e6:.1f} J"
+        detail += f", energy saved (EnergyMonitor's estimate): {adaptive[3] * J_PER_KWH:.1f} J"
     return same, detail
 
 

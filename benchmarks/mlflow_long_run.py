@@ -33,6 +33,7 @@ from green_mlops.config import Settings
 from green_mlops.integrations.mlflow import plugin, spool
 from green_mlops.integrations.mlflow.writer import RunWriter
 from green_mlops.session import Measurement, Result
+from green_mlops.units import DAY, J_PER_KWH
 
 MAX_TIMELINE = 4096
 TOTAL_KEYS = [
@@ -70,7 +71,7 @@ def simulate(days: float, interval: float, spool_dir: Path | None) -> dict[str, 
     points = before_points = requests = 0
     before_bytes = 0
     recent: list[tuple[float, float]] = []
-    ticks = int(days * 86400 / interval)
+    ticks = int(days * DAY / interval)
     started = time.perf_counter()
     for i in range(1, ticks + 1):
         age = i * interval
@@ -81,7 +82,7 @@ def simulate(days: float, interval: float, spool_dir: Path | None) -> dict[str, 
             if timeline > MAX_TIMELINE:
                 timeline = timeline // 2 + 1
                 step *= 2
-        kwh = watts * age / 3.6e6
+        kwh = watts * age / J_PER_KWH
         metrics = {key: kwh for key in TOTAL_KEYS}
         metrics["green/duration_s"] = age
         snapshot = SimpleNamespace(duration_s=age, started_at=t0, running=True)

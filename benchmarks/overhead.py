@@ -80,6 +80,8 @@ from typing import Any
 
 import torch
 
+from green_mlops.units import J_PER_KWH
+
 BATCH, IN_FEATURES, HIDDEN, CLASSES = 128, 512, 512, 10
 EPOCH_STEPS, VAL_STEPS, DISTINCT_BATCHES = 50, 10, 50
 SEED = 1234
@@ -291,7 +293,7 @@ def run_condition(condition: str, steps: int) -> Run:
     stop_s = clock() - t0
     data = getattr(cc, "final_emissions_data", None)
     energy = getattr(data, "energy_consumed", None)
-    check = f"{energy * 3.6e6:.1f} J" if isinstance(energy, float) else "no energy reported"
+    check = f"{energy * J_PER_KWH:.1f} J" if isinstance(energy, float) else "no energy reported"
     run.condition, run.start_s, run.stop_s, run.check = condition, start_s, stop_s, check
     return run
 

@@ -17,7 +17,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from green_mlops.intensity import IntensityProvider, IntensitySeries, IntensityUnavailable
+from green_mlops.intensity import (
+    MARKET_BASED,
+    IntensityProvider,
+    IntensitySeries,
+    IntensityUnavailable,
+)
 from green_mlops.location import UNKNOWN, Location, parse_location
 from green_mlops.log import warn_once
 from green_mlops.plugin_manager import call_hook, get_plugin_manager
@@ -41,9 +46,6 @@ log = logging.getLogger(__name__)
 #: The built-in providers, best first (the default of ``GREEN_MLOPS_INTENSITY_PROVIDERS``); a
 #: name whose plugin is disabled is skipped, not refused.
 DEFAULT_INTENSITY_PROVIDERS = ("constant", "electricitymaps", "watttime", "static")
-#: ``IntensitySeries.basis`` of a contractual figure (a PPA, a supplier's factor): the GHG
-#: Protocol's market-based method. Priced apart from the location-based chain; never in SCI.
-MARKET_BASED = "market-based"
 
 
 @dataclass(frozen=True)

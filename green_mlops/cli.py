@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from green_mlops.config import ConfigError, Settings, settings_table
 from green_mlops.log import GreenMlopsWarning
+from green_mlops.units import J_PER_KWH
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -195,16 +196,18 @@ def demo(overrides: dict[str, Any], epochs: int) -> int:
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_column("how it was obtained")
-    table.add_row("energy", f"{m['green/energy_kwh'] * 3.6e6:.1f} J", tags.get("green.meters", ""))
+    table.add_row(
+        "energy", f"{m['green/energy_kwh'] * J_PER_KWH:.1f} J", tags.get("green.meters", "")
+    )
     for key in sorted(k for k in m if k.startswith("green/energy/")):
         component = key.split("/")[-1].removesuffix("_kwh")
         method = tags.get(f"green.method.{component}", "")
-        table.add_row(f"  {component}", f"{m[key] * 3.6e6:.1f} J", method)
+        table.add_row(f"  {component}", f"{m[key] * J_PER_KWH:.1f} J", method)
     for key in sorted(k for k in m if k.startswith("green/phase/") and k.count("/") == 2):
         if key.endswith("_kwh"):
             phase = key.split("/")[-1].removesuffix("_kwh")
             seconds = m.get(f"green/phase/{phase}_s", 0.0)
-            table.add_row(f"  phase {phase}", f"{m[key] * 3.6e6:.1f} J", f"{seconds:.1f} s")
+            table.add_row(f"  phase {phase}", f"{m[key] * J_PER_KWH:.1f} J", f"{seconds:.1f} s")
     if "green/co2e_g" in m:
         table.add_row(
             "carbon",

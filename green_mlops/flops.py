@@ -14,6 +14,8 @@ from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from green_mlops.units import clip
+
 if TYPE_CHECKING:
     import torch
 
@@ -288,5 +290,5 @@ def _move(batch: Any, device: str) -> Any:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = text if len(text) <= 200 else text[:199] + "…"
+    text = clip(text, 200)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

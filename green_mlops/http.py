@@ -14,16 +14,18 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from green_mlops.config import Settings
 from green_mlops.intensity import IntensityUnavailable
 from green_mlops.units import DAY, HOUR
+
+if TYPE_CHECKING:
+    from green_mlops.config import Settings
 
 __all__ = ["HttpClient"]
 

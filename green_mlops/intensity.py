@@ -17,6 +17,7 @@ from green_mlops.location import Location
 from green_mlops.units import DAY, HOUR
 
 __all__ = [
+    "MARKET_BASED",
     "IntensityPoint",
     "IntensityProvider",
     "IntensitySeries",
@@ -25,6 +26,10 @@ __all__ = [
     "merge_forecast",
     "parse_time",
 ]
+
+#: ``IntensitySeries.basis`` of a contractual figure (a PPA, a supplier's factor): the GHG
+#: Protocol's market-based method. Priced apart from the location-based chain; never in SCI.
+MARKET_BASED = "market-based"
 
 #: "all time", for yearly tables and user constants.
 FOREVER = (-math.inf, math.inf)

@@ -139,6 +139,9 @@ class MeterUnavailable:
     #: ``green-mlops doctor`` and in provenance, but not warned about at every start.
     quiet: bool = False
     extra: Mapping[str, str] = field(default_factory=dict)
+    #: False when ``fix`` is not something to do here (RAPL on a VM: move to bare metal): said
+    #: as a log record, not as a :class:`~green_mlops.log.GreenMlopsWarning`.
+    actionable: bool = True
 
     def describe(self) -> str:
         text = f"{self.name} ({self.component.value}): {self.reason}"

@@ -23,6 +23,7 @@ from green_mlops.meters import Meter, MeterUnavailable
 from green_mlops.metrics import EXCLUSIVE_KEYS, energy_metrics, power_series, provenance_tags
 from green_mlops.snapshot import Snapshot
 from green_mlops.tracker import Tracker
+from green_mlops.units import HOUR
 from green_mlops.verify import REPORT_SCHEMA, report_digests
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class Measurement:
 
             self._accountant = CarbonAccountant(self.settings)
             now = time.time()
-            self._accountant.refresh(now - now % 3600, now + 3600)  # prefetch this hour
+            self._accountant.refresh(now - now % HOUR, now + HOUR)  # prefetch this hour
         except Exception as exc:
             log.warning("green-mlops: carbon accounting unavailable: %s", exc)
             self._accountant = None

@@ -208,8 +208,8 @@ class Tracker:
         offers = self._offers if self._offers is not None else offers_from_plugins(self.settings)
         self._meters, self._superseded, self._unavailable = select_meters(offers)
         for item in self._unavailable:
-            if not item.quiet:  # with a fix, the user must act: a GreenMlopsWarning
-                warn_once(item.describe(), fix=bool(item.fix))
+            if not item.quiet:  # with a fix to apply here, the user must act: a GreenMlopsWarning
+                warn_once(item.describe(), fix=bool(item.fix) and item.actionable)
         started: list[Meter] = []
         for meter in self._meters:
             try:

@@ -1,2 +1,3 @@
-"""Built-in green-mlops plugins. Each module is one plugin, registered through the
-``green_mlops`` entry-point group exactly like a third-party plugin."""
+"""Built-in green-mlops plugins. Each module is one plugin, registered by module
+(``green_mlops.plugin_manager.DEFAULT_PLUGINS``) through the same hooks as a third-party plugin,
+which registers through the ``green_mlops`` entry-point group."""

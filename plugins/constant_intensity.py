@@ -2,7 +2,7 @@
 
 ``GREEN_MLOPS_INTENSITY_G_PER_KWH`` for all time and any location; skipped when unset.
 ``GREEN_MLOPS_INTENSITY_BASIS=market-based`` marks it a contract's figure (a PPA): priced apart
-from the grid and left out of SCI (:data:`green_mlops.carbon.MARKET_BASED`). See
+from the grid and left out of SCI (:data:`green_mlops.intensity.MARKET_BASED`). See
 docs/carbon-accounting.md.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from green_mlops.carbon import MARKET_BASED
 from green_mlops.hookspecs import hookimpl
 from green_mlops.intensity import (
     FOREVER,
+    MARKET_BASED,
     IntensityPoint,
     IntensityProvider,
     IntensitySeries,

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from green_mlops.extras import install_command
@@ -375,11 +376,22 @@ def _text(value: object) -> str:
 
 
 def _unavailable(
-    reason: str, fix: str = "", *, quiet: bool = False, **extra: str
+    reason: str, fix: str = "", *, quiet: bool = False, actionable: bool = True, **extra: str
 ) -> MeterUnavailable:
     return MeterUnavailable(
-        name=NAME, component=Component.GPU, reason=reason, fix=fix, quiet=quiet, extra=extra
+        name=NAME,
+        component=Component.GPU,
+        reason=reason,
+        fix=fix,
+        quiet=quiet,
+        extra=extra,
+        actionable=actionable,
     )
+
+
+def driver_present() -> bool:
+    """An NVIDIA kernel driver is loaded here (so a missing nvidia-ml-py is the user's to fix)."""
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/nvidiactl"))
 
 
 def _shutdown(nvml: Any) -> None:
@@ -526,6 +538,7 @@ def build_meters(
             _unavailable(
                 "nvidia-ml-py (module pynvml) is not installed",
                 f"{install_command('nvidia')} (it brings nvidia-ml-py)",
+                actionable=driver_present(),
             )
         ]
     try:

@@ -467,12 +467,12 @@ def build_meters(root: Path) -> list[Meter | MeterUnavailable]:
         zones = scan(root)
     except OSError as exc:
         reason = f"no RAPL powercap tree at {root} ({exc.strerror or exc})"
-        return [_unavailable(Component.CPU, reason, NOT_EXPOSED_FIX)]
+        return [_unavailable(Component.CPU, reason, NOT_EXPOSED_FIX, actionable=False)]
     packages, drams, ignored, no_dram = select(zones)
     if not packages:
         found = ", ".join(f"{z.zone} ({z.name or 'no name'})" for z in zones) or "no zones"
         reason = f"no RAPL package domain under {root} (found: {found})"
-        return [_unavailable(Component.CPU, reason, NOT_EXPOSED_FIX)]
+        return [_unavailable(Component.CPU, reason, NOT_EXPOSED_FIX, actionable=False)]
 
     offers: list[Meter | MeterUnavailable] = []
     for component, group in ((Component.CPU, packages), (Component.RAM, drams)):
@@ -512,10 +512,17 @@ def _unavailable(
     fix: str = "",
     *,
     quiet: bool = False,
+    actionable: bool = True,
     extra: dict[str, str] | None = None,
 ) -> MeterUnavailable:
     return MeterUnavailable(
-        name=NAME, component=component, reason=reason, fix=fix, quiet=quiet, extra=extra or {}
+        name=NAME,
+        component=component,
+        reason=reason,
+        fix=fix,
+        quiet=quiet,
+        extra=extra or {},
+        actionable=actionable,
     )
 
 

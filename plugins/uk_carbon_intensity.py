@@ -12,7 +12,6 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from green_mlops.config import Settings
 from green_mlops.hookspecs import hookimpl
 from green_mlops.intensity import (
     IntensityPoint,
@@ -27,6 +26,7 @@ from green_mlops.location import Location
 from green_mlops.units import HOUR
 
 if TYPE_CHECKING:
+    from green_mlops.config import Settings
     from green_mlops.http import HttpClient
 
 __all__ = ["ATTRIBUTION", "UkCarbonIntensityProvider"]

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from green_mlops.config import Secret, Settings
 from green_mlops.hookspecs import hookimpl
 from green_mlops.intensity import (
     IntensityPoint,
@@ -29,6 +28,7 @@ from green_mlops.location import Location
 from green_mlops.units import DAY, HOUR
 
 if TYPE_CHECKING:
+    from green_mlops.config import Secret, Settings
     from green_mlops.http import HttpClient
 
 __all__ = ["LBS_PER_MWH_TO_G_PER_KWH", "ZONE_TO_REGION", "WattTimeProvider", "region_for"]

@@ -303,6 +303,11 @@ def test_arguments_are_checked_with_a_fix() -> None:
         EnergyMonitor(log_every_n_steps=0)
     with pytest.raises(ConfigError, match="sample_interval_s"):
         EnergyMonitor(settings={"sample_interval_s": -1})
+    # a bad setting is the same refusal as a bad argument: Lightning's MisconfigurationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match=r"EnergyMonitor\(settings=...\).*sample"):
+        EnergyMonitor(settings={"sample_interval_s": -1})
 
 
 def test_pickles_for_ddp_spawn_even_with_a_secret_setting() -> None:

@@ -516,10 +516,27 @@ def test_pynvml_missing_warns_the_user_with_the_install_command(
     # A GPU user without the extra gets a GreenMlopsWarning that says what to install.
     monkeypatch.setitem(sys.modules, "pynvml", None)
     monkeypatch.setattr(log_module, "_warned", set())
+    monkeypatch.setattr(nvml, "driver_present", lambda: True)  # the NVIDIA driver this host lacks
     fix = r'is not installed\. Fix: pip install "green-mlops\[nvidia\]" \(it brings nvidia-ml-py\)'
     with pytest.warns(GreenMlopsWarning, match=fix):
         snap = Tracker(disable_plugins="rapl,cpu_estimate,ram_estimate").start().stop()
     assert any('pip install "green-mlops[nvidia]"' in text for text in snap.unavailable)
+
+
+def test_pynvml_missing_without_a_driver_is_said_but_is_no_user_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A CPU-only host without the extra has nothing to fix: a log record, no GreenMlopsWarning
+    # (which `-W error` or filterwarnings=error would turn against the user's job).
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setattr(log_module, "_warned", set())
+    monkeypatch.setattr(nvml, "driver_present", lambda: False)
+    caplog.set_level(logging.WARNING, logger="green_mlops")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GreenMlopsWarning)
+        snap = Tracker(disable_plugins="rapl,cpu_estimate,ram_estimate").start().stop()
+    assert any("nvidia-ml-py (module pynvml) is not installed" in t for t in snap.unavailable)
+    assert any("is not installed" in r.getMessage() for r in caplog.records)
 
 
 def test_close_shuts_nvml_down_once(fake: FakeNvml) -> None:

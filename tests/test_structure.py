@@ -76,6 +76,10 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
+def _is_within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> the modules of ours it imports at run time."""
     modules = our_modules()
@@ -98,10 +102,26 @@ def import_graph() -> dict[str, set[str]]:
                 names = [f"{prefix}.{alias.name}" for alias in node.names] or [prefix]
             for name in names:
                 target = _resolve(name, modules)
-                if target is not None and target != module:
+                # a module's own packages are imported before it anyway (not an edge of ours)
+                if target is not None and not _is_within(module, target):
                     targets.add(target)
+        targets |= _named_modules(path, module, is_package, modules)
         graph[module] = targets
     return graph
+
+
+def _named_modules(path: Path, module: str, is_package: bool, modules: dict[str, Path]) -> set[str]:
+    """Modules loaded by name (``importlib.import_module``, ``DEFAULT_PLUGINS``, a package's lazy
+    ``_LAZY`` map): every string constant that names a module of ours, absolutely or, in a
+    package's ``__init__``, relative to the package."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            continue
+        for name in (node.value, f"{module}.{node.value}" if is_package else ""):
+            if name in modules and not _is_within(module, name):
+                found.add(name)
+    return found
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

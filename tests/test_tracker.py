@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -479,3 +480,42 @@ def test_a_meter_the_user_can_fix_is_a_green_mlops_warning(
     assert ours == ["green-mlops: ram_x (ram): not here. Fix: do this"]
     logged = [r.getMessage() for r in caplog.records if "gpu_" in r.getMessage()]
     assert logged == ["green-mlops: gpu_x (gpu): plugin failed to load (boom)"]
+
+
+def test_a_user_warning_turned_into_an_error_never_stops_the_measurement(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pytest's filterwarnings=error (or python -W error) must not cost the user their numbers or
+    # raise into training: the warning becomes a log error and the tracker measures on.
+    import warnings
+
+    monkeypatch.setattr(log_module, "_warned", set())
+    fixable = MeterUnavailable("ram_x", Component.RAM, "not here", fix="do this")
+    caplog.set_level(logging.WARNING, logger="green_mlops")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GreenMlopsWarning)
+        snap = Tracker(meters=[ClockMeter(), fixable]).start().stop()
+    assert snap.devices and snap.joules > 0
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "green-mlops: ram_x (ram): not here. Fix: do this "
+        "(GreenMlopsWarning made an error by a filter)"
+    ]
+
+
+def test_a_fix_that_is_not_the_users_to_apply_is_a_log_record(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # RAPL not exposed (a VM, a container) has a fix text (bare metal), but nothing to do here.
+    import warnings
+
+    from green_mlops.plugins.rapl import build_meters
+
+    monkeypatch.setattr(log_module, "_warned", set())
+    offers = build_meters(Path("/nonexistent/powercap"))
+    assert [o.actionable for o in offers if isinstance(o, MeterUnavailable)] == [False]
+    caplog.set_level(logging.WARNING, logger="green_mlops")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GreenMlopsWarning)
+        Tracker(meters=[ClockMeter(), *offers]).start().stop()
+    assert any("no RAPL powercap tree" in r.getMessage() for r in caplog.records)

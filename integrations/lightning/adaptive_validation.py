@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import Dataset, IterableDataset
 from typing_extensions import override
 
@@ -25,7 +25,7 @@ from green_mlops.integrations.lightning.adaptive_checks import ConfigChecks, ref
 from green_mlops.integrations.lightning.incumbent import IncumbentCopy
 from green_mlops.integrations.lightning.permuted import PermutedDataset
 from green_mlops.integrations.lightning.validation_energy import validation_joules
-from green_mlops.log import GreenMlopsWarning
+from green_mlops.log import warn_user
 from green_mlops.units import J_PER_KWH
 
 if TYPE_CHECKING:
@@ -309,9 +309,7 @@ class AdaptiveValidation(Callback):
             self.validator.observe(array)
         if self.validator.problem is not None and not self._warned_problem:
             self._warned_problem = True
-            rank_zero_warn(
-                f"AdaptiveValidation: {self.validator.problem}", category=GreenMlopsWarning
-            )
+            rank_zero_only(warn_user)(f"AdaptiveValidation: {self.validator.problem}")
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from typing_extensions import override
 
-from green_mlops.config import Secret, Settings
+from green_mlops.config import ConfigError, Secret, Settings
 from green_mlops.integrations.lightning._namespaces import Callback, Misconfiguration
 from green_mlops.integrations.lightning.flop_tracking import (
     FLOP_RATES,
@@ -120,8 +120,8 @@ class EnergyMonitor(Callback):
             elements, and the tags say so.
 
     Raises:
-        Misconfiguration: an argument outside its accepted form (a ``ValueError``; the message
-            says how to fix it); ``ConfigError`` for a bad setting.
+        Misconfiguration: an argument or a setting outside its accepted form (also a
+            ``ConfigError`` and a ``ValueError``; the message says how to fix it).
 
     Logged through every logger of the Trainer, with the MLflow plugin's keys: run totals
     (``green/energy_kwh``, ``green/phase/<phase>_kwh``, ``green/co2e_g``, ...), FLOPs and MFU
@@ -163,7 +163,10 @@ class EnergyMonitor(Callback):
         self.count_live = True
         self.log_every_n_steps = log_every_n_steps
         self.report = report
-        self.settings = Settings.resolve(settings)  # ConfigError now, not mid-run
+        try:
+            self.settings = Settings.resolve(settings)  # refused now, not mid-run
+        except ConfigError as exc:
+            raise Misconfiguration(f"EnergyMonitor(settings=...): {exc}") from exc
         self.meters = meters
         self.max_flop_signatures = max_flop_signatures
         keys = additive_keys(self.settings.functional_unit, _ALL_PHASES) + _INTERNAL

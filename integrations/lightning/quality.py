@@ -9,10 +9,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 
 from green_mlops.integrations.lightning._namespaces import Misconfiguration
-from green_mlops.log import GreenMlopsWarning
+from green_mlops.log import warn_user
 
 __all__ = ["Quality"]
 
@@ -122,4 +122,4 @@ class Quality:
         """Warn once per topic (through Lightning: rank zero only); the user's to fix."""
         if topic not in self._said:
             self._said.add(topic)
-            rank_zero_warn(message, category=GreenMlopsWarning)
+            rank_zero_only(warn_user)(message)
