@@ -64,6 +64,7 @@ def additive_keys(functional_unit: str, phases: Iterable[str]) -> tuple[str, ...
         "green/energy_facility_kwh",
         "green/co2e_g",
         "green/co2e_uncertainty_g",
+        "green/co2e_market_g",
         "green/cost",
         "green/embodied_g",
         f"green/sci_g_per_{functional_unit}",
@@ -84,6 +85,7 @@ EXCLUSIVE_KEYS = (
     *(f"green/energy/{c.value}_kwh" for c in Component),
     "green/energy_facility_kwh",
     "green/co2e_g",
+    "green/co2e_market_g",
     "green/cost",
     "green/embodied_g",
 )

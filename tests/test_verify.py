@@ -325,6 +325,40 @@ def test_a_lightning_report_verifies_and_a_second_stage_is_said_unverifiable(
     assert "cannot verify metrics: the run's totals cover" in out
 
 
+@pytest.mark.slow
+def test_a_lightning_run_priced_by_a_contract_keeps_its_market_carbon(tmp_path: Path) -> None:
+    """The callback's totals (summed over stages and ranks) carry green/co2e_market_g too."""
+    import lightning.pytorch as pl
+
+    from green_mlops.integrations.lightning import EnergyMonitor
+    from tests.test_energy_monitor import Classifier, loader
+
+    settings = {
+        "intensity_providers": "constant,static",
+        "intensity_g_per_kwh": 10,
+        "intensity_basis": "market-based",
+        "location": "DE",
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[EnergyMonitor(settings=settings)],
+        logger=pl.loggers.CSVLogger(tmp_path, name="csv"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(Classifier(), loader(), loader(1))
+    assert trainer.logger is not None and trainer.logger.log_dir is not None
+    report = json.loads((Path(trainer.logger.log_dir) / "green_report.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["green/co2e_market_g"] == pytest.approx(10 * metrics["green/energy_kwh"])
+    assert metrics["green/co2e_g"] > metrics["green/co2e_market_g"]  # the grid's, not the PPA's
+    assert verify_report(report).exit_code == 0
+
+
 # --- the verifier's own pricing is account()'s --------------------------------------------
 
 
