@@ -8,7 +8,9 @@ artifacts, the Lightning callback's ``green_report.json``). Compare, report and 
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -65,8 +67,11 @@ class RunRecord:
 
 def read_report_files(paths: Iterable[str | os.PathLike[str]]) -> list[RunRecord]:
     """The runs of report files: each path a report file or a directory searched recursively
-    for :data:`REPORT_FILE_NAMES`. Raises :class:`RunsUnavailable` for a path that does not
-    exist or a file that is not a green-mlops report."""
+    for :data:`REPORT_FILE_NAMES`. A report carries the ``green/*`` metrics only; the user's
+    metrics (``val_acc``) are read from Lightning's ``metrics.csv`` beside a
+    ``green_report.json`` (a ``CSVLogger``'s ``log_dir``: the latest value of each).
+    Raises :class:`RunsUnavailable` for a path that does not exist or a file that is not a
+    green-mlops report."""
     records = []
     for path in _report_paths(paths):
         try:
@@ -107,11 +112,16 @@ def _from_report(path: Path, report: Mapping[str, Any]) -> RunRecord:
         for k, v in (report.get("metrics") or {}).items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-    name = tags.get("mlflow.runName") or path.parent.name or path.stem
+    for key, value in _csv_metrics(path.parent / "metrics.csv").items():
+        metrics.setdefault(key, value)
+    if path.name == "green_report.json":  # <save_dir>/<name>/<version>/ of a Lightning logger
+        name, experiment = f"{path.parent.parent.name}/{path.parent.name}", path.parent.parent.name
+    else:
+        name, experiment = path.parent.name or path.stem, str(path.parent)
     return RunRecord(
         run_id=tags.get("green.run_id", str(path)),
-        name=name,
-        experiment=tags.get("green.experiment", str(path.parent)),
+        name=tags.get("mlflow.runName") or name,
+        experiment=tags.get("green.experiment", experiment),
         status="FINISHED" if report.get("final") else "RUNNING",
         start_time=float(started) if isinstance(started, (int, float)) else None,
         end_time=(
@@ -124,3 +134,23 @@ def _from_report(path: Path, report: Mapping[str, Any]) -> RunRecord:
         source=str(path),
         report=report,
     )
+
+
+def _csv_metrics(path: Path) -> dict[str, float]:
+    """The latest value of each column of a Lightning ``metrics.csv`` (none: no file)."""
+    latest: dict[str, float] = {}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                for key, text in row.items():
+                    if key in (None, "epoch", "step") or not text:
+                        continue
+                    try:
+                        value = float(text)
+                    except ValueError:
+                        continue
+                    if math.isfinite(value):
+                        latest[key] = value
+    except OSError:
+        return {}
+    return latest

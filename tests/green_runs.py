@@ -25,7 +25,15 @@ from typing import Any
 
 from tests.mlflow_server import MlflowServer
 
-__all__ = ["INTENSITY_G_PER_KWH", "PRICE_PER_KWH", "RunSpec", "make_runs", "plugin_env"]
+__all__ = [
+    "INTENSITY_G_PER_KWH",
+    "PRICE_PER_KWH",
+    "LightningRun",
+    "RunSpec",
+    "make_lightning_run",
+    "make_runs",
+    "plugin_env",
+]
 
 #: The constant grid intensity every run is priced with (gCO2e/kWh), unless ``env`` says else.
 INTENSITY_G_PER_KWH = 300.0
@@ -136,3 +144,116 @@ def _plain(spec: RunSpec) -> dict[str, Any]:
     plain["metrics"] = {str(k): float(v) for k, v in spec.metrics.items()}
     plain["children"] = [_plain(child) for child in spec.children]
     return plain
+
+
+_LIGHTNING = """
+import json, sys
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from green_mlops.integrations.lightning import EnergyMonitor
+
+spec = json.loads(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+x = torch.randn(512, 16, generator=g)
+y = (x[:, :2].sum(dim=1) > 0).long()
+train = DataLoader(TensorDataset(x[:384], y[:384]), batch_size=64)
+val = DataLoader(TensorDataset(x[384:], y[384:]), batch_size=128)
+
+class Classifier(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 2))
+
+    def training_step(self, batch, _):
+        xb, yb = batch
+        return nn.functional.cross_entropy(self.net(xb), yb)
+
+    def validation_step(self, batch, _):
+        xb, yb = batch
+        self.log("val_acc", (self.net(xb).argmax(dim=1) == yb).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=spec["lr"])
+
+loggers = []
+if spec["experiment"]:
+    loggers.append(MLFlowLogger(experiment_name=spec["experiment"], run_name=spec["name"]))
+if spec["csv_dir"]:
+    loggers.append(CSVLogger(spec["csv_dir"], name=spec["name"], version=0))
+torch.manual_seed(0)
+model = Classifier()
+trainer = L.Trainer(
+    max_epochs=spec["epochs"], accelerator="cpu", logger=loggers,
+    callbacks=[EnergyMonitor(monitor="val_acc", mode="max")], enable_progress_bar=False,
+    enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+)
+trainer.fit(model, train, val)
+out = {"val_acc": float(trainer.callback_metrics["val_acc"])}
+for logger in loggers:
+    if isinstance(logger, MLFlowLogger):
+        out["run_id"] = logger.run_id
+    else:
+        out["report"] = logger.log_dir + "/green_report.json"
+print(json.dumps(out))
+"""
+
+
+@dataclass(frozen=True)
+class LightningRun:
+    """What :func:`make_lightning_run` made: the MLflow run id (with ``experiment``), the
+    ``green_report.json`` path (with ``csv_dir``) and the final ``val_acc``."""
+
+    run_id: str | None
+    report: Path | None
+    val_acc: float
+
+
+def make_lightning_run(
+    server: MlflowServer,
+    workdir: Path,
+    *,
+    name: str,
+    experiment: str | None = None,
+    csv_dir: Path | None = None,
+    epochs: int = 2,
+    lr: float = 0.01,
+    timeout: float = 300,
+    **env: str,
+) -> LightningRun:
+    """A tiny CPU fit (``val_acc`` logged at validation) with the real ``EnergyMonitor``
+    (monitor ``val_acc``), logging to an ``MLFlowLogger`` run named ``name`` in
+    ``experiment`` and/or a ``CSVLogger`` under ``csv_dir`` (which writes the callback's
+    ``green_report.json`` and Lightning's ``metrics.csv``), in one subprocess with the
+    environment of :func:`plugin_env` (plugin off: the callback measures)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "experiment": experiment,
+        "name": name,
+        "csv_dir": str(csv_dir) if csv_dir else None,
+        "epochs": epochs,
+        "lr": lr,
+    }
+    environ = plugin_env(server, workdir, **{"GREEN_MLOPS_ENABLE": "0", **env})
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_LIGHTNING), json.dumps(spec)],
+        cwd=workdir,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"the Lightning fit failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    out = json.loads(lines[-1])
+    return LightningRun(
+        run_id=out.get("run_id"),
+        report=Path(out["report"]) if "report" in out else None,
+        val_acc=float(out["val_acc"]),
+    )

@@ -336,10 +336,10 @@ def _print_table(c: Comparison) -> None:
 
     console = Console(highlight=False)
     table = Table(title=escape(_title(c)))
-    for i, header in enumerate(_headers(c)):
-        table.add_column(
-            escape(header), justify="right" if 2 < i < len(_headers(c)) - 1 else "left"
-        )
+    headers = _headers(c)
+    for i, header in enumerate(headers):
+        justify = "right" if 2 < i < len(headers) - 1 else "left"
+        table.add_column(escape(header), justify=justify, no_wrap=i < 2)
     for row in c.rows:
         table.add_row(*(escape(cell) for cell in _cells(row, c, "—")))
     console.print(table)
