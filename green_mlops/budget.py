@@ -150,7 +150,7 @@ def parse_config(text: str, path: Path) -> AuditConfig:
     """Budgets and rules of a file's ``text``; a ``pyproject.toml`` is read under
     ``[tool.green-mlops]``."""
     try:
-        data = tomllib.loads(text)
+        data: Any = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"line (\d+)", str(exc))
         raise BudgetConfigError(

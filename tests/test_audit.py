@@ -366,9 +366,10 @@ def test_calendar_periods_are_utc() -> None:
         now = dt.datetime.fromisoformat(when).timestamp()
         found = period_window(period, now)
         assert found is not None
-        return tuple(  # type: ignore[return-value]
+        start, end = (
             dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M") for t in found
         )
+        return start, end
 
     # 23:30 on 2026-11-29 in New York is 04:30 on Monday 2026-11-30 UTC
     assert window("day", "2026-11-29T23:30:00-05:00") == ("2026-11-30 00:00", "2026-12-01 00:00")

@@ -103,34 +103,21 @@ def _parse_now(raw: str | None) -> float:
 def _read_mlflow(
     config: AuditConfig, tracking_uri: str | None, now: float
 ) -> tuple[list[RunRecord], list[str]]:
-    """The runs the budgets may count (from their earliest period start), and the experiment
-    globs that match no experiment."""
+    """The runs of every experiment since the budgets' earliest period start (the audit
+    selects among them), and the experiment globs that match none of their experiments."""
     from green_mlops.extras import install_command, missing_modules
 
     if missing_modules("mlflow"):
         raise RunsUnavailable(f"MLflow is not installed: {install_command('mlflow')}")
-    from mlflow.tracking import MlflowClient
+    from green_mlops.integrations.mlflow.reader import read_runs
 
-    from green_mlops.integrations.mlflow.reader import find_experiments, read_runs
-    from green_mlops.integrations.mlflow.writer import shown_uri
-
-    client = MlflowClient(tracking_uri)
-    try:
-        names = [e.name for e in find_experiments(client, [])]
-    except Exception as exc:
-        uri = shown_uri(str(client.tracking_uri))
-        raise RunsUnavailable(f"MLflow at {uri}: {type(exc).__name__}: {exc}") from None
-    globs = list(dict.fromkeys(g for b in config.budgets for g in b.experiments))
-    unmatched = [g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in names)]
-    if all(b.experiments for b in config.budgets):
-        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
-        if not chosen:
-            return [], unmatched
-    else:
-        chosen = []  # a budget by tags only: every experiment
     start = earliest_start(config, now)
     since = f"attributes.start_time >= {int(start * 1000)}" if start is not None else ""
-    return read_runs(tracking_uri, chosen, filter_string=since), unmatched
+    records = read_runs(tracking_uri, filter_string=since)
+    names = {r.experiment for r in records}
+    globs = dict.fromkeys(g for b in config.budgets for g in b.experiments)
+    unmatched = [g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+    return records, unmatched
 
 
 # --- presentation ------------------------------------------------------------------------------
@@ -214,7 +201,7 @@ def _print(result: AuditResult, config: AuditConfig, unmatched: list[str]) -> No
         )
     console.print(table)
     for glob in unmatched:
-        console.print(f"[yellow]note:[/] no experiment matches {escape(glob)!r}")
+        console.print(f"[yellow]note:[/] no run in an experiment matching {escape(repr(glob))}")
     for rule in result.rules:
         if not rule.enabled:
             continue
@@ -274,14 +261,12 @@ def junit_xml(result: AuditResult) -> str:
     failures = sum(1 for c in cases if c.find("failure") is not None)
     skipped = sum(1 for c in cases if c.find("skipped") is not None)
     counts = {"tests": str(len(cases)), "failures": str(failures), "errors": "0"}
-    root = ET.Element("testsuites", name="green-mlops audit", **counts)
+    when = dt.datetime.fromtimestamp(result.now, dt.timezone.utc).isoformat()
+    root = ET.Element("testsuites", {"name": "green-mlops audit", **counts})
     suite = ET.SubElement(
         root,
         "testsuite",
-        name="green-mlops audit",
-        skipped=str(skipped),
-        timestamp=dt.datetime.fromtimestamp(result.now, dt.timezone.utc).isoformat(),
-        **counts,
+        {"name": "green-mlops audit", **counts, "skipped": str(skipped), "timestamp": when},
     )
     suite.extend(cases)
     ET.indent(root)
