@@ -276,7 +276,7 @@ def _check_energy_timeline(
     report: Mapping[str, Any], timeline: list[tuple[float, float]], out: Verification
 ) -> None:
     """``accounting.timeline`` is the energy timeline of ``energy`` (each point's joules summed
-    over components, then the snapshot's end when later)."""
+    over components, then the snapshot's end when later); times within a microsecond."""
     energy = report.get("energy")
     if not isinstance(energy, Mapping):
         raise _Malformed("energy: missing")
@@ -293,7 +293,7 @@ def _check_energy_timeline(
         (
             i
             for i, (a, b) in enumerate(zip(derived, timeline, strict=False))
-            if not (_close(a[0], b[0]) and _close(a[1], b[1]))
+            if not (math.isclose(a[0], b[0], rel_tol=0, abs_tol=1e-6) and _close(a[1], b[1]))
         ),
         None,
     )

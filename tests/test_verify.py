@@ -138,6 +138,13 @@ def test_a_tampered_intermediate_point_is_caught_by_the_digest(
     assert "MISMATCH green/co2e_g" not in out  # the figures still add up
 
 
+def test_a_shifted_time_is_caught_against_the_snapshot(plugin_reports: dict[str, Path]) -> None:
+    report = json.loads(plugin_reports["parent"].read_text())
+    report["accounting"]["timeline"][1][0] += 0.5  # half a second: far below a Unix time's 1e-9
+    names = [c.name for c in verify_report(report).mismatches]
+    assert names == ["digests.timeline", "accounting.timeline[1] vs energy.timeline"]
+
+
 def test_a_tampered_intensity_fails_naming_the_carbon(
     plugin_reports: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
