@@ -347,19 +347,24 @@ def _order(row: Row, metric: str | None) -> tuple[int, float, str]:
 
 def _front(rows: Sequence[Row]) -> set[str]:
     """Run ids on the Pareto front: no other run has at least the quality for at most the
-    energy (inclusive), better in one of the two."""
-    points = [
-        (r.inclusive_kwh, r.quality, r.run_id)
+    energy (inclusive), better in one of the two. One sweep by energy: O(n log n)."""
+    points = sorted(
+        (r.inclusive_kwh, -r.quality, r.run_id)
         for r in rows
         if r.inclusive_kwh is not None and r.quality is not None
-    ]
-    front = set()
-    for kwh, quality, run_id in points:
-        dominated = any(
-            k <= kwh and q >= quality and (k < kwh or q > quality) for k, q, _ in points
-        )
-        if not dominated:
-            front.add(run_id)
+    )
+    front: set[str] = set()
+    best_below = -math.inf  # the best quality of the runs with less energy
+    i = 0
+    while i < len(points):
+        j = i
+        while j < len(points) and points[j][0] == points[i][0]:
+            j += 1
+        top = -points[i][1]  # the best quality at this energy (sorted first)
+        if top > best_below:  # ties at (energy, quality) are all on the front
+            front.update(run_id for _, negative, run_id in points[i:j] if -negative == top)
+        best_below = max(best_below, top)
+        i = j
     return front
 
 
