@@ -465,3 +465,48 @@ def test_report_of_an_unknown_run_says_so_without_a_traceback(
     assert err.startswith("green-mlops report: ") and "Traceback" not in err
     assert main(["report", "missing/report.json", "--format", "json"]) == 1
     assert "missing/report.json: no such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_html_report_shows_in_mlflows_artifact_viewer(
+    browser: Path, runs: Runs, tmp_path: Path
+) -> None:
+    """Logged as an artifact, the report renders in MLflow's own viewer (a sandboxed iframe
+    of a blob: URL), with the same numbers, and asks for nothing from inside it."""
+    from playwright.sync_api import sync_playwright
+
+    run_id = runs.ids["fast"]
+    html_file = tmp_path / "energy.html"
+    html_file.write_text(report(tmp_path, run_id, "--format", "html", server=runs.server))
+    client = MlflowClient(runs.server.url)
+    client.log_artifact(run_id, str(html_file), "reports")
+    exp_id = client.get_run(run_id).info.experiment_id
+    url = f"{runs.server.url}/#/experiments/{exp_id}/runs/{run_id}/artifacts/reports/energy.html"
+    from_report: list[str] = []
+    with sync_playwright() as p:
+        context = launch_chromium(p, tmp_path / "profile", browser)
+        try:
+            page = context.new_page()
+            page.on(
+                "request",
+                lambda r: from_report.append(r.url) if r.frame.url.startswith("blob:") else None,
+            )
+            page.goto(url)
+            cells: list[list[str]] = []
+            for _ in range(120):  # the UI loads, fetches the artifact, then makes the frame
+                frames = [f for f in page.frames if f.url.startswith("blob:")]
+                if frames:
+                    cells = frames[0].evaluate(
+                        "() => [...document.querySelectorAll('td[data-key]')]"
+                        ".map(td => [td.dataset.key, td.innerText])"
+                    )
+                    if cells:
+                        break
+                page.wait_for_timeout(250)
+        finally:
+            context.close()
+    metrics = runs.metrics(run_id)
+    assert {key for key, _ in cells} >= set(SHOWN)
+    for key, text in cells:
+        assert shown_number(text) == pytest.approx(metrics[key], rel=5e-4), key
+    assert [u for u in from_report if not u.startswith("blob:")] == []

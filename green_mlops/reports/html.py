@@ -37,7 +37,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .sentence{background:#f3f7f3;border-left:4px solid #009E73;padding:.6em 1em}
 .legend span{margin-right:1.2em}.legend i{display:inline-block;width:.9em;height:.9em;
 margin-right:.3em;vertical-align:middle}.note{color:#555;font-size:.9em}
-.meta{color:#555}svg{max-width:100%;height:auto}
+.meta{color:#555}svg{max-width:100%;height:auto}.wide{overflow-x:auto}
 """
 
 
@@ -92,7 +92,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "")
 def _comparison(comparison: Any) -> str:
     headers, rows = comparison_table(comparison)
     parts = ['<section id="comparison"><h2>Comparison</h2>']
-    parts.append(_table(headers, rows, "comparison"))
+    parts.append(f'<div class="wide">{_table(headers, rows, "comparison")}</div>')
     total = comparison.total
     sums = [
         f"{label} {significant(value)}"

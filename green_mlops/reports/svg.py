@@ -15,7 +15,7 @@ from green_mlops.reports.view import IntensityInterval, PowerPoint, significant
 __all__ = ["color", "energy_bars", "intensity_chart", "power_chart"]
 
 WIDTH, HEIGHT = 720, 220
-LEFT, RIGHT, TOP, BOTTOM = 64, 16, 12, 36
+LEFT, RIGHT, TOP, BOTTOM = 64, 36, 12, 36
 #: Colour-blind-safe (Okabe-Ito) colours; phases and components have fixed ones.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999")
 FIXED = {
