@@ -357,7 +357,7 @@ def test_at_risk_when_the_burn_rate_projects_past_the_budget(
     iso = dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat()
     code, out, _ = audit_cli(path, mlflow_server, capsys, "--now", iso)
     assert code == 0, out
-    assert f"at risk: projected {projected:.4g} by the period's end" in out
+    assert f"at risk: projected {projected:.4g} kWh by the period's end" in out
     assert "at risk: v (exit 0)" in out
 
 

@@ -145,10 +145,10 @@ def _period(result: BudgetResult) -> str:
     return f"{result.budget.period} {start:%Y-%m-%d}..{last:%Y-%m-%d} UTC"
 
 
-def _status(check: LimitCheck) -> str:
+def _status(check: LimitCheck, unit: str) -> str:
     text = check.status
     if check.status == "at risk" and check.projected is not None:
-        text += f": projected {check.projected:.4g} by the period's end"
+        text += f": projected {check.projected:.4g} {unit} by the period's end"
     return text
 
 
@@ -186,7 +186,7 @@ def _print(result: AuditResult, config: AuditConfig, unmatched: list[str]) -> No
     for budget, check in _rows(result):
         unit = _unit(check, budget)
         percent = check.percent
-        status = f"[{colours[check.status]}]{escape(_status(check))}[/]"
+        status = f"[{colours[check.status]}]{escape(_status(check, unit))}[/]"
         if check.note:
             status += f"\n{escape(check.note)}"
         table.add_row(
@@ -220,7 +220,7 @@ def _check_text(budget: BudgetResult, check: LimitCheck) -> str:
     unit = _unit(check, budget)
     percent = "" if check.percent is None else f" ({check.percent:.0f}%)"
     text = f"{check.limit}: {_num(check.used)} of {_num(check.budget)} {unit}{percent}, "
-    return text + _status(check) + (f" ({check.note})" if check.note else "")
+    return text + _status(check, unit) + (f" ({check.note})" if check.note else "")
 
 
 def junit_xml(result: AuditResult) -> str:
@@ -292,7 +292,7 @@ def markdown(result: AuditResult) -> str:
     for budget, check in _rows(result):
         unit = _unit(check, budget)
         percent = "–" if check.percent is None else f"{check.percent:.0f}%"
-        status = _status(check) + (f" ({check.note})" if check.note else "")
+        status = _status(check, unit) + (f" ({check.note})" if check.note else "")
         lines.append(
             f"| {_md(budget.budget.name)} | {_period(budget)} | {len(budget.runs)} | "
             f"{check.limit} | {_num(check.used)} {unit} | {_num(check.budget)} {unit} | "
