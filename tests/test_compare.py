@@ -300,11 +300,16 @@ def test_unmeasured_run_is_absent_with_the_reason_never_zero(
     code, out, _ = _cli(made, capsys, "--experiment", made.plain, "--format", "csv")
     (record,) = csv.DictReader(io.StringIO(out))
     assert record["energy_kwh"] == "" and "energy_kwh: not measured" in record["absent"]
-    code, out, _ = _cli(made, capsys, "--experiment", made.plain, "--format", "markdown")
-    assert (
-        "| unmeasured | FINISHED |" in out
-        and "energy_kwh absent for unmeasured: not measured" in out
+    code, out, _ = _cli(
+        made, capsys, "--experiment", made.plain, "--metric", "val_acc", "--format", "markdown"
     )
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("|  | run |")).split(" | ")
+    row = next(line for line in lines if "| unmeasured |" in line).split(" | ")
+    cells = dict(zip(header, row, strict=True))
+    assert cells["energy kWh"] == "—" and cells["CO2e g"] == "—" and cells["val_acc"] == "0.5"
+    assert cells["quality/kWh (val_acc)"] == "—"
+    assert "energy_kwh absent for unmeasured: not measured by green-mlops" in out
 
 
 # --- the command -------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def _records(args: argparse.Namespace) -> list[RunRecord]:
 # --- formats -----------------------------------------------------------------------------------
 
 
-def _num(value: float | None, spec: str = ".4g") -> str:
+def _num(value: float | None, spec: str = ".3g") -> str:
     return "" if value is None else format(value, spec)
 
 
@@ -190,7 +190,7 @@ def _cells(row: Row, c: Comparison, absent: str) -> list[str]:
     band = f" ±{row.energy_uncertainty_kwh:.2g}" if row.energy_uncertainty_kwh is not None else ""
     energy = show(_num(row.energy_kwh)) + band
     if row.inclusive_kwh is not None and row.inclusive_kwh != row.energy_kwh:
-        energy += f" (incl. nested {row.inclusive_kwh:.4g})"
+        energy += f" (incl. nested {row.inclusive_kwh:.3g})"
     cost = show(_num(row.cost)) + (f" {row.currency}" if row.currency else "")
     cells = [
         ("front" if row.on_front else "") + (" baseline" if row is c.baseline else ""),
@@ -200,16 +200,16 @@ def _cells(row: Row, c: Comparison, absent: str) -> list[str]:
         energy,
         show(_num(row.co2e_g)),
         cost,
-        show(_num(row.flops, ".3g")),
+        show(_num(row.flops)),
     ]
     if c.metric is not None:
-        cells += [show(_num(row.metric)), show(_num(row.quality_per_kwh))]
+        cells += [show(_num(row.metric, ".4g")), show(_num(row.quality_per_kwh))]
     if c.baseline is not None:
         d = row.vs_baseline
         assert d is not None
         cells += [
-            show(_signed(d.saving_kwh, "+.3g")) + _pct(d.saving_kwh_pct),
-            show(_signed(d.saving_co2e_g, "+.3g")) + _pct(d.saving_co2e_pct),
+            show(_signed(d.saving_kwh)) + _pct(d.saving_kwh_pct),
+            show(_signed(d.saving_co2e_g)) + _pct(d.saving_co2e_pct),
         ]
         if c.metric is not None:
             cells.append(show(_signed(d.metric_change, "+.4g")))
@@ -226,6 +226,21 @@ def _headers(c: Comparison) -> list[str]:
         if c.metric is not None:
             headers.append(f"Δ {c.metric}")
     return [*headers, "marks"]
+
+
+def _grid(c: Comparison, absent: str) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the run table; cost and FLOPs only when a run has them (the
+    reason is listed below the table), the status only when a run did not finish."""
+    headers = _headers(c)
+    rows = [_cells(row, c, absent) for row in c.rows]
+    keep = [
+        i
+        for i, header in enumerate(headers)
+        if (header == "status" and any(r[i] != "FINISHED" for r in rows))
+        or (header in ("cost", "FLOPs") and any(r[i] != absent for r in rows))
+        or header not in ("status", "cost", "FLOPs")
+    ]
+    return [headers[i] for i in keep], [[r[i] for i in keep] for r in rows]
 
 
 def _group_cells(g: Group, c: Comparison, absent: str) -> list[str]:
@@ -281,7 +296,7 @@ def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> st
 
 
 def _markdown(c: Comparison) -> str:
-    out = [_title(c) + "\n", _markdown_table(_headers(c), [_cells(r, c, "—") for r in c.rows])]
+    out = [_title(c) + "\n", _markdown_table(*_grid(c, "—"))]
     groups = [*c.groups, c.total]
     out += ["", _markdown_table(_group_headers(c), [_group_cells(g, c, "—") for g in groups])]
     out += [""] + [f"- {line}" for line in (*c.notes, *_absent_lines(c))]
@@ -326,7 +341,8 @@ def _title(c: Comparison) -> str:
     experiments = sorted({r.experiment for r in c.rows})
     what = ", ".join(experiments[:3]) + (" ..." if len(experiments) > 3 else "")
     order = "best quality per kWh first" if c.metric else "least energy first"
-    return f"{len(c.rows)} runs of {what or 'nothing'} ({order})"
+    finished = " all FINISHED," if all(r.status == "FINISHED" for r in c.rows) else ""
+    return f"{len(c.rows)} runs of {what or 'nothing'} ({finished} {order})".replace("( ", "(")
 
 
 def _print_table(c: Comparison) -> None:
@@ -336,12 +352,12 @@ def _print_table(c: Comparison) -> None:
 
     console = Console(highlight=False)
     table = Table(title=escape(_title(c)))
-    headers = _headers(c)
+    headers, cells = _grid(c, "—")
     for i, header in enumerate(headers):
-        justify = "right" if 2 < i < len(headers) - 1 else "left"
+        justify = "right" if 1 < i < len(headers) - 1 else "left"
         table.add_column(escape(header), justify=justify, no_wrap=i < 2)
-    for row in c.rows:
-        table.add_row(*(escape(cell) for cell in _cells(row, c, "—")))
+    for row_cells in cells:
+        table.add_row(*(escape(cell) for cell in row_cells))
     console.print(table)
     totals = Table(title="Totals" + (f" by {escape(c.by)}" if c.by else ""))
     for header in _group_headers(c):
