@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
+from green_mlops.reports.options import TRAINING_TYPES, ReportError, ReportOptions
 from green_mlops.runs import RunRecord
 
 __all__ = ["FORMATS", "TRAINING_TYPES", "ReportError", "ReportOptions", "render"]
@@ -26,26 +25,6 @@ FORMATS: dict[str, str] = {
     "codecarbon-csv": "codecarbon_csv",
     "boamps": "boamps",
 }
-#: The Hugging Face model card's ``training_type`` values.
-TRAINING_TYPES = ("pre-training", "fine-tuning")
-
-
-class ReportError(ValueError):
-    """The runs cannot be rendered in this format (the message says which run and why)."""
-
-
-@dataclass(frozen=True)
-class ReportOptions:
-    """What a report needs beyond the runs."""
-
-    #: ``pre-training`` or ``fine-tuning`` (model card, BoAmps ``taskStage``); None: not said.
-    training_type: str | None = None
-    #: BoAmps ``taskFamily`` (e.g. "image classification"); None: ``unspecified``.
-    task_family: str | None = None
-    #: A heading for the HTML / Markdown report.
-    title: str | None = None
-    #: :func:`green_mlops.compare.compare`'s result, shown by the HTML / Markdown report.
-    comparison: Any = None
 
 
 def render(fmt: str, records: Sequence[RunRecord], options: ReportOptions | None = None) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from green_mlops import __version__
-from green_mlops.reports import ReportError, ReportOptions
+from green_mlops.reports.options import ReportError, ReportOptions
 from green_mlops.reports.view import RunView, iso_utc
 from green_mlops.runs import RunRecord
 

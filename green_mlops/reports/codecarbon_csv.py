@@ -15,7 +15,7 @@ import csv
 import io
 from collections.abc import Sequence
 
-from green_mlops.reports import ReportOptions
+from green_mlops.reports.options import ReportOptions
 from green_mlops.reports.view import RunView, iso_utc
 from green_mlops.runs import RunRecord
 from green_mlops.units import J_PER_KWH

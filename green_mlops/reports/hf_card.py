@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Sequence
 
 from green_mlops import __version__
-from green_mlops.reports import ReportError, ReportOptions
+from green_mlops.reports.options import ReportError, ReportOptions
 from green_mlops.reports.view import RunView
 from green_mlops.runs import RunRecord
 

@@ -15,7 +15,7 @@ from html import escape
 from typing import Any
 
 from green_mlops import __version__
-from green_mlops.reports import ReportOptions
+from green_mlops.reports.options import ReportOptions
 from green_mlops.reports.svg import energy_bars, intensity_chart, legend, power_chart
 from green_mlops.reports.tables import comparison_table, totals
 from green_mlops.reports.view import RunView, iso_utc, significant

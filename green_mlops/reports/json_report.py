@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from green_mlops.reports import ReportError, ReportOptions
+from green_mlops.reports.options import ReportError, ReportOptions
 from green_mlops.runs import RunRecord
 
 __all__ = ["render"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from green_mlops.reports import ReportOptions
+from green_mlops.reports.options import ReportOptions
 from green_mlops.reports.tables import comparison_table, totals
 from green_mlops.reports.view import RunView, significant
 from green_mlops.runs import RunRecord
