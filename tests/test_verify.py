@@ -50,7 +50,7 @@ def plugin_reports(
     work = tmp_path_factory.mktemp("verify-runs")
     ids = make_runs(
         mlflow_server,
-        [RunSpec("verify", "parent", children=[RunSpec("verify", "child")])],
+        [RunSpec("verify", "parent", busy_s=1.2, children=[RunSpec("verify", "child")])],
         work / "location",
         GREEN_MLOPS_EMBODIED_KGCO2E=f"{EMBODIED_KG:g}",
     )
@@ -131,7 +131,9 @@ def test_a_tampered_intermediate_point_is_caught_by_the_digest(
     """At a constant intensity an inner point changes no total: the digest still catches it."""
 
     def change(report: dict[str, Any]) -> None:
-        report["accounting"]["timeline"][1][1] += 1.0
+        timeline = report["accounting"]["timeline"]
+        assert len(timeline) >= 3  # 1.2 s at a 0.5 s interval: inner points exist
+        timeline[1][1] += 1.0
 
     code, out = verify_cli(tampered(plugin_reports["parent"], tmp_path, change), capsys)
     assert code == 1 and "MISMATCH digests.timeline" in out
