@@ -510,3 +510,35 @@ def test_html_report_shows_in_mlflows_artifact_viewer(
     for key, text in cells:
         assert shown_number(text) == pytest.approx(metrics[key], rel=5e-4), key
     assert [u for u in from_report if not u.startswith("blob:")] == []
+
+
+def test_carbon_that_was_not_computed_is_absent_never_zero(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run no intensity provider priced (Electricity Maps without a token): no emissions
+    cell in the CSV, no BoAmps intensity, and no model card (its one number is unknown)."""
+    exp = experiment()
+    ids = make_runs(
+        mlflow_server,
+        [RunSpec(exp, "unpriced", busy_s=0.3)],
+        tmp_path / "runs",
+        GREEN_MLOPS_INTENSITY_PROVIDERS="electricitymaps",
+    )
+    run_id = ids["unpriced"]
+    metrics = MlflowClient(mlflow_server.url).get_run(run_id).data.metrics
+    assert "green/co2e_g" not in metrics and metrics["green/energy_kwh"] > 0
+    row = next(
+        csv.DictReader(
+            io.StringIO(
+                report(tmp_path, run_id, "--format", "codecarbon-csv", server=mlflow_server)
+            )
+        )
+    )
+    assert row["emissions"] == "" and row["emissions_rate"] == ""
+    assert float(row["energy_consumed"]) == pytest.approx(metrics["green/energy_facility_kwh"])
+    document = json.loads(report(tmp_path, run_id, "--format", "boamps", server=mlflow_server))
+    assert "powerSourceCarbonIntensity" not in document["environment"]
+    capsys.readouterr()
+    code = main(["report", run_id, "--format", "hf-card", "--tracking-uri", mlflow_server.url])
+    err = capsys.readouterr().err
+    assert code == 1 and f"run {run_id}: carbon not reported (co2e:" in err
