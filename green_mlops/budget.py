@@ -58,7 +58,7 @@ PERIODS = ("run", "day", "week", "month", "quarter", "year", "total")
 #: Limit key -> what it limits.
 LIMITS = {
     "energy_kwh": "IT energy in kWh (green/energy_kwh)",
-    "co2e_kg": "operational carbon in kg CO2e (green/co2e_g / 1000)",
+    "co2e_kg": "location-based operational carbon in kg CO2e (green/co2e_g / 1000)",
     "cost": "electricity cost in the runs' currency (green/cost)",
     "kwh_per_unit": "kWh per functional unit (a run, or the `units` metric of each run)",
 }
