@@ -354,8 +354,8 @@ def _print_table(c: Comparison) -> None:
     table = Table(title=escape(_title(c)))
     headers, cells = _grid(c, "—")
     for i, header in enumerate(headers):
-        justify = "right" if 1 < i < len(headers) - 1 else "left"
-        table.add_column(escape(header), justify=justify, no_wrap=i < 2)
+        right = 1 < i < len(headers) - 1
+        table.add_column(escape(header), justify="right" if right else "left", no_wrap=i < 2)
     for row_cells in cells:
         table.add_row(*(escape(cell) for cell in row_cells))
     console.print(table)
