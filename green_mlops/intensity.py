@@ -60,7 +60,7 @@ class IntensitySeries:
     dataset: str
     #: Zone or region the numbers are for (``DE``, ``US-CAL-CISO``, ``GB``, ``CAISO_NORTH``).
     zone: str
-    #: ``average`` or ``marginal``.
+    #: ``average`` or ``marginal`` (location-based), or :data:`MARKET_BASED` (a contract).
     basis: str
     #: ``lifecycle`` (includes upstream emissions) or ``direct`` (combustion only).
     scope: str
