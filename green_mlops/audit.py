@@ -106,9 +106,11 @@ class AuditResult:
 
     @property
     def exit_code(self) -> int:
-        """2 when a rule fails (the figures cannot be trusted), else 1 when a budget is
-        exceeded, else 0 (also when at risk)."""
-        if any(r.failures for r in self.rules):
+        """2 when a rule fails or a limit cannot be computed (``n/a``: the gate cannot decide,
+        so it never passes), else 1 when a budget is exceeded, else 0 (also when at risk)."""
+        if any(r.failures for r in self.rules) or any(
+            c.status == "n/a" for b in self.budgets for c in b.checks
+        ):
             return PROVENANCE
         if any(b.status == "exceeded" for b in self.budgets):
             return EXCEEDED

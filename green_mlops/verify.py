@@ -154,7 +154,7 @@ def _verify(report: Mapping[str, Any], out: Verification) -> None:
 
     energy = (timeline[-1][1] - timeline[0][1]) / J_PER_KWH if timeline else 0.0
     grams, priced, unpriced = price_timeline(timeline, intervals)
-    co2e = grams * pue if priced > 0 else None
+    co2e = grams * pue if priced > 0 or unpriced == 0 else None  # no energy: 0 g, as footprint
     market_g = None
     if market is not None:
         m_grams, m_priced, _ = price_timeline(timeline, market)

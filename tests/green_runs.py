@@ -101,6 +101,9 @@ def plugin_env(server: MlflowServer, workdir: Path, **env: str) -> dict[str, str
         "GREEN_MLOPS_INTENSITY_PROVIDERS": "constant",
         "GREEN_MLOPS_INTENSITY_G_PER_KWH": f"{INTENSITY_G_PER_KWH:g}",
         "GREEN_MLOPS_PRICE_PER_KWH": f"{PRICE_PER_KWH:g}",
+        # the same meters on every host (estimates): a runner with readable RAPL or a GPU
+        # would otherwise make runs "measured" and change what the tests compare
+        "GREEN_MLOPS_DISABLE_PLUGINS": "rapl,nvml",
         "MLFLOW_TRACKING_URI": server.url,
         "PYTHONUNBUFFERED": "1",
         **env,

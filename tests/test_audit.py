@@ -207,7 +207,7 @@ def test_estimated_meters_fail_require_measured(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     nlp = records["nlp"]
-    assert nlp.tags["green.measured"] == "false"  # this machine's CPU and RAM are estimated
+    assert nlp.tags["green.measured"] == "false"  # CPU and RAM estimated (green_runs: no RAPL)
     path = write(
         tmp_path,
         f"""
@@ -544,3 +544,33 @@ def test_no_config_file_exits_3_with_an_example(
     err = capsys.readouterr().err
     assert "no green-mlops.toml (or pyproject.toml with [tool.green-mlops])" in err
     assert '[[budget]]\nname = "vision-q4"' in err and "--config FILE" in err
+
+
+def test_unwritable_junit_path_and_bad_uri_are_one_line_exit_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path, '[[budget]]\nname = "b"\nexperiments = ["*"]\nperiod = "total"\nenergy_kwh = 1'
+    )
+    code, _, err = audit_cli(path, None, capsys, "--tracking-uri", "bogus://u:s3cret@h/x")
+    assert code == 4 and "s3cret" not in err and "Traceback" not in err
+    code, _, err = audit_cli(
+        path,
+        None,
+        capsys,
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--junit",
+        str(tmp_path / "no" / "such" / "dir" / "audit.xml"),
+    )
+    assert code == 4 and "cannot write" in err and "Traceback" not in err
+
+
+def test_now_with_a_z_suffix_is_utc() -> None:
+    # Python 3.10's fromisoformat rejects "Z", the form the error message itself suggests.
+    from green_mlops.commands.audit import _parse_now
+
+    assert (
+        _parse_now("2026-12-01T12:00:00Z")
+        == dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc).timestamp()
+    )

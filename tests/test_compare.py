@@ -451,3 +451,32 @@ def test_server_down_names_the_uri_without_credentials(capsys: pytest.CaptureFix
     err = _one_line(code, out, err)
     assert "s3cret" not in err and "alice" not in err
     assert f"MLflow at http://***@127.0.0.1:{uri.rsplit(':', 1)[1]} does not answer" in err
+
+
+def test_a_uri_mlflow_cannot_open_is_one_line_without_credentials(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # MlflowClient raises for an unknown scheme while it is created: that too is one line, with
+    # the credentials masked, never a traceback carrying them.
+    code = main(["compare", "--tracking-uri", "bogus://bob:s3cret@host/x", "--experiment", "x"])
+    out, err = capsys.readouterr()
+    err = _one_line(code, out, err)
+    assert "s3cret" not in err and "Traceback" not in err
+    assert "MLflow at bogus://***@host/x" in err
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = {
+        "schema": "green-mlops/report/v2",
+        "final": True,
+        "metrics": {"green/energy_kwh": 1e-6, "green/duration_s": 1.0},
+        "tags": {"green.measured": "false"},
+        "energy": {"started_at": 1.0, "duration_s": 1.0},
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    code = main(["compare", str(tmp_path), "--plot", str(tmp_path / "front.xyz")])
+    _, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err
+    assert "--plot" in err and "xyz" in err

@@ -79,10 +79,13 @@ def run(args: argparse.Namespace) -> int:
         return RUNS_UNAVAILABLE
     result = audit(config, records, now=now)
     _print(result, config, unmatched)
-    if args.junit:
-        Path(args.junit).write_text(junit_xml(result), encoding="utf-8")
-    if args.markdown:
-        Path(args.markdown).write_text(markdown(result), encoding="utf-8")
+    for path, render in ((args.junit, junit_xml), (args.markdown, markdown)):
+        if path:
+            try:
+                Path(path).write_text(render(result), encoding="utf-8")
+            except OSError as exc:
+                print(f"green-mlops audit: cannot write {path}: {exc.strerror}", file=sys.stderr)
+                return RUNS_UNAVAILABLE
     return result.exit_code
 
 
@@ -90,7 +93,7 @@ def _parse_now(raw: str | None) -> float:
     if raw is None:
         return time.time()
     try:
-        when = dt.datetime.fromisoformat(raw)
+        when = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))  # Python 3.10 has no "Z"
     except ValueError:
         raise ConfigError(
             f"--now={raw!r} is not valid: expected an ISO 8601 time, e.g. 2026-12-01T12:00:00Z"
@@ -239,6 +242,15 @@ def junit_xml(result: AuditResult) -> str:
                 "failure",
                 type="BudgetExceeded",
                 message="; ".join(_check_text(budget, c) for c in over),
+            )
+            failure.text = "\n".join(lines)
+        unknown = [c for c in budget.checks if c.status == "n/a"]
+        if unknown and not over:
+            failure = ET.SubElement(
+                case,
+                "failure",
+                type="BudgetUnknown",
+                message="; ".join(_check_text(budget, c) for c in unknown),
             )
             failure.text = "\n".join(lines)
         ET.SubElement(case, "system-out").text = (

@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"green-mlops compare: --plot {args.plot}: {exc.strerror}", file=sys.stderr)
             return 1
+        except ValueError as exc:  # an image format matplotlib does not write
+            print(f"green-mlops compare: --plot {args.plot}: {exc}", file=sys.stderr)
+            return 1
     if args.format == "table":
         _print_table(comparison)
     else:

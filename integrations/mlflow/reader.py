@@ -44,8 +44,12 @@ def read_runs(
     """
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    uri = shown_uri(str(client.tracking_uri))
+    try:
+        client = MlflowClient(tracking_uri)
+        uri = shown_uri(str(client.tracking_uri))
+    except Exception as exc:  # a malformed or unsupported URI: never a traceback with it
+        shown = shown_uri(str(tracking_uri or "(MLFLOW_TRACKING_URI)"))
+        raise RunsUnavailable(f"MLflow at {shown}: {type(exc).__name__}") from None
     with _bounded():
         try:
             records: dict[str, RunRecord] = {}
