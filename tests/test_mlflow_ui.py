@@ -146,6 +146,11 @@ def missing(reason: str) -> None:
 @pytest.fixture(scope="session")
 def chromium() -> Path:
     """Debian's chromium and Playwright, checked before the MLflow server is started."""
+    return require_chromium()
+
+
+def require_chromium() -> Path:
+    """:data:`CHROMIUM`, once it and Playwright are known to be there (else :func:`missing`)."""
     if not CHROMIUM.exists():
         missing(
             f"{CHROMIUM} is missing: this test drives Debian's chromium. "

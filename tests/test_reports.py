@@ -24,7 +24,7 @@ from green_mlops.cli import main
 from tests.green_runs import INTENSITY_G_PER_KWH, RunSpec, make_runs
 from tests.mlflow_server import MlflowServer
 from tests.test_mlflow import experiment
-from tests.test_mlflow_ui import CHROMIUM, launch_chromium, missing
+from tests.test_mlflow_ui import launch_chromium, missing, require_chromium
 
 BOAMPS_SCHEMAS = Path(__file__).parent / "data" / "boamps"
 BOAMPS_BASE = "https://raw.githubusercontent.com/Boavizta/BoAmps/main/model/"
@@ -43,13 +43,7 @@ SHOWN = (
 def browser() -> Path:
     """Debian's chromium and Playwright (skipped with the install line, failed where CI is
     set, as in tests/test_mlflow_ui.py), checked before any run is made."""
-    if not CHROMIUM.exists():
-        missing(f"{CHROMIUM} is missing: install it with scripts/install-browser.sh (as root)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing('playwright is not installed: pip install -e ".[test]"')
-    return CHROMIUM
+    return require_chromium()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,7 +386,7 @@ def boamps_validator() -> Any:
         from jsonschema import Draft202012Validator
         from referencing import Registry, Resource
     except ImportError:
-        missing('jsonschema is not installed: pip install "jsonschema>=4.18"')
+        missing('jsonschema is not installed: pip install -e ".[test]"')
     schemas = {p.name: json.loads(p.read_text()) for p in BOAMPS_SCHEMAS.glob("*_schema.json")}
     registry = Registry().with_resources(
         (BOAMPS_BASE + name, Resource.from_contents(schema)) for name, schema in schemas.items()
