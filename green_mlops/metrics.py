@@ -30,8 +30,18 @@ POWER_KEY = "system/green/power_w"
 # --- totals that add up ------------------------------------------------------------------------
 
 _AMOUNTS = ("_kwh", "_g", "_s", "/cost", "_flops", "/flops")
-#: Series, quality and another callback's figures: not run totals of a measurement.
-_NOT_TOTALS = ("green/epoch/", "green/step/", "green/quality/", "green/validation/")
+#: Series, quality, another callback's figures, predictions and plans: not run totals of a
+#: measurement (a forecast's ``_kwh`` or a plan's ``co2e_if_run_now_g`` never add up).
+_NOT_TOTALS = (
+    "green/epoch/",
+    "green/step/",
+    "green/quality/",
+    "green/validation/",
+    "green/forecast/",
+    "green/estimate/",
+    "green/schedule/",
+    "green/budget/",
+)
 #: Rates and one-off values that end like an amount.
 _NOT_ADDITIVE = frozenset(
     {"green/intensity_g_per_kwh", "green/flops_per_s", "green/energy_to_target_kwh"}
