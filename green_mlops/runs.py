@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPORT_FILE_NAMES", "RunRecord", "RunsUnavailable", "read_report_files"]
+__all__ = [
+    "REPORT_FILE_NAMES",
+    "RunRecord",
+    "RunsUnavailable",
+    "read_report_files",
+    "record_from_report",
+]
 
 #: File names a report is written under (the MLflow artifact, the Lightning callback's file).
 REPORT_FILE_NAMES = ("report.json", "green_report.json")
@@ -103,6 +109,28 @@ def _report_paths(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
 
 
 def _from_report(path: Path, report: Mapping[str, Any]) -> RunRecord:
+    metrics = dict(_csv_metrics(path.parent / "metrics.csv"))
+    if path.name == "green_report.json":  # <save_dir>/<name>/<version>/ of a Lightning logger
+        name, experiment = f"{path.parent.parent.name}/{path.parent.name}", path.parent.parent.name
+    else:
+        name, experiment = path.parent.name or path.stem, str(path.parent)
+    return record_from_report(
+        report, run_id=str(path), name=name, experiment=experiment, source=str(path), extra=metrics
+    )
+
+
+def record_from_report(
+    report: Mapping[str, Any],
+    *,
+    run_id: str,
+    name: str,
+    experiment: str,
+    source: str,
+    extra: Mapping[str, float] | None = None,
+) -> RunRecord:
+    """The run a JSON report describes; its tags (``green.run_id``, ``mlflow.runName``,
+    ``green.experiment``) win over ``run_id``, ``name`` and ``experiment``; ``extra`` metrics
+    (the user's) fill in what the report does not carry."""
     energy = report.get("energy") or {}
     started = energy.get("started_at")
     duration = energy.get("duration_s")
@@ -112,14 +140,10 @@ def _from_report(path: Path, report: Mapping[str, Any]) -> RunRecord:
         for k, v in (report.get("metrics") or {}).items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-    for key, value in _csv_metrics(path.parent / "metrics.csv").items():
+    for key, value in (extra or {}).items():
         metrics.setdefault(key, value)
-    if path.name == "green_report.json":  # <save_dir>/<name>/<version>/ of a Lightning logger
-        name, experiment = f"{path.parent.parent.name}/{path.parent.name}", path.parent.parent.name
-    else:
-        name, experiment = path.parent.name or path.stem, str(path.parent)
     return RunRecord(
-        run_id=tags.get("green.run_id", str(path)),
+        run_id=tags.get("green.run_id", run_id),
         name=tags.get("mlflow.runName") or name,
         experiment=tags.get("green.experiment", experiment),
         status="FINISHED" if report.get("final") else "RUNNING",
@@ -131,7 +155,7 @@ def _from_report(path: Path, report: Mapping[str, Any]) -> RunRecord:
         ),
         metrics=metrics,
         tags=tags,
-        source=str(path),
+        source=source,
         report=report,
     )
 

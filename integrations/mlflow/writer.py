@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from green_mlops.config import Settings
-from green_mlops.integrations.mlflow import spool
-from green_mlops.integrations.mlflow.chart import draw_power
+from green_mlops.integrations.mlflow import spool, views
 from green_mlops.log import warn_once
 from green_mlops.metrics import POWER_KEY
 
 __all__ = [
     "CHART_ARTIFACT",
+    "HTML_ARTIFACT",
     "REPORT_ARTIFACT",
     "RunGone",
     "RunWriter",
@@ -38,7 +38,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REPORT_ARTIFACT = "green/report.json"
-CHART_ARTIFACT = "green/power.png"
+CHART_ARTIFACT = views.CHART_ARTIFACT
+HTML_ARTIFACT = views.HTML_ARTIFACT
 #: MLflow's ``log_batch`` limits per request: tags, and metrics and tags together.
 MAX_TAGS = 100
 MAX_ENTITIES = 1000
@@ -380,16 +381,33 @@ def _deleted(client: Any, run_id: str) -> bool:
 
 
 def _log_report(client: Any, run_id: str, report: dict[str, Any]) -> None:
-    """The report and the chart in one upload, from a directory of our own: MLflow's
-    ``log_dict``/``log_figure`` use ``TemporaryDirectory``, whose exit-time finalizer deletes
-    it under an upload still running at interpreter exit."""
+    """The report, its HTML view and the chart in one upload, from a directory of our own:
+    MLflow's ``log_dict``/``log_figure`` use ``TemporaryDirectory``, whose exit-time finalizer
+    deletes it under an upload still running at interpreter exit. A view that cannot be made
+    is left out and said in ``green.notes``; the JSON report goes all the same."""
     folder = Path(tempfile.mkdtemp(prefix="green-mlops-"))
     try:
-        (folder / Path(REPORT_ARTIFACT).name).write_text(json.dumps(report, indent=2, default=str))
-        draw_power(report, folder / Path(CHART_ARTIFACT).name)
-        client.log_artifacts(run_id, str(folder), str(Path(REPORT_ARTIFACT).parent))
+        green = folder / Path(REPORT_ARTIFACT).parent
+        green.mkdir()
+        (folder / REPORT_ARTIFACT).write_text(json.dumps(report, indent=2, default=str))
+        tags = views.write(client, run_id, report, folder)
+        client.log_artifacts(run_id, str(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    if tags:
+        _set_tags(client, run_id, tags)
+
+
+def _set_tags(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
+    """Tags in one bounded request (MLflow's own client without a REST store)."""
+    from mlflow.entities import RunTag
+
+    store = _rest_store(client)
+    if store is not None:
+        body = {"run_id": run_id, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+        _post(store, _LOG_BATCH, body)
+    else:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
 
 
 # --- the spool and the background uploads ----------------------------------------------------
