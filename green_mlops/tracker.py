@@ -193,6 +193,7 @@ class Tracker:
         self._final: Snapshot | None = None
         self._t0 = self._last = self._last_timeline = 0.0
         self._unix0 = 0.0
+        self._forecaster: Any = None
         self.interval_s = settings.sample_interval_s
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -324,6 +325,16 @@ class Tracker:
         except Exception as exc:
             self._problem(f"snapshot failed: {exc}")
             return self._empty(f"snapshot failed: {exc}")
+
+    def forecast(self, progress: float, *, max_duration_s: float | None = None) -> Any:
+        """The loop's total energy and duration (a :class:`green_mlops.forecast.Forecast`, with
+        a band) when ``progress`` (0, 1] of it is done; None before a steady state (said once).
+        Reads the meters now. Raises ValueError for a progress outside (0, 1]."""
+        from green_mlops.forecast import Forecaster, tracker_forecast
+
+        if self._forecaster is None:
+            self._forecaster = Forecaster()
+        return tracker_forecast(self._forecaster, self.snapshot(), progress, max_duration_s)
 
     def sample_now(self, now: float | None = None, *, counters_only: bool = False) -> None:
         """Read the meters and attribute their energy since their last read (sampler's entry).

@@ -1,0 +1,205 @@
+"""Forecasts of a loop's total energy and duration (green_mlops/forecast.py), from the core (marks,
+a Tracker on a ManualClock) to EnergyMonitor in real Lightning fits."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from green_mlops import Tracker
+from green_mlops.forecast import FLOOR, Forecaster, Mark, Plan, price
+from green_mlops.intensity import IntensityPoint, IntensitySeries
+from green_mlops.meters import Readings
+from tests.conftest import ClockMeter, ManualClock
+
+
+def feed(
+    costs: list[float],
+    *,
+    steps: int = 25,
+    val_j: float = 30.0,
+    val_every: int = 4,
+    seconds_per_j: float = 0.1,
+) -> tuple[Forecaster, list[Mark]]:
+    """Marks of a loop whose i-th segment of ``steps`` steps costs ``costs[i]`` J per step,
+    a validation run of ``val_j`` J after every ``val_every`` segments (an epoch)."""
+    forecaster = Forecaster()
+    energy, seconds, vj, vs, runs = 50.0, 5.0, 0.0, 0.0, 0  # the sanity check: spent
+    marks = [Mark(0, energy, seconds)]
+    forecaster.add(marks[0])
+    for i, cost in enumerate(costs):
+        energy += cost * steps
+        seconds += cost * steps * seconds_per_j
+        if (i + 1) % val_every == 0:
+            energy, seconds = energy + val_j, seconds + val_j * seconds_per_j
+            vj, vs, runs = vj + val_j, vs + val_j * seconds_per_j, runs + 1
+        marks.append(Mark((i + 1) * steps, energy, seconds, vj, vs, runs))
+        forecaster.add(marks[-1])
+    return forecaster, marks
+
+
+def replay(costs: list[float], at: int, **kwargs: float) -> tuple[Forecaster, float]:
+    """The forecaster fed the first ``at`` segments, and the loop's true total."""
+    forecaster, _ = feed(costs[:at], **kwargs)  # type: ignore[arg-type]
+    _, marks = feed(costs, **kwargs)  # type: ignore[arg-type]
+    return forecaster, marks[-1].energy_j
+
+
+def test_warm_up_is_left_out_and_the_total_is_forecast_within_its_band() -> None:
+    rng = random.Random(3)
+    costs = [10.0 * (1 + 0.05 * rng.gauss(0, 1)) for _ in range(80)]
+    costs[0] *= 4  # compilation, cache fill
+    forecaster, truth = replay(costs, 8)  # 10 % of the loop
+    forecast = forecaster.forecast(Plan(total_steps=80 * 25))
+    assert forecast is not None and forecast.warmup_segments == 1
+    assert forecast.train_model == "constant"
+    assert forecast.energy_j == pytest.approx(truth, rel=0.05)
+    assert forecast.low_j < truth < forecast.high_j
+    # carbontracker's method (the mean so far x the loop) is thrown off by the warm-up
+    spent = feed(costs[:8])[1][-1].energy_j
+    assert abs(spent / 0.1 - truth) / truth > 0.2
+    assert forecast.fraction == pytest.approx(0.1)
+
+
+def test_no_forecast_before_a_steady_state_and_the_reason_says_why() -> None:
+    forecaster = Forecaster()
+    assert forecaster.forecast(Plan(100)) is None
+    forecaster, _ = feed([40.0, 10.0])  # a warm-up and one steady segment
+    assert forecaster.forecast(Plan(1000)) is None
+    assert (
+        "no steady state yet" in forecaster.reason and "1 left out as warm-up" in forecaster.reason
+    )
+    forecaster, _ = feed([40.0, 10.0, 10.0])
+    assert forecaster.forecast(Plan(1000)) is not None and forecaster.reason == ""
+
+
+def test_a_growing_cost_per_step_is_projected_as_a_trend() -> None:
+    rng = random.Random(5)
+    costs = [(5.0 + 0.5 * i) * (1 + 0.02 * rng.gauss(0, 1)) for i in range(40)]
+    forecaster, truth = replay(costs, 10)  # 25 %
+    forecast = forecaster.forecast(Plan(total_steps=40 * 25))
+    assert forecast is not None and forecast.train_model == "linear"
+    assert forecast.energy_j == pytest.approx(truth, rel=0.05)
+    assert forecast.low_j < truth < forecast.high_j
+
+
+def test_a_flat_noisy_cost_keeps_the_constant_model() -> None:
+    rng = random.Random(11)
+    costs = [10.0 * (1 + 0.1 * rng.gauss(0, 1)) for _ in range(12)]
+    forecaster, _ = feed(costs)
+    forecast = forecaster.forecast(Plan(total_steps=1000))
+    assert forecast is not None and forecast.train_model == "constant"
+    remaining = forecast.energy_j - forecaster.last.energy_j  # type: ignore[union-attr]
+    assert forecast.high_j - forecast.energy_j >= FLOOR * remaining * 0.999
+
+
+def test_validation_is_projected_per_run_apart_from_training() -> None:
+    # a validation run costs 500 J: 4 more runs planned in the 200 steps left add 4 x 500 J
+    costs = [10.0] * 8
+    forecaster, _ = feed(costs, val_j=500.0)
+    last = forecaster.last
+    assert last is not None and last.validations == 2
+    many = forecaster.forecast(Plan(total_steps=400, validations_per_step=4 / 200))
+    none = forecaster.forecast(Plan(total_steps=400, validations_per_step=0.0))
+    assert many is not None and none is not None
+    assert many.energy_j - none.energy_j == pytest.approx(4 * 500.0, rel=1e-6)
+    assert many.validation_model == "constant"
+
+
+def test_an_earlier_possible_end_lowers_the_low_end_only() -> None:
+    forecaster, _ = feed([10.0] * 8)
+    full = forecaster.forecast(Plan(total_steps=2000))
+    early = forecaster.forecast(Plan(total_steps=2000, min_steps=300))
+    assert full is not None and early is not None
+    assert early.energy_j == full.energy_j and early.high_j == full.high_j
+    done = forecaster.last.energy_j  # type: ignore[union-attr]
+    # 100 more steps at 10 J and a validation run per 100 steps, less the band
+    assert early.low_j == pytest.approx(done + 100 * 10 + 30, rel=0.06)
+    assert early.low_j < full.low_j
+
+
+def test_a_time_limit_cuts_the_projection() -> None:
+    forecaster, _ = feed([10.0] * 8)
+    free = forecaster.forecast(Plan(total_steps=2000))
+    assert free is not None and free.duration_s > 600
+    cut = forecaster.forecast(Plan(total_steps=2000, max_duration_s=600))
+    assert cut is not None and cut.duration_s == pytest.approx(600)
+    assert cut.energy_j < free.energy_j
+
+
+def _series(points: list[tuple[float, float, float]], source: str) -> IntensitySeries:
+    return IntensitySeries(
+        tuple(IntensityPoint(*p) for p in points),
+        source,
+        "test",
+        "DE",
+        "average",
+        "direct",
+        True,
+        "2026",
+    )
+
+
+def test_the_remaining_time_is_priced_by_the_intensity_forecast_else_the_current_value() -> None:
+    forecaster, _ = feed([10.0] * 8)
+    forecast = forecaster.forecast(Plan(total_steps=400))
+    assert forecast is not None
+    rest_j = forecast.energy_j - forecast.spent_j
+    rest_s = forecast.duration_s - forecast.elapsed_s
+    now = 1_000_000.0
+    half = [(now, now + rest_s / 2, 100.0)]  # a provider's forecast covers half the time left
+    priced = price(
+        forecast, spent_g=5.0, now=now, chain=[_series(half, "fc")], current_g_per_kwh=300.0
+    )
+    assert priced.co2e_g == pytest.approx(5.0 + rest_j / 3.6e6 * (0.5 * 100 + 0.5 * 300))
+    assert "50 % priced by fc/test" in priced.carbon_basis
+    assert priced.metrics()["green/forecast/co2e_g"] == priced.co2e_g
+    # nothing to price the uncovered half with: no carbon figure rather than a wrong one
+    assert price(forecast, spent_g=5.0, now=now, chain=[_series(half, "fc")]).co2e_g is None
+
+
+class SteppedMeter(ClockMeter):
+    """Energy = the integral of ``watts`` over a ManualClock's time (the test sets ``watts``)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__()
+        self.clock, self.joules, self.last = clock, 0.0, 0.0
+
+    def start(self) -> None:
+        self.last = self.clock()
+
+    def sample(self, now: float) -> Readings:
+        self.joules += self.watts * (now - self.last)
+        self.last = now
+        return {self.devices[0].id: self.joules}
+
+
+def test_tracker_forecast_for_a_loop_that_reports_its_progress() -> None:
+    clock = ManualClock()
+    meter = SteppedMeter(clock)
+    tracker = Tracker(meters=[meter], clock=clock).start()
+    total, found = 40, []
+    try:
+        with pytest.raises(ValueError, match=r"progress=0\) is not valid.*a number in \(0, 1\]"):
+            tracker.forecast(0)
+        for step in range(1, total + 1):
+            meter.watts = 400.0 if step <= 2 else 100.0  # a warm-up
+            with tracker.phase("train"):
+                clock.advance(1.0)
+            if step % 10 == 0:
+                with tracker.phase("validation"):
+                    clock.advance(0.5)
+            if step % 2 == 0:
+                found.append(tracker.forecast(step / total))
+        truth = tracker.snapshot()
+    finally:
+        tracker.stop()
+    assert found[0] is None  # warm-up only
+    at_25 = found[4]
+    assert at_25 is not None and at_25.warmup_segments >= 1
+    assert at_25.energy_j == pytest.approx(truth.joules, rel=0.03)
+    assert at_25.duration_s == pytest.approx(truth.duration_s, rel=0.03)
+    assert at_25.low_j <= truth.joules <= at_25.high_j
+    assert not math.isnan(at_25.kwh)
