@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from green_mlops.carbon import DEFAULT_INTENSITY_PROVIDERS, unknown_provider_names
-from green_mlops.facility import CLOUD_PUE
-from green_mlops.location import parse_location
+from green_mlops import config_values as parsers
+from green_mlops.carbon import DEFAULT_INTENSITY_PROVIDERS, MARKET_BASED, unknown_provider_names
+from green_mlops.config_values import Pue, Secret
 from green_mlops.units import DAY
 
 __all__ = ["ConfigError", "Secret", "Settings", "settings_table"]
@@ -28,209 +28,6 @@ ENV_PREFIX = "GREEN_MLOPS_"
 
 class ConfigError(ValueError):
     """A setting has a value outside its accepted form. Raised before measuring starts."""
-
-
-class Secret:
-    """A value that must never be shown: ``str``, ``repr`` and f-strings give ``***``."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret itself, for the one place that sends it (an HTTP header)."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    def __str__(self) -> str:
-        return "***"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __reduce__(self) -> Any:
-        raise TypeError("a Secret cannot be pickled")
-
-
-# --- parsers: str | typed value -> typed value, raising ValueError with no value in the text ---
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-def _bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError
-
-
-def _float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[object], float]:
-    def parse(value: object) -> float:
-        if isinstance(value, bool):
-            raise ValueError
-        try:
-            number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ValueError from None
-        if number != number or (number <= lo if lo_open else number < lo) or number > hi:
-            raise ValueError
-        return number
-
-    return parse
-
-
-def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
-    def wrapped(value: object) -> Any:
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return None
-        return parse(value)
-
-    return wrapped
-
-
-def _names(value: object) -> frozenset[str]:
-    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
-    names = frozenset(str(item).strip() for item in items if str(item).strip())
-    if any(not name.replace("_", "").replace("-", "").replace(".", "").isalnum() for name in names):
-        raise ValueError
-    return names
-
-
-def _choice(*choices: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        text = str(value).strip().lower()
-        if text not in choices:
-            raise ValueError
-        return text
-
-    return parse
-
-
-def _scope2_method(value: object) -> str:
-    """``location-based`` or ``market-based`` (``location`` and ``market`` for short)."""
-    text = str(value).strip().lower().removesuffix("-based")
-    if text not in ("location", "market"):
-        raise ValueError
-    return f"{text}-based"
-
-
-def _region(value: object) -> str:
-    text = str(value).strip().upper()
-    if not text.replace("_", "").isalnum():
-        raise ValueError
-    return text
-
-
-def _url(value: object) -> str:
-    text = str(value).strip().rstrip("/")
-    if not text.startswith(("http://", "https://")) or len(text) < 10 or " " in text:
-        raise ValueError
-    return text
-
-
-def _postcode(value: object) -> str:
-    text = str(value).strip().upper()
-    if not 2 <= len(text) <= 4 or not text.isalnum() or not text[0].isalpha():
-        raise ValueError
-    return text
-
-
-def _default_cache_dir(env: Mapping[str, str]) -> Path:
-    """$XDG_CACHE_HOME/green-mlops, else ~/.cache/green-mlops, from ``env`` when settings load
-    (not at import: a later XDG_CACHE_HOME counts). A relative XDG_CACHE_HOME is ignored, as
-    the XDG spec says."""
-    xdg = env.get("XDG_CACHE_HOME", "")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "green-mlops"
-    home = env.get("HOME") or os.path.expanduser("~")
-    return Path(home) / ".cache" / "green-mlops"
-
-
-def _path(value: object) -> Path:
-    text = str(value).strip()
-    if not text:
-        raise ValueError
-    return Path(text)
-
-
-def _text(value: object) -> str:
-    text = str(value).strip()
-    if not text:
-        raise ValueError
-    return text
-
-
-def _secret(value: object) -> Secret | None:
-    if isinstance(value, Secret):
-        return value
-    text = str(value).strip() if value is not None else ""
-    return Secret(text) if text else None
-
-
-def _providers(value: object) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
-    names = tuple(str(item).strip().lower() for item in items if str(item).strip())
-    if not names or len(set(names)) != len(names):
-        raise ValueError
-    if any(not name.replace("_", "").replace("-", "").isalnum() for name in names):
-        raise ValueError
-    return names
-
-
-def _location(value: object) -> str | None:
-    if value is None or not str(value).strip():
-        return None
-    return parse_location(str(value)).raw  # raises ValueError for an unknown form
-
-
-class Pue(float):
-    """A PUE value that remembers where it came from (a cloud's published figure or the user)."""
-
-    source: str = "user value (GREEN_MLOPS_PUE)"
-
-    def __new__(cls, value: float, source: str | None = None) -> Pue:
-        self = super().__new__(cls, value)
-        if source is not None:
-            self.source = source
-        return self
-
-
-def _pue(value: object) -> float:
-    if isinstance(value, Pue):
-        return value
-    text = str(value).strip().lower()
-    if text in CLOUD_PUE:
-        figure = CLOUD_PUE[text]
-        return Pue(figure.value, f"{text} fleet average {figure.year}: {figure.source}")
-    number = _float_in(1.0, 5.0)(value)
-    if number == 1.0:
-        return Pue(1.0, "default 1.0: IT energy only, no data-centre overhead counted")
-    return Pue(number)
-
-
-def _currency(value: object) -> str:
-    text = str(value).strip().upper()
-    if len(text) != 3 or not text.isalpha():
-        raise ValueError
-    return text
-
-
-def _unit(value: object) -> str:
-    text = str(value).strip()
-    if not text or not text.replace("_", "").replace("-", "").isalnum():
-        raise ValueError
-    return text
 
 
 def _setting(
@@ -266,42 +63,42 @@ class Settings:
     enable: bool = _setting(
         "ENABLE",
         False,
-        _bool,
+        parsers.flag,
         "1/0, true/false, yes/no, on/off",
         "Track every MLflow run of this process (the MLflow plugin reads it).",
     )
     sample_interval_s: float = _setting(
         "SAMPLE_INTERVAL_S",
         0.5,
-        _float_in(0.01, 60.0),
+        parsers.float_in(0.01, 60.0),
         "a number of seconds in [0.01, 60]",
         "Longest time between two meter samples. Meters may ask for less (NVML power: 0.1 s).",
     )
     log_interval_s: float = _setting(
         "LOG_INTERVAL_S",
         10.0,
-        _float_in(0.5, 3600.0),
+        parsers.float_in(0.5, 3600.0),
         "a number of seconds in [0.5, 3600]",
         "Resolution of the power/energy time series, and how often integrations send it.",
     )
     disable_plugins: frozenset[str] = _setting(
         "DISABLE_PLUGINS",
         frozenset(),
-        _names,
+        parsers.names,
         "comma-separated plugin names, e.g. rapl,nvml",
         "Plugins not to load (built-in or third-party); `green-mlops doctor` lists the names.",
     )
     rapl_root: Path = _setting(
         "RAPL_ROOT",
         Path("/sys/class/powercap"),
-        _path,
+        parsers.path,
         "a directory path",
         "Where the RAPL powercap tree lives (tests point it at a fake tree).",
     )
     share: str = _setting(
         "SHARE",
         "machine",
-        _choice("machine", "process"),
+        parsers.choice("machine", "process"),
         "machine or process",
         "Whose CPU/RAM estimate to report: the whole machine, or this process tree's share "
         "(for shared hosts). Counters (RAPL, NVML) always measure the whole device.",
@@ -309,21 +106,21 @@ class Settings:
     cpu_tdp_w: float | None = _setting(
         "CPU_TDP_W",
         None,
-        _optional(_float_in(0.0, 5000.0, lo_open=True)),
+        parsers.optional(parsers.float_in(0.0, 5000.0, lo_open=True)),
         "watts, > 0 and <= 5000, or empty",
         "TDP of all CPU sockets together, for the CPU estimate; overrides the model lookup.",
     )
     cpu_model: str | None = _setting(
         "CPU_MODEL",
         None,
-        _optional(_text),
+        parsers.optional(parsers.text),
         "a CPU model name, e.g. 'AMD EPYC 7763'",
         "CPU model to look up in the bundled TDP table, instead of the detected one.",
     )
     ram_w_per_gb: float = _setting(
         "RAM_W_PER_GB",
         0.3725,
-        _float_in(0.0, 100.0),
+        parsers.float_in(0.0, 100.0),
         "watts per GiB, in [0, 100]",
         "Power per GiB (2**30 bytes) of memory in use, for the RAM estimate "
         "(Green Algorithms: 0.3725 W/GB).",
@@ -333,7 +130,7 @@ class Settings:
     location: str | None = _setting(
         "LOCATION",
         None,
-        _location,
+        parsers.location,
         "an ISO 3166 country code (DE, DEU), an Electricity Maps zone (US-CAL-CISO), or a "
         "cloud region (aws:eu-west-1, gcp:europe-west4, azure:westeurope)",
         "Where the electricity is drawn. Unset: the world average, with a warning. "
@@ -342,7 +139,7 @@ class Settings:
     intensity_providers: tuple[str, ...] = _setting(
         "INTENSITY_PROVIDERS",
         DEFAULT_INTENSITY_PROVIDERS,
-        _providers,
+        parsers.providers,
         "comma-separated provider names, first preferred, e.g. electricitymaps,uk,static",
         "Carbon-intensity providers in order of preference; each falls back to the next. "
         "Unconfigured ones (no token) are skipped; `static` works offline. A name that no "
@@ -351,7 +148,7 @@ class Settings:
     intensity_g_per_kwh: float | None = _setting(
         "INTENSITY_G_PER_KWH",
         None,
-        _optional(_float_in(0.0, 3000.0)),
+        parsers.optional(parsers.float_in(0.0, 3000.0)),
         "gCO2e/kWh in [0, 3000], or empty",
         "A constant intensity of your own (the `constant` provider): a grid figure, or a "
         "contract's (a PPA: set GREEN_MLOPS_INTENSITY_BASIS=market-based).",
@@ -359,7 +156,7 @@ class Settings:
     intensity_basis: str = _setting(
         "INTENSITY_BASIS",
         "location-based",
-        _scope2_method,
+        parsers.scope2_method,
         "location-based or market-based",
         "GHG Protocol method of GREEN_MLOPS_INTENSITY_G_PER_KWH: location-based (the grid's) "
         "or market-based (a contract: reported as green/co2e_market_g, never in SCI).",
@@ -367,7 +164,7 @@ class Settings:
     electricitymaps_token: Secret | None = _setting(
         "ELECTRICITYMAPS_TOKEN",
         None,
-        _secret,
+        parsers.secret,
         "an Electricity Maps API token",
         "Enables the Electricity Maps provider (time-resolved, lifecycle). Never logged.",
         secret=True,
@@ -375,21 +172,21 @@ class Settings:
     electricitymaps_url: str = _setting(
         "ELECTRICITYMAPS_URL",
         "https://api.electricitymaps.com",
-        _url,
+        parsers.url,
         "an http(s) URL",
         "Base URL of the Electricity Maps API v3.",
     )
     watttime_username: str | None = _setting(
         "WATTTIME_USERNAME",
         None,
-        _optional(_text),
+        parsers.optional(parsers.text),
         "a WattTime user name",
         "Enables the WattTime provider (marginal MOER) together with the password.",
     )
     watttime_password: Secret | None = _setting(
         "WATTTIME_PASSWORD",
         None,
-        _secret,
+        parsers.secret,
         "a WattTime password",
         "WattTime password. Never logged.",
         secret=True,
@@ -397,42 +194,42 @@ class Settings:
     watttime_region: str | None = _setting(
         "WATTTIME_REGION",
         None,
-        _optional(_region),
+        parsers.optional(parsers.region),
         "a WattTime region code, e.g. CAISO_NORTH",
         "WattTime region to use instead of the one mapped from the location's zone.",
     )
     watttime_url: str = _setting(
         "WATTTIME_URL",
         "https://api.watttime.org",
-        _url,
+        parsers.url,
         "an http(s) URL",
         "Base URL of the WattTime API v3.",
     )
     uk_url: str = _setting(
         "UK_URL",
         "https://api.carbonintensity.org.uk",
-        _url,
+        parsers.url,
         "an http(s) URL",
         "Base URL of the UK Carbon Intensity API (used when `uk` is in the provider list).",
     )
     uk_postcode: str | None = _setting(
         "UK_POSTCODE",
         None,
-        _optional(_postcode),
+        parsers.optional(parsers.postcode),
         "an outward UK postcode, e.g. SW1A or RG10",
         "Regional UK intensity for this postcode area instead of the national figure.",
     )
     http_timeout_s: float = _setting(
         "HTTP_TIMEOUT_S",
         10.0,
-        _float_in(0.1, 120.0),
+        parsers.float_in(0.1, 120.0),
         "seconds in [0.1, 120]",
         "Read timeout of intensity API calls (connect timeout: a third of it, at most 3.05 s).",
     )
     cache_dir: Path = _setting(
         "CACHE_DIR",
-        _default_cache_dir,
-        _path,
+        parsers.default_cache_dir,
+        parsers.path,
         "a directory path",
         "Where API responses are cached on disk ($XDG_CACHE_HOME/green-mlops by default).",
         shown_default="$XDG_CACHE_HOME/green-mlops (~/.cache/green-mlops)",
@@ -440,35 +237,35 @@ class Settings:
     cache_ttl_s: float = _setting(
         "CACHE_TTL_S",
         3600.0,
-        _float_in(0.0, 7 * DAY),
+        parsers.float_in(0.0, 7 * DAY),
         "seconds in [0, 604800]",
         "How long a cached API response is reused (0 disables the cache).",
     )
     pue: float = _setting(
         "PUE",
         Pue(1.0, "default 1.0: IT energy only, no data-centre overhead counted"),
-        _pue,
+        parsers.pue,
         "a number in [1, 5], or aws or gcp for the provider's published fleet PUE",
         "Power usage effectiveness of the data centre: facility energy / IT energy.",
     )
     price_per_kwh: float | None = _setting(
         "PRICE_PER_KWH",
         None,
-        _optional(_float_in(0.0, 100.0)),
+        parsers.optional(parsers.float_in(0.0, 100.0)),
         "a price in [0, 100] per kWh, or empty",
         "Electricity price, for `green/cost` (facility energy x price).",
     )
     currency: str = _setting(
         "CURRENCY",
         "EUR",
-        _currency,
+        parsers.currency,
         "an ISO 4217 code, e.g. EUR, USD",
         "Currency of the price.",
     )
     embodied_kgco2e: float | None = _setting(
         "EMBODIED_KGCO2E",
         None,
-        _optional(_float_in(0.0, 1e6)),
+        parsers.optional(parsers.float_in(0.0, 1e6)),
         "kgCO2e in [0, 1e6], or empty",
         "Embodied emissions of the reserved hardware (SCI's TE); overrides the known-device "
         "defaults.",
@@ -476,21 +273,21 @@ class Settings:
     hardware_lifetime_years: float = _setting(
         "HARDWARE_LIFETIME_YEARS",
         4.0,
-        _float_in(0.1, 30.0),
+        parsers.float_in(0.1, 30.0),
         "years in [0.1, 30]",
         "Expected lifespan of the hardware, to amortise embodied emissions (SCI's EL).",
     )
     resource_share: float = _setting(
         "RESOURCE_SHARE",
         1.0,
-        _float_in(0.0, 1.0, lo_open=True),
+        parsers.float_in(0.0, 1.0, lo_open=True),
         "a fraction in (0, 1]",
         "Share of the machine reserved by this job (SCI's RR/TR), for embodied emissions.",
     )
     functional_unit: str = _setting(
         "FUNCTIONAL_UNIT",
         "run",
-        _unit,
+        parsers.unit,
         "run, sample, token, or a name of your own (letters, digits, _ and -)",
         "SCI's R: what `green/sci_g_per_<unit>` divides by.",
     )
@@ -530,6 +327,8 @@ class Settings:
         settings = cls(**values)
         if settings.intensity_providers != DEFAULT_INTENSITY_PROVIDERS:
             _check_provider_names(settings, *origins["intensity_providers"])
+        if settings.intensity_basis == MARKET_BASED:
+            _check_contract(settings)
         return settings
 
     @classmethod
@@ -552,6 +351,21 @@ class Settings:
         """A copy with ``changes`` validated like keyword arguments to :meth:`load`."""
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return Settings.load(environ={}, **{**current, **changes})
+
+
+def _check_contract(settings: Settings) -> None:
+    """The market-based basis qualifies the user's constant; without it (or without the
+    ``constant`` provider that prices with it) no contract figure would ever be reported."""
+    if settings.intensity_g_per_kwh is None:
+        missing = "GREEN_MLOPS_INTENSITY_G_PER_KWH is not set: set it to the contract's gCO2e/kWh"
+    elif "constant" not in settings.intensity_providers:
+        missing = "GREEN_MLOPS_INTENSITY_PROVIDERS lacks `constant`: add it (e.g. constant,static)"
+    else:
+        return
+    raise ConfigError(
+        f"GREEN_MLOPS_INTENSITY_BASIS=market-based names the basis of a contract's figure, but "
+        f"{missing}, or unset GREEN_MLOPS_INTENSITY_BASIS"
+    )
 
 
 def _check_provider_names(settings: Settings, origin: str, raw: object) -> None:

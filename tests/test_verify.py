@@ -277,13 +277,35 @@ def test_market_based_constant_with_a_grid_figure_gives_sci_from_the_grid(tmp_pa
 
 def test_the_basis_setting_fails_early_with_the_accepted_form() -> None:
     assert Settings.load(environ={}).intensity_basis == "location-based"
-    assert Settings.load(environ={"GREEN_MLOPS_INTENSITY_BASIS": "Market"}).intensity_basis == (
-        "market-based"
-    )
+    contract = {"GREEN_MLOPS_INTENSITY_BASIS": "Market", "GREEN_MLOPS_INTENSITY_G_PER_KWH": "20"}
+    assert Settings.load(environ=contract).intensity_basis == "market-based"
     with pytest.raises(ConfigError) as info:
         Settings.load(environ={"GREEN_MLOPS_INTENSITY_BASIS": "ppa"})
     assert str(info.value) == (
         "GREEN_MLOPS_INTENSITY_BASIS='ppa' is not valid: expected location-based or market-based"
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "missing"),
+    [
+        ({}, "GREEN_MLOPS_INTENSITY_G_PER_KWH is not set: set it to the contract's gCO2e/kWh"),
+        (
+            {"GREEN_MLOPS_INTENSITY_G_PER_KWH": "20", "GREEN_MLOPS_INTENSITY_PROVIDERS": "static"},
+            "GREEN_MLOPS_INTENSITY_PROVIDERS lacks `constant`: add it (e.g. constant,static)",
+        ),
+    ],
+)
+def test_a_market_basis_without_a_contract_figure_fails_early(
+    environ: dict[str, str], missing: str
+) -> None:
+    """The basis qualifies the user's constant: without one, no contract figure would ever be
+    reported, and the user would believe their PPA was counted."""
+    with pytest.raises(ConfigError) as info:
+        Settings.load(environ={"GREEN_MLOPS_INTENSITY_BASIS": "market-based", **environ})
+    assert str(info.value) == (
+        "GREEN_MLOPS_INTENSITY_BASIS=market-based names the basis of a contract's figure, but "
+        f"{missing}, or unset GREEN_MLOPS_INTENSITY_BASIS"
     )
 
 
