@@ -317,6 +317,32 @@ def test_explicit_autolog_and_disable_from_code(
     assert green_metrics(client, out["b"]) == {}
 
 
+def test_disable_during_a_run_keeps_its_energy_and_claims_no_status(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """disable() ends the measurement of a run still going on: its energy so far is sent, but
+    the run's outcome is not known then (it fails later here), so none is claimed for it."""
+    code = f"""
+        import json, time, mlflow
+        from green_mlops.integrations import mlflow as gm
+        gm.autolog(log_interval_s=0.5)
+        mlflow.set_experiment("{experiment()}")
+        run = mlflow.start_run()
+        time.sleep(0.3)
+        gm.disable()
+        mlflow.log_metric("loss", 1.0)
+        mlflow.end_run(status="FAILED")
+        print(json.dumps({{"run_id": run.info.run_id}}))
+    """
+    out = run_script(code, tmp_path, mlflow_server)
+    assert out["_returncode"] == 0, out["_stderr"]
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["green/energy_kwh"] > 0
+    assert "green.run_status" not in run.data.tags
+
+
 def test_deleted_run_mid_run_does_not_harm_training(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:

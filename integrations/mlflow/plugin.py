@@ -102,15 +102,16 @@ def autolog_from_env() -> None:
 
 
 def disable() -> None:
-    """Undo :func:`autolog`: restore MLflow's functions. Runs being measured are finished and
-    their reports sent (waiting at most :data:`~.writer.UPLOAD_WAIT_S`)."""
+    """Undo :func:`autolog`: restore MLflow's functions. Runs being measured end their
+    measurement and their reports are sent (waiting at most :data:`~.writer.UPLOAD_WAIT_S`);
+    the runs themselves go on, so no outcome (``green.run_status``) is claimed for them."""
     with _state.lock:
         runs = list(_state.runs.values())
         _restore()
         _state.settings = None
         _state.error = None
     for run in runs:
-        _finish(run, status="FINISHED")
+        _finish(run, status=None)
     _discard_lingering(keep=None)
     flush()
 
