@@ -1,8 +1,10 @@
 """The distributed job this process belongs to, from its launcher's environment variables.
 
-torchrun, Slurm ``srun`` and ``RANK``/``WORLD_SIZE`` launchers, read without importing torch:
-run tags, the multi-node warning, and the process tree of all local ranks
-(:func:`local_group`). See docs/energy-measurement.md.
+torchrun, Slurm ``srun``, OpenMPI ``mpirun`` and ``RANK``/``WORLD_SIZE`` launchers, read without
+importing torch: run tags, which process measures a node (:attr:`Job.measures_node`), the
+multi-node warning, and the process tree of all local ranks (:func:`local_group`). Both
+integrations (the MLflow plugin, the Lightning callback) take these from here. See
+docs/multi-node.md.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from green_mlops.log import warn_once
 if TYPE_CHECKING:
     import psutil
 
-__all__ = ["Job", "LocalGroup", "job_tags", "local_group", "warn_scope"]
+__all__ = ["Job", "LocalGroup", "job_tags", "local_group", "set_gathered", "warn_scope"]
 
 #: Environment variables that identify one job: a peer process must agree on all of them.
 _KEY_VARS = (
@@ -28,6 +30,7 @@ _KEY_VARS = (
     "WORLD_SIZE",
     "SLURM_JOB_ID",
     "SLURM_STEP_ID",
+    "OMPI_COMM_WORLD_SIZE",
 )
 #: How far up from this process to look for the process that holds all local ranks: itself
 #: (a launcher that forks the other ranks), its parent (torchrun's agent, slurmstepd) or the
@@ -64,7 +67,7 @@ def _tasks_on_node(spec: str, node: int | None) -> int | None:
 class Job:
     """Ranks and sizes of the job, each ``None`` where the launcher does not say."""
 
-    launcher: str = ""  # "torchrun", "slurm", "env", or "" (no launcher)
+    launcher: str = ""  # "torchrun", "slurm", "mpirun", "env", or "" (no launcher)
     rank: int | None = None
     local_rank: int | None = None
     world_size: int | None = None
@@ -96,6 +99,18 @@ class Job:
             nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES")
             spec = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", ""))
             local_world = _tasks_on_node(spec, node_rank)
+        elif "OMPI_COMM_WORLD_SIZE" in env:  # OpenMPI's mpirun: no node index of its own
+            launcher, run_id = "mpirun", ""
+            rank, local_rank = (
+                _int(env, "OMPI_COMM_WORLD_RANK"),
+                _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+            )
+            world = _int(env, "OMPI_COMM_WORLD_SIZE")
+            local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
+            node_rank = _int(env, "GROUP_RANK", "NODE_RANK")
+            if node_rank is None and rank is not None and local_world:
+                node_rank = rank // local_world  # mpirun's default placement: by slot
+            nodes = None
         elif any(name in env for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
             launcher, run_id = "env", ""
             rank, local_rank = _int(env, "RANK"), _int(env, "LOCAL_RANK")
@@ -119,9 +134,25 @@ class Job:
     def multi_node(self) -> bool:
         return (self.nodes or 0) > 1 or (self.node_rank or 0) > 0
 
+    @property
+    def node(self) -> int:
+        """This process's node index (0 where the launcher does not say)."""
+        if self.node_rank is not None:
+            return self.node_rank
+        if self.rank is not None and self.local_world_size:
+            return self.rank // self.local_world_size
+        return 0
+
+    @property
+    def measures_node(self) -> bool:
+        """Whether this process measures its node's shared devices (CPU, RAM, and the GPUs
+        no rank claims): local rank 0, or the only process where the launcher says nothing."""
+        return not self.local_rank
+
     def scope(self) -> str:
-        """What a multi-node run does not measure, in words ("" on one node)."""
-        if not self.multi_node:
+        """What a multi-node run does not measure, in words ("" on one node, or when the
+        nodes' totals are gathered into the run: see :func:`set_gathered`)."""
+        if not self.multi_node or _gathered:
             return ""
         node = "?" if self.node_rank is None else str(self.node_rank)
         if self.nodes is None:
@@ -133,8 +164,8 @@ class Job:
         )
 
     def warning(self) -> str:
-        """The loud message for a multi-node job ("" on one node)."""
-        if not self.multi_node:
+        """The loud message for a multi-node job ("" on one node or when gathered)."""
+        if not self.multi_node or _gathered:
             return ""
         size = f"{self.nodes}-node" if self.nodes else "multi-node"
         node = "?" if self.node_rank is None else str(self.node_rank)
@@ -152,6 +183,9 @@ class Job:
             "green.launcher": self.launcher,
             "green.world_size": self.world_size,
             "green.nodes": self.nodes,
+            "green.job.launcher": self.launcher,
+            "green.job.world_size": self.world_size,
+            "green.job.nodes": self.nodes,
             "green.job.rank": self.rank,
             "green.job.local_rank": self.local_rank,
             "green.job.local_world_size": self.local_world_size,
@@ -161,6 +195,17 @@ class Job:
             "green.job.scope": self.scope(),
         }
         return {k: str(v) for k, v in values.items() if v is not None and v != ""}
+
+
+#: Whether this process's runs gather every node's totals (set by the integration that does).
+_gathered = False
+
+
+def set_gathered(gathered: bool) -> None:
+    """This process gathers (or no longer gathers) the other nodes' totals into its runs: the
+    "only this node is measured" warning, note and ``green.job.scope`` are then not given."""
+    global _gathered
+    _gathered = gathered
 
 
 def warn_scope(job: Job | None = None) -> None:
@@ -242,7 +287,7 @@ def _peer_rank(proc: psutil.Process, key: tuple[str, ...]) -> int | None:
         return None
     if tuple(env.get(name, "") for name in _KEY_VARS) != key:
         return None
-    return _int(env, "LOCAL_RANK", "SLURM_LOCALID")
+    return _int(env, "LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
 def local_group(job: Job | None = None) -> LocalGroup:

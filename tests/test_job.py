@@ -49,6 +49,9 @@ def test_torchrun_environment() -> None:
         "green.launcher": "torchrun",
         "green.world_size": "8",
         "green.nodes": "2",
+        "green.job.launcher": "torchrun",
+        "green.job.world_size": "8",
+        "green.job.nodes": "2",
         "green.job.rank": "5",
         "green.job.local_rank": "1",
         "green.job.local_world_size": "4",
@@ -57,6 +60,36 @@ def test_torchrun_environment() -> None:
         "green.job.slurm_id": "991",
         "green.job.scope": "node 1 of 2: the other 1 node is not measured by this run",
     }
+
+
+def test_openmpi_environment_and_the_node_leader() -> None:
+    env = {  # mpirun -np 8 --npernode 4 (2 nodes): OpenMPI's own variables only
+        "OMPI_COMM_WORLD_RANK": "6",
+        "OMPI_COMM_WORLD_SIZE": "8",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+    }
+    j = Job.from_environ(env)
+    assert (j.launcher, j.rank, j.local_rank, j.world_size, j.local_world_size) == (
+        "mpirun", 6, 2, 8, 4,
+    )  # fmt: skip
+    assert (j.node_rank, j.nodes, j.node, j.measures_node) == (1, 2, 1, False)
+    assert j.tags()["green.job.launcher"] == "mpirun"
+    leader = Job.from_environ(
+        {**env, "OMPI_COMM_WORLD_RANK": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
+    )
+    assert (leader.node, leader.measures_node) == (1, True)
+    assert Job().measures_node and Job().node == 0  # a single process measures its machine
+
+
+def test_a_gathering_run_does_not_say_only_this_node_is_measured() -> None:
+    j = Job.from_environ(TORCHRUN_NODE1)
+    try:
+        job.set_gathered(True)
+        assert j.warning() == "" and "green.job.scope" not in j.tags()
+    finally:
+        job.set_gathered(False)
+    assert "only this node is measured" in j.warning()
 
 
 def test_srun_environment_and_tasks_per_node() -> None:
@@ -83,7 +116,11 @@ def test_no_launcher_and_a_batch_script_are_not_distributed() -> None:
     assert Job.from_environ({}).tags() == {}
     batch = Job.from_environ({"SLURM_JOB_ID": "5", "SLURM_NNODES": "4"})  # sbatch, no srun
     assert not batch.multi_node and batch.world_size is None
-    assert batch.tags() == {"green.launcher": "slurm", "green.job.slurm_id": "5"}
+    assert batch.tags() == {
+        "green.launcher": "slurm",
+        "green.job.launcher": "slurm",
+        "green.job.slurm_id": "5",
+    }
 
 
 def test_malformed_values_are_unknown_not_errors() -> None:
