@@ -109,81 +109,48 @@ def account(
 ) -> CarbonResult:
     """Carbon of ``timeline`` ((Unix time, cumulative joules), sorted) priced by ``chain``.
 
-    O(timeline + points): one cursor per series that only moves forward (the timeline is
-    sorted, the points are sorted and disjoint).
+    Each energy interval is spread evenly over its time and priced by the pieces of
+    :func:`resolve` it overlaps; time no series covers is unpriced. O(timeline + points): the
+    timeline and the pieces are both sorted, so one cursor only moves forward.
     """
-    grams = 0.0
-    total_j = 0.0
-    unpriced_j = 0.0
-    span = [math.inf, -math.inf]
-    keys = [series.describe() for series in chain]
-    by_kwh = [0.0] * len(chain)
-    points = [series.points for series in chain]
-    cursors = [0] * len(chain)
+    steps = []
     for (t0, e0), (t1, e1) in itertools.pairwise(timeline):
-        joules = e1 - e0
-        if joules <= 0:
+        if e1 - e0 > 0:  # t0 + 1e-9 == t0 for Unix times: a zero-length step gets the next float
+            steps.append((t0, t1 if t1 > t0 else math.nextafter(t0, math.inf), e1 - e0))
+    pieces = resolve(chain, steps[0][0], steps[-1][1]) if steps else ()
+    order = {id(series): k for k, series in reversed(list(enumerate(chain)))}
+    starts, ends = [p.start for p in pieces], [p.end for p in pieces]
+    rates, owners = [p.g_per_kwh for p in pieces], [order[id(p.series)] for p in pieces]
+    joules_by = [0.0] * len(chain)
+    gram_joules = unpriced_j = 0.0  # gCO2e/kWh x J: divided by J_PER_KWH once at the end
+    i, n = 0, len(pieces)
+    for t0, t1, joules in steps:
+        while i < n and ends[i] <= t0:
+            i += 1
+        if i < n and starts[i] <= t0 and t1 <= ends[i]:  # the common case: one piece covers it
+            gram_joules += joules * rates[i]
+            joules_by[owners[i]] += joules
             continue
-        total_j += joules
-        if t1 <= t0:
-            t1 = math.nextafter(t0, math.inf)  # t0 + 1e-9 == t0 for Unix times
-        span[0], span[1] = min(span[0], t0), max(span[1], t1)
-        # Fast path, the common case (10 s of energy inside a 5 min .. 1 year point): the
-        # first series with a point overlapping [t0, t1) covers it whole.
-        for k, pts in enumerate(points):
-            i, n = cursors[k], len(pts)
-            while i < n and pts[i].end <= t0:  # points wholly before this interval
-                i += 1
-            cursors[k] = i
-            if i < n and pts[i].start < t1:
-                p = pts[i]
-                if p.start <= t0 and t1 <= p.end:
-                    grams += joules / J_PER_KWH * p.g_per_kwh
-                    by_kwh[k] += joules / J_PER_KWH
-                    joules = 0.0
-                break
-        if joules == 0.0:
-            continue
-        watts = joules / (t1 - t0)
-        gaps = [(t0, t1)]
-        for k, pts in enumerate(points):
-            if not gaps:
-                break
-            i, n = cursors[k], len(pts)
-            remaining: list[tuple[float, float]] = []
-            for a, b in gaps:
-                j = i
-                while j < n and pts[j].end <= a:
-                    j += 1
-                cursor = a
-                while j < n and pts[j].start < b:
-                    p = pts[j]
-                    lo = cursor if cursor > p.start else p.start
-                    hi = b if b < p.end else p.end
-                    if lo > cursor:
-                        remaining.append((cursor, lo))
-                    piece = watts * (hi - lo)
-                    grams += piece / J_PER_KWH * p.g_per_kwh
-                    by_kwh[k] += piece / J_PER_KWH
-                    cursor = hi
-                    if cursor >= b:
-                        break
-                    j += 1
-                if cursor < b:
-                    remaining.append((cursor, b))
-            gaps = remaining
-        for a, b in gaps:
-            unpriced_j += watts * (b - a)
+        watts, cursor, j = joules / (t1 - t0), t0, i
+        while j < n and starts[j] < t1:
+            lo, hi = max(t0, starts[j]), min(t1, ends[j])
+            share = watts * (hi - lo)
+            gram_joules += share * rates[j]
+            joules_by[owners[j]] += share
+            unpriced_j += watts * (lo - cursor)
+            cursor, j = hi, j + 1
+        unpriced_j += watts * (t1 - cursor)
     by_source: dict[str, float] = {}
-    for key, value in zip(keys, by_kwh, strict=True):
-        if value > 0:
-            by_source[key] = by_source.get(key, 0.0) + value
+    for series, joules in zip(chain, joules_by, strict=True):
+        if joules > 0:
+            key = series.describe()
+            by_source[key] = by_source.get(key, 0.0) + joules / J_PER_KWH
     return CarbonResult(
-        grams=grams,
-        kwh=total_j / J_PER_KWH,
+        grams=gram_joules / J_PER_KWH,
+        kwh=sum(joules for _, _, joules in steps) / J_PER_KWH,
         kwh_by_source=by_source,
         unpriced_kwh=unpriced_j / J_PER_KWH,
-        intervals=resolve(chain, span[0], span[1]),
+        intervals=pieces,
     )
 
 
