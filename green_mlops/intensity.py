@@ -107,6 +107,19 @@ class IntensityProvider(abc.ABC):
         never from the training thread. Raise :class:`IntensityUnavailable` to decline.
         """
 
+    def forecast(self, location: Location, start: float, end: float) -> IntensitySeries:
+        """Forecast intensity at ``location`` over the future range ``[start, end)``, for
+        planning (``green-mlops plan``, docs/scheduling.md). Optional: a provider with a
+        time-varying forecast overrides it (the built-in API providers answer from
+        :meth:`series`); the default declines, since a yearly table or a constant does not
+        vary and planning on it would pretend it did. Raise :class:`IntensityUnavailable`
+        to decline; the planner then asks the next provider.
+        """
+        raise IntensityUnavailable(
+            f"{self.name or type(self).__name__}: no forecast (a static or constant "
+            "intensity does not vary over time)"
+        )
+
 
 def sorted_points(points: Sequence[IntensityPoint]) -> tuple[IntensityPoint, ...]:
     """Sort by start and drop overlaps (the earlier point wins) and empty intervals."""

@@ -166,9 +166,17 @@ class ElectricityMapsProvider(IntensityProvider):
             return "no token: set GREEN_MLOPS_ELECTRICITYMAPS_TOKEN"
         return None
 
+    def forecast(self, location: Location, start: float, end: float) -> IntensitySeries:
+        """The ``/forecast`` endpoint (hourly, average, lifecycle) for the future part of the
+        range; past parts from history, as :meth:`series`."""
+        now = self._clock()
+        return self.series(location, max(start, now), end, now=now)  # the future part
+
     # -- the series --------------------------------------------------------------------------
 
-    def series(self, location: Location, start: float, end: float) -> IntensitySeries:
+    def series(
+        self, location: Location, start: float, end: float, *, now: float | None = None
+    ) -> IntensitySeries:
         zone = location.zone
         if not zone:
             raise IntensityUnavailable(
@@ -179,7 +187,7 @@ class ElectricityMapsProvider(IntensityProvider):
             raise IntensityUnavailable(f"{self.name}: {reason}")
         if not end > start:
             raise IntensityUnavailable(f"{self.name}: empty time range")
-        now = self._clock()
+        now = self._clock() if now is None else now
         items: list[_Item] = []
         notes: list[str] = []
         failures: list[str] = []

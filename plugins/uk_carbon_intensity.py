@@ -70,12 +70,20 @@ class UkCarbonIntensityProvider(IntensityProvider):
     def configured(self) -> str | None:
         return None  # no key; series() declines locations outside Great Britain
 
-    def series(self, location: Location, start: float, end: float) -> IntensitySeries:
+    def forecast(self, location: Location, start: float, end: float) -> IntensitySeries:
+        """``/intensity/{from}/fw48h`` (national) or its ``/regional/.../postcode/{pc}`` form when
+        GREEN_MLOPS_UK_POSTCODE is set: 48 h of half-hourly average (direct) forecasts."""
+        now = self._clock()
+        return self.series(location, max(start, now), end, now=now)  # the future part
+
+    def series(
+        self, location: Location, start: float, end: float, *, now: float | None = None
+    ) -> IntensitySeries:
         _check_gb(location)
         if not (math.isfinite(start) and math.isfinite(end) and start < end):
             raise IntensityUnavailable("uk: needs a finite, non-empty time range")
         postcode = self.settings.uk_postcode
-        now = self._clock()
+        now = self._clock() if now is None else now
         measured: list[IntensityPoint] = []
         forecast: list[IntensityPoint] = []
         skipped = 0

@@ -214,14 +214,23 @@ class WattTimeProvider(IntensityProvider):
             return f"no WattTime account: set {' and '.join(missing)}"
         return None
 
-    def series(self, location: Location, start: float, end: float) -> IntensitySeries:
+    def forecast(self, location: Location, start: float, end: float) -> IntensitySeries:
+        """The ``/v3/forecast`` MOER: a MARGINAL rate (the emissions of the plant that follows
+        demand), not the average of the run's own carbon; a plan on it minimises marginal
+        emissions (the series says ``basis="marginal"``)."""
+        now = self._clock()
+        return self.series(location, max(start, now), end, now=now)  # the future part
+
+    def series(
+        self, location: Location, start: float, end: float, *, now: float | None = None
+    ) -> IntensitySeries:
         reason = self.configured()
         if reason is not None:
             raise IntensityUnavailable(f"watttime: {reason}")
         if not (math.isfinite(start) and math.isfinite(end) and start < end):
             raise IntensityUnavailable("watttime: needs a finite, non-empty time range")
         region = self.region or region_for(location)
-        now = self._clock()
+        now = self._clock() if now is None else now
         measured: list[IntensityPoint] = []
         forecast: list[IntensityPoint] = []
         notes = [
