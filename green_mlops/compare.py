@@ -26,8 +26,10 @@ __all__ = [
     "Comparison",
     "Delta",
     "Group",
+    "Period",
     "Row",
     "UnknownBaseline",
+    "by_month",
     "compare",
 ]
 
@@ -155,6 +157,55 @@ class Comparison:
             plain["marks"] = list(row.marks)
         result: dict[str, Any] = _finite(out)
         return result
+
+
+@dataclass(frozen=True)
+class Period:
+    """The runs of one experiment that started in one calendar month (UTC): their totals,
+    and how much of their energy was measured (every meter measured: ``green.measured``),
+    estimated, or from runs that do not say."""
+
+    experiment: str
+    #: ``YYYY-MM``; "unknown" for runs without a start time.
+    month: str
+    total: Group
+    measured_kwh: float | None
+    estimated_kwh: float | None
+    unknown_kwh: float | None
+
+    @property
+    def measured_share(self) -> float | None:
+        """Measured energy / energy (0..1); None when the energy is absent or 0."""
+        energy = self.total.energy_kwh
+        if energy is None or energy <= 0 or self.measured_kwh is None:
+            return None
+        return self.measured_kwh / energy
+
+
+def by_month(records: Sequence[RunRecord]) -> tuple[Period, ...]:
+    """The runs' totals per experiment and month of their start (UTC), by experiment name
+    then month. Totals sum exclusive figures (:data:`EXCLUSIVE_NOTE`)."""
+    import datetime as dt
+
+    cells: dict[tuple[str, str], list[Row]] = {}
+    for record in records:
+        month = "unknown"
+        if record.start_time is not None:
+            when = dt.datetime.fromtimestamp(record.start_time, tz=dt.timezone.utc)
+            month = when.strftime("%Y-%m")
+        row = _row(record, None, "max", None)
+        cells.setdefault((record.experiment, month), []).append(row)
+    periods = []
+    for (experiment, month), rows in sorted(cells.items()):
+        total = _group("month", month, rows, "max")
+        shares = [
+            None
+            if total.energy_kwh is None
+            else math.fsum(r.energy_kwh or 0.0 for r in rows if r.measured is measured)
+            for measured in (True, False, None)
+        ]
+        periods.append(Period(experiment, month, total, *shares))
+    return tuple(periods)
 
 
 def compare(

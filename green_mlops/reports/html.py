@@ -21,14 +21,14 @@ from green_mlops.reports.tables import comparison_table, totals
 from green_mlops.reports.view import RunView, iso_utc, significant
 from green_mlops.runs import RunRecord
 
-__all__ = ["CSP", "MAX_RUN_SECTIONS", "render"]
+__all__ = ["CSP", "MAX_RUN_SECTIONS", "STYLE", "render", "run_section"]
 
 #: Nothing may be loaded: inline styles and data: images only, no script at all.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 #: Runs shown in full after the comparison; the others are in the comparison table only.
 MAX_RUN_SECTIONS = 20
 
-_STYLE = """
+STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:960px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:.5em 0;font-size:.92em}
@@ -72,10 +72,16 @@ def render(records: Sequence[RunRecord], options: ReportOptions) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>\n"
+        f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>\n"
         + "\n".join(body)
         + "\n</body></html>\n"
     )
+
+
+def run_section(record: RunRecord) -> str:
+    """One run's section of the report (totals, charts, provenance), for a page of one's own
+    (the dashboard's run page) styled by :data:`STYLE`."""
+    return _run(RunView.of(record))
 
 
 def _experiments(views: Sequence[RunView]) -> str:

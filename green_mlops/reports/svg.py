@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from html import escape
 
 from green_mlops.reports.view import IntensityInterval, PowerPoint, significant
 
-__all__ = ["color", "energy_bars", "intensity_chart", "power_chart"]
+__all__ = ["Point", "color", "energy_bars", "intensity_chart", "power_chart", "scatter"]
 
 WIDTH, HEIGHT = 720, 220
 LEFT, RIGHT, TOP, BOTTOM = 64, 36, 12, 36
@@ -86,6 +87,49 @@ def _svg(parts: Sequence[str], label: str) -> str:
         f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{escape(label)}" '
         'font-family="sans-serif" font-size="11">' + "".join(parts) + "</svg>"
     )
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run in :func:`scatter`: energy (x), quality (y), on the Pareto front or not."""
+
+    label: str
+    x: float
+    y: float
+    on_front: bool
+    href: str = ""
+
+
+def scatter(points: Sequence[Point], x_label: str, y_label: str) -> str:
+    """Quality against energy, one dot per run (a link when ``href``), the Pareto front
+    joined by a line and drawn filled; the others hollow."""
+    ticks = _nice_ticks(max((p.y for p in points), default=0.0))
+    x_max = _nice_ticks(max((p.x for p in points), default=0.0), 6)[-1]
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    parts = _frame(x_max, ticks, y_label, x_label)
+
+    def xy(p: Point) -> tuple[float, float]:
+        return LEFT + plot_w * p.x / x_max, TOP + plot_h - plot_h * max(p.y, 0.0) / ticks[-1]
+
+    front = sorted((p for p in points if p.on_front), key=lambda p: p.x)
+    if len(front) > 1:
+        line = " ".join(f"{x:.2f},{y:.2f}" for x, y in map(xy, front))
+        parts.append(
+            f'<polyline class="front" points="{line}" fill="none" stroke="#009E73" '
+            'stroke-width="1.5"/>'
+        )
+    for p in points:
+        x, y = xy(p)
+        fill = "#009E73" if p.on_front else "#fff"
+        dot = (
+            f'<circle class="run{" on-front" if p.on_front else ""}" cx="{x:.2f}" cy="{y:.2f}" '
+            f'r="5" fill="{fill}" stroke="#0072B2" stroke-width="1.5" data-x="{p.x!r}" '
+            f'data-y="{p.y!r}"><title>{escape(p.label)}: {significant(p.y)} at '
+            f"{significant(p.x)} {escape(x_label)}{' (Pareto front)' if p.on_front else ''}"
+            "</title></circle>"
+        )
+        parts.append(f'<a href="{escape(p.href)}">{dot}</a>' if p.href else dot)
+    return _svg(parts, f"{y_label} against {x_label}")
 
 
 def legend(names: Sequence[str]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from green_mlops.integrations.mlflow.writer import REPORT_ARTIFACT, shown_uri
 from green_mlops.runs import RunRecord, RunsUnavailable
 
-__all__ = ["find_experiments", "load_report", "read_runs"]
+__all__ = ["find_experiments", "load_report", "read_runs", "run_record", "store_runs"]
 
 #: Runs asked of the server per request (MLflow's search_runs accepts up to 50,000).
 PAGE_SIZE = 1000
@@ -57,17 +57,39 @@ def read_runs(
                 found = find_experiments(client, experiments)
                 names = {e.experiment_id: e.name for e in found}
                 for run in _search(client, list(names), filter_string):
-                    records[run.info.run_id] = _record(run, names, uri)
+                    records[run.info.run_id] = run_record(run, names, uri)
             for run_id in run_ids:
                 if run_id not in records:
                     run = client.get_run(run_id)
                     experiment = client.get_experiment(run.info.experiment_id)
-                    records[run_id] = _record(run, {experiment.experiment_id: experiment.name}, uri)
+                    records[run_id] = run_record(
+                        run, {experiment.experiment_id: experiment.name}, uri
+                    )
         except RunsUnavailable:
             raise
         except Exception as exc:
             raise RunsUnavailable(_problem(exc, str(client.tracking_uri))) from None
     return sorted(records.values(), key=lambda r: r.start_time or 0.0, reverse=True)
+
+
+def store_runs(store: Any, experiments: dict[str, str], source: str) -> list[RunRecord]:
+    """The active runs of ``experiments`` (id -> name) read from a tracking store of this
+    process (the tracking server's own: no HTTP), newest first."""
+    from mlflow.entities import ViewType
+
+    if not experiments:
+        return []
+    runs = _pages(
+        lambda token: store.search_runs(
+            list(experiments),
+            "",
+            ViewType.ACTIVE_ONLY,
+            max_results=PAGE_SIZE,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+    )
+    return [run_record(run, experiments, source) for run in runs]
 
 
 def find_experiments(client: Any, patterns: Sequence[str]) -> list[Any]:
@@ -164,7 +186,7 @@ def _pages(fetch: Any) -> Iterator[Any]:
             return
 
 
-def _record(run: Any, experiments: dict[str, str], source: str) -> RunRecord:
+def run_record(run: Any, experiments: dict[str, str], source: str) -> RunRecord:
     info, data = run.info, run.data
     return RunRecord(
         run_id=info.run_id,

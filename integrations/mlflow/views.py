@@ -9,7 +9,6 @@ cannot be made is left out and said in ``green.notes``; the JSON report goes all
 
 from __future__ import annotations
 
-import importlib.util
 import time
 import uuid
 from pathlib import Path
@@ -43,7 +42,9 @@ def write(client: Any, run_id: str, report: dict[str, Any], folder: Path) -> dic
         (folder / HTML_ARTIFACT).write_text(html, encoding="utf-8")
     except Exception as exc:
         missing.append(f"{HTML_ARTIFACT} not written ({type(exc).__name__}: {exc})")
-    if importlib.util.find_spec("matplotlib") is None:
+    try:
+        import matplotlib  # noqa: F401  (draw_power says nothing when it is missing)
+    except ImportError:
         missing.append(f"no power chart: matplotlib is missing ({install_command('plot')})")
     else:
         try:
