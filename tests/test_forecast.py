@@ -203,3 +203,87 @@ def test_tracker_forecast_for_a_loop_that_reports_its_progress() -> None:
     assert at_25.duration_s == pytest.approx(truth.duration_s, rel=0.03)
     assert at_25.low_j <= truth.joules <= at_25.high_j
     assert not math.isnan(at_25.kwh)
+
+
+# --- EnergyMonitor in real Lightning fits ------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.callbacks import Callback, EarlyStopping  # noqa: E402
+
+from green_mlops.integrations.lightning.forecasting import plan_of  # noqa: E402
+from tests.test_energy_monitor import Classifier, loader, monitor, rows, trainer  # noqa: E402
+
+LIGHTNING_WARNINGS = pytest.mark.filterwarnings(
+    "ignore::UserWarning:lightning.*",
+    "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",
+)
+
+
+class Plans(Callback):
+    """The plan ``plan_of`` reads from the Trainer at each epoch end."""
+
+    def __init__(self) -> None:
+        self.plans: list[tuple[int, Plan | None]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.plans.append((trainer.global_step, plan_of(trainer, trainer.global_step, None)))
+
+
+@LIGHTNING_WARNINGS
+def test_the_plan_follows_the_trainers_limits_and_early_stopping(tmp_path: Path) -> None:
+    plans = Plans()
+    es = EarlyStopping(monitor="val_loss", patience=3, min_delta=10.0)  # never improves
+    tr = trainer(
+        tmp_path,
+        [plans, es],
+        max_epochs=50,
+        limit_train_batches=3,  # of 4
+        accumulate_grad_batches=2,  # 2 optimizer steps per epoch
+        max_time={"hours": 1},
+    )
+    tr.fit(Classifier(), loader(), loader())
+    steps, plan = plans.plans[0]
+    assert steps == 2 and plan is not None
+    assert plan.total_steps == 100 and plan.validations_per_step == 0.5
+    # first validation sets the best; 3 more without improvement: stops after epoch 4
+    assert plan.min_steps == steps + 3 * 2
+    assert plan.max_duration_s is not None and 3000 < plan.max_duration_s <= 3600
+    assert len(plans.plans) == 4
+
+
+@LIGHTNING_WARNINGS
+def test_energy_monitor_logs_the_forecast_each_epoch_and_its_errors_at_the_end(
+    tmp_path: Path,
+) -> None:
+    tr = trainer(tmp_path, [monitor()], max_epochs=8)
+    tr.fit(Classifier(), loader(), loader())
+    table = rows(tr)
+    forecasts = [r for r in table if "green/forecast/energy_kwh" in r]
+    assert len(forecasts) >= 7  # from the first epoch on: quarter-epoch marks make it steady
+    for row in forecasts:
+        assert row["green/forecast/energy_low_kwh"] <= row["green/forecast/energy_kwh"]
+        assert row["green/forecast/energy_kwh"] <= row["green/forecast/energy_high_kwh"]
+        assert row["green/forecast/duration_s"] > 0 and row["green/forecast/co2e_g"] > 0
+    final = [r["green/energy_kwh"] for r in table if "green/energy_kwh" in r][-1]
+    steps = 8 * 4
+    errors = {k: v for r in table for k, v in r.items() if "error_at" in k}
+    assert set(errors) == {f"green/forecast/error_at_{p}pct" for p in (10, 25, 50)}
+    for p, key in ((10, "error_at_10pct"), (25, "error_at_25pct"), (50, "error_at_50pct")):
+        made = [r["green/forecast/energy_kwh"] for r in forecasts if r["step"] <= p / 100 * steps]
+        assert errors[f"green/forecast/{key}"] == pytest.approx(made[-1] / final - 1, rel=1e-6)
+    # one step (and the last validation) before the end, the forecast is the total
+    assert forecasts[-2]["step"] == steps - 1
+    assert forecasts[-2]["green/forecast/energy_kwh"] == pytest.approx(final, rel=0.1)
+    tags = json_tags(tr)
+    assert (
+        "training constant" in tags["green.forecast"] or "training linear" in tags["green.forecast"]
+    )
+
+
+def json_tags(tr: pl.Trainer) -> dict[str, Any]:
+    from tests.test_energy_monitor import report
+
+    return report(tr)["tags"]  # type: ignore[no-any-return]

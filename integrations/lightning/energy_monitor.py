@@ -24,6 +24,7 @@ from green_mlops.integrations.lightning.flop_tracking import (
     counted_here,
     is_flop_total,
 )
+from green_mlops.integrations.lightning.forecasting import FitForecast
 from green_mlops.integrations.lightning.output import Output, callback_tags, interrupted_tags
 from green_mlops.integrations.lightning.quality import Quality
 from green_mlops.integrations.lightning.ranks import (
@@ -211,6 +212,8 @@ class EnergyMonitor(Callback):
         self._rank = 0
         self._local_rank = 0
         self._zero_embodied = False
+        #: The fit's forecast (``fit`` stages only); EnergyBudget reads it.
+        self.forecast: FitForecast | None = None
 
     # -- state (checkpoints) -------------------------------------------------------------
 
@@ -272,6 +275,7 @@ class EnergyMonitor(Callback):
             self._output.claim(measurement)
         self._zero_embodied = self._local_rank != 0 and self.settings.embodied_kgco2e is not None
         self._epoch_mark = dict(self._totals.latest or self._totals.base)
+        self.forecast = FitForecast() if self._stage == "fit" else None
 
     @override
     @_safe
@@ -305,6 +309,11 @@ class EnergyMonitor(Callback):
                 | self._quality.metrics()
             )
             measurement.extra_tags.update(own_tags)
+        if self.forecast is not None and failure is None:
+            errors = self.forecast.errors(trainer, metrics)
+            tags.update(self.forecast.tags(errors))
+            if self._rank == 0 and errors:
+                self._output.log(trainer, errors, totals=False)
         if self._rank == 0:
             self._output.log(trainer, metrics, totals=True)
             self._output.write(
@@ -336,6 +345,19 @@ class EnergyMonitor(Callback):
     @_safe
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._exit("sanity_check")
+
+    @override
+    @_safe
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.forecast is not None:  # the origin: the sanity check is spent
+            self.forecast.mark(trainer, self._refresh(trainer), self._measurement)
+
+    def _forecast_now(self, trainer: pl.Trainer, metrics: dict[str, float] | None = None) -> None:
+        if self.forecast is not None:
+            metrics = self._refresh(trainer) if metrics is None else metrics
+            found = self.forecast.mark(trainer, metrics, self._measurement)
+            if found and self._rank == 0:
+                self._output.log(trainer, found, totals=False)
 
     @override
     @_safe
@@ -379,6 +401,10 @@ class EnergyMonitor(Callback):
             n = self.log_every_n_steps
             if n is not None and trainer.global_step % n == 0:
                 self._log_step(trainer)
+                if trainer.world_size == 1:
+                    self._forecast_now(trainer)
+            elif self.forecast is not None and self.forecast.due(trainer, batch_idx):
+                self._forecast_now(trainer)
         except Exception as exc:
             warn_once(f"EnergyMonitor.on_train_batch_end failed: {type(exc).__name__}: {exc}")
 
@@ -392,6 +418,7 @@ class EnergyMonitor(Callback):
         self._epoch_mark = dict(metrics)
         if self._rank == 0:
             self._output.log(trainer, {**metrics, **epoch}, totals=True)
+        self._forecast_now(trainer, metrics)
 
     def _eval_start(self, trainer: pl.Trainer, phase: str) -> None:
         if not trainer.sanity_checking:
@@ -436,6 +463,8 @@ class EnergyMonitor(Callback):
         if trainer.sanity_checking:
             return
         self._exit("validation")
+        if self.forecast is not None:
+            self.forecast.validated()
         metrics = self._refresh(trainer)  # also keeps the checkpointed totals fresh
         if self.monitor is not None and self._rank == 0:
             quality = self._quality.update(trainer.callback_metrics, metrics)

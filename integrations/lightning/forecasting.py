@@ -1,0 +1,195 @@
+"""The fit's forecast for ``EnergyMonitor``: progress marks from the run totals, the end from
+the Trainer's limits and ``EarlyStopping``, ``green/forecast/...`` and the errors at the end.
+
+The method is :mod:`green_mlops.forecast`'s; see docs/forecasts.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from green_mlops.forecast import Forecast, Forecaster, Mark, Plan, price
+from green_mlops.units import J_PER_KWH
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from green_mlops.session import Measurement
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ERROR_POINTS", "MARKS_PER_EPOCH", "FitForecast", "plan_of"]
+
+#: Progress marks inside an epoch (single-process fits), so that a forecast comes early.
+MARKS_PER_EPOCH = 4
+#: Fractions of the fit at which the forecast's error is reported at its end.
+ERROR_POINTS = (0.10, 0.25, 0.50)
+
+
+def plan_of(trainer: pl.Trainer, steps: float, validations_per_step: float | None) -> Plan | None:
+    """The fit's end from the Trainer: optimizer steps at its limit (``max_epochs``,
+    ``max_steps``, ``limit_train_batches``, ``accumulate_grad_batches``:
+    ``estimated_stepping_batches``), the earliest end ``EarlyStopping`` allows (patience from
+    now, not before ``min_steps``/``min_epochs``) and the time left of ``max_time``. None when
+    the fit has no step limit."""
+    try:
+        total = float(trainer.estimated_stepping_batches)
+    except Exception:  # an iterable without a length and no max_steps
+        return None
+    if not math.isfinite(total) or total <= 0:
+        return None
+    per_step = _validations_per_step(trainer)
+    if per_step is None:
+        per_step = validations_per_step
+    early = None
+    rate = per_step or 0.0
+    for es in getattr(trainer, "early_stopping_callbacks", ()):
+        checks = max(0, int(es.patience) - int(es.wait_count))
+        if getattr(es, "_check_on_train_epoch_end", False):
+            per_check = total / max(1, trainer.max_epochs or 1)
+        elif rate > 0:
+            per_check = 1.0 / rate
+        else:
+            continue
+        end = steps + checks * per_check
+        early = end if early is None else min(early, end)
+    if early is not None:
+        floor = float(trainer.min_steps or 0)
+        if trainer.min_epochs and trainer.max_epochs and trainer.max_epochs > 0:
+            floor = max(floor, total * trainer.min_epochs / trainer.max_epochs)
+        early = min(total, max(early, floor, steps))
+    remaining = None
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if type(cb).__name__ == "Timer" and hasattr(cb, "time_remaining"):
+            remaining = cb.time_remaining()
+    return Plan(total, early, per_step, None if remaining is None else float(remaining))
+
+
+def _validations_per_step(trainer: pl.Trainer) -> float | None:
+    """Validation runs per optimizer step planned by the Trainer (None: not computable)."""
+    try:
+        if not trainer.enable_validation or not any(trainer.num_val_batches):
+            return 0.0
+        batches = float(trainer.num_training_batches)
+        every = trainer.check_val_every_n_epoch
+        check = float(trainer.val_check_batch or 0)
+        accumulate = int(trainer.accumulate_grad_batches)
+    except Exception:
+        return None
+    if not math.isfinite(batches) or not math.isfinite(check) or check <= 0:
+        return None
+    if every is None:  # every val_check_batch batches, across epochs
+        return accumulate / check
+    steps_per_epoch = math.ceil(batches / accumulate)
+    return max(1, int(batches // check)) / every / steps_per_epoch
+
+
+class FitForecast:
+    """One fit's forecasts: fed the run totals (summed over ranks) at the fit's start, every
+    :data:`MARKS_PER_EPOCH`-th of an epoch and every ``log_every_n_steps`` (single process),
+    and at each epoch end; every rank computes the same."""
+
+    def __init__(self) -> None:
+        self.forecaster = Forecaster()
+        self.latest: Forecast | None = None
+        self._validations = 0
+        self._history: list[tuple[float, float]] = []  # (steps, forecast energy J)
+        self._observed: float | None = None
+
+    def validated(self) -> None:
+        """A validation run ended (not the sanity check)."""
+        self._validations += 1
+
+    def due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        """Whether this training batch ends a quarter of the epoch (single process only)."""
+        n = trainer.num_training_batches
+        if trainer.world_size > 1 or not math.isfinite(n) or n < MARKS_PER_EPOCH:
+            return False
+        every = max(1, int(n) // MARKS_PER_EPOCH)
+        return (batch_idx + 1) % every == 0 and batch_idx + 1 < n
+
+    def mark(
+        self,
+        trainer: pl.Trainer,
+        metrics: Mapping[str, float],
+        measurement: Measurement | None,
+    ) -> dict[str, float]:
+        """Record the totals now; the forecast's metrics (empty before a steady state)."""
+        steps = float(trainer.global_step)
+        self.forecaster.add(
+            Mark(
+                steps=steps,
+                energy_j=metrics.get("green/energy_kwh", 0.0) * J_PER_KWH,
+                duration_s=metrics.get("green/duration_s", 0.0),
+                validation_j=metrics.get("green/phase/validation_kwh", 0.0) * J_PER_KWH,
+                validation_s=metrics.get("green/phase/validation_s", 0.0),
+                validations=self._validations,
+            )
+        )
+        if steps > 0 and self._validations:
+            self._observed = self._validations / steps
+        plan = plan_of(trainer, steps, self._observed)
+        found = self.forecaster.forecast(plan) if plan is not None else None
+        if found is None:
+            if not self.forecaster.said and steps > 0:
+                self.forecaster.said = True
+                why = self.forecaster.reason if plan is not None else "the fit has no step limit"
+                log.info("green-mlops: no forecast of the fit yet: %s", why)
+            return {}
+        found = price(
+            found,
+            spent_g=metrics.get("green/co2e_g"),
+            now=time.time(),
+            chain=_chain(measurement),
+            current_g_per_kwh=metrics.get("green/intensity_g_per_kwh"),
+        )
+        self.latest = found
+        self._history.append((steps, found.energy_j))
+        return found.metrics()
+
+    def errors(self, trainer: pl.Trainer, metrics: Mapping[str, float]) -> dict[str, float]:
+        """``green/forecast/error_at_<p>pct``: (forecast - actual) / actual of the latest
+        forecast made by ``p`` of the fit's steps; absent when none was made by then."""
+        steps, actual = float(trainer.global_step), metrics.get("green/energy_kwh", 0.0)
+        out: dict[str, float] = {}
+        if steps <= 0 or actual <= 0:
+            return out
+        actual_j = actual * J_PER_KWH
+        for point in ERROR_POINTS:
+            made = [j for s, j in self._history if s <= point * steps]
+            if made:
+                out[f"green/forecast/error_at_{round(point * 100)}pct"] = made[-1] / actual_j - 1
+        return out
+
+    def tags(self, errors: Mapping[str, float]) -> dict[str, str]:
+        """``green.forecast``: the models and basis, and the points without a forecast."""
+        f = self.latest
+        if f is None:
+            return {"green.forecast": f"no forecast: {self.forecaster.reason}"}
+        text = (
+            f"training {f.train_model}, validation {f.validation_model} per run, "
+            f"{f.warmup_segments} warm-up segment(s) left out (docs/forecasts.md)"
+        )
+        if f.carbon_basis:
+            text += f"; {f.carbon_basis}"
+        missing = [
+            f"{round(p * 100)} %"
+            for p in ERROR_POINTS
+            if f"green/forecast/error_at_{round(p * 100)}pct" not in errors
+        ]
+        if missing:
+            text += f"; no forecast yet at {', '.join(missing)} of the fit (no error there)"
+        return {"green.forecast": text}
+
+
+def _chain(measurement: Measurement | None) -> list[Any]:
+    """The intensity series the run is priced with (its providers' forecasts included)."""
+    accountant = getattr(measurement, "_accountant", None)
+    try:
+        return list(accountant.chain) if accountant is not None else []
+    except Exception:
+        return []
