@@ -50,6 +50,11 @@ class PairedComparison:
         rounding: relative margin by which an early decision must clear its threshold, so
             that rounding the full-set means in the logged dtype could not have reversed it:
             :data:`ROUNDING_MARGIN` (float64), :data:`FLOAT32_ROUNDING_MARGIN` (float32).
+        tolerance: the indifference zone ``eps >= 0`` (metric units): each early decision is
+            tested at its threshold shifted by ``eps`` towards the other decision, so it is
+            wrong with probability <= its share of ``alpha`` only where the full-set
+            difference lies ``eps`` or more beyond the threshold (docs/betting-test.md,
+            "Tolerance"). 0 is the strict test.
 
     Feed the candidate's values batch by batch with :meth:`update`; it returns the decision so
     far. At the full set the decision is exact: improved iff the candidate's mean is strictly
@@ -68,6 +73,7 @@ class PairedComparison:
         known: int | None = None,
         improve_by: float = 0.0,
         rounding: float = ROUNDING_MARGIN,
+        tolerance: float = 0.0,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -79,6 +85,8 @@ class PairedComparison:
             raise ValueError(f"early must be 'not_improved' or 'both', got {early!r}")
         if not (math.isfinite(improve_by) and improve_by >= 0):
             raise ValueError(f"improve_by must be finite and >= 0, got {improve_by}")
+        if not (math.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"tolerance must be finite and >= 0, got {tolerance}")
         values = np.asarray(incumbent, dtype=np.float64).ravel().copy()
         if values.size == 0:
             raise ValueError("the incumbent has no values")
@@ -122,7 +130,9 @@ class PairedComparison:
             scale = (known * scale + (self.N - known) * max(bounds)) / self.N
         self._margin = rounding * max(scale + improve_by, np.finfo(float).tiny)
         log_inv = math.log((2 if early == "both" else 1) / alpha)
-        # "not improved": mean(d) >= margin; "improved": mean(-d) > improve_by + margin
+        # "not improved": mean(d) >= margin - tolerance; "improved": mean(-d) > improve_by +
+        # margin - tolerance (with tolerance 0: the strict thresholds)
+        self.tolerance = tolerance
         self._low = (
             None
             if floor is None
@@ -132,7 +142,7 @@ class PairedComparison:
                 floor,
                 math.inf if ceiling is None else ceiling,
                 log_inv,
-                self._margin,
+                self._margin - tolerance,
             )
         )
         self._high = (
@@ -144,7 +154,7 @@ class PairedComparison:
                 -ceiling,
                 math.inf if floor is None else -floor,
                 log_inv,
-                improve_by + self._margin,
+                improve_by + self._margin - tolerance,
             )
         )
 
@@ -222,11 +232,27 @@ class PairedComparison:
             self._low.update(d, start, prefix)
         if self._high is not None:
             self._high.update(-d, start, -prefix)
-        if self._low is not None and self._low.decided(self.n, self._sum, strict=False):
+        low = self._low is not None and self._low.decided(self.n, self._sum, strict=False)
+        if self.tolerance > 0:
+            self.decision = self._tolerant(low)
+        elif low:
             self.decision = Decision.NOT_IMPROVED
         elif self._high is not None and self._high.decided(self.n, -self._sum, strict=True):
             self.decision = Decision.IMPROVED
         return self.decision
+
+    def _tolerant(self, low: bool) -> Decision:
+        """With a tolerance, a call that a test allows is made only where the running paired
+        estimate points the same way (or both calls are allowed: then the estimate's side),
+        so that calls inside the zone agree with full validation as often as they can."""
+        high = self._high is not None and self._high.decided(self.n, -self._sum, strict=True)
+        estimate = self._sum / self.n  # oriented: candidate minus incumbent
+        middle = -self.improve_by / 2  # between the two thresholds (0 and -improve_by)
+        if low and (estimate >= middle or self._high is None):
+            return Decision.NOT_IMPROVED
+        if high and estimate < middle:
+            return Decision.IMPROVED
+        return Decision.UNDECIDED
 
     def _exact(self) -> Decision:
         cand = float(np.mean(self._cand))

@@ -92,6 +92,13 @@ class AdaptiveValidator:
         early_improved: ``False`` turns early "improved" off in ``"weights"`` mode (the
             callback does so when another callback compares the value with a threshold it
             cannot track, e.g. ``stopping_threshold``).
+        tolerance: ``None`` (strict) or ``eps >= 0`` in the metric's units, less than
+            ``upper - lower``: runs within ``eps`` of the decision threshold may be called
+            either way (docs/adaptive-validation.md, "Tolerance"). The budget of run ``r``
+            against the incumbent of run ``j`` is then ``alpha_r * 6 / (pi^2 (r - j)^2)``.
+        horizon: ``None`` or the most validation runs of the fit: comparison ``k <= horizon``
+            gets ``alpha / horizon`` instead of ``alpha * 6 / (pi^2 k^2)``; later runs are
+            full passes.
     """
 
     def __init__(
@@ -106,6 +113,8 @@ class AdaptiveValidator:
         incumbent: Literal["weights", "values"] = "weights",
         min_delta: float = 0.0,
         early_improved: bool = True,
+        tolerance: float | None = None,
+        horizon: int | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -128,6 +137,19 @@ class AdaptiveValidator:
             )
         if lower is not None and upper is not None and not lower < upper:
             raise ValueError(f"lower must be < upper, got lower={lower}, upper={upper}")
+        _check_tolerance(tolerance, lower, upper)
+        if horizon is not None and (
+            isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1
+        ):
+            raise ValueError(
+                f"horizon={horizon!r}: pass None or an int >= 1, the most validation runs of "
+                "the fit (e.g. max_epochs with one validation run per epoch)"
+            )
+        self.tolerance = tolerance
+        self.horizon = horizon
+        #: Validation runs ended so far, and the run (0-based) that produced the incumbent.
+        self.runs = 0
+        self.incumbent_run = -1
         self.mode = mode
         self.sign = 1.0 if mode == "min" else -1.0
         self.alpha = alpha
@@ -215,20 +237,30 @@ class AdaptiveValidator:
             return
         if not bool(np.all(np.isfinite(inc[: self.known]))):
             return
-        early: Literal["not_improved", "both"] = "both" if self.improves_early else "not_improved"
+        alpha_k = self._budget()
+        if alpha_k is None:  # beyond the horizon: no error budget left, a full pass
+            return
+        improves_early = self.improves_early
+        improve_by = self._improve_by()
+        if self.tolerance is not None and self.es_value is not None:
+            # EarlyStopping's best is another model: the "improved" threshold would depend on
+            # which (a path-dependent choice under a tolerance), so only "not improved" here
+            improves_early, improve_by = False, self.min_delta
+        early: Literal["not_improved", "both"] = "both" if improves_early else "not_improved"
         try:
             test = PairedComparison(
                 inc,
-                alpha_spending(self.alpha, self.comparisons + 1),
+                alpha_k,
                 mode=self.mode,
                 lower=self.lower,
                 upper=self.upper,
                 early=early,
                 known=self.known,
-                improve_by=self._improve_by(),
+                improve_by=improve_by,
                 rounding=FLOAT32_ROUNDING_MARGIN
                 if self.precision == "float32"
                 else ROUNDING_MARGIN,
+                tolerance=self.tolerance or 0.0,
             )
         except ValueError:  # e.g. resumed with bounds the incumbent violates
             low = -math.inf if self.lower is None else self.lower
@@ -239,6 +271,23 @@ class AdaptiveValidator:
             return
         self.comparisons += 1
         self._test = test
+
+    def _budget(self) -> float | None:
+        """The error budget of the comparison this run would start (None: none left)."""
+        k = self.comparisons + 1
+        if self.tolerance is not None:
+            # the pair (this run, the incumbent's run) depends on earlier calls inside the
+            # zone: spend over pairs, by run index and by the incumbent's distance
+            k = max(1, self.runs)
+        if self.horizon is not None:
+            if k > self.horizon:
+                return None
+            alpha_k = self.alpha / self.horizon
+        else:
+            alpha_k = alpha_spending(self.alpha, k)
+        if self.tolerance is not None:
+            alpha_k *= alpha_spending(1.0, max(1, self.runs - self.incumbent_run))
+        return alpha_k
 
     def _improve_by(self) -> float:
         """The improvement over the incumbent that EarlyStopping counts as one (>= 0)."""
@@ -334,6 +383,7 @@ class AdaptiveValidator:
             raise ValueError("the validation run produced no per-example values")
         self.evaluated_total += values.size + lazy
         self.population_total += population
+        run, self.runs = self.runs, self.runs + 1
         if test is not None and test.n < test.N:
             if test.decision is Decision.UNDECIDED:
                 raise ValueError(
@@ -346,7 +396,7 @@ class AdaptiveValidator:
             if early is Decision.IMPROVED:
                 inc = np.full(test.N, np.nan)
                 inc[: test.n] = test.values
-                self._new_incumbent(inc, test.n, None, cls)
+                self._new_incumbent(inc, test.n, None, cls, run)
             self._track(value)
             return Outcome(
                 value, False, early is Decision.IMPROVED, early, test.n, test.N, k, alpha_k, lazy
@@ -371,7 +421,7 @@ class AdaptiveValidator:
                 "logged keeps ModelCheckpoint's decision"
             )
         if cls != "not":
-            self._new_incumbent(values.copy(), values.size, mean, cls)
+            self._new_incumbent(values.copy(), values.size, mean, cls, run)
         self._track(value)
         exact = value == mean or (math.isnan(value) and math.isnan(mean))
         decision = Decision.NOT_IMPROVED if cls == "not" else Decision.IMPROVED
@@ -431,7 +481,7 @@ class AdaptiveValidator:
             self.es_best = value
 
     def _new_incumbent(
-        self, values: FloatArray, known: int, mean: float | None, cls: _Class
+        self, values: FloatArray, known: int, mean: float | None, cls: _Class, run: int
     ) -> None:
         if cls == "improved" and self.es_value is None:
             self.es_value = self.incumbent_value  # EarlyStopping's best stays the old incumbent
@@ -440,6 +490,7 @@ class AdaptiveValidator:
         self.incumbent = values
         self.known = known
         self.incumbent_value = mean
+        self.incumbent_run = run
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -489,6 +540,10 @@ class AdaptiveValidator:
             "evaluated_total": self.evaluated_total,
             "population_total": self.population_total,
             "problem": self.problem,
+            "tolerance": self.tolerance,
+            "horizon": self.horizon,
+            "runs": self.runs,
+            "incumbent_run": self.incumbent_run,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -528,7 +583,34 @@ class AdaptiveValidator:
                     f"the checkpoint was written with EarlyStopping min_delta="
                     f"{state['min_delta']}, this run has {self.min_delta}"
                 )
+        for name in ("tolerance", "horizon"):
+            if state.get(name) != getattr(self, name):
+                raise ValueError(
+                    f"the checkpoint was written with {name}={state.get(name)!r}, this run has "
+                    f"{name}={getattr(self, name)!r}"
+                )
+        self.runs = int(state.get("runs", self.comparisons + (size > 0)))
+        self.incumbent_run = int(state.get("incumbent_run", -1))
         if self.known > size:
             raise ValueError(f"state has {self.known} known values of {size}")
         self._test = None
         self._running = False
+
+
+def _check_tolerance(tolerance: float | None, lower: float | None, upper: float | None) -> None:
+    """Refuse a tolerance that is not ``None`` or a number in ``[0, upper - lower)``."""
+    if tolerance is None:
+        return
+    span = math.inf if lower is None or upper is None else upper - lower
+    accepted = "pass None (strict) or a number >= 0 in the metric's units"
+    if math.isfinite(span):
+        accepted += f", less than the range of the per-example values (upper - lower = {span:g})"
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        raise ValueError(f"tolerance={tolerance!r}: {accepted}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance={tolerance!r}: {accepted}")
+    if tolerance >= span:
+        raise ValueError(
+            f"tolerance={tolerance!r} is not less than the range of the per-example values "
+            f"[{lower}, {upper}]: every run would be inside the zone. {accepted}"
+        )

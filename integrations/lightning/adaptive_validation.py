@@ -44,6 +44,7 @@ EXACT_KEY = "green/validation/exact"
 TOTAL_FRACTION_KEY = "green/validation/fraction_evaluated_total"
 INCUMBENT_KEY = "green/validation/incumbent_examples_evaluated"
 SAVED_KEY = "green/validation/saved_kwh_estimate"
+TOLERANCE_KEY = "green/validation/tolerance"
 
 
 class AdaptiveValidation(Callback):
@@ -126,6 +127,13 @@ class AdaptiveValidation(Callback):
         trust_order: accept a validation dataset not wrapped in :class:`PermutedDataset`.
         allow_monitors: keys that other callbacks may monitor (not computed by validation).
         prog_bar: show ``monitor`` in the progress bar.
+        tolerance: ``None`` (default: strict) or ``eps`` in the metric's units: runs within
+            ``eps`` of the best (of the best minus ``min_delta``) may be called either way;
+            every other decision is full validation's, except with probability ``alpha``.
+            Caps the examples a near tie needs (docs/adaptive-validation.md, "Tolerance").
+        horizon: ``None`` or the most validation runs of the fit (e.g. ``max_epochs``):
+            alpha is spent evenly over them (``alpha / horizon`` each) instead of
+            ``6 / (pi^2 k^2)``; runs beyond it are full passes.
 
     Logged at each validation run of ``fit``: ``monitor``; ``green/validation/exact`` (1 if
     ``monitor`` is the exact full-set mean, else 0); ``green/validation/examples_evaluated``
@@ -137,6 +145,7 @@ class AdaptiveValidation(Callback):
     ``EnergyMonitor`` among the callbacks, ``green/validation/saved_kwh_estimate``: the
     validation energy per forward pass so far times the passes saved (an estimate: it assumes
     energy proportional to examples, so fixed per-run costs inflate it slightly).
+    With a ``tolerance``, also ``green/validation/tolerance``.
     ``trainer.validate`` runs in full and logs only ``monitor``.
 
     Raises:
@@ -161,6 +170,8 @@ class AdaptiveValidation(Callback):
         trust_order: bool = False,
         allow_monitors: Collection[str] = (),
         prog_bar: bool = True,
+        tolerance: float | None = None,
+        horizon: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("min", "max"):
@@ -181,7 +192,10 @@ class AdaptiveValidation(Callback):
                 upper=upper,
                 enabled=enabled,
                 incumbent=incumbent,
+                tolerance=tolerance,
+                horizon=horizon,
             )
+        self.tolerance = tolerance
         self.monitor = monitor
         self.mode = mode
         self.alpha = alpha
@@ -246,6 +260,16 @@ class AdaptiveValidation(Callback):
         self.early_improved_off = self._checks.early_improved(
             trainer, self.validator, announce=True
         )
+        if self.tolerance is not None and self.early_improved_off and trainer.is_global_zero:
+            log.info(
+                "AdaptiveValidation(tolerance=%g): runs worse than the best by more than -%g "
+                "stop early as 'not improved'; improving runs and near ties are evaluated in "
+                "full (%s), so the tolerance caps only the 'not improved' side. For both: clamp "
+                "the per-example value and pass upper= (mode='min') or lower= (mode='max').",
+                self.tolerance,
+                self.tolerance,
+                self.early_improved_off,
+            )
 
     # -- validation runs -------------------------------------------------------------------
 
@@ -344,6 +368,8 @@ class AdaptiveValidation(Callback):
         self._log(pl_module, EXACT_KEY, 1.0 if outcome.exact else 0.0)
         total = self.validator.evaluated_total / max(1, self.validator.population_total)
         self._log(pl_module, TOTAL_FRACTION_KEY, total)
+        if self.tolerance is not None:
+            self._log(pl_module, TOLERANCE_KEY, self.tolerance)
         saved = self._energy_saved(trainer, outcome)
         if saved is not None:
             self._log(pl_module, SAVED_KEY, saved)
