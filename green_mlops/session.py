@@ -211,6 +211,10 @@ class Measurement:
                 metrics[key] += value
         metrics.update(self.extra_metrics)
         tags.update(self.extra_tags)
+        if final:  # launched by `green-mlops run`: its plan and the run-now carbon
+            from green_mlops.scheduling.handoff import attach_schedule
+
+            attach_schedule(self.settings, timeline, carbon, metrics, tags)
         accounting = accounting_block(snapshot, timeline, carbon, fp, children, self.offsets)
         return Result(
             snapshot, metrics, tags, fp, sentence, power_series(snapshot), final, accounting

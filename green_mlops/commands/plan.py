@@ -67,15 +67,17 @@ class Planned:
     basis: str
 
 
-def add_plan_arguments(parser: Any) -> None:
-    """The job and deadline options, shared with ``green-mlops run``."""
+def add_plan_arguments(parser: Any, *, interruptible: bool = True) -> None:
+    """The job and deadline options, shared with ``green-mlops run`` (which starts its
+    command once: no interruptible options)."""
     parser.add_argument("--duration", required=True, help="how long the job runs: 6h, 90m")
     deadline = parser.add_mutually_exclusive_group(required=True)
     deadline.add_argument("--finish-by", metavar="TIME", help="done by: 2026-12-02T08:00Z, +8h")
     deadline.add_argument("--start-by", metavar="TIME", help="started by (latest start)")
     parser.add_argument("--location", help="DE, US-CAL-CISO, aws:eu-west-1 (default: settings)")
-    parser.add_argument("--interruptible", action="store_true", help="may pause and resume")
-    parser.add_argument("--resume-overhead", default="0s", help="restore time per resume: 5m")
+    if interruptible:
+        parser.add_argument("--interruptible", action="store_true", help="may pause, resume")
+        parser.add_argument("--resume-overhead", default="0s", help="restore time per resume")
     parser.add_argument("--energy-kwh", type=float, help="the job's energy, for carbon in g")
     parser.add_argument(
         "--min-saving",
@@ -121,8 +123,8 @@ def request_from(args: Any, now: float) -> PlanRequest:
         finish_by=None if args.finish_by is None else parse_moment(args.finish_by, now),
         start_by=None if args.start_by is None else parse_moment(args.start_by, now),
         location=args.location,
-        interruptible=bool(args.interruptible),
-        resume_overhead_s=parse_duration(args.resume_overhead),
+        interruptible=bool(getattr(args, "interruptible", False)),
+        resume_overhead_s=parse_duration(getattr(args, "resume_overhead", "0s")),
         energy_kwh=args.energy_kwh,
         min_saving=min_saving,
         providers=tuple(args.provider or ()),
@@ -136,12 +138,10 @@ def make_plan(request: PlanRequest, settings: Any, now: float) -> Planned:
     from green_mlops.scheduling.forecasts import fetch_forecast
     from green_mlops.scheduling.planner import plan
 
-    if request.location is not None:
-        location = parse_location(request.location)
-    elif settings.location is not None:
-        location = settings.location
-    else:
+    where = request.location or settings.location
+    if not where:
         raise PlanError("no location: give --location (DE, US-CAL-CISO) or GREEN_MLOPS_LOCATION")
+    location = parse_location(where)
     deadline = request.finish_by if request.finish_by is not None else request.start_by
     assert deadline is not None
     end = deadline if request.finish_by is not None else deadline + request.duration_s

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from green_mlops.scheduling.planner import FloatArray, Forecast, Job, Placement, PlanError
+from green_mlops.scheduling.model import FloatArray, Forecast, Job, Placement, PlanError
 
 __all__ = ["cheapest_slots", "solve"]
 

@@ -1,0 +1,138 @@
+"""The plan handed from ``green-mlops run`` to the command it launches, and what a measured run
+under it records: ``green.schedule.*`` tags and ``green/schedule/co2e_if_run_now_g``.
+
+The launcher puts the plan in the :data:`ENV` variable (JSON, an internal hand-off); a
+measured run in the child (GREEN_MLOPS_ENABLE=1) reads it at its end. The counterfactual
+"run now" carbon prices the run's own energy timeline, shifted to the time the job was
+submitted, with a fresh accountant of the same settings: the same providers, signal and basis
+as the run's own ``green/co2e_g``, and the same factor from grid carbon to that figure (PUE).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ENV", "RUN_NOW_KEY", "Schedule", "attach_schedule", "schedule_tags"]
+
+ENV = "GREEN_MLOPS_SCHEDULE"
+RUN_NOW_KEY = "green/schedule/co2e_if_run_now_g"
+#: Longest wait for the intensity of the run-now window at the end of the run.
+WAIT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    submitted_at: float
+    planned_start: float
+    planned_end: float
+    started_at: float
+    deadline: float
+    decision: str
+    reason: str
+    zone: str
+    source: str
+    basis: str
+    planned_mean_g_per_kwh: float
+    run_now_mean_g_per_kwh: float
+    planned_saving_fraction: float
+    min_saving: float
+    replans: int = 0
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Schedule | None:
+        text = (os.environ if environ is None else environ).get(ENV)
+        if not text:
+            return None
+        try:
+            return cls(**json.loads(text))
+        except (ValueError, TypeError) as exc:
+            log.warning("green-mlops: ignoring a malformed %s (%s)", ENV, exc)
+            return None
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def schedule_tags(s: Schedule) -> dict[str, str]:
+    """The ``green.schedule.*`` tags (docs/scheduling.md)."""
+    return {
+        "green.schedule.decision": s.decision,
+        "green.schedule.reason": s.reason,
+        "green.schedule.submitted_at": _iso(s.submitted_at),
+        "green.schedule.planned_start": _iso(s.planned_start),
+        "green.schedule.started_at": _iso(s.started_at),
+        "green.schedule.deadline": _iso(s.deadline),
+        "green.schedule.waited_s": f"{max(0.0, s.started_at - s.submitted_at):.0f}",
+        "green.schedule.forecast": f"{s.source} ({s.basis})",
+        "green.schedule.zone": s.zone,
+        "green.schedule.planned_mean_g_per_kwh": f"{s.planned_mean_g_per_kwh:.1f}",
+        "green.schedule.run_now_mean_g_per_kwh": f"{s.run_now_mean_g_per_kwh:.1f}",
+        "green.schedule.planned_saving_pct": f"{100 * s.planned_saving_fraction:.2f}",
+        "green.schedule.min_saving_pct": f"{100 * s.min_saving:.1f}",
+        "green.schedule.replans": str(s.replans),
+    }
+
+
+def attach_schedule(
+    settings: Any,
+    timeline: Sequence[tuple[float, float]],
+    carbon: Any,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+) -> None:
+    """Add the plan's tags and the run-now carbon to a final result, when the run was launched
+    by ``green-mlops run``. Never raises."""
+    schedule = Schedule.from_env()
+    if schedule is None:
+        return
+    try:
+        tags.update(schedule_tags(schedule))
+        value, why = _run_now_grams(settings, timeline, carbon, metrics, schedule)
+    except Exception as exc:  # never harm the run
+        value, why = None, f"failed ({type(exc).__name__}: {exc})"
+    if value is not None:
+        metrics[RUN_NOW_KEY] = value
+    else:
+        missing = tags.get("green.not_reported", "")
+        item = f"{RUN_NOW_KEY}: {why}"
+        tags["green.not_reported"] = f"{missing}; {item}" if missing else item
+
+
+def _run_now_grams(
+    settings: Any,
+    timeline: Sequence[tuple[float, float]],
+    carbon: Any,
+    metrics: Mapping[str, float],
+    schedule: Schedule,
+) -> tuple[float | None, str]:
+    co2e = metrics.get("green/co2e_g")
+    grams = getattr(carbon, "grams", None)
+    if co2e is None or grams is None or not timeline:
+        return None, "the run's own carbon is not known"
+    if grams <= 0 or getattr(carbon, "unpriced_kwh", 0.0) > 0:
+        return None, "the run's own carbon is not fully priced"
+    shift = schedule.submitted_at - schedule.started_at
+    shifted = [(t + shift, j) for t, j in timeline]
+    from green_mlops.carbon import CarbonAccountant
+
+    accountant = CarbonAccountant(settings)
+    try:
+        now = accountant.result(shifted, wait_s=WAIT_S)
+    finally:
+        accountant.close()
+    if now.unpriced_kwh > 0 or not math.isfinite(now.grams):
+        return None, "no intensity for the run-now window"
+    return now.grams * (co2e / grams), ""

@@ -1,0 +1,166 @@
+"""``green-mlops run``: the wait (re-planning, with a clock the test controls), exit status and
+signals passed through (real subprocesses), ``--print-sbatch-begin``, and the plan on a real
+MLflow run of the launched command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking.client import MlflowClient
+from pytest_httpserver import HTTPServer
+
+from green_mlops.intensity import IntensityPoint
+from green_mlops.scheduling import Forecast, Job, PlanError, plan
+from green_mlops.scheduling.launcher import wait_for_start
+from tests.mlflow_server import MlflowServer
+from tests.test_scheduling_forecasts import TOKEN, serve_electricitymaps
+
+H = 3600.0
+
+
+class Clock:
+    """Time moves only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.sleeps = 0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.sleeps += 1
+        self.t += seconds
+
+
+def forecast(*values: float) -> Forecast:
+    return Forecast.from_points(
+        [IntensityPoint(i * H, (i + 1) * H, v) for i, v in enumerate(values)]
+    )
+
+
+def test_the_wait_replans_when_a_fresher_forecast_moves_the_start() -> None:
+    clock = Clock()
+    versions = [forecast(300, 300, 100, 300, 300, 300), forecast(300, 300, 300, 50, 300, 300)]
+    seen: list[float] = []
+
+    def planner(now: float):  # type: ignore[no-untyped-def]
+        seen.append(now)
+        latest = versions[min(len(seen), 1)]
+        return plan(latest, Job(H), earliest=now, finish_by=6 * H, min_saving=0)
+
+    first = plan(versions[0], Job(H), earliest=0.0, finish_by=6 * H, min_saving=0)
+    assert first.chosen.start == 2 * H
+    waited = wait_for_start(planner, first, clock=clock, sleep=clock.sleep, replan_every_s=H)
+    assert waited.plan.chosen.start == 3 * H and clock.t == 3 * H
+    assert waited.replans == 1 and seen[0] == H
+    assert clock.sleeps < 3 * 3600 + 10  # it slept in steps, never past the start
+
+
+def test_a_failed_replan_keeps_the_plan_in_force() -> None:
+    clock = Clock()
+
+    def planner(now: float):  # type: ignore[no-untyped-def]
+        raise PlanError("electricitymaps: cannot reach api (ReadTimeout)")
+
+    first = plan(forecast(300, 100, 300), Job(H), earliest=0.0, finish_by=3 * H, min_saving=0)
+    waited = wait_for_start(planner, first, clock=clock, sleep=clock.sleep, replan_every_s=600)
+    assert waited.plan is first and clock.t == H
+    assert waited.failures and "ReadTimeout" in waited.failures[0]
+
+
+@pytest.fixture
+def launcher_env(httpserver: HTTPServer, tmp_path: Path) -> dict[str, str]:
+    hour = math.floor(time.time() / H) * H
+    serve_electricitymaps(httpserver, hour, [200.0] * 48)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GREEN_MLOPS_", "MLFLOW_"))}
+    env.update(
+        GREEN_MLOPS_ELECTRICITYMAPS_TOKEN=TOKEN,
+        GREEN_MLOPS_ELECTRICITYMAPS_URL=httpserver.url_for("/"),
+        GREEN_MLOPS_INTENSITY_PROVIDERS="static",  # the launched runs price with the table
+        GREEN_MLOPS_CACHE_DIR=str(tmp_path / "cache"),
+        GREEN_MLOPS_LOCATION="DE",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def launch(env: dict[str, str], *child: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "green_mlops", "run", "--duration", "1h", "--start-by", "+0s",
+            "--provider", "electricitymaps", *extra, "--", *child]  # fmt: skip
+
+
+def test_exit_status_and_signals_pass_through(launcher_env: dict[str, str], tmp_path: Path) -> None:
+    py = sys.executable
+    code = subprocess.run(launch(launcher_env, py, "-c", "import sys; sys.exit(3)"),
+                          env=launcher_env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert code.returncode == 3, code.stderr
+    killed = subprocess.run(
+        launch(launcher_env, py, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"),
+        env=launcher_env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGTERM
+    begin = subprocess.run(
+        launch(launcher_env, py, "-c", "raise SystemExit(9)", extra=("--print-sbatch-begin",)),
+        env=launcher_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert begin.returncode == 0 and begin.stdout.startswith("--begin=20"), begin.stderr
+
+
+def test_a_signal_to_the_launcher_reaches_the_command(
+    launcher_env: dict[str, str], tmp_path: Path
+) -> None:
+    marker = tmp_path / "child.pid"
+    body = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    proc = subprocess.Popen(launch(launcher_env, sys.executable, "-c", body), env=launcher_env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(marker.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_the_launched_mlflow_run_carries_the_plan(
+    launcher_env: dict[str, str], tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent("""
+        import json, time, mlflow
+        mlflow.set_experiment("scheduled")
+        with mlflow.start_run() as run:
+            mlflow.log_metric("loss", 1.0)
+            time.sleep(0.6)
+        print(json.dumps({"run_id": run.info.run_id}))
+    """)
+    )
+    env = {**launcher_env, "GREEN_MLOPS_ENABLE": "1", "MLFLOW_TRACKING_URI": mlflow_server.url}
+    argv = launch(env, sys.executable, str(script), extra=("--energy-kwh", "1"))
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
+    run = MlflowClient(mlflow_server.url).get_run(run_id)
+    tags, metrics = run.data.tags, run.data.metrics
+    assert tags["green.schedule.decision"] == "run-now"
+    assert tags["green.schedule.forecast"].startswith("electricitymaps/")
+    assert tags["green.schedule.planned_mean_g_per_kwh"] == "200.0"
+    assert float(tags["green.schedule.waited_s"]) < 60
+    # the run and its run-now counterfactual are priced by the same (static) chain
+    assert metrics["green/schedule/co2e_if_run_now_g"] == pytest.approx(metrics["green/co2e_g"])
