@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from green_mlops import session
+from green_mlops import job, nodes, session
 from green_mlops.config import Settings
 from green_mlops.extras import install_command
 from green_mlops.integrations.mlflow.writer import UPLOAD_WAIT_S, RunWriter, wait_uploads
@@ -52,6 +52,8 @@ class _Run:
     cluster: list[dict[str, float]] = field(default_factory=list)
     cluster_start_kwh: float = 0.0
     concurrent: int = 1
+    # rank 0 of a multi-node job: the other nodes' totals for this (top-level) run
+    gather: nodes.RunGather | None = None
 
 
 class _State:
@@ -64,6 +66,8 @@ class _State:
         self.error: Exception | None = None  # a ConfigError to raise at run creation
         self.sink: _Sink | None = None
         self.exit_registered = False
+        self.job: job.Job | None = None  # a multi-node job whose rank 0 gathers the nodes
+        self.agent: nodes.NodeAgent | None = None  # another node's measuring process
 
 
 # --- enabling -------------------------------------------------------------------------------
@@ -81,6 +85,7 @@ def autolog(settings: Settings | Mapping[str, Any] | None = None, **overrides: A
         if _instrument():
             _state.settings = resolved
             _state.error = None
+            _join_nodes(resolved)
 
 
 def autolog_from_env() -> None:
@@ -99,6 +104,27 @@ def autolog_from_env() -> None:
             return
         if settings.enable and _instrument():
             _state.settings = settings
+            _join_nodes(settings)
+
+
+def _join_nodes(settings: Settings) -> None:
+    """A multi-node job: rank 0 gathers the nodes' totals into its runs; each other node's
+    measuring process measures its node for them (docs/multi-node.md). Holds ``_state.lock``."""
+    current = job.Job.current()
+    if not current.multi_node or _state.agent is not None or _state.job is not None:
+        return
+    if current.rank == 0:
+        _state.job = current
+        job.set_gathered(True)
+    elif current.measures_node and current.node != 0:
+        _state.agent = nodes.NodeAgent(
+            current,
+            lambda: Measurement(settings).start(),
+            interval_s=settings.log_interval_s,
+            location=settings.location,
+        )
+        job.set_gathered(True)
+        _state.agent.start()
 
 
 def disable() -> None:
@@ -278,6 +304,9 @@ def _begin(
             }
         with _state.lock:
             run.parent = _state.runs.get(parent_id) if parent_id else None
+            if _state.job is not None and run.parent is None:
+                run.gather = nodes.RunGather(_state.job, interval_s=settings.log_interval_s)
+                run.gather.open()
             _state.runs[run_id] = run
             _activate(run)
             if _state.sink is None or not _state.sink.is_alive():
@@ -361,6 +390,8 @@ def _finish(run: _Run, *, status: str | None, terminating: bool = False) -> bool
                 return False
         result = run.measurement.checkpoint()
         _child_done(run, result)
+        if run.gather is not None:
+            run.gather.close()  # bounded wait for the nodes' final totals
         extra = {"green.run_status": status} if status else {}
         outcome = _send(run, result, final=True, extra_tags=extra)
         spooled = False
@@ -478,6 +509,18 @@ def _send(
 def _queue(run: _Run, result: Result, *, final: bool, extra_tags: Mapping[str, str]) -> None:
     """The totals when due (always when final), new power points, changed tags, the report."""
     writer = run.writer
+    gather = run.gather
+    gathered_by = run.measurement.extra_tags.get("green.job.gathered_by")
+    if gather is not None and gathered_by is None:  # every node's totals: the job's
+        result = nodes.merge(
+            result,
+            gather.blobs if gather.closed else gather.live(),
+            gather.job,
+            error=gather.error,
+            final=final,
+            functional_units=run.measurement.functional_units,
+            location=run.measurement.settings.location,
+        )
     # the run's age: its seconds since it began (a resumed run continues its earlier segments)
     age = result.metrics.get("green/duration_s", result.snapshot.duration_s)
     if final or totals_due(writer.totals_sent_at, age, run.measurement.settings.log_interval_s):

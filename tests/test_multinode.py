@@ -1,0 +1,217 @@
+"""A two-node torchrun job simulated on this machine: two agents of one static rendezvous, each
+"node" with its own fake RAPL tree of known constant power, rank 0 logging to a real MLflow
+server with GREEN_MLOPS_ENABLE=1 on every rank. Run 1: both nodes live through it. Run 2 of the
+same job: node 1 is killed mid-run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.mlflow_server import MlflowServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+WATTS = {0: 50.0, 1: 80.0}
+TRAIN_S = 2.0
+
+#: A RAPL package counter that advances at a constant power: the process writes the counter
+#: (in uJ) into its own /proc/self/comm, which energy_uj links to (an atomic read).
+COUNTER = """
+import sys, time
+watts = float(sys.argv[1])
+t0 = time.monotonic()
+while True:
+    uj = 1_000_000 + int((time.monotonic() - t0) * watts * 1e6)
+    with open('/proc/self/comm', 'w') as f:
+        f.write(str(uj))
+    time.sleep(0.002)
+"""
+
+TRAIN = """
+import json, os, sys, time
+from pathlib import Path
+
+import mlflow  # on every rank: GREEN_MLOPS_ENABLE=1 loads the plugin in each
+import torch
+import torch.distributed as dist
+
+out = Path(sys.argv[1])
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+dist.barrier()
+
+
+def wait(name):
+    while not (out / name).exists():
+        time.sleep(0.01)
+
+
+def train(seconds):  # no collectives: a dead node must not stop this one
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        time.sleep(0.01)
+
+
+if rank == 0:
+    mlflow.set_tracking_uri(os.environ["TRACKING_URI"])
+    with mlflow.start_run() as run:
+        (out / "run1").write_text(run.info.run_id)
+        train(float(sys.argv[2]))
+dist.barrier()  # run 1 ended: every node lived through it
+if rank == 0:
+    with mlflow.start_run() as run:
+        (out / "run2").write_text(run.info.run_id)
+        wait("killed")
+        train(1.0)
+        began = time.monotonic()
+    (out / "ended").write_text(str(time.monotonic() - began))
+    os._exit(0)  # no barrier with the dead node
+else:
+    wait("never")  # until killed
+"""
+
+
+@pytest.fixture()
+def counters() -> Iterator[dict[int, int]]:
+    procs = {n: subprocess.Popen([sys.executable, "-c", COUNTER, str(w)]) for n, w in WATTS.items()}
+    try:
+        deadline = time.monotonic() + 30
+        for proc in procs.values():  # the comm holds a counter value once it ran
+            while not Path(f"/proc/{proc.pid}/comm").read_text().strip().isdigit():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        yield {n: p.pid for n, p in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def rapl_tree(root: Path, pid: int) -> Path:
+    zone = root / "intel-rapl:0"
+    zone.mkdir(parents=True)
+    (zone / "name").write_text("package-0\n")
+    (zone / "max_energy_range_uj").write_text(f"{10**14}\n")
+    (zone / "constraint_0_max_power_uw").write_text(f"{200 * 10**6}\n")
+    (zone / "energy_uj").symlink_to(f"/proc/{pid}/comm")
+    return root
+
+
+def kill_node(agent: subprocess.Popen[str]) -> None:
+    """SIGKILL a "node": its torchrun agent and its workers (each in a session of its own)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for proc in [
+            *psutil.Process(agent.pid).children(recursive=True),
+            psutil.Process(agent.pid),
+        ]:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+    agent.wait(timeout=30)
+
+
+def wait_for(path: Path, agents: list[subprocess.Popen[str]], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if any(a.poll() not in (None, 0) for a in agents) or time.monotonic() > deadline:
+            errors = [a.communicate(timeout=30)[1][-3000:] for a in agents if a.poll() is not None]
+            pytest.fail(f"no {path.name}: {errors}")
+        time.sleep(0.05)
+
+
+def test_two_nodes_are_measured_once_each_and_a_killed_node_is_named(
+    tmp_path: Path, mlflow_server: MlflowServer, counters: dict[int, int]
+) -> None:
+    import torch.distributed as dist
+    from mlflow.tracking import MlflowClient
+
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(TRAIN))
+    port = free_port()
+    agents = []
+    for node in (0, 1):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "GREEN_MLOPS_ENABLE": "1",
+            "GREEN_MLOPS_RAPL_ROOT": str(rapl_tree(tmp_path / f"rapl{node}", counters[node])),
+            "GREEN_MLOPS_LOG_INTERVAL_S": "0.5",
+            "GREEN_MLOPS_INTENSITY_PROVIDERS": "static",
+            "GREEN_MLOPS_LOCATION": "DE" if node == 0 else "FR",
+            "TRACKING_URI": mlflow_server.url,
+        }
+        command = [str(TORCHRUN), "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2"]
+        command += ["--master-addr=127.0.0.1", f"--master-port={port}"]
+        command += [str(script), str(tmp_path), str(TRAIN_S)]
+        agents.append(
+            subprocess.Popen(
+                command,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        wait_for(tmp_path / "run2", agents)
+        # node 1 has answered run 2 at least once: then it dies with its agent
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+        store.wait(["green_mlops/run/2/node/1"])
+        kill_node(agents[1])
+        (tmp_path / "killed").touch()
+        wait_for(tmp_path / "ended", agents[:1])
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                kill_node(agent)
+            agent.communicate(timeout=30)
+    client = MlflowClient(mlflow_server.url)
+
+    # run 1: each node's package counted once, at its own power, over the run's time
+    run = client.get_run((tmp_path / "run1").read_text())
+    metrics, tags = run.data.metrics, run.data.tags
+    seconds = metrics["green/duration_s"]
+    assert seconds >= TRAIN_S
+    joules = {n: metrics[f"green/node/{n}/energy/cpu_kwh"] * 3.6e6 for n in (0, 1)}
+    for node, watts in WATTS.items():
+        assert joules[node] == pytest.approx(watts * seconds, rel=0.05), node
+    assert metrics["green/energy/cpu_kwh"] * 3.6e6 == pytest.approx(130.0 * seconds, rel=0.05)
+    assert metrics["green/energy/cpu_kwh"] * 3.6e6 == pytest.approx(sum(joules.values()))
+    assert (tags["green.job.nodes"], tags["green.job.nodes_reported"]) == ("2", "2")
+    assert tags["green.job.partial"] == "false"
+    assert tags["green.job.scope"].startswith("all 2 nodes")
+    assert "only this node" not in tags.get("green.notes", "")
+    assert "node 1" not in tags.get("green.problems", "")
+    assert tags["green.job.locations"] == "0: DE, 1: FR"  # each node priced at its own place
+    node_co2e = [metrics[f"green/node/{n}/co2e_g"] for n in (0, 1)]
+    assert metrics["green/co2e_g"] == pytest.approx(sum(node_co2e))
+    assert node_co2e[0] / joules[0] > node_co2e[1] / joules[1]  # DE's grid is dirtier than FR's
+    power = [p.value for p in client.get_metric_history(run.info.run_id, "system/green/power_w")]
+    assert max(power) > 100  # the series sums the nodes: above either node alone
+
+    # run 2: node 1 killed mid-run; rank 0's run finishes, partial, node 1 named
+    run = client.get_run((tmp_path / "run2").read_text())
+    metrics, tags = run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED"
+    assert float((tmp_path / "ended").read_text()) < 5.0  # ending waited a bounded time
+    seconds = metrics["green/duration_s"]
+    node1 = metrics["green/node/1/energy/cpu_kwh"] * 3.6e6
+    assert 0 < node1 < 0.9 * 80.0 * seconds  # up to its last report only
+    node0 = metrics["green/node/0/energy/cpu_kwh"] * 3.6e6
+    assert node0 == pytest.approx(50.0 * seconds, rel=0.05)
+    assert metrics["green/energy/cpu_kwh"] * 3.6e6 == pytest.approx(node0 + node1)
+    assert (tags["green.job.partial"], tags["green.job.nodes_reported"]) == ("true", "1")
+    assert "node 1 (" in tags["green.problems"] and "stopped reporting" in tags["green.problems"]
+    assert tags["green.job.scope"] == "partial: 1 of 2 nodes reported"
