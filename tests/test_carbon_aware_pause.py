@@ -1,0 +1,159 @@
+"""CarbonAwarePause on real, deterministic CPU fits: a pause in-process (in the tracker's
+``paused`` phase) or an exit for a requeue, then the same final weights as a fit never paused.
+Time is the test's: the callback's clock advances only when it sleeps."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from green_mlops.integrations.lightning import EnergyMonitor
+from green_mlops.integrations.lightning._namespaces import Misconfiguration
+from green_mlops.integrations.lightning.carbon_aware_pause import EXIT_CODE, CarbonAwarePause
+from green_mlops.intensity import IntensityPoint
+from green_mlops.scheduling import Forecast
+from tests.conftest import ClockMeter
+
+H = 3600.0
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def data() -> DataLoader[Any]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
+
+
+def fit(root: Path, callbacks: list[Any], ckpt: str | None = None) -> torch.Tensor:
+    pl.seed_everything(0, verbose=False)
+    model = Net()
+    trainer = pl.Trainer(
+        max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+        default_root_dir=root, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(model, data(), ckpt_path=ckpt)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+class Time:
+    """Wall time plus whatever the callback slept (each sleep also lasts 20 real ms, so the
+    paused phase has energy to measure)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        self.offset += seconds
+        time.sleep(0.02)
+
+
+def dirty_for(hours: float, clock: Time) -> Any:
+    """A forecast: 500 g/kWh for ``hours`` after the first call, then 100."""
+    first: list[float] = []
+
+    def forecast(now: float, end: float) -> Forecast:
+        t0 = first[0] if first else first.append(now) or now
+        return Forecast.from_points(
+            [
+                IntensityPoint(t0 - H, t0 + hours * H, 500.0),
+                IntensityPoint(t0 + hours * H, t0 + 48 * H, 100.0),
+            ]
+        )
+
+    return forecast
+
+
+class Probe(pl.Callback):
+    """The paused phase as the EnergyMonitor's tracker saw it, at the end of training."""
+
+    def __init__(self, monitor: EnergyMonitor) -> None:
+        self.monitor = monitor
+        self.paused_j: float | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        phase = self.monitor._measurement.tracker.snapshot().phases.get("paused")  # type: ignore[union-attr]
+        self.paused_j = None if phase is None else phase.joules
+
+
+@pytest.fixture(scope="module")
+def unpaused(tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
+    return fit(tmp_path_factory.mktemp("plain"), [])
+
+
+def test_a_pause_in_process_ends_with_the_same_weights(
+    tmp_path: Path, unpaused: torch.Tensor
+) -> None:
+    clock = Time()
+    pause = CarbonAwarePause(
+        finish_by=clock() + 24 * H, threshold_g_per_kwh=300, check_every_s=H,
+        forecast=dirty_for(2, clock), clock=clock, sleep=clock.sleep,
+    )  # fmt: skip
+    settings = {"intensity_providers": "static", "location": "DE"}
+    monitor = EnergyMonitor(settings=settings, meters=lambda: [ClockMeter(100.0)])
+    probe = Probe(monitor)
+    weights = fit(tmp_path, [monitor, pause, probe])
+    assert torch.equal(weights, unpaused)
+    assert len(pause.pauses) == 1  # after epoch 0; clean from then on
+    start, end, why = pause.pauses[0]
+    assert end - start == pytest.approx(2 * H, abs=60) and "above 300" in why
+    assert probe.paused_j is not None and probe.paused_j > 0  # idle power is counted
+
+
+def test_no_pause_when_the_deadline_does_not_allow_it(
+    tmp_path: Path, unpaused: torch.Tensor
+) -> None:
+    clock = Time()
+    pause = CarbonAwarePause(
+        finish_by=clock() - 1.0, threshold_g_per_kwh=300, forecast=dirty_for(2, clock),
+        clock=clock, sleep=clock.sleep,
+    )  # fmt: skip
+    assert torch.equal(fit(tmp_path, [pause]), unpaused)
+    assert pause.pauses == [] and clock.offset == 0
+
+
+def test_exit_for_a_requeue_then_resume_to_the_same_weights(
+    tmp_path: Path, unpaused: torch.Tensor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = Time()
+    ckpt = tmp_path / "pause.ckpt"
+    pause = CarbonAwarePause(
+        finish_by=clock() + 24 * H, plan=True, mode="exit", checkpoint_path=ckpt,
+        forecast=dirty_for(3, clock), clock=clock, sleep=clock.sleep, min_saving=0.0,
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        fit(tmp_path, [pause])
+    assert exited.value.code == EXIT_CODE and ckpt.exists()
+    assert "--begin=" in capsys.readouterr().err
+    assert torch.equal(fit(tmp_path, [], ckpt=str(ckpt)), unpaused)
+
+
+def test_bad_arguments_are_refused_by_name() -> None:
+    with pytest.raises(Misconfiguration, match="threshold_g_per_kwh=<g/kWh> or plan=True"):
+        CarbonAwarePause(finish_by=0.0)
+    with pytest.raises(Misconfiguration, match="mode='later'"):
+        CarbonAwarePause(finish_by=0.0, plan=True, mode="later")
+    with pytest.raises(Misconfiguration, match="finish_by='tomorrow'"):
+        CarbonAwarePause(finish_by="tomorrow", plan=True)
