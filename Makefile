@@ -28,8 +28,10 @@ $(VENV)/.demo: pyproject.toml
 	  $(BIN)/python -m pip install --quiet -e ".[demo]"; fi
 	touch $@
 
+# A sweep of three fits (baseline, smaller model, adaptive validation), compared, and the command
+# that opens the green dashboard on them (docs/dashboard.md). `green-mlops demo` trains one.
 demo: $(VENV)/.demo
-	$(BIN)/green-mlops demo
+	$(BIN)/python -m green_mlops.integrations.demo
 
 # The MLflow UI test drives Debian's chromium: installed here when missing (needs root or sudo).
 # Without it the UI test is skipped, with the install command, except where CI is set: there it

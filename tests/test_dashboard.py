@@ -499,3 +499,35 @@ def test_with_basic_auth_the_pages_need_the_login_and_show_readable_experiments(
     code, body = get(url + "/green/", ADMIN)  # the admin reads every experiment
     assert code == 200 and "team-a" in body and "team-b" in body
     assert get(url + "/green/static/green.js", ALICE)[0] == 200
+
+
+# --- make demo ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_make_demo_trains_a_sweep_compares_it_and_says_how_to_open_the_dashboard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from green_mlops.integrations.demo import EXPERIMENT, SWEEP, main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("GREEN_MLOPS_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["--epochs", "1", "--samples", "1024"]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(SWEEP)
+    for run in runs:
+        assert run.data.metrics["green/energy_kwh"] > 0 and 0 < run.data.metrics["test_acc"] <= 1
+        assert run.info.run_name in out
+    adaptive = next(r for r in runs if r.info.run_name == "adaptive-validation")
+    assert "green/validation/fraction_evaluated_total" in adaptive.data.metrics  # it ran
+    said = " ".join(out.split())
+    assert f"server --app-name green-mlops --backend-store-uri {uri}" in said
+    base = next(r for r in runs if r.info.run_name == "baseline").info.run_id
+    assert (
+        f"http://127.0.0.1:5000/green/experiment?experiment_id={exp.experiment_id}"
+        f"&metric=test_acc&baseline={base}" in out.replace("\n", "").replace(" ", "")
+    )
