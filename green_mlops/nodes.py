@@ -53,8 +53,9 @@ def connect(env: Mapping[str, str] | None = None) -> Any:
     host, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
     if not host or not port.isdigit():
         raise RuntimeError("MASTER_ADDR/MASTER_PORT are not set: no rendezvous store to use")
-    import torch.distributed as dist
+    import importlib
 
+    dist: Any = importlib.import_module("torch.distributed")  # torch's stubs do not export it
     return dist.TCPStore(
         host,
         int(port),
@@ -369,10 +370,10 @@ def merge(
         (t, w + sum(_power_at(b.get("power", []), t) for b in blobs.values()))
         for t, w in result.power
     ]
-    added = _job_tags(blobs, job, nodes, error=error, final=final, location=location)
-    if tags.get("green.problems") and added.get("green.problems"):
-        added["green.problems"] = f"{tags['green.problems']}; {added['green.problems']}"
-    tags.update(added)
+    said = _job_tags(blobs, job, nodes, error=error, final=final, location=location)
+    if tags.get("green.problems") and said.get("green.problems"):
+        said["green.problems"] = f"{tags['green.problems']}; {said['green.problems']}"
+    tags.update(said)
     if rest:
         tags["green.job.nodes_summarised"] = f"nodes past the first {MAX_NODE_BREAKDOWN}"
     return dataclasses.replace(result, metrics=metrics, tags=tags, power=power)

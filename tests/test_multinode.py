@@ -11,18 +11,24 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from green_mlops.job import Job
+from green_mlops.nodes import MAX_NODE_BREAKDOWN, NodeAgent, RunGather, connect, merge
+from green_mlops.session import Measurement
+from tests.conftest import ClockMeter
 from tests.mlflow_server import MlflowServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 WATTS = {0: 50.0, 1: 80.0}
 TRAIN_S = 2.0
+SETTINGS = {"intensity_providers": "constant", "intensity_g_per_kwh": 400, "location": "DE"}
 
 #: A RAPL package counter that advances at a constant power: the process writes the counter
 #: (in uJ) into its own /proc/self/comm, which energy_uj links to (an atomic read).
@@ -215,3 +221,77 @@ def test_two_nodes_are_measured_once_each_and_a_killed_node_is_named(
     assert (tags["green.job.partial"], tags["green.job.nodes_reported"]) == ("true", "1")
     assert "node 1 (" in tags["green.problems"] and "stopped reporting" in tags["green.problems"]
     assert tags["green.job.scope"] == "partial: 1 of 2 nodes reported"
+
+
+# --- the exchange on its own: a real TCPStore on loopback, no launcher ---------------------------
+
+
+@pytest.fixture()
+def store_client() -> Iterator[Callable[[], Any]]:
+    import torch.distributed as dist
+
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+    def client() -> Any:
+        return dist.TCPStore("127.0.0.1", master.port, is_master=False, wait_for_workers=False)
+
+    yield client
+
+
+def measurement(watts: float) -> Measurement:
+    return Measurement(SETTINGS, meters=[ClockMeter(watts)]).start()
+
+
+def test_a_node_that_never_answers_is_named_and_the_wait_is_bounded(
+    store_client: Callable[[], Any],
+) -> None:
+    job = Job("torchrun", rank=0, local_rank=0, world_size=3, node_rank=0, nodes=3)
+    agent = NodeAgent(
+        Job("torchrun", rank=1, local_rank=0, world_size=3, node_rank=1, nodes=3),
+        lambda: measurement(80.0),
+        interval_s=0.5,
+        location="DE",
+        store_factory=store_client,
+    )
+    agent.start()
+    assert agent.ready.wait(30)
+    own = measurement(50.0)
+    gather = RunGather(job, interval_s=0.5, store_factory=store_client, wait_s=3.0).open()
+    began = time.monotonic()
+    blobs = gather.close()  # node 2 has no measuring process at all
+    assert time.monotonic() - began < 3.5
+    merged = merge(own.stop(), blobs, job, error=gather.error, final=True)
+    assert sorted(blobs) == [1] and blobs[1]["final"]
+    tags = merged.tags
+    assert (tags["green.job.nodes_reported"], tags["green.job.partial"]) == ("2", "true")
+    assert "node 2 never reported: its energy is not included" in tags["green.problems"]
+    assert tags["green.job.scope"] == "partial: 2 of 3 nodes reported"
+    m = merged.metrics
+    assert m["green/energy_kwh"] == pytest.approx(
+        m["green/node/0/energy_kwh"] + m["green/node/1/energy_kwh"]
+    )
+    assert "green/node/2/energy_kwh" not in m  # absent, never 0
+
+
+def test_without_a_store_the_run_says_why_and_is_partial() -> None:
+    job = Job("env", rank=0, local_rank=0, world_size=2, node_rank=0, nodes=2)
+    gather = RunGather(job, interval_s=0.5, store_factory=lambda: connect({})).open()
+    merged = merge(measurement(50.0).stop(), gather.close(), job, error=gather.error, final=True)
+    problems = merged.tags["green.problems"]
+    assert "node totals not gathered: MASTER_ADDR/MASTER_PORT are not set" in problems
+    assert "node 1 never reported" in problems
+    assert merged.tags["green.job.partial"] == "true"
+
+
+def test_past_the_breakdown_limit_nodes_are_summed_in_rest() -> None:
+    nodes = MAX_NODE_BREAKDOWN + 4
+    job = Job("torchrun", rank=0, local_rank=0, world_size=nodes, node_rank=0, nodes=nodes)
+    result = measurement(50.0).stop()
+    blob = {"final": True, "at": time.time(), "metrics": {"green/energy_kwh": 1.0}, "power": []}
+    merged = merge(result, {n: blob for n in range(1, nodes)}, job, final=True)
+    m = merged.metrics
+    assert m["green/energy_kwh"] == pytest.approx(result.metrics["green/energy_kwh"] + nodes - 1)
+    assert f"green/node/{MAX_NODE_BREAKDOWN - 1}/energy_kwh" in m
+    assert f"green/node/{MAX_NODE_BREAKDOWN}/energy_kwh" not in m
+    assert m["green/node/rest/energy_kwh"] == pytest.approx(4.0)
+    assert merged.tags["green.job.nodes_reported"] == str(nodes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from green_mlops import job
 from green_mlops.integrations.lightning.flop_tracking import (
     FlopTracker,
     flop_metrics,
@@ -15,21 +16,43 @@ from green_mlops.integrations.lightning.flop_tracking import (
 )
 from green_mlops.log import warn_once
 from green_mlops.meters import Component, Device, Meter, MeterUnavailable, Readings
+from green_mlops.nodes import MAX_NODE_BREAKDOWN
 from green_mlops.session import Measurement, Result
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "GATHERED_BY",
     "RunTotals",
     "assign_devices",
     "derive",
     "epoch_share",
     "gpu_identity",
+    "join_job",
     "local_values",
     "rank0_only",
     "sum_over_ranks",
 ]
+
+
+#: ``green.job.gathered_by`` of a run whose ranks' totals this callback sums (a collective): the
+#: MLflow plugin then does not gather the nodes' totals into it a second time.
+GATHERED_BY = "collective"
+#: The per-node breakdown: ``green/node/<n>/<key>`` (the first MAX_NODE_BREAKDOWN nodes, then
+#: ``green/node/rest/``), as the MLflow plugin's.
+_NODE_KEYS = (
+    "green/energy_kwh",
+    "green/co2e_g",
+    *(f"green/energy/{c.value}_kwh" for c in Component),
+)
+
+
+def join_job(trainer: pl.Trainer) -> None:
+    """This process's runs hold every rank's totals (a multi-process fit sums them): the
+    "only this node is measured" note is not given. Call in ``setup``, before any meter."""
+    if trainer.world_size > 1:
+        job.set_gathered(True)
 
 
 class _Subset(Meter):
@@ -83,7 +106,7 @@ def assign_devices(
                 else:
                     mine = gpus.index(device) == gpu_index
             else:
-                mine = local_rank == 0
+                mine = job.Job(local_rank=local_rank).measures_node  # the node's one measurer
             if mine:
                 devices.append(device)
         if len(devices) == len(offer.devices):
@@ -189,7 +212,9 @@ class RunTotals:
         self.latest = dict(self.base)
 
     def share(self, measurement: Measurement) -> None:
-        """The running stage's totals come from ``measurement``, another integration's."""
+        """The running stage's totals come from ``measurement``, another integration's (which
+        then leaves the summing over ranks and nodes to this callback)."""
+        measurement.extra_tags["green.job.gathered_by"] = GATHERED_BY
         self._shared = measurement
         self._owner_offsets = dict(measurement.offsets)
 
@@ -242,10 +267,24 @@ def sum_over_ranks(
     job has several processes: every rank must call it at the same point). A key is kept
     when some rank reported it."""
     vector = [local.get(k, 0.0) for k in keys] + [1.0 if k in local else 0.0 for k in keys]
+    nodes = int(getattr(trainer, "num_nodes", 1) or 1) if collective else 1
+    slots = min(nodes, MAX_NODE_BREAKDOWN) + (nodes > MAX_NODE_BREAKDOWN)
+    if nodes > 1:  # this rank's numbers in its node's slot: the per-node breakdown
+        mine = min(int(trainer.node_rank), MAX_NODE_BREAKDOWN)
+        for slot in range(slots):
+            vector += [local.get(k, 0.0) if slot == mine else 0.0 for k in _NODE_KEYS]
     if collective and trainer.world_size > 1:
         vector = _reduce(trainer, vector)
     n = len(keys)
-    return {k: vector[i] for i, k in enumerate(keys) if vector[n + i] > 0}
+    out = {k: vector[i] for i, k in enumerate(keys) if vector[n + i] > 0}
+    if nodes > 1:
+        for slot in range(slots):
+            name = "rest" if slot == MAX_NODE_BREAKDOWN else str(slot)
+            for i, key in enumerate(_NODE_KEYS):
+                if key in out:
+                    node_key = f"green/node/{name}/{key.removeprefix('green/')}"
+                    out[node_key] = vector[2 * n + slot * len(_NODE_KEYS) + i]
+    return out
 
 
 def derive(additive: Mapping[str, float], phases: Iterable[str]) -> dict[str, float]:
