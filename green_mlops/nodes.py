@@ -45,6 +45,10 @@ STORE_TIMEOUT_S = 5.0
 MAX_NODE_BREAKDOWN = 16
 #: Poll period of rank 0's bounded wait for final totals.
 _POLL_S = 0.01
+#: An agent's wait for rank 0's next event: no timeout to wake up (and log) for.
+_FOREVER = timedelta(days=365)
+#: Set at interpreter exit: the live publishers stop.
+_EXITING = threading.Event()
 
 
 def connect(env: Mapping[str, str] | None = None) -> Any:
@@ -81,8 +85,10 @@ class NodeAgent(threading.Thread):
     """Measures this node and answers rank 0's runs with its totals over each run's window.
 
     ``measurement`` is started in the thread (a :class:`~green_mlops.session.Measurement`);
-    ``store_factory`` connects to the job's store. Never raises; gives up (said once in the
-    log) when the store cannot be reached.
+    ``store_factory`` connects to the job's store. The thread waits for rank 0's events with
+    a blocking wait on the store's side (no polling traffic, no timeouts to log); a second
+    thread publishes the live totals once per ``interval_s``. Never raises; gives up (said in
+    the log) when the store cannot be reached.
     """
 
     def __init__(
@@ -102,6 +108,7 @@ class NodeAgent(threading.Thread):
         self.location = location
         self.measurement: Any = None
         self.store: Any = None
+        self.next_event = 1
         self._lock = threading.Lock()
         self._open: dict[int, tuple[float, dict[str, float], float]] = {}  # seq: start, base, t
         self.ready = threading.Event()
@@ -112,6 +119,11 @@ class NodeAgent(threading.Thread):
             self.store = self._store_factory()
             self.store.set(_key("node", self.job.node), socket.gethostname())
             self._catch_up()
+            live = threading.Thread(
+                target=self._live, args=(self.store.clone(),), name="green-mlops-node-live"
+            )
+            live.daemon = True
+            live.start()
             atexit.register(self._at_exit)
         except Exception as exc:
             log.warning("green-mlops: node %s cannot report to rank 0: %s", self.job.node, exc)
@@ -119,7 +131,15 @@ class NodeAgent(threading.Thread):
         finally:
             self.ready.set()
         try:
-            self._loop()
+            while True:
+                key = _key("event", self.next_event)
+                self.store.wait([key], _FOREVER)
+                event = json.loads(self.store.get(key))
+                self.next_event += 1
+                if event["kind"] == "start":
+                    self._start(int(event["seq"]), float(event["time"]))
+                elif event["kind"] == "end":
+                    self._publish(int(event["seq"]), final=True)
         except Exception as exc:  # the store went away (rank 0's node ended): nothing to answer
             log.debug("green-mlops: node agent stops: %s", exc)
 
@@ -131,27 +151,14 @@ class NodeAgent(threading.Thread):
             if current:
                 self._start(int(current["seq"]), float(current["start"]))
 
-    def _loop(self) -> None:
-        last_live = time.monotonic()
-        while True:
-            timeout = max(0.05, self.interval_s - (time.monotonic() - last_live))
-            began = time.monotonic()
-            try:
-                self.store.wait([_key("event", self.next_event)], timedelta(seconds=timeout))
-            except Exception:
-                if time.monotonic() - began < 0.9 * timeout:
-                    raise  # not a timeout: the store is gone
-            else:
-                event = json.loads(self.store.get(_key("event", self.next_event)))
-                self.next_event += 1
-                if event["kind"] == "start":
-                    self._start(int(event["seq"]), float(event["time"]))
-                elif event["kind"] == "end":
-                    self._publish(int(event["seq"]), final=True)
-                continue
-            last_live = time.monotonic()
-            for seq in list(self._open):
-                self._publish(seq, final=False)
+    def _live(self, store: Any) -> None:
+        """The open runs' totals so far, once per interval (rank 0's periodic values)."""
+        with contextlib.suppress(Exception):
+            while not _EXITING.wait(self.interval_s):
+                with self._lock:
+                    seqs = list(self._open)
+                for seq in seqs:
+                    self._publish(seq, final=False, store=store)
 
     def _values(self) -> tuple[dict[str, float], Any]:
         result = self.measurement.result()
@@ -185,7 +192,8 @@ class NodeAgent(threading.Thread):
 
     def _at_exit(self) -> None:
         """This process ends: its final totals for the runs still open (a fresh connection:
-        the agent's own may be blocked in a wait)."""
+        the agent's own is blocked in a wait)."""
+        _EXITING.set()
         with self._lock:
             seqs = list(self._open)
         if not seqs:

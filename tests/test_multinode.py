@@ -137,6 +137,7 @@ def wait_for(path: Path, agents: list[subprocess.Popen[str]], timeout: float = 2
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_two_nodes_are_measured_once_each_and_a_killed_node_is_named(
     tmp_path: Path, mlflow_server: MlflowServer, counters: dict[int, int]
 ) -> None:
