@@ -33,7 +33,15 @@ from green_mlops.metrics import is_additive
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_NODE_BREAKDOWN", "NODE_WAIT_S", "NodeAgent", "RunGather", "connect", "merge"]
+__all__ = [
+    "CLAIM_DELAY_S",
+    "MAX_NODE_BREAKDOWN",
+    "NODE_WAIT_S",
+    "NodeAgent",
+    "RunGather",
+    "connect",
+    "merge",
+]
 
 #: Key prefix in the job's store.
 PREFIX = "green_mlops"
@@ -43,6 +51,8 @@ NODE_WAIT_S = 3.0
 STORE_TIMEOUT_S = 5.0
 #: Nodes with a ``green/node/<n>/...`` breakdown; the others are summed in ``green/node/rest/``.
 MAX_NODE_BREAKDOWN = 16
+#: Local rank r of a node claims to measure it after r x this: the lowest alive wins.
+CLAIM_DELAY_S = 0.5
 #: Poll period of rank 0's bounded wait for final totals.
 _POLL_S = 0.01
 #: An agent's wait for rank 0's next event: no timeout to wake up (and log) for.
@@ -99,9 +109,11 @@ class NodeAgent(threading.Thread):
         interval_s: float,
         location: str | None,
         store_factory: Callable[[], Any] = connect,
+        claim_delay_s: float = 0.0,
     ) -> None:
         super().__init__(name="green-mlops-node", daemon=True)
         self.job = job
+        self.claim_delay_s = claim_delay_s
         self._factory = measurement
         self._store_factory = store_factory
         self.interval_s = interval_s
@@ -115,8 +127,10 @@ class NodeAgent(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.measurement = self._factory()
             self.store = self._store_factory()
+            if not self._claim():
+                return  # a lower local rank measures this node
+            self.measurement = self._factory()
             self.store.set(_key("node", self.job.node), socket.gethostname())
             self._catch_up()
             live = threading.Thread(
@@ -142,6 +156,17 @@ class NodeAgent(threading.Thread):
                     self._publish(int(event["seq"]), final=True)
         except Exception as exc:  # the store went away (rank 0's node ended): nothing to answer
             log.debug("green-mlops: node agent stops: %s", exc)
+
+    def _claim(self) -> bool:
+        """Become the node's one measuring process: the first local rank to claim it. Local
+        rank r claims after ``claim_delay_s`` (r x :data:`CLAIM_DELAY_S` from the plugin), so
+        the lowest local rank alive wins. Per restart of the workers (claimed anew)."""
+        if self.claim_delay_s > 0:
+            _EXITING.wait(self.claim_delay_s)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        me = str(self.job.local_rank or 0)
+        held = self.store.compare_set(_key("leader", self.job.node, restart), "", me)
+        return bool(held == me.encode())
 
     def _catch_up(self) -> None:
         """A run rank 0 opened before this agent started: measured from now (said)."""

@@ -296,3 +296,36 @@ def test_past_the_breakdown_limit_nodes_are_summed_in_rest() -> None:
     assert f"green/node/{MAX_NODE_BREAKDOWN}/energy_kwh" not in m
     assert m["green/node/rest/energy_kwh"] == pytest.approx(4.0)
     assert merged.tags["green.job.nodes_reported"] == str(nodes)
+
+
+def test_one_process_per_node_measures_it_the_lowest_local_rank_alive(
+    store_client: Callable[[], Any],
+) -> None:
+    def agent(local_rank: int) -> NodeAgent:
+        job = Job("torchrun", rank=2 + local_rank, local_rank=local_rank, node_rank=1, nodes=2)
+        made = NodeAgent(
+            job,
+            lambda: measurement(80.0),
+            interval_s=0.5,
+            location="DE",
+            store_factory=store_client,
+            claim_delay_s=0.2 * local_rank,
+        )
+        made.start()
+        return made
+
+    later, first = agent(1), agent(0)  # local rank 1 starts first, local rank 0 still wins
+    assert first.ready.wait(30) and later.ready.wait(30)
+    assert first.measurement is not None and later.measurement is None
+    first.measurement.close()
+    alone = NodeAgent(  # node 2's local rank 0 is not there: local rank 1 measures it
+        Job("torchrun", rank=5, local_rank=1, node_rank=2, nodes=3),
+        lambda: measurement(80.0),
+        interval_s=0.5,
+        location="DE",
+        store_factory=store_client,
+        claim_delay_s=0.2,
+    )
+    alone.start()
+    assert alone.ready.wait(30) and alone.measurement is not None
+    alone.measurement.close()

@@ -116,12 +116,13 @@ def _join_nodes(settings: Settings) -> None:
     if current.rank == 0:
         _state.job = current
         job.set_gathered(True)
-    elif current.measures_node and current.node != 0:
+    elif current.node != 0:  # each local rank may measure the node: the lowest alive does
         _state.agent = nodes.NodeAgent(
             current,
             lambda: Measurement(settings).start(),
             interval_s=settings.log_interval_s,
             location=settings.location,
+            claim_delay_s=nodes.CLAIM_DELAY_S * (current.local_rank or 0),
         )
         job.set_gathered(True)
         _state.agent.start()
