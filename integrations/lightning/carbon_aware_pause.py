@@ -43,7 +43,7 @@ __all__ = ["EXIT_CODE", "CarbonAwarePause"]
 EXIT_CODE = 75
 
 
-class CarbonAwarePause(Callback):  # type: ignore[misc]
+class CarbonAwarePause(Callback):
     def __init__(
         self,
         *,
