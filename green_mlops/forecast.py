@@ -11,10 +11,11 @@ runs) to a :class:`Forecaster`; :meth:`Forecaster.forecast` projects the rest of
    the median of the later ones are left out (compilation, cache fill; the sanity check is spent
    before the first mark). No forecast before :data:`MIN_SEGMENTS` training segments remain
    after that: the steady state (:attr:`Forecaster.reason` says why there is none).
-3. Model: constant (the step-weighted mean cost) or a linear trend in the step (a growing
-   sequence length, a curriculum), whichever has the lower BIC, the trend only with at least
-   :data:`MIN_TREND_SEGMENTS` segments and a rising slope (a falling cost is a warm-up
-   settling: it is not extrapolated towards zero).
+3. Model: of a constant, a rising linear trend in the step (a growing sequence length, a
+   curriculum) and a level shift (a constant before and after the best split), the one with
+   the lowest BIC; the trend and the shift need :data:`MIN_TREND_SEGMENTS` segments. A shift
+   projects the level after it; a trend is held at its value past :data:`TREND_HORIZON` times
+   the span it was seen over; a falling cost is never extrapolated towards zero.
 4. Interval: a one-sided 95 % Student-t band of the chosen model for the remaining mean cost
    (parameter error plus the spread of future segments), at least :data:`FLOOR` of the
    remainder; with an earlier possible end (``EarlyStopping``) the low end is that end's.
@@ -27,6 +28,7 @@ current intensity). See docs/forecasts.md.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -60,6 +62,9 @@ WARMUP_RATIO = 1.25
 MIN_SEGMENTS = 2
 #: Segments needed before a linear trend may be chosen over a constant cost.
 MIN_TREND_SEGMENTS = 4
+#: A trend is extrapolated over at most this many times the span it was seen over; beyond,
+#: the cost is held at the trend's value there.
+TREND_HORIZON = 3.0
 #: The smallest half-width of the band, as a fraction of the projected remainder.
 FLOOR = 0.05
 #: Past this many segments, the oldest are merged pairwise (the first one is kept apart).
@@ -168,10 +173,17 @@ class _Fit:
     sd: float
     n: int
     unit: float  # the mean weight of a point (steps per segment)
+    #: Past this position a trend is held at its value there (TREND_HORIZON).
+    horizon: float = math.inf
+    #: Effective points per point: (1 - r) / (1 + r) for the residuals' lag-1 correlation r
+    #: (a load that persists over several segments tells less than independent ones).
+    independence: float = 1.0
 
     def total(self, x0: float, x1: float) -> float:
         """The cost integrated over ``[x0, x1)``."""
-        return self.a * (x1 - x0) + 0.5 * self.b * (x1 * x1 - x0 * x0)
+        h = max(x0, min(x1, self.horizon))
+        rising = self.a * (h - x0) + 0.5 * self.b * (h * h - x0 * x0)
+        return rising + (self.a + self.b * h) * (x1 - h)
 
     def half_width(self, x0: float, x1: float) -> float:
         """A one-sided 95 % band of :meth:`total` over ``[x0, x1)``."""
@@ -180,16 +192,52 @@ class _Fit:
             return 0.0
         centre = 0.5 * (x0 + x1)
         params = self.n - (2 if self.model == "linear" else 1)
-        se_mean = self.sd * math.sqrt(
-            1.0 / self.n + ((centre - self.x_mean) ** 2 / self.sxx if self.sxx > 0 else 0.0)
-        )
-        future = self.sd / math.sqrt(max(1.0, span / self.unit))
+        lever = (centre - self.x_mean) ** 2 / self.sxx if self.sxx > 0 else 0.0
+        se_mean = self.sd * math.sqrt((1.0 / self.n + lever) / self.independence)
+        future = self.sd / math.sqrt(max(1.0, span / self.unit * self.independence))
         band = _t95(max(1, params)) * math.hypot(se_mean, future) * span
         return max(band, FLOOR * abs(self.total(x0, x1)))
 
 
 def _fit(xs: Sequence[float], ys: Sequence[float], ws: Sequence[float]) -> _Fit:
-    """Constant or linear (lower BIC; linear only rising and with enough points)."""
+    """The model with the lowest BIC: a constant, a rising line, or a level shift (then the
+    level after it); see the module's doc."""
+    n = len(xs)
+    line = _least_squares(xs, ys, ws)
+    flat = _least_squares(xs, ys, ws, constant=True)
+    w = sum(ws)
+    best, choice = _bic(flat.sd, n, 1, w), flat
+    if n >= MIN_TREND_SEGMENTS and line.model == "linear":
+        bic = _bic(line.sd, n, 2, w)
+        if bic < best:
+            best, choice = bic, line
+    if n >= MIN_TREND_SEGMENTS:
+        rss, k = min((_rss(ys[:k], ws[:k]) + _rss(ys[k:], ws[k:]), k) for k in range(1, n))
+        if n * math.log(max(rss / w, 1e-300)) + 3 * math.log(n) < best:
+            level = _least_squares(xs[k:], ys[k:], ws[k:], constant=True)
+            if len(xs) - k < MIN_SEGMENTS:  # too few after the shift to measure a spread
+                level = replace(level, sd=max(level.sd, flat.sd))
+            choice = replace(level, n=max(level.n, 1))
+    horizon = xs[-1] + TREND_HORIZON * (xs[-1] - xs[0])
+    return replace(choice, unit=w / n, horizon=horizon)
+
+
+def _rss(ys: Sequence[float], ws: Sequence[float]) -> float:
+    w = sum(ws)
+    mean = sum(y * v for y, v in zip(ys, ws, strict=True)) / w
+    return sum(v * (y - mean) ** 2 for y, v in zip(ys, ws, strict=True))
+
+
+def _bic(sd: float, n: int, params: int, w: float) -> float:
+    """BIC of a fit from its spread ``sd`` (``rss / w = sd^2 (n - params) / n``)."""
+    rss_w = sd * sd * (n - params) / n if n > params else 0.0
+    return n * math.log(max(rss_w, 1e-300)) + params * math.log(n)
+
+
+def _least_squares(
+    xs: Sequence[float], ys: Sequence[float], ws: Sequence[float], *, constant: bool = False
+) -> _Fit:
+    """The weighted mean, or the weighted line when its BIC is lower and its slope rises."""
     n = len(xs)
     w = sum(ws)
     x_mean = sum(x * v for x, v in zip(xs, ws, strict=True)) / w
@@ -198,18 +246,32 @@ def _fit(xs: Sequence[float], ys: Sequence[float], ws: Sequence[float]) -> _Fit:
     sxy = sum(v * (x - x_mean) * (y - y_mean) for x, y, v in zip(xs, ys, ws, strict=True))
     rss0 = sum(v * (y - y_mean) ** 2 for y, v in zip(ys, ws, strict=True))
     unit = w / n
-    constant = _Fit("constant", y_mean, 0.0, x_mean, 0.0, _sd(rss0, w, n, 1), n, unit)
-    if n < MIN_TREND_SEGMENTS or sxx <= 0:
-        return constant
+    flat = _Fit("constant", y_mean, 0.0, x_mean, 0.0, _sd(rss0, w, n, 1), n, unit)
+    flat = replace(flat, independence=_independence([y - y_mean for y in ys]))
+    if constant or n < 2 or sxx <= 0:
+        return flat
     b = sxy / sxx
     rss1 = max(rss0 - b * sxy, 0.0)
     tiny = 1e-12 * (rss0 + y_mean * y_mean * w) + 1e-300
     bic0 = n * math.log(max(rss0, tiny) / w)
     bic1 = n * math.log(max(rss1, tiny) / w) + math.log(n)
     if b <= 0 or bic1 >= bic0:
-        return constant
+        return flat
     a = y_mean - b * x_mean
-    return _Fit("linear", a, b, x_mean, sxx, _sd(rss1, w, n, 2), n, unit)
+    fit = _Fit("linear", a, b, x_mean, sxx, _sd(rss1, w, n, 2), n, unit)
+    return replace(
+        fit, independence=_independence([y - a - b * x for x, y in zip(xs, ys, strict=True)])
+    )
+
+
+def _independence(residuals: Sequence[float]) -> float:
+    """(1 - r) / (1 + r) for the lag-1 autocorrelation r of ``residuals`` (r in [0, 0.9])."""
+    squares = sum(r * r for r in residuals)
+    if len(residuals) < 3 or squares <= 0:
+        return 1.0
+    lag = sum(a * b for a, b in itertools.pairwise(residuals)) / squares
+    r = min(0.9, max(0.0, lag))
+    return (1 - r) / (1 + r)
 
 
 def _sd(rss: float, w: float, n: int, params: int) -> float:
