@@ -105,21 +105,26 @@ def interruptible(
     overhead_s: float = OVERHEAD_S,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(true chosen, planned chosen) mean intensity per kWh of the job's own energy (restores
-    included), each job in ``[start, end)`` steps, planned on ``seen``."""
+    included), each job in ``[start, end)`` steps, planned on ``seen``: one series, or one per
+    row of a 2-D array (the noise seeds, solved in one batch); results shaped like the views
+    x jobs."""
+    views = np.atleast_2d(seen)
     steps = int((ends - starts).max())
     idx = np.minimum(starts[:, None] + np.arange(steps)[None, :], len(true) - 1)
     inside = np.arange(steps)[None, :] < (ends - starts)[:, None]
-    cost = np.where(inside, seen[idx], np.inf)
-    tcost = np.where(inside, true[idx], np.inf)
-    oh_cost = np.concatenate((np.full((len(starts), 1), np.inf), cost), axis=1)
-    toh_cost = np.concatenate((np.full((len(starts), 1), np.inf), tcost), axis=1)
+    cost = np.where(inside[None], views[:, idx], np.inf).reshape(-1, steps)
+    tcost = np.tile(np.where(inside, true[idx], np.inf), (len(views), 1))
+    pad = np.full((len(cost), 1), np.inf)
+    oh_cost = np.concatenate((pad, cost), axis=1)
+    toh_cost = np.concatenate((pad, tcost), axis=1)
     frac = np.full(work, 1.0 / work)
     oh_frac = frac * (overhead_s / (STEP_H * 3600))
     oh_steps = 1 if overhead_s > 0 else 0
     best, best_t, _ = solve(
         cost, frac, oh_frac, oh_cost, oh_steps, true_cost=tcost, true_oh_cost=toh_cost
     )
-    return best_t, best
+    shape = (len(views), len(starts)) if seen.ndim == 2 else (len(starts),)
+    return best_t.reshape(shape), best.reshape(shape)
 
 
 def saving_stats(now: np.ndarray, chosen: np.ndarray) -> tuple[float, float]:
@@ -220,35 +225,40 @@ def paper(countries: list[str], seeds: int) -> None:
         values, _ = load(country)
         out: dict[str, list[float]] = {k: [] for k in ("c0", "c5", "i0", "i5", "f0", "f5")}
         per_threshold: dict[float, list[tuple[float, float]]] = {t: [] for t in THRESHOLDS}
-        for seed in [None, *range(seeds)]:
-            seen = noisy(values, seed)
-            total_now = total_c = total_i = total_f = 0.0
-            planned: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-            for w in np.unique(work):
-                sel = work == w
-                s, e = starts[sel], ends[sel]
-                now, chosen, p_now, p_chosen = contiguous(values, seen, s, int(w), e - w)
-                i_true, _ = interruptible(values, seen, s, int(w), e)
-                f_true, _ = interruptible(values, seen, s, int(w), e, overhead_s=0.0)
-                total_f += float((f_true * w).sum())
-                total_now += float((now * w).sum())
-                total_c += float((chosen * w).sum())
-                total_i += float((i_true * w).sum())
-                planned.append((now * w, chosen * w, p_now, p_chosen, np.full(len(s), w)))
+        seeds_used = [None, *range(seeds)]
+        views = np.stack([noisy(values, seed) for seed in seeds_used])
+        n = len(seeds_used)
+        total_now, total_c, total_i, total_f = (np.zeros(n) for _ in range(4))
+        planned: list[list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = [
+            [] for _ in range(n)
+        ]
+        for w in np.unique(work):
+            sel = work == w
+            s, e = starts[sel], ends[sel]
+            i_true, _ = interruptible(values, views, s, int(w), e)
+            f_true, _ = interruptible(values, views, s, int(w), e, overhead_s=0.0)
+            total_i += (i_true * w).sum(axis=1)
+            total_f += (f_true * w).sum(axis=1)
+            for k in range(n):
+                now, chosen, p_now, p_chosen = contiguous(values, views[k], s, int(w), e - w)
+                total_now[k] += float((now * w).sum())
+                total_c[k] += float((chosen * w).sum())
+                planned[k].append((now * w, chosen * w, p_now, p_chosen))
+        for k, seed in enumerate(seeds_used):
             key = "0" if seed is None else "5"
-            out["c" + key].append(100 * (1 - total_c / total_now))
-            out["i" + key].append(100 * (1 - total_i / total_now))
-            out["f" + key].append(100 * (1 - total_f / total_now))
-            if seed is not None:
-                for t in THRESHOLDS:
-                    kept = 0.0
-                    count = 0
-                    for now_w, chosen_w, p_now, p_chosen, _ in planned:
-                        gain = 1 - p_chosen / p_now
-                        wait = (gain > 0) & (gain >= t)
-                        kept += float(np.where(wait, chosen_w, now_w).sum())
-                        count += int(wait.sum())
-                    per_threshold[t].append((100 * (1 - kept / total_now), count / len(jobs)))
+            out["c" + key].append(100 * (1 - total_c[k] / total_now[k]))
+            out["i" + key].append(100 * (1 - total_i[k] / total_now[k]))
+            out["f" + key].append(100 * (1 - total_f[k] / total_now[k]))
+            if seed is None:
+                continue
+            for t in THRESHOLDS:
+                kept, count = 0.0, 0
+                for now_w, chosen_w, p_now, p_chosen in planned[k]:
+                    gain = 1 - p_chosen / p_now
+                    wait = (gain > 0) & (gain >= t)
+                    kept += float(np.where(wait, chosen_w, now_w).sum())
+                    count += int(wait.sum())
+                per_threshold[t].append((100 * (1 - kept / total_now[k]), count / len(jobs)))
         c_pub, i_pub = PUBLISHED[country]
         c0, c5 = out["c0"][0], statistics.mean(out["c5"])
         i0, i5 = out["i0"][0], statistics.mean(out["i5"])
