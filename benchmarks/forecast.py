@@ -23,6 +23,8 @@ coverage >= 80 %).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import statistics
 import sys
@@ -38,8 +40,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from green_mlops.forecast import Forecaster, Mark, Plan
-from green_mlops.integrations.lightning import AdaptiveValidation, EnergyMonitor
-from green_mlops.integrations.lightning import forecasting
+from green_mlops.integrations.lightning import AdaptiveValidation, EnergyMonitor, forecasting
 from green_mlops.tracker import offers_from_plugins, select_meters
 from green_mlops.units import J_PER_KWH
 
@@ -251,7 +252,10 @@ def run(name: str, spec: dict[str, Any], epochs: int, root: Path) -> dict[str, A
     start = time.perf_counter()
     trainer.fit(spec["module"], spec["train"], spec["val"])
     seconds = time.perf_counter() - start
-    return replay(name, list(_RECORD), ends.steps, max_epochs, dict(_FINAL), seconds)
+    out = replay(name, list(_RECORD), ends.steps, max_epochs, dict(_FINAL), seconds)
+    out["record"] = [[dataclasses.asdict(m), p and dataclasses.asdict(p)] for m, p in _RECORD]
+    out["epoch_ends"], out["max_epochs"], out["final"] = ends.steps, max_epochs, dict(_FINAL)
+    return out
 
 
 def replay(
@@ -287,7 +291,9 @@ def replay(
         done = [m for m in epoch_marks if m.steps <= p * steps]
         ct = None
         if done:
-            epochs = [b.energy_j - a.energy_j for a, b in zip([origin, *done[:-1]], done)]
+            epochs = [
+                b.energy_j - a.energy_j for a, b in zip([origin, *done[:-1]], done, strict=True)
+            ]
             ct = origin.energy_j + statistics.fmean(epochs) * max_epochs
         out["points"][p] = {
             "ours": None if ours is None else ours.energy_j / truth - 1,
@@ -299,6 +305,10 @@ def replay(
     return out
 
 
+def band(pair: tuple[float, float] | None, i: int) -> str:
+    return "" if pair is None else fmt(pair[i])
+
+
 def fmt(x: float | None) -> str:
     return "   n/a" if x is None else f"{100 * x:+6.1f}%"
 
@@ -308,7 +318,23 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--only", default="", help="comma-separated shape names")
+    parser.add_argument("--save", help="write the fits' marks, plans and totals to this JSON file")
+    parser.add_argument("--replay", help="replay a --save file instead of running fits")
     args = parser.parse_args()
+    if args.replay:
+        saved = json.loads(Path(args.replay).read_text())
+        results = [
+            replay(
+                f["name"],
+                [(Mark(**m), p and Plan(**p)) for m, p in f["record"]],
+                f["epoch_ends"],
+                f["max_epochs"],
+                f["final"],
+                f["seconds"],
+            )
+            for f in saved
+        ]
+        return summary(results)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -334,7 +360,7 @@ def main() -> int:
                 results.append(r)
                 cells = "  ".join(
                     f"{round(100 * p)}%: ours {fmt(v['ours'])} "
-                    f"[{fmt(v['band'][0]) if v['band'] else ''}..{fmt(v['band'][1]) if v['band'] else ''}] "
+                    f"[{band(v['band'], 0)}..{band(v['band'], 1)}] "
                     f"ct {fmt(v['ct'])}"
                     for p, v in r["points"].items()
                 )
@@ -343,6 +369,13 @@ def main() -> int:
                     f"{r['seconds']:5.1f} s | {cells}",
                     flush=True,
                 )
+    if args.save:
+        Path(args.save).write_text(json.dumps(results, default=str))
+    return summary(results)
+
+
+def summary(results: list[dict[str, Any]]) -> int:
+    """The table per point and the verdicts; exit status 0 when every target is met."""
     print()
     print("point  ours median  ours worst  ct median  ct worst  coverage  (no forecast: ours/ct)")
     verdicts = []

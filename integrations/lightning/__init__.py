@@ -9,15 +9,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["AdaptiveValidation", "EnergyMonitor"]
+__all__ = ["AdaptiveValidation", "EnergyBudget", "EnergyMonitor"]
 
 _LAZY = {
     "EnergyMonitor": "green_mlops.integrations.lightning.energy_monitor",
     "AdaptiveValidation": "green_mlops.integrations.lightning.adaptive_validation",
+    "EnergyBudget": "green_mlops.integrations.lightning.budget_guard",
 }
 
 if TYPE_CHECKING:
     from green_mlops.integrations.lightning.adaptive_validation import AdaptiveValidation
+    from green_mlops.integrations.lightning.budget_guard import EnergyBudget
     from green_mlops.integrations.lightning.energy_monitor import EnergyMonitor
 
 

@@ -33,6 +33,7 @@ from green_mlops.integrations.lightning.ranks import (
     derive,
     epoch_share,
     gpu_identity,
+    join_job,
 )
 from green_mlops.log import warn_once
 from green_mlops.meters import Meter, MeterUnavailable
@@ -177,6 +178,8 @@ class EnergyMonitor(Callback):
         self._base_source: Measurement | None = None
         #: How the FLOPs in the totals were counted (every stage, and the checkpoint's).
         self._flop_methods: set[str] = set()
+        #: EnergyBudget callbacks checked at each progress mark (they register in setup).
+        self.guards: list[Any] = []
         self._reset_stage()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -252,6 +255,7 @@ class EnergyMonitor(Callback):
         self._world = trainer.world_size
         self._rank = trainer.global_rank
         self._local_rank = trainer.local_rank
+        join_job(trainer)
         self._flops.live = self.count_live
         owner = self._output.find_owner(trainer) if self._rank == 0 else None
         covered = owner is not None
@@ -312,6 +316,8 @@ class EnergyMonitor(Callback):
         if self.forecast is not None and failure is None:
             errors = self.forecast.errors(trainer, metrics)
             tags.update(self.forecast.tags(errors))
+            for guard in self.guards:
+                tags.update(guard.tags())
             if self._rank == 0 and errors:
                 self._output.log(trainer, errors, totals=False)
         if self._rank == 0:
@@ -356,6 +362,9 @@ class EnergyMonitor(Callback):
         if self.forecast is not None:
             metrics = self._refresh(trainer) if metrics is None else metrics
             found = self.forecast.mark(trainer, metrics, self._measurement)
+            for guard in self.guards:  # on every rank: rank 0 decides, the others follow
+                latest = self.forecast.latest if found else None
+                found = {**found, **guard.check(trainer, metrics, latest)}
             if found and self._rank == 0:
                 self._output.log(trainer, found, totals=False)
 

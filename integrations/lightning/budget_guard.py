@@ -1,0 +1,286 @@
+"""``EnergyBudget``: warn once, or stop a fit cleanly, when its energy, carbon or cost passes a
+budget: on the measured total, or on the forecast's low end (stop before the money is spent).
+
+It reads the run totals and the forecast of the ``EnergyMonitor`` among the callbacks at each
+of its progress marks (epoch ends; quarter epochs and ``log_every_n_steps`` in one process).
+See docs/forecasts.md ("Budget guard").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from typing_extensions import override
+
+from green_mlops.integrations.lightning._namespaces import Callback, Misconfiguration
+from green_mlops.log import warn_user
+from green_mlops.units import J_PER_KWH
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from green_mlops.forecast import Forecast
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ACTIONS", "BASES", "EnergyBudget"]
+
+ACTIONS = ("warn", "stop")
+BASES = ("measured", "forecast")
+#: Limit -> what it limits (the metric compared).
+LIMITS = {
+    "energy_kwh": "kWh of IT energy (green/energy_kwh)",
+    "co2e_g": "grams CO2e, location-based (green/co2e_g)",
+    "cost": "electricity cost in the run's currency (green/cost)",
+}
+#: A named budget's limits (budget.py) -> ours, and the factor between their units.
+_FROM_CONFIG = {
+    "energy_kwh": ("energy_kwh", 1.0),
+    "co2e_kg": ("co2e_g", 1000.0),
+    "cost": ("cost", 1.0),
+}
+
+
+def _positive(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise Misconfiguration(
+            f"EnergyBudget({name}={value!r}) is not valid: expected a number > 0: {LIMITS[name]}"
+        )
+    return float(value)
+
+
+class EnergyBudget(Callback):
+    """Warns once, or stops the fit, when its energy, carbon or cost passes a limit.
+
+    Example::
+
+        Trainer(callbacks=[EnergyMonitor(), EnergyBudget(energy_kwh=50, action="stop",
+                                                         on="forecast")])
+
+    Args:
+        energy_kwh, co2e_g, cost: limits (numbers > 0) on the fit's ``green/energy_kwh``,
+            ``green/co2e_g`` and ``green/cost``.
+        action: ``"warn"`` (a ``GreenMlopsWarning``, once) or ``"stop"``
+            (``trainer.should_stop``, after saving a checkpoint to resume from).
+        on: ``"measured"``: the totals so far; ``"forecast"``: the low end of the fit's
+            forecast (``green/forecast/energy_low_kwh``): it acts as soon as the fit cannot
+            stay within the budget. Before the forecast's steady state the measured totals
+            are checked, and that is said once.
+        budget: the name of a ``[[budget]]`` of ``green-mlops.toml`` (``config``: its path;
+            default the nearest one): its limits less what its period already used (its runs
+            read from MLflow at ``tracking_uri``, or ``used``: kWh, g, cost already spent).
+        checkpoint: where ``action="stop"`` saves (default
+            ``green-budget-stop.ckpt`` in the Trainer's ``log_dir``, else its
+            ``default_root_dir``).
+
+    Tags (MLflow, the JSON report): ``green.budget.limits``, ``green.budget.basis``,
+    ``green.budget.action``, ``green.budget.exceeded`` (what passed, when); the metric
+    ``green/budget/fraction`` (the largest share of a limit used, on the chosen basis) at each
+    check and ``green/budget/exceeded`` = 1 when it passed. Under DDP rank 0 decides and
+    broadcasts: every rank stops at the same step.
+    """
+
+    def __init__(
+        self,
+        energy_kwh: float | None = None,
+        co2e_g: float | None = None,
+        cost: float | None = None,
+        *,
+        action: str = "warn",
+        on: str = "measured",
+        budget: str | None = None,
+        config: str | os.PathLike[str] | None = None,
+        tracking_uri: str | None = None,
+        used: Mapping[str, float] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if action not in ACTIONS:
+            raise Misconfiguration(
+                f"EnergyBudget(action={action!r}) is not valid: expected 'warn' or 'stop'"
+            )
+        if on not in BASES:
+            raise Misconfiguration(
+                f"EnergyBudget(on={on!r}) is not valid: expected 'measured' or 'forecast' "
+                "(the forecast's low end)"
+            )
+        given = {"energy_kwh": energy_kwh, "co2e_g": co2e_g, "cost": cost}
+        limits = {
+            k: v for k, v in ((k, _positive(k, v)) for k, v in given.items()) if v is not None
+        }
+        self.budget_name = budget
+        self.notes: list[str] = []
+        if budget is not None:
+            for key, value in self._named(budget, config, tracking_uri, used).items():
+                limits[key] = min(limits.get(key, math.inf), value)
+        if not limits:
+            raise Misconfiguration(
+                "EnergyBudget() has no limit: set energy_kwh=, co2e_g=, cost= or budget= "
+                "(a [[budget]] name of green-mlops.toml), e.g. EnergyBudget(energy_kwh=50)"
+            )
+        self.limits = limits
+        self.action, self.on = action, on
+        self.checkpoint: str | None = None
+        self._checkpoint_path = None if checkpoint is None else str(checkpoint)
+        self.exceeded: str | None = None
+        self._no_forecast_said = False
+        self._basis = "measured totals"
+
+    def _named(
+        self,
+        name: str,
+        config: str | os.PathLike[str] | None,
+        tracking_uri: str | None,
+        used: Mapping[str, float] | None,
+    ) -> dict[str, float]:
+        """The named budget's limits in our units, less what its period used."""
+        from green_mlops.budget import load_config
+        from green_mlops.config import ConfigError
+
+        try:
+            loaded = load_config(None if config is None else Path(config))
+        except ConfigError as exc:
+            raise Misconfiguration(f"EnergyBudget(budget={name!r}): {exc}") from None
+        found = {b.name: b for b in loaded.budgets}
+        if name not in found:
+            raise Misconfiguration(
+                f"EnergyBudget(budget={name!r}) is not valid: budget={name!r} is not in "
+                f"{loaded.path}: its budgets are {', '.join(found)}"
+            )
+        chosen = found[name]
+        if "kwh_per_unit" in chosen.limits:
+            self.notes.append(f"budget {name!r}: kwh_per_unit is not guarded (per functional unit)")
+        spent = dict(used) if used is not None else self._spent(loaded, chosen, tracking_uri)
+        out: dict[str, float] = {}
+        for key, (ours, factor) in _FROM_CONFIG.items():
+            if key in chosen.limits:
+                already = 0.0 if chosen.period == "run" else spent.get(ours, 0.0)
+                out[ours] = max(0.0, chosen.limits[key] * factor - already)
+        return out
+
+    def _spent(self, loaded: Any, chosen: Any, tracking_uri: str | None) -> dict[str, float]:
+        """What the budget's period already used, from its MLflow runs (0 if unreadable)."""
+        if chosen.period == "run":
+            return {}
+        try:
+            from green_mlops.audit import audit
+            from green_mlops.budget import AuditConfig
+            from green_mlops.integrations.mlflow.reader import read_runs
+
+            records = read_runs(tracking_uri, chosen.experiments)
+            result = audit(AuditConfig(loaded.path, (chosen,)), records).budgets[0]
+        except Exception as exc:  # the guard still guards this run's own figures
+            self.notes.append(f"what budget {chosen.name!r} already used is unknown ({exc})")
+            warn_user(f"EnergyBudget: {self.notes[-1]}: only this fit's use is counted")
+            return {}
+        spent: dict[str, float] = {}
+        for check in result.checks:
+            if check.limit in _FROM_CONFIG and check.used is not None:
+                ours, factor = _FROM_CONFIG[check.limit]
+                spent[ours] = check.used * factor
+        return spent
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if str(getattr(stage, "value", stage)) != "fit":
+            return
+        from green_mlops.integrations.lightning.validation_energy import _energy_monitor
+
+        monitor = _energy_monitor(trainer)
+        if monitor is None:
+            raise Misconfiguration(
+                "EnergyBudget needs an EnergyMonitor among the callbacks (it reads its totals "
+                "and forecast): Trainer(callbacks=[EnergyMonitor(), EnergyBudget(...)])"
+            )
+        if self not in monitor.guards:
+            monitor.guards.append(self)
+
+    def check(
+        self, trainer: pl.Trainer, metrics: Mapping[str, float], forecast: Forecast | None
+    ) -> dict[str, float]:
+        """Called by EnergyMonitor at each progress mark, on every rank (rank 0 decides)."""
+        values = self._values(metrics, forecast)
+        fraction = max((values[k] / v for k, v in self.limits.items() if k in values), default=0.0)
+        basis = "forecast low end" if forecast is not None and self.on == "forecast" else "measured"
+        over = [
+            f"{k} {basis} {values[k]:.4g} > {v:.4g}"
+            for k, v in self.limits.items()
+            if k in values and values[k] > v
+        ]
+        decided = bool(over) and self.exceeded is None
+        if trainer.world_size > 1:
+            decided = bool(trainer.strategy.broadcast(decided, src=0))
+        out = {"green/budget/fraction": fraction}
+        if not decided:
+            return out
+        self.exceeded = f"{'; '.join(over) or 'on rank 0'} at step {trainer.global_step}"
+        out["green/budget/exceeded"] = 1.0
+        what = f"budget passed: {self.exceeded}" + (
+            f" (budget {self.budget_name!r})" if self.budget_name else ""
+        )
+        if self.action == "stop":
+            folder = trainer.log_dir or trainer.default_root_dir
+            self.checkpoint = self._checkpoint_path or os.path.join(
+                folder, "green-budget-stop.ckpt"
+            )
+            trainer.save_checkpoint(self.checkpoint)  # every rank: the strategy writes once
+            trainer.should_stop = True
+            what += f"; the fit stops, resume from {self.checkpoint}"
+        if trainer.global_rank == 0:
+            warn_user(f"EnergyBudget: {what}")
+        log.warning("green-mlops: EnergyBudget: %s", what)
+        return out
+
+    def _values(self, metrics: Mapping[str, float], forecast: Forecast | None) -> dict[str, float]:
+        measured = {k: metrics[f"green/{k}"] for k in LIMITS if f"green/{k}" in metrics}
+        if self.on != "forecast":
+            return measured
+        if forecast is None:
+            if not self._no_forecast_said:
+                self._no_forecast_said = True
+                self._basis = "measured totals (no forecast yet: no steady state seen)"
+                warn_user(
+                    "EnergyBudget(on='forecast'): no forecast yet (no steady state seen): the "
+                    "measured totals are checked until there is one"
+                )
+            return measured
+        self._basis = "the forecast's low end"
+        low_kwh = forecast.low_j / J_PER_KWH
+        values = dict(measured)
+        values["energy_kwh"] = low_kwh
+        if forecast.co2e_low_g is not None:
+            values["co2e_g"] = forecast.co2e_low_g
+        kwh = metrics.get("green/energy_kwh", 0.0)
+        if "cost" in measured and kwh > 0:
+            values["cost"] = measured["cost"] / kwh * low_kwh
+        return values
+
+    def tags(self) -> dict[str, str]:
+        """``green.budget.*`` for the run's tags."""
+        limits = ", ".join(f"{k}={v:.4g}" for k, v in self.limits.items())
+        if self.budget_name:
+            limits += f" (budget {self.budget_name!r}, less what its period used)"
+        tags = {
+            "green.budget.limits": limits,
+            "green.budget.basis": self._basis if self.on == "forecast" else "measured totals",
+            "green.budget.action": self.action,
+        }
+        if self.exceeded:
+            tags["green.budget.exceeded"] = self.exceeded
+        if self.notes:
+            tags["green.budget.notes"] = "; ".join(self.notes)
+        return tags

@@ -1,0 +1,138 @@
+"""EnergyBudget: warn once or stop a real Lightning fit (CPU) on its measured total or on the
+forecast's low end; bad settings refused with the fix; a named budget of green-mlops.toml."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from green_mlops.integrations.lightning import EnergyBudget
+from green_mlops.integrations.lightning._namespaces import Misconfiguration
+from green_mlops.log import GreenMlopsWarning
+from tests.test_energy_monitor import Classifier, loader, monitor, rows, trainer
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning:lightning.*",
+    "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",
+)
+
+
+def final_kwh(table: list[dict[str, float]]) -> float:
+    return [r["green/energy_kwh"] for r in table if "green/energy_kwh" in r][-1]
+
+
+def report_tags(tr: Any) -> dict[str, str]:
+    path = Path(tr.logger.log_dir) / "green_report.json"
+    return json.loads(path.read_text())["tags"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def epoch_kwh(tmp_path_factory: pytest.TempPathFactory) -> float:
+    """What one epoch of the test fit costs here (ClockMeter: power x time)."""
+    tr = trainer(tmp_path_factory.mktemp("ref"), [monitor()], max_epochs=3)
+    tr.fit(Classifier(), loader(), loader())
+    return final_kwh(rows(tr)) / 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"energy_kwh": 0}, r"energy_kwh=0\) is not valid: expected a number > 0"),
+        ({"co2e_g": -5.0}, r"co2e_g=-5.0\) is not valid: expected a number > 0"),
+        (
+            {"energy_kwh": 1, "action": "halt"},
+            r"action='halt'\) is not valid: expected 'warn' or 'stop'",
+        ),
+        ({"energy_kwh": 1, "on": "guess"}, r"on='guess'\) is not valid: expected 'measured' or"),
+        ({}, r"no limit: set energy_kwh=, co2e_g=, cost= or budget="),
+    ],
+)
+def test_bad_settings_fail_early_with_the_accepted_form(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(Misconfiguration, match=message):
+        EnergyBudget(**kwargs)
+
+
+def test_stop_on_the_measured_total_stops_cleanly_with_a_checkpoint_to_resume(
+    tmp_path: Path, epoch_kwh: float
+) -> None:
+    guard = EnergyBudget(energy_kwh=2.5 * epoch_kwh, action="stop")
+    tr = trainer(tmp_path, [monitor(), guard], max_epochs=20)
+    tr.fit(Classifier(), loader(), loader())
+    assert 1 <= tr.current_epoch < 10  # stopped, not run to 20 epochs
+    assert guard.checkpoint is not None and Path(guard.checkpoint).is_file()
+    tags = report_tags(tr)
+    assert tags["green.budget.action"] == "stop"
+    assert (
+        "energy_kwh" in tags["green.budget.exceeded"]
+        and "measured" in tags["green.budget.exceeded"]
+    )
+    assert any(r.get("green/budget/exceeded") == 1.0 for r in rows(tr))
+    # it resumes from the checkpoint (and the budget, passed again, stops it again at once)
+    again = trainer(tmp_path / "resume", [monitor()], max_epochs=tr.current_epoch + 2)
+    again.fit(Classifier(), loader(), loader(), ckpt_path=guard.checkpoint)
+    assert again.current_epoch == tr.current_epoch + 2
+
+
+def test_stop_on_the_forecast_stops_before_the_budget_is_spent(
+    tmp_path: Path, epoch_kwh: float
+) -> None:
+    limit = 8 * epoch_kwh  # of a 30-epoch fit
+    guard = EnergyBudget(energy_kwh=limit, action="stop", on="forecast")
+    tr = trainer(tmp_path, [guard, monitor()], max_epochs=30)  # order does not matter
+    tr.fit(Classifier(), loader(), loader())
+    assert tr.current_epoch < 8
+    assert final_kwh(rows(tr)) < limit  # stopped early, not after the energy was spent
+    assert "forecast low end" in report_tags(tr)["green.budget.exceeded"]
+
+
+def test_warn_warns_once_and_the_fit_runs_to_its_end(tmp_path: Path, epoch_kwh: float) -> None:
+    guard = EnergyBudget(energy_kwh=epoch_kwh, action="warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr = trainer(tmp_path, [monitor(), guard], max_epochs=4)
+        tr.fit(Classifier(), loader(), loader())
+    assert tr.current_epoch == 4
+    said = [
+        w
+        for w in caught
+        if issubclass(w.category, GreenMlopsWarning) and "budget" in str(w.message)
+    ]
+    assert len(said) == 1 and "energy_kwh" in str(said[0].message)
+    assert report_tags(tr)["green.budget.action"] == "warn"
+
+
+def test_on_forecast_before_a_steady_state_is_said_not_ignored(tmp_path: Path) -> None:
+    guard = EnergyBudget(energy_kwh=1.0, on="forecast")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr = trainer(tmp_path, [monitor(), guard], max_epochs=1, limit_train_batches=2)
+        tr.fit(Classifier(), loader(), loader())
+    said = [str(w.message) for w in caught if issubclass(w.category, GreenMlopsWarning)]
+    assert any("no forecast yet" in m and "measured total" in m for m in said)
+    assert "no forecast yet" in report_tags(tr)["green.budget.basis"]
+
+
+def test_without_energy_monitor_it_says_what_to_add(tmp_path: Path) -> None:
+    tr = trainer(tmp_path, [EnergyBudget(energy_kwh=1.0)], max_epochs=1)
+    with pytest.raises(Misconfiguration, match="needs an EnergyMonitor among the callbacks"):
+        tr.fit(Classifier(), loader(), loader())
+
+
+def test_a_named_budget_counts_what_its_period_used(tmp_path: Path) -> None:
+    config = tmp_path / "green-mlops.toml"
+    config.write_text(
+        '[[budget]]\nname = "team"\nexperiments = ["*"]\nperiod = "total"\nenergy_kwh = 0.5\n'
+        "co2e_kg = 2\n"
+    )
+    guard = EnergyBudget(budget="team", config=config, used={"energy_kwh": 0.2})
+    assert guard.limits == {"energy_kwh": pytest.approx(0.3), "co2e_g": 2000.0}
+    with pytest.raises(
+        Misconfiguration, match=r"budget='nope' is not in .*green-mlops.toml: its budgets are team"
+    ):
+        EnergyBudget(budget="nope", config=config)
