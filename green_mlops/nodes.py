@@ -213,7 +213,10 @@ class NodeAgent(threading.Thread):
             "power": [[t, w] for t, w in result.power if t > began],
             "problems": result.tags.get("green.problems", ""),
         }
-        (store or self.store).set(_key("run", seq, "node", self.job.node), json.dumps(blob))
+        store = store or self.store
+        store.set(_key("run", seq, "node", self.job.node), json.dumps(blob))
+        if final:
+            store.add(_key("run", seq, "finals"), 1)  # rank 0 polls this one counter
 
     def _at_exit(self) -> None:
         """This process ends: its final totals for the runs still open (a fresh connection:
@@ -307,10 +310,14 @@ class RunGather:
             with self._lock:
                 _event(self.store, kind="end", seq=self.seq, time=time.time())
                 self.store.set(_key("current"), "")
-            waiting = list(self.nodes)
+            waiting, finals, read_at = list(self.nodes), -1, 0.0
             while waiting and time.monotonic() < deadline:
-                self._read(waiting)
-                waiting = [n for n in waiting if self._expected(n)]
+                with self._lock:
+                    count = int(self.store.add(_key("run", self.seq, "finals"), 0))
+                if count != finals or time.monotonic() - read_at > 0.5:  # one read per change
+                    finals, read_at = count, time.monotonic()
+                    self._read(waiting)
+                    waiting = [n for n in waiting if self._expected(n)]
                 if waiting:
                     time.sleep(_POLL_S)
         except Exception as exc:
