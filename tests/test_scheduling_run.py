@@ -102,19 +102,26 @@ def launch(env: dict[str, str], *child: str, extra: tuple[str, ...] = ()) -> lis
 
 def test_exit_status_and_signals_pass_through(launcher_env: dict[str, str], tmp_path: Path) -> None:
     py = sys.executable
-    code = subprocess.run(launch(launcher_env, py, "-c", "import sys; sys.exit(3)"),
-                          env=launcher_env, capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert code.returncode == 3, code.stderr
-    killed = subprocess.run(
-        launch(launcher_env, py, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"),
-        env=launcher_env, capture_output=True, timeout=60,
-    )  # fmt: skip
-    assert killed.returncode == -signal.SIGTERM
-    begin = subprocess.run(
-        launch(launcher_env, py, "-c", "raise SystemExit(9)", extra=("--print-sbatch-begin",)),
-        env=launcher_env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert begin.returncode == 0 and begin.stdout.startswith("--begin=20"), begin.stderr
+    cases = {  # launched together: each is a few seconds of imports
+        "exit 3": launch(launcher_env, py, "-c", "import sys; sys.exit(3)"),
+        "SIGTERM": launch(
+            launcher_env, py, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+        ),
+        "sbatch": launch(
+            launcher_env, py, "-c", "raise SystemExit(9)", extra=("--print-sbatch-begin",)
+        ),
+    }
+    procs = {
+        name: subprocess.Popen(
+            argv, env=launcher_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, argv in cases.items()
+    }
+    done = {name: (p.communicate(timeout=60), p.returncode) for name, p in procs.items()}
+    assert done["exit 3"][1] == 3, done["exit 3"][0][1]
+    assert done["SIGTERM"][1] == -signal.SIGTERM, done["SIGTERM"][0][1]
+    (out, err), code = done["sbatch"]
+    assert code == 0 and out.startswith("--begin=20"), err  # and the command did not run
 
 
 def test_a_signal_to_the_launcher_reaches_the_command(
