@@ -171,3 +171,30 @@ def test_the_launched_mlflow_run_carries_the_plan(
     assert float(tags["green.schedule.waited_s"]) < 60
     # the run and its run-now counterfactual are priced by the same (static) chain
     assert metrics["green/schedule/co2e_if_run_now_g"] == pytest.approx(metrics["green/co2e_g"])
+
+
+def test_run_now_carbon_needs_the_same_sources_as_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from green_mlops.carbon import CarbonResult
+    from green_mlops.config import Settings
+    from green_mlops.scheduling.handoff import ENV, RUN_NOW_KEY, Schedule, attach_schedule
+
+    t0 = time.time() - 2 * H
+    schedule = Schedule(t0 - H, t0, t0 + H, t0, t0 + 5 * H, "wait", "why", "DE",
+                        "electricitymaps/api-v3", "average", 300.0, 400.0, 0.25, 0.05)  # fmt: skip
+    monkeypatch.setenv(ENV, schedule.to_env())
+    settings = Settings.load(environ={}, intensity_providers=("static",), location="DE")
+    timeline = [(t0, 0.0), (t0 + H, 3.6e6)]  # 1 kWh
+    # the run was priced by Electricity Maps; its run-now window would be by the yearly table
+    other = CarbonResult(300.0, 1.0, {"electricitymaps/api-v3 history zone DE, ...": 1.0})
+    metrics: dict[str, float] = {"green/co2e_g": 330.0}
+    tags: dict[str, str] = {}
+    attach_schedule(settings, timeline, other, metrics, tags)
+    assert RUN_NOW_KEY not in metrics
+    assert "priced by static" in tags["green.not_reported"]
+    assert tags["green.schedule.decision"] == "wait"
+    # the same source: the run-now grid carbon scaled by the run's own factor (here PUE 1.1)
+    same = CarbonResult(300.0, 1.0, {"static/ember-yearly zone DE, ...": 1.0})
+    metrics = {"green/co2e_g": 330.0}
+    attach_schedule(settings, timeline, same, metrics, {})
+    static_g = metrics[RUN_NOW_KEY] / 1.1
+    assert 100 < static_g < 1000  # Germany's yearly average, g/kWh x 1 kWh

@@ -135,4 +135,15 @@ def _run_now_grams(
         accountant.close()
     if now.unpriced_kwh > 0 or not math.isfinite(now.grams):
         return None, "no intensity for the run-now window"
+    ours, theirs = _sources(carbon), _sources(now)
+    if ours != theirs:  # another signal or basis: not comparable
+        return None, (
+            f"the run-now window would be priced by {', '.join(sorted(theirs))}, the run by "
+            f"{', '.join(sorted(ours))}"
+        )
     return now.grams * (co2e / grams), ""
+
+
+def _sources(carbon: Any) -> set[str]:
+    """Provider names that priced ``carbon`` (``kwh_by_source`` keys are describe() texts)."""
+    return {str(key).split("/", 1)[0] for key in getattr(carbon, "kwh_by_source", {})}
