@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from green_mlops.cli import mlflow_command
     from green_mlops.compare import compare
     from green_mlops.integrations.mlflow.reader import read_runs
 
@@ -210,6 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         f"&metric=test_acc&baseline={results[0].run_id}"
     )
     return 0
+
+
+def mlflow_command() -> str:
+    """The ``mlflow`` script beside this Python (a virtual environment's), else ``mlflow``."""
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("mlflow")
+    return str(script) if script.exists() else "mlflow"
 
 
 def _shown(value: float | None, fmt: str) -> str:

@@ -99,8 +99,9 @@ def run(run_id: str) -> tuple[RunRecord, Any]:
 def read_report(entity: Any) -> dict[str, Any] | None:
     """The run's ``green/report.json``, from the artifact store the server serves (proxied
     artifacts) or the run's own artifact URI; None when it has none or it cannot be read."""
-    from mlflow.server import handlers
+    import importlib
 
+    handlers: Any = importlib.import_module("mlflow.server.handlers")  # private helpers, untyped
     uri = entity.info.artifact_uri
     try:
         if handlers._is_servable_proxied_run_artifact_root(uri):

@@ -251,7 +251,8 @@ def api_run() -> Response:
 
 def _static(name: str) -> Callable[[], Response]:
     def view() -> Response:
-        text = files("green_mlops.integrations.mlflow.app").joinpath("static", name).read_text()
+        folder = files("green_mlops.integrations.mlflow.app").joinpath("static")
+        text = folder.joinpath(name).read_text(encoding="utf-8")
         response = Response(text, mimetype=_STATIC[name])
         response.headers["Cache-Control"] = "max-age=300"
         return response
