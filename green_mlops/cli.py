@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 #: Commands that read finished runs, one module each in :mod:`green_mlops.commands`; each has
 #: ``register(subparsers)``, which adds its parser with ``run`` (``args -> exit code``) as default.
-COMMANDS: tuple[str, ...] = ("compare", "audit", "report", "verify", "plan", "run")
+COMMANDS: tuple[str, ...] = ("compare", "audit", "report", "verify", "plan", "run", "estimate")
 
 
 def _console() -> Console:

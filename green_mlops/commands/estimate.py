@@ -1,0 +1,94 @@
+"""``green-mlops estimate --pilot RUN_ID (--flops N | --scale params=4x,tokens=10x | --epochs E)``:
+the full run priced from a measured pilot run (green_mlops.pilot computes; this module reads the
+run from MLflow and prints).
+
+Exit codes: 0 an estimate; 2 the pilot cannot price it (no FLOPs, unknown hardware: the message
+says what to log or pass); 4 the run could not be read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "estimate",
+        help="price a full run (energy, time, carbon, cost) from a measured pilot run",
+        description=(
+            "Estimate the full run's energy, time, carbon and cost from a pilot run's joules "
+            "per FLOP, MFU, phase shares and power, with an interval and the assumptions."
+        ),
+    )
+    parser.add_argument("--pilot", required=True, metavar="RUN_ID", help="the pilot's MLflow run")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--flops", type=float, help="the full run's FLOPs")
+    what.add_argument("--scale", help="params=<f>x,tokens=<f>x: 6 N D FLOPs scaled")
+    what.add_argument("--epochs", type=float, help="the full run's epochs (the pilot's data)")
+    parser.add_argument(
+        "--pilot-epochs", type=float, help="the pilot's epochs (default: its param)"
+    )
+    parser.add_argument("--hardware", help='the full run\'s device, e.g. "NVIDIA H100 SXM"')
+    parser.add_argument("--dtype", default="bf16", help="compute dtype for --hardware's peak")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
+    parser.set_defaults(run=run)
+
+
+def run(args: Any) -> int:
+    from rich.console import Console
+
+    from green_mlops.pilot import PilotError, estimate, parse_scale
+    from green_mlops.runs import RunsUnavailable
+
+    console = Console(highlight=False)
+    try:
+        from green_mlops.integrations.mlflow.reader import read_runs
+
+        records = read_runs(args.tracking_uri, run_ids=[args.pilot])
+    except (RunsUnavailable, ImportError) as exc:
+        console.print(f"green-mlops estimate: {exc}")
+        return 4
+    found = [r for r in records if r.run_id == args.pilot]
+    if not found:
+        console.print(f"green-mlops estimate: no run {args.pilot!r} at the tracking URI")
+        return 4
+    pilot = found[0]
+    pilot_epochs = args.pilot_epochs
+    for key in ("max_epochs", "epochs"):
+        if pilot_epochs is None and key in pilot.params:
+            with contextlib.suppress(ValueError):
+                pilot_epochs = float(pilot.params[key])
+    try:
+        result = estimate(
+            pilot.metrics,
+            pilot.tags,
+            flops=args.flops,
+            scale=parse_scale(args.scale) if args.scale is not None else None,
+            epochs=args.epochs,
+            pilot_epochs=pilot_epochs,
+            hardware=args.hardware,
+            dtype=args.dtype,
+        )
+    except PilotError as exc:
+        console.print(f"green-mlops estimate: pilot {pilot.run_id} ({pilot.name}): {exc}")
+        return 2
+    console.print(f"Full run estimated from pilot {pilot.run_id} ({pilot.name}):")
+    console.print(f"  FLOPs     {result.flops:.4g}")
+    console.print(
+        f"  energy    {result.energy_kwh:.4g} kWh  ({result.low_kwh:.4g} .. {result.high_kwh:.4g})"
+    )
+    console.print(f"  time      {result.duration_s:.4g} s ({result.duration_s / 3600:.3g} h)")
+    if result.co2e_g is not None:
+        console.print(f"  carbon    {result.co2e_g:.4g} g CO2e")
+    if result.cost is not None:
+        console.print(f"  cost      {result.cost:.4g} {result.currency}".rstrip())
+    shares = ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(result.phases.items()) if v > 0)
+    if shares:
+        console.print(f"  phases    {shares} (the pilot's shares)")
+    console.print("Assumptions:")
+    for line in result.assumptions:
+        console.print(f"  - {line}")
+    return 0

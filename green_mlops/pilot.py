@@ -1,0 +1,202 @@
+"""A pilot run prices the full run: energy, time, carbon and cost from the pilot's joules per
+FLOP, MFU, phase shares and power (``green-mlops estimate``; docs/forecasts.md).
+
+The full run's FLOPs come from ``--flops N``, ``--scale params=4x,tokens=10x`` (training FLOPs
+~ 6 N D: both factors multiply them) or ``--epochs E`` (the pilot's epochs scaled). Energy is the
+pilot's J/FLOP times the full FLOPs; time follows at the pilot's FLOP/s, or, on other hardware,
+at the pilot's MFU times that hardware's dense peak. The band: the pilot's own energy band plus
+an allowance for the extrapolation (:data:`SCALE_BAND`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from green_mlops.config import ConfigError
+from green_mlops.flops_peaks import DENSE_PEAKS, find_peak, peak_flops
+from green_mlops.units import J_PER_KWH
+
+__all__ = ["SCALE_BAND", "Estimate", "PilotError", "estimate", "parse_scale"]
+
+#: Half-width allowance for extrapolating: the same FLOPs (``--flops``/``--epochs``) or a larger
+#: model (``--scale``: utilisation and J/FLOP change with size), and other hardware.
+SCALE_BAND = {"flops": 0.10, "epochs": 0.10, "scale": 0.25, "hardware": 0.25}
+
+
+class PilotError(ConfigError):
+    """The pilot cannot price the full run (the message says what to log or pass)."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    flops: float
+    energy_kwh: float
+    low_kwh: float
+    high_kwh: float
+    duration_s: float
+    co2e_g: float | None
+    cost: float | None
+    currency: str
+    #: Phase -> share of the energy, as in the pilot.
+    phases: Mapping[str, float]
+    assumptions: tuple[str, ...] = field(default=())
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "green/estimate/energy_kwh": self.energy_kwh,
+            "green/estimate/energy_low_kwh": self.low_kwh,
+            "green/estimate/energy_high_kwh": self.high_kwh,
+            "green/estimate/duration_s": self.duration_s,
+            "green/estimate/flops": self.flops,
+        }
+        if self.co2e_g is not None:
+            out["green/estimate/co2e_g"] = self.co2e_g
+        if self.cost is not None:
+            out["green/estimate/cost"] = self.cost
+        return out
+
+
+def parse_scale(text: str) -> dict[str, float]:
+    """``params=4x,tokens=10x`` -> {"params": 4.0, "tokens": 10.0}."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        found = re.fullmatch(r"(params|tokens)\s*=\s*([0-9.eE+-]+)\s*x?", part)
+        value = float(found.group(2)) if found else math.nan
+        if found is None or not math.isfinite(value) or value <= 0:
+            raise PilotError(
+                f"--scale {text!r} is not valid: expected params=<factor>x and/or "
+                "tokens=<factor>x, factors > 0, e.g. --scale params=4x,tokens=10x"
+            )
+        out[found.group(1)] = value
+    if not out:
+        raise PilotError("--scale '' is not valid: expected e.g. --scale params=4x,tokens=10x")
+    return out
+
+
+def estimate(
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    *,
+    flops: float | None = None,
+    scale: Mapping[str, float] | None = None,
+    epochs: float | None = None,
+    pilot_epochs: float | None = None,
+    hardware: str | None = None,
+    dtype: str = "bf16",
+) -> Estimate:
+    """The full run's figures from a pilot's ``metrics`` and ``tags`` (one of ``flops``,
+    ``scale``, ``epochs``). Raises :class:`PilotError` with what to log or pass."""
+    chosen = [k for k, v in (("flops", flops), ("scale", scale), ("epochs", epochs)) if v]
+    if len(chosen) != 1:
+        raise PilotError("give exactly one of --flops N, --scale params=4x,tokens=10x, --epochs E")
+    pilot_flops, pilot_kwh = metrics.get("green/flops"), metrics.get("green/energy_kwh")
+    if not pilot_flops or pilot_flops <= 0:
+        raise PilotError(
+            "the pilot has no FLOPs (green/flops): log them with EnergyMonitor(count_flops=True) "
+            "(the default) or a module's flops_per_batch, or log green/flops yourself"
+        )
+    if not pilot_kwh or pilot_kwh <= 0:
+        raise PilotError("the pilot has no energy (green/energy_kwh): measure it with green-mlops")
+    assumptions: list[str] = [
+        f"energy per FLOP held at the pilot's {pilot_kwh * J_PER_KWH / pilot_flops:.3g} J/FLOP "
+        "(all phases: the pilot's validation and data wait scale with its FLOPs)"
+    ]
+    if flops is not None:
+        if not flops > 0:
+            raise PilotError(f"--flops {flops!r} is not valid: expected a number of FLOPs > 0")
+        factor = flops / pilot_flops
+        kind = "flops"
+    elif scale is not None:
+        factor = math.prod(scale.values())
+        kind = "scale"
+        assumptions.append(
+            "training FLOPs ~ 6 x params x tokens (a transformer): FLOPs x "
+            + " x ".join(f"{v:g} ({k})" for k, v in scale.items())
+        )
+    else:
+        assert epochs is not None
+        if not pilot_epochs:
+            raise PilotError(
+                "--epochs needs the pilot's number of epochs: it has no epoch param or "
+                "green/epoch/... series; pass --flops instead"
+            )
+        factor = epochs / pilot_epochs
+        kind = "epochs"
+        assumptions.append(
+            f"FLOPs x {epochs:g} / {pilot_epochs:g} epochs (the same data per epoch)"
+        )
+    band = SCALE_BAND[kind]
+    seconds = metrics.get("green/duration_s", 0.0) * factor
+    assumptions.append(f"MFU held constant: time x {factor:.4g}, on the pilot's hardware")
+    if hardware is not None:
+        seconds, note = _on_hardware(metrics, tags, hardware, dtype, pilot_flops * factor)
+        assumptions[-1] = note
+        band += SCALE_BAND["hardware"]
+    kwh = pilot_kwh * factor
+    rel = metrics.get("green/energy_uncertainty_kwh", 0.0) / pilot_kwh + band
+    intensity = metrics.get("green/intensity_g_per_kwh")
+    co2e = None if intensity is None else kwh * intensity * _pue(metrics, pilot_kwh)
+    if intensity is not None:
+        assumptions.append(
+            f"carbon at the pilot's mean {intensity:.4g} g/kWh ({tags.get('green.location', '?')})"
+        )
+    cost = metrics.get("green/cost")
+    total = pilot_kwh
+    phases = {
+        k[len("green/phase/") : -len("_kwh")]: v / total
+        for k, v in metrics.items()
+        if k.startswith("green/phase/") and k.endswith("_kwh") and k.count("/") == 2
+    }
+    return Estimate(
+        flops=pilot_flops * factor,
+        energy_kwh=kwh,
+        low_kwh=kwh * max(0.0, 1 - rel),
+        high_kwh=kwh * (1 + rel),
+        duration_s=seconds,
+        co2e_g=co2e,
+        cost=None if cost is None else cost * factor,
+        currency=tags.get("green.currency", ""),
+        phases=phases,
+        assumptions=tuple(assumptions),
+    )
+
+
+def _pue(metrics: Mapping[str, float], kwh: float) -> float:
+    facility = metrics.get("green/energy_facility_kwh")
+    return facility / kwh if facility else 1.0
+
+
+def _on_hardware(
+    metrics: Mapping[str, float], tags: Mapping[str, str], hardware: str, dtype: str, flops: float
+) -> tuple[float, str]:
+    """Seconds on ``hardware`` at the pilot's MFU, and the assumption said."""
+    figure = find_peak(hardware)
+    if figure is None:
+        known = ", ".join(sorted({f.model for _, f in DENSE_PEAKS}))
+        raise PilotError(
+            f"--hardware {hardware!r} is not in green_mlops/flops_peaks.py: expected one of {known}"
+        )
+    peak = peak_flops(hardware, dtype)
+    if peak is None:
+        raise PilotError(
+            f"--hardware {hardware!r} has no dense {dtype} peak in green_mlops/flops_peaks.py: "
+            f"pass --dtype one of {', '.join(sorted(figure.flops))}"
+        )
+    mfu, rate = metrics.get("green/mfu"), metrics.get("green/flops_per_s")
+    if not mfu or not rate:
+        raise PilotError(
+            f"--hardware {hardware!r}: the pilot has no MFU (green/mfu; its device's peak is "
+            f"unknown: {tags.get('green.mfu', 'not reported')}), so its utilisation cannot be "
+            "carried to other hardware: estimate on the pilot's hardware (leave out --hardware)"
+        )
+    pilot_peak = rate / mfu
+    seconds = metrics.get("green/duration_s", 0.0) * flops / metrics["green/flops"]
+    return seconds * pilot_peak / peak, (
+        f"MFU held at the pilot's {mfu:.3g}: time x {pilot_peak / peak:.3g} (the pilot's peak "
+        f"{pilot_peak / 1e12:.4g} TFLOP/s, {figure.model}'s {dtype} dense peak "
+        f"{peak / 1e12:.4g} TFLOP/s, {figure.source}); energy per FLOP held too (rough across "
+        "hardware)"
+    )

@@ -1,0 +1,115 @@
+"""``green-mlops estimate --pilot RUN_ID``: a real pilot fit (EnergyMonitor + MLFlowLogger) on a
+real MLflow server prices the full run; pilots and hardware that cannot are refused with the fix."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from green_mlops.cli import main
+from green_mlops.pilot import PilotError, estimate
+from tests.green_runs import make_lightning_run
+from tests.mlflow_server import MlflowServer
+
+
+@dataclass(frozen=True)
+class Pilots:
+    server: MlflowServer
+    pilot: str
+    metrics: Mapping[str, float]
+    no_flops: str
+
+
+@pytest.fixture(scope="module")
+def pilots(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Pilots:
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path_factory.mktemp("pilot")
+    run = make_lightning_run(mlflow_server, work, name="pilot", experiment="pilots", epochs=2)
+    assert run.run_id is not None
+    client = MlflowClient(mlflow_server.url)
+    metrics = dict(client.get_run(run.run_id).data.metrics)
+    bare = client.create_run(client.get_experiment_by_name("pilots").experiment_id)
+    client.log_metric(bare.info.run_id, "green/energy_kwh", 0.001)
+    client.set_terminated(bare.info.run_id)
+    return Pilots(mlflow_server, run.run_id, metrics, bare.info.run_id)
+
+
+def cli(p: Pilots, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["estimate", "--tracking-uri", p.server.url, *args])
+    out, err = capsys.readouterr()
+    return code, " ".join((out + err).split())
+
+
+def number(text: str, label: str) -> float:
+    found = re.search(rf"{label}\s+([0-9.e+-]+)", text)
+    assert found, text
+    return float(found.group(1))
+
+
+def test_epochs_scale_the_pilots_energy_time_and_carbon(
+    pilots: Pilots, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = cli(
+        pilots, capsys, "--pilot", pilots.pilot, "--epochs", "10", "--pilot-epochs", "2"
+    )
+    assert code == 0, out
+    m = pilots.metrics
+    assert number(out, "energy") == pytest.approx(5 * m["green/energy_kwh"], rel=1e-3)
+    assert number(out, "FLOPs") == pytest.approx(5 * m["green/flops"], rel=1e-3)
+    assert number(out, "time") == pytest.approx(5 * m["green/duration_s"], rel=1e-3)
+    assert number(out, "carbon") == pytest.approx(5 * m["green/co2e_g"], rel=1e-2)
+    low, high = re.search(r"kWh \(([0-9.e+-]+) \.\. ([0-9.e+-]+)\)", out).groups()  # type: ignore[union-attr]
+    assert float(low) < number(out, "energy") < float(high)
+    assert "MFU held constant" in out and "J/FLOP" in out and "train" in out
+
+
+def test_scale_multiplies_the_flops_by_params_and_tokens(pilots: Pilots) -> None:
+    result = estimate(pilots.metrics, {}, scale={"params": 4.0, "tokens": 10.0})
+    assert result.flops == pytest.approx(40 * pilots.metrics["green/flops"])
+    assert result.energy_kwh == pytest.approx(40 * pilots.metrics["green/energy_kwh"])
+    assert any("6 x params x tokens" in a for a in result.assumptions)
+    assert result.high_kwh / result.energy_kwh - 1 > 0.25  # extrapolating a size: wider band
+
+
+def test_a_pilot_without_flops_is_refused_with_what_to_log(
+    pilots: Pilots, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = cli(pilots, capsys, "--pilot", pilots.no_flops, "--flops", "1e18")
+    assert code == 2
+    assert "has no FLOPs (green/flops): log them with EnergyMonitor(count_flops=True)" in out
+
+
+def test_hardware_names_are_checked_and_a_pilot_without_mfu_cannot_move(
+    pilots: Pilots, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = cli(
+        pilots, capsys, "--pilot", pilots.pilot, "--flops", "1e15", "--hardware", "Potato 9000"
+    )
+    assert (
+        code == 2 and "'Potato 9000' is not in green_mlops/flops_peaks.py: expected one of" in out
+    )
+    assert "H100" in out
+    code, out = cli(
+        pilots, capsys, "--pilot", pilots.pilot, "--flops", "1e15", "--hardware", "NVIDIA H100 SXM"
+    )
+    assert code == 2 and "the pilot has no MFU (green/mfu" in out  # a CPU pilot
+    # a pilot with an MFU: time at its MFU x the other device's peak
+    gpu = {**pilots.metrics, "green/mfu": 0.4, "green/flops_per_s": 0.4 * 312e12}  # an A100
+    moved = estimate(gpu, {}, flops=2 * gpu["green/flops"], hardware="NVIDIA H100 SXM")
+    assert moved.duration_s == pytest.approx(2 * gpu["green/duration_s"] * 312 / 989.4, rel=0.01)
+    with pytest.raises(PilotError, match=r"--scale 'params=four' is not valid"):
+        from green_mlops.pilot import parse_scale
+
+        parse_scale("params=four")
+
+
+def test_an_unknown_run_is_said(
+    pilots: Pilots, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out = cli(pilots, capsys, "--pilot", "0" * 32, "--flops", "1e15")
+    assert code == 4
