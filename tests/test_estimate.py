@@ -111,5 +111,5 @@ def test_hardware_names_are_checked_and_a_pilot_without_mfu_cannot_move(
 def test_an_unknown_run_is_said(
     pilots: Pilots, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, out = cli(pilots, capsys, "--pilot", "0" * 32, "--flops", "1e15")
+    code, _ = cli(pilots, capsys, "--pilot", "0" * 32, "--flops", "1e15")
     assert code == 4
