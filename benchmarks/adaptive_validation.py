@@ -750,7 +750,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES), help="e.g. 0.01")
     parser.add_argument("--no-live", action="store_true", help="skip the live Lightning fits")
+    parser.add_argument(
+        "--tolerance-only",
+        action="store_true",
+        help="only CE<=5 and the policies of the tolerance table (full, default, tolerances, "
+        "horizon): issue 15's figures in a fraction of the time",
+    )
     args = parser.parse_args(argv)
+    if args.tolerance_only:
+        for name in ("CE",):
+            METRICS.pop(name, None)
+        for name in ("AdaptiveValidation, values", "AdaptiveValidation, weights, alpha=0.01"):
+            POLICIES.pop(name, None)
     problems = [(p, n) for p, n in PROBLEMS if f"{p}-{n}" in args.problems.split(",")]
     rates = [r for r in RATES if f"{r:g}" in args.rates.split(",")]
     seeds = EVAL_SEEDS[: 4 if args.quick else args.seeds]

@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BET_CAP", "FloatArray", "OneSidedTest", "alpha_spending"]
+__all__ = [
+    "BET_CAP",
+    "FloatArray",
+    "OneSidedTest",
+    "alpha_spending",
+    "check_tolerance",
+    "comparison_budget",
+]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -26,6 +33,47 @@ def alpha_spending(alpha: float, k: int) -> float:
     if k < 1:
         raise ValueError(f"comparison index k must be >= 1, got {k}")
     return alpha * 6.0 / (math.pi**2 * k * k)
+
+
+def comparison_budget(
+    alpha: float, k: int, *, horizon: int | None, pair: tuple[int, int] | None
+) -> float | None:
+    """Error budget of comparison ``k`` of a fit (None: no budget left, a full pass).
+
+    ``horizon``: ``alpha / horizon`` for ``k <= horizon``, else :func:`alpha_spending`.
+    ``pair``: (this run, the incumbent's run), with a tolerance: the compared pair depends on
+    earlier calls inside the zone, so the budget is spent over pairs, by the run index and
+    then by the incumbent's distance (docs/adaptive-validation.md, "Tolerance")."""
+    if pair is not None:
+        k = max(1, pair[0])
+    if horizon is not None:
+        if k > horizon:
+            return None
+        alpha_k = alpha / horizon
+    else:
+        alpha_k = alpha_spending(alpha, k)
+    if pair is not None:
+        alpha_k *= alpha_spending(1.0, max(1, pair[0] - pair[1]))
+    return alpha_k
+
+
+def check_tolerance(tolerance: float | None, lower: float | None, upper: float | None) -> None:
+    """Refuse a tolerance that is not ``None`` or a number in ``[0, upper - lower)``."""
+    if tolerance is None:
+        return
+    span = math.inf if lower is None or upper is None else upper - lower
+    accepted = "pass None (strict) or a number >= 0 in the metric's units"
+    if math.isfinite(span):
+        accepted += f", less than the range of the per-example values (upper - lower = {span:g})"
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        raise ValueError(f"tolerance={tolerance!r}: {accepted}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance={tolerance!r}: {accepted}")
+    if tolerance >= span:
+        raise ValueError(
+            f"tolerance={tolerance!r} is not less than the range of the per-example values "
+            f"[{lower}, {upper}]: every run would be inside the zone. {accepted}"
+        )
 
 
 class OneSidedTest:

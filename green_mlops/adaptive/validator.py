@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from green_mlops.adaptive.betting import FloatArray, alpha_spending
+from green_mlops.adaptive.betting import FloatArray, check_tolerance, comparison_budget
 from green_mlops.adaptive.comparison import Decision, PairedComparison
 from green_mlops.adaptive.rounding import (
     FLOAT32_ROUNDING_MARGIN,
@@ -137,7 +137,7 @@ class AdaptiveValidator:
             )
         if lower is not None and upper is not None and not lower < upper:
             raise ValueError(f"lower must be < upper, got lower={lower}, upper={upper}")
-        _check_tolerance(tolerance, lower, upper)
+        check_tolerance(tolerance, lower, upper)
         if horizon is not None and (
             isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1
         ):
@@ -274,20 +274,12 @@ class AdaptiveValidator:
 
     def _budget(self) -> float | None:
         """The error budget of the comparison this run would start (None: none left)."""
-        k = self.comparisons + 1
-        if self.tolerance is not None:
-            # the pair (this run, the incumbent's run) depends on earlier calls inside the
-            # zone: spend over pairs, by run index and by the incumbent's distance
-            k = max(1, self.runs)
-        if self.horizon is not None:
-            if k > self.horizon:
-                return None
-            alpha_k = self.alpha / self.horizon
-        else:
-            alpha_k = alpha_spending(self.alpha, k)
-        if self.tolerance is not None:
-            alpha_k *= alpha_spending(1.0, max(1, self.runs - self.incumbent_run))
-        return alpha_k
+        return comparison_budget(
+            self.alpha,
+            self.comparisons + 1,
+            horizon=self.horizon,
+            pair=None if self.tolerance is None else (self.runs, self.incumbent_run),
+        )
 
     def _improve_by(self) -> float:
         """The improvement over the incumbent that EarlyStopping counts as one (>= 0)."""
@@ -595,22 +587,3 @@ class AdaptiveValidator:
             raise ValueError(f"state has {self.known} known values of {size}")
         self._test = None
         self._running = False
-
-
-def _check_tolerance(tolerance: float | None, lower: float | None, upper: float | None) -> None:
-    """Refuse a tolerance that is not ``None`` or a number in ``[0, upper - lower)``."""
-    if tolerance is None:
-        return
-    span = math.inf if lower is None or upper is None else upper - lower
-    accepted = "pass None (strict) or a number >= 0 in the metric's units"
-    if math.isfinite(span):
-        accepted += f", less than the range of the per-example values (upper - lower = {span:g})"
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
-        raise ValueError(f"tolerance={tolerance!r}: {accepted}")
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"tolerance={tolerance!r}: {accepted}")
-    if tolerance >= span:
-        raise ValueError(
-            f"tolerance={tolerance!r} is not less than the range of the per-example values "
-            f"[{lower}, {upper}]: every run would be inside the zone. {accepted}"
-        )

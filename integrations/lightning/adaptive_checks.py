@@ -242,13 +242,11 @@ class ConfigChecks:
     # -- the validation loader (each validation run of fit) --------------------------------
 
     def loader(self, trainer: pl.Trainer) -> None:
-        """Check the validation loader: one loader, the same random order every run."""
+        """Check the (first, monitored) validation loader: the same random order every run."""
         loaders = trainer.val_dataloaders
         if isinstance(loaders, (list, tuple)):
-            if len(loaders) != 1:
-                raise Misconfiguration(
-                    f"AdaptiveValidation supports one validation dataloader; got {len(loaders)}"
-                )
+            if not loaders:
+                raise Misconfiguration("AdaptiveValidation: the fit has no validation dataloader")
             loaders = loaders[0]
         if isinstance(loaders, Mapping):
             raise Misconfiguration(

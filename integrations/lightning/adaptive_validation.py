@@ -24,6 +24,11 @@ from green_mlops.integrations.lightning._namespaces import Callback, Misconfigur
 from green_mlops.integrations.lightning.adaptive_checks import ConfigChecks, refusing
 from green_mlops.integrations.lightning.incumbent import IncumbentCopy
 from green_mlops.integrations.lightning.permuted import PermutedDataset
+from green_mlops.integrations.lightning.secondary import (
+    SecondaryTally,
+    SequentialLimits,
+    wanted,
+)
 from green_mlops.integrations.lightning.validation_energy import validation_joules
 from green_mlops.log import warn_user
 from green_mlops.units import J_PER_KWH
@@ -45,6 +50,8 @@ TOTAL_FRACTION_KEY = "green/validation/fraction_evaluated_total"
 INCUMBENT_KEY = "green/validation/incumbent_examples_evaluated"
 SAVED_KEY = "green/validation/saved_kwh_estimate"
 TOLERANCE_KEY = "green/validation/tolerance"
+SECONDARY_SKIPPED_KEY = "green/validation/secondary_examples_skipped"
+SECONDARY_TOTAL_KEY = "green/validation/secondary_fraction_evaluated_total"
 
 
 class AdaptiveValidation(Callback):
@@ -134,6 +141,9 @@ class AdaptiveValidation(Callback):
         horizon: ``None`` or the most validation runs of the fit (e.g. ``max_epochs``):
             alpha is spent evenly over them (``alpha / horizon`` each) instead of
             ``6 / (pi^2 k^2)``; runs beyond it are full passes.
+        secondary: with several validation dataloaders (the first is the monitored one):
+            ``"full"`` evaluates the others every run; ``"lazy"`` only for runs that become
+            the new best and at the last epoch (the kept checkpoint's numbers stay exact).
 
     Logged at each validation run of ``fit``: ``monitor``; ``green/validation/exact`` (1 if
     ``monitor`` is the exact full-set mean, else 0); ``green/validation/examples_evaluated``
@@ -172,8 +182,14 @@ class AdaptiveValidation(Callback):
         prog_bar: bool = True,
         tolerance: float | None = None,
         horizon: int | None = None,
+        secondary: Literal["full", "lazy"] = "full",
     ) -> None:
         super().__init__()
+        if secondary not in ("full", "lazy"):
+            raise Misconfiguration(
+                f"AdaptiveValidation(secondary={secondary!r}): pass 'full' or 'lazy'"
+            )
+        self.secondary = secondary
         if mode not in ("min", "max"):
             raise Misconfiguration(
                 f"AdaptiveValidation(mode={mode!r}): mode must be 'min' or 'max'"
@@ -230,6 +246,10 @@ class AdaptiveValidation(Callback):
         self._session_evaluated = 0
         self._warned_problem = False
         self._last_value: float | None = None
+        self._limits: SequentialLimits | None = None  # several dataloaders: this run's limits
+        self._outcome: Outcome | None = None  # the primary's, once it is finished
+        self._tally = SecondaryTally()
+        self._said_single = False
 
     @staticmethod
     def permute_once(dataset: Dataset[T], seed: int = 0) -> PermutedDataset[T]:
@@ -284,7 +304,18 @@ class AdaptiveValidation(Callback):
         self._incumbent_copy.release()
         self._total = _dataset_length(trainer)
         self._fitting_run = trainer.state.fn == TrainerFn.FITTING
+        self._limits, self._outcome = None, None
         if self._fitting_run:
+            loaders = trainer.val_dataloaders
+            several = isinstance(loaders, (list, tuple)) and len(loaders) > 1
+            with refusing():
+                self._limits = SequentialLimits(trainer) if several else None
+            if self.secondary == "lazy" and not several and not self._said_single:
+                self._said_single = True
+                rank_zero_only(log.info)(
+                    "AdaptiveValidation(secondary='lazy') does nothing here: the fit has one "
+                    "validation dataloader (it applies to the second and later ones)"
+                )
             self.validator.begin()
 
     @override
@@ -296,7 +327,18 @@ class AdaptiveValidation(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._fitting_run and not trainer.sanity_checking and self.validator.should_stop:
+        if not self._fitting_run or trainer.sanity_checking:
+            return
+        if dataloader_idx > 0:  # a secondary dataloader: the primary is done
+            if self._outcome is None:
+                self._finish_primary(trainer, pl_module)
+            outcome = self._outcome
+            assert outcome is not None and self._limits is not None
+            if self.secondary == "lazy" and not wanted(trainer, self.monitor, outcome):
+                self._limits.skipped = True
+                raise StopIteration  # (the secondaries come last: this ends the run)
+            return
+        if self._limits is None and self.validator.should_stop:
             # Ends the run cleanly: Lightning's evaluation loop catches StopIteration around
             # the step (for dataloader_iter support) and goes on to the epoch-end hooks.
             raise StopIteration
@@ -311,9 +353,13 @@ class AdaptiveValidation(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if dataloader_idx > 0:
+            return  # a secondary dataloader: not the monitored metric
         values = self._per_example(outputs)
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or (self._fitting_run and self._outcome is not None):
             return
+        if self._fitting_run and self._limits is not None and self.validator.should_stop:
+            return  # (decided already)
         start = self._padded_seen
         array = self._gather(trainer, values, start)
         self._padded_seen += values.numel() * max(1, trainer.world_size)
@@ -331,6 +377,8 @@ class AdaptiveValidation(Callback):
                     )
                 self.validator.extend_incumbent(self._gather(trainer, mine, start))
             self.validator.observe(array)
+        if self._limits is not None and self.validator.should_stop:
+            self._limits.end_primary(batch_idx + 1)  # on to the secondary dataloaders
         if self.validator.problem is not None and not self._warned_problem:
             self._warned_problem = True
             rank_zero_only(warn_user)(f"AdaptiveValidation: {self.validator.problem}")
@@ -347,17 +395,9 @@ class AdaptiveValidation(Callback):
             self._log(pl_module, self.monitor, mean, prog_bar=self.prog_bar)
             return
         self._fitting_run = False
-        with refusing():
-            outcome = self.validator.end()
-        if not self.validator.needs_weights:
-            self._incumbent_copy.weights = None
-        elif outcome.improved:  # a new incumbent, known on a prefix: keep its weights
-            self._incumbent_copy.keep(pl_module)
-        elif self._incumbent_copy.weights is None:
-            raise Misconfiguration(
-                "AdaptiveValidation: the incumbent's weights are missing (restored from a "
-                "checkpoint without them?)"
-            )
+        outcome = self._outcome or self._finish_primary(trainer, pl_module)
+        if self._limits is not None:
+            self._log_secondary(trainer, pl_module)
         passes = outcome.evaluated + outcome.incumbent_evaluated
         self._session_evaluated += passes
         self._last_value = outcome.value
@@ -406,6 +446,30 @@ class AdaptiveValidation(Callback):
             )
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _finish_primary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Outcome:
+        """Close the monitored dataloader's comparison (at its end or the first secondary
+        batch): the outcome, and the incumbent's weights kept where needed."""
+        with refusing():
+            outcome = self.validator.end()
+        self._outcome = outcome
+        if not self.validator.needs_weights:
+            self._incumbent_copy.weights = None
+        elif outcome.improved:  # a new incumbent, known on a prefix: keep its weights
+            self._incumbent_copy.keep(pl_module)
+        elif self._incumbent_copy.weights is None:
+            raise Misconfiguration(
+                "AdaptiveValidation: the incumbent's weights are missing (restored from a "
+                "checkpoint without them?)"
+            )
+        return outcome
+
+    def _log_secondary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._limits is not None
+        with refusing():
+            skipped, total = self._tally.add(trainer, self._limits, lazy=self.secondary == "lazy")
+        self._log(pl_module, SECONDARY_SKIPPED_KEY, float(skipped))
+        self._log(pl_module, SECONDARY_TOTAL_KEY, total)
 
     def _per_example(self, outputs: Any) -> torch.Tensor:
         how = (
@@ -515,8 +579,8 @@ class AdaptiveValidation(Callback):
 
 def _dataset_length(trainer: pl.Trainer) -> int | None:
     loaders: Any = trainer.val_dataloaders
-    if isinstance(loaders, (list, tuple)) and len(loaders) == 1:
-        loaders = loaders[0]
+    if isinstance(loaders, (list, tuple)) and loaders:
+        loaders = loaders[0]  # the monitored one
     dataset = getattr(loaders, "dataset", None)
     if dataset is None or isinstance(dataset, IterableDataset):
         return None
