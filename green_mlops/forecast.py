@@ -65,8 +65,9 @@ MIN_TREND_SEGMENTS = 4
 #: A trend is extrapolated over at most this many times the span it was seen over; beyond,
 #: the cost is held at the trend's value there.
 TREND_HORIZON = 3.0
-#: The smallest half-width of the band, as a fraction of the projected remainder.
-FLOOR = 0.05
+#: The smallest half-width of the band, as a fraction of the projected remainder (the drift
+#: of a shared machine's load is not in the segments' spread; chosen on benchmarks/forecast.py).
+FLOOR = 0.15
 #: Past this many segments, the oldest are merged pairwise (the first one is kept apart).
 MAX_SEGMENTS = 256
 #: One-sided 95 % Student-t quantiles for 1..10 degrees of freedom; 1.645 beyond.
