@@ -180,3 +180,16 @@ def test_interruptible_matches_brute_force_on_random_series() -> None:
         assert sum(b - a for a, b in p.chosen.slots) == pytest.approx(
             (work + p.chosen.resumes * overhead) * 60.0
         )
+
+
+def test_interruptible_is_never_worse_than_the_best_window_off_the_grid() -> None:
+    # "now" is 17 minutes past an hour: the 5-minute steps are aligned on the clock, not on now,
+    # so the cheap hours can be used whole; and a window always counts as one slot.
+    f = hourly(300, 300, 100, 110, 100, 300, 300)
+    now = 17 * 60.0
+    job = Job(3 * H, energy_kwh=1.0, interruptible=True, resume_overhead_s=300)
+    p = plan(f, job, earliest=now, finish_by=7 * H, min_saving=0)
+    window = plan(f, Job(3 * H, energy_kwh=1.0), earliest=now, finish_by=7 * H, min_saving=0)
+    assert window.chosen.slots == ((2 * H, 5 * H),)
+    assert p.chosen.impact <= window.chosen.impact * (1 + 1e-12)
+    assert p.chosen.slots == ((2 * H, 5 * H),)

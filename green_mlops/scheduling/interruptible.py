@@ -107,7 +107,8 @@ def cheapest_slots(
     dt = float(resolution_s)
     if not (math.isfinite(dt) and dt > 0):
         raise PlanError(f"resolution must be a positive number of seconds, not {resolution_s!r}")
-    steps = math.floor((end - earliest) / dt + 1e-9)
+    origin = math.ceil(earliest / dt - 1e-9) * dt  # steps on the clock, like forecast edges
+    steps = math.floor((end - origin) / dt + 1e-9)
     work = max(1, math.ceil(job.duration_s / dt - 1e-9))
     if steps < work:
         return None
@@ -115,7 +116,7 @@ def cheapest_slots(
     if not (math.isfinite(oh) and oh >= 0):
         raise PlanError(f"resume overhead must be >= 0 seconds, not {job.resume_overhead_s!r}")
     oh_steps = math.ceil(oh / dt - 1e-9) if oh > 0 else 0
-    grid = earliest + dt * np.arange(steps + 1)
+    grid = origin + dt * np.arange(steps + 1)
     integral, covered = forecast.integrals(grid[:-1], grid[1:])
     cost = np.where(covered >= dt - 1e-6, integral / dt, np.inf)[None, :]
     oh_cost = np.full((1, steps + 1), np.inf)

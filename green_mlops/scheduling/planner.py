@@ -138,7 +138,9 @@ def plan(
         slots = cheapest_slots(
             forecast, job, earliest=earliest, end=latest + d, resolution_s=resolution_s
         )
-        best = now if slots is None or slots.impact > now.impact * (1 - _TIE) else slots
+        # a single window is a schedule too (exact off the step grid): the DP must beat it
+        window = _best_window(forecast, segments, d, earliest, latest, job.energy_kwh) or now
+        best = window if slots is None or slots.impact >= window.impact * (1 - _TIE) else slots
     else:
         best = _best_window(forecast, segments, d, earliest, latest, job.energy_kwh) or now
     saving = 0.0 if now.impact <= 0 else 1 - best.impact / now.impact
