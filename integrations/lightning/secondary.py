@@ -146,11 +146,12 @@ def check_unmonitored(trainer: pl.Trainer) -> None:
     secondary: dict[str, int] = {}
     results: Any = getattr(trainer, "_results", None)
     for metric in [] if results is None else results.values():
-        meta = getattr(metric, "meta", None)
+        meta: Any = getattr(metric, "meta", None)
         index = getattr(meta, "dataloader_idx", None)
-        if isinstance(index, int) and index > 0:
-            secondary[meta.name] = index
-            secondary[f"{meta.name}/dataloader_idx_{index}"] = index
+        name = getattr(meta, "name", None)
+        if isinstance(index, int) and index > 0 and isinstance(name, str):
+            secondary[name] = index
+            secondary[f"{name}/dataloader_idx_{index}"] = index
     watched = [
         (type(cb).__name__, cb.monitor)
         for cb in trainer.callbacks  # type: ignore[attr-defined]
