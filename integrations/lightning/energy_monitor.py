@@ -130,7 +130,9 @@ class EnergyMonitor(Callback):
     (``green/flops``, ``green/mfu``, ...), per-epoch shares (``green/epoch/...``) and, with
     ``monitor``, quality per PFLOP and per kWh (``green/quality/...``); in MLflow also the
     provenance tags and ``green/report.json``. Every key, and how each number is obtained:
-    docs/energy-monitor.md.
+    docs/energy-monitor.md. During a fit it also forecasts the fit's totals
+    (``green/forecast/...``, with the errors at 10/25/50 % at its end) and serves
+    ``EnergyBudget``: docs/forecasts.md.
     """
 
     def __init__(
