@@ -517,7 +517,7 @@ def test_make_demo_trains_a_sweep_compares_it_and_says_how_to_open_the_dashboard
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("GREEN_MLOPS_CACHE_DIR", str(tmp_path / "cache"))
-    assert main(["--epochs", "1", "--samples", "1024"]) == 0
+    assert main(["--epochs", "1", "--samples", "512"]) == 0
     out = capsys.readouterr().out
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
