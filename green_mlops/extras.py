@@ -13,6 +13,7 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lightning": ("the EnergyMonitor and AdaptiveValidation callbacks", ("lightning",)),
     "nvidia": ("NVIDIA GPU energy (NVML)", ("pynvml",)),
     "plot": ("the power chart of a run", ("matplotlib",)),
+    "dashboard-auth": ("the green dashboard with MLflow's basic-auth", ("flask_wtf",)),
 }
 
 

@@ -30,8 +30,8 @@ POWER_KEY = "system/green/power_w"
 # --- totals that add up ------------------------------------------------------------------------
 
 _AMOUNTS = ("_kwh", "_g", "_s", "/cost", "_flops", "/flops")
-#: Series, quality, another callback's figures, predictions and plans: not run totals of a
-#: measurement (a forecast's ``_kwh`` or a plan's ``co2e_if_run_now_g`` never add up).
+#: Series, quality, another callback's figures, predictions, plans and the per-node breakdown
+#: (already in the job's totals): not run totals of a measurement (a forecast's ``_kwh`` or a plan's ``co2e_if_run_now_g`` never add up).
 _NOT_TOTALS = (
     "green/epoch/",
     "green/step/",
@@ -41,6 +41,7 @@ _NOT_TOTALS = (
     "green/estimate/",
     "green/schedule/",
     "green/budget/",
+    "green/node/",
 )
 #: Rates and one-off values that end like an amount.
 _NOT_ADDITIVE = frozenset(

@@ -58,6 +58,7 @@ def test_amounts_add_up(key: str) -> None:
         "green/estimate/co2e_g",
         "green/schedule/co2e_if_run_now_g",
         "green/budget/used_kwh",
+        "green/node/1/energy_kwh",
         "system/green/power_w",
         "_train_loop_s",
         "val_loss",
