@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 from mlflow.tracking.client import MlflowClient
 
+from green_mlops.extras import install_command, missing_modules
 from tests.dashboard_server import DashboardServer
 from tests.green_runs import LightningRun, RunSpec, make_lightning_run, make_runs
 from tests.test_mlflow import ROOT
@@ -110,12 +111,8 @@ def servers(
     root = tmp_path_factory.mktemp("green-dashboard")
     (root / "green-mlops.toml").write_text(BUDGET)
     started = [DashboardServer(root)]
-    try:
-        import flask_wtf  # noqa: F401
-
+    if not missing_modules("dashboard-auth") or os.environ.get("CI"):  # the test extra has it
         started.append(_auth_server(tmp_path_factory.mktemp("green-auth")))
-    except ImportError:
-        pass
     failures: list[BaseException] = []
 
     def start(server: DashboardServer) -> None:
@@ -141,7 +138,7 @@ def servers(
 @pytest.fixture(scope="module")
 def auth_server(servers: tuple[DashboardServer, DashboardServer | None]) -> DashboardServer:
     if servers[1] is None:
-        pytest.skip('basic-auth needs Flask-WTF: pip install "mlflow[auth]"')
+        pytest.skip(f"basic-auth needs Flask-WTF: {install_command('dashboard-auth')}")
     return servers[1]
 
 

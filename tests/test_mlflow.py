@@ -95,7 +95,7 @@ def test_every_run_gets_green_metrics_tags_and_artifacts(
     assert len(history) >= 2 and history[-1].value == pytest.approx(metrics["green/energy_kwh"])
     assert len(client.get_metric_history(out["run_id"], "system/green/power_w")) >= 2
     artifacts = {a.path for a in client.list_artifacts(out["run_id"], "green")}
-    assert artifacts == {"green/report.json", "green/power.png"}
+    assert artifacts == {"green/report.json", "green/report.html", "green/power.png"}
     report = client.download_artifacts(out["run_id"], "green/report.json", str(tmp_path))
     data = json.loads(Path(report).read_text())
     assert data["schema"] == "green-mlops/report/v2" and data["final"] is True
@@ -979,7 +979,7 @@ def test_the_last_runs_report_lands_when_the_script_exits_right_after(tmp_path: 
     client = MlflowClient(store)
     for run_id in out["run_ids"]:
         artifacts = {a.path for a in client.list_artifacts(run_id, "green")}
-        assert artifacts == {"green/report.json", "green/power.png"}, run_id
+        assert artifacts == {"green/report.json", "green/report.html", "green/power.png"}, run_id
 
 
 def test_a_post_hoc_write_never_keeps_a_finished_run_measured(
@@ -1214,4 +1214,4 @@ def test_energy_monitor_writes_mlflow_through_the_writer_with_the_seconds_steps(
     assert steps == sorted(steps) and steps[-1] <= int(seconds) + 1, steps
     assert steps[-1] >= int(seconds) - 1, steps  # the test stage continues the fit's seconds
     artifacts = {a.path for a in client.list_artifacts(logger.run_id, "green")}
-    assert artifacts == {"green/report.json", "green/power.png"}
+    assert artifacts == {"green/report.json", "green/report.html", "green/power.png"}

@@ -35,6 +35,12 @@ def create_auth_app() -> Any:
     """MLflow's basic-auth server (``--app-name basic-auth``) with the green pages behind the
     same login: each page is registered with basic-auth's validators (an experiment's or a
     run's page needs read permission on it, the overview shows the readable experiments)."""
+    from green_mlops.extras import install_command, missing_modules
+
+    if missing_modules("dashboard-auth"):
+        raise ImportError(
+            f"MLflow's basic-auth needs Flask-WTF: {install_command('dashboard-auth')}"
+        )
     from mlflow.server import app
     from mlflow.server.auth import create_app as create_basic_auth_app
 
