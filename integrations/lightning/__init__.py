@@ -1,4 +1,5 @@
-"""PyTorch Lightning callbacks: ``EnergyMonitor`` and ``AdaptiveValidation``.
+"""PyTorch Lightning callbacks: ``EnergyMonitor``, ``AdaptiveValidation``, ``EnergyBudget``
+and ``CarbonAwarePause``.
 
 from green_mlops.integrations.lightning import AdaptiveValidation, EnergyMonitor
 trainer = Trainer(callbacks=[EnergyMonitor(), AdaptiveValidation(monitor="val_loss")])
@@ -9,17 +10,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["AdaptiveValidation", "EnergyBudget", "EnergyMonitor"]
+__all__ = ["AdaptiveValidation", "CarbonAwarePause", "EnergyBudget", "EnergyMonitor"]
 
 _LAZY = {
     "EnergyMonitor": "green_mlops.integrations.lightning.energy_monitor",
     "AdaptiveValidation": "green_mlops.integrations.lightning.adaptive_validation",
     "EnergyBudget": "green_mlops.integrations.lightning.budget_guard",
+    "CarbonAwarePause": "green_mlops.integrations.lightning.carbon_aware_pause",
 }
 
 if TYPE_CHECKING:
     from green_mlops.integrations.lightning.adaptive_validation import AdaptiveValidation
     from green_mlops.integrations.lightning.budget_guard import EnergyBudget
+    from green_mlops.integrations.lightning.carbon_aware_pause import CarbonAwarePause
     from green_mlops.integrations.lightning.energy_monitor import EnergyMonitor
 
 
