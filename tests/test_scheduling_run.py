@@ -198,3 +198,62 @@ def test_run_now_carbon_needs_the_same_sources_as_the_run(monkeypatch: pytest.Mo
     attach_schedule(settings, timeline, same, metrics, {})
     static_g = metrics[RUN_NOW_KEY] / 1.1
     assert 100 < static_g < 1000  # Germany's yearly average, g/kWh x 1 kWh
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"submitted_at": 1}', '{"a": 1e999}'])
+def test_a_malformed_schedule_hand_off_degrades_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    from green_mlops.carbon import CarbonResult
+    from green_mlops.config import Settings
+    from green_mlops.scheduling.handoff import ENV, RUN_NOW_KEY, attach_schedule
+
+    monkeypatch.setenv(ENV, text)
+    settings = Settings.load(environ={}, intensity_providers=("static",), location="DE")
+    t0 = time.time() - 2 * H
+    metrics: dict[str, float] = {"green/co2e_g": 330.0}
+    tags: dict[str, str] = {"green.problems": "earlier"}
+    attach_schedule(
+        settings, [(t0, 0.0), (t0 + H, 3.6e6)], CarbonResult(300.0, 1.0, {}), metrics, tags
+    )
+    assert RUN_NOW_KEY not in metrics
+    assert tags["green.problems"].startswith("earlier; ")
+    assert f"malformed {ENV}" in tags["green.problems"]
+    assert f"{RUN_NOW_KEY}: malformed {ENV}" in tags["green.not_reported"]
+    assert not any(k.startswith("green.schedule.") for k in tags)
+
+
+def test_a_schedule_with_wrong_types_degrades(monkeypatch: pytest.MonkeyPatch) -> None:
+    from green_mlops.carbon import CarbonResult
+    from green_mlops.config import Settings
+    from green_mlops.scheduling.handoff import ENV, RUN_NOW_KEY, Schedule, attach_schedule
+
+    t0 = time.time() - 2 * H
+    good = json.loads(
+        Schedule(
+            t0 - H,
+            t0,
+            t0 + H,
+            t0,
+            t0 + 5 * H,
+            "wait",
+            "why",
+            "DE",
+            "s",
+            "average",
+            300.0,
+            400.0,
+            0.25,
+            0.05,
+        ).to_env()
+    )
+    monkeypatch.setenv(ENV, json.dumps({**good, "started_at": "soon"}))
+    settings = Settings.load(environ={}, intensity_providers=("static",), location="DE")
+    metrics: dict[str, float] = {"green/co2e_g": 330.0}
+    tags: dict[str, str] = {}
+    attach_schedule(
+        settings, [(t0, 0.0), (t0 + H, 3.6e6)], CarbonResult(300.0, 1.0, {}), metrics, tags
+    )
+    assert RUN_NOW_KEY not in metrics
+    assert f"malformed {ENV}" in tags["green.problems"]
+    assert "started_at" in tags["green.problems"]

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -52,14 +52,24 @@ class Schedule:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Schedule | None:
+        """The plan in :data:`ENV`, None when unset; ValueError naming what is wrong when it
+        is not the launcher's JSON (numbers finite, texts strings)."""
         text = (os.environ if environ is None else environ).get(ENV)
         if not text:
             return None
         try:
-            return cls(**json.loads(text))
-        except (ValueError, TypeError) as exc:
-            log.warning("green-mlops: ignoring a malformed %s (%s)", ENV, exc)
-            return None
+            data = json.loads(text)
+            schedule = cls(**data)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise ValueError(f"malformed {ENV} ({type(exc).__name__}: {exc})") from None
+        for f in fields(cls):
+            value = getattr(schedule, f.name)
+            kind = {"float": float, "str": str, "int": int}[str(f.type)]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = isinstance(value, str) if kind is str else number and math.isfinite(value)
+            if not ok or (kind is int and not isinstance(value, int)):
+                raise ValueError(f"malformed {ENV}: {f.name}={value!r} is not a finite {f.type}")
+        return schedule
 
 
 def _iso(t: float) -> str:
@@ -95,7 +105,14 @@ def attach_schedule(
 ) -> None:
     """Add the plan's tags and the run-now carbon to a final result, when the run was launched
     by ``green-mlops run``. Never raises."""
-    schedule = Schedule.from_env()
+    try:
+        schedule = Schedule.from_env()
+    except ValueError as exc:  # never harm the run: no plan, and say why
+        log.warning("green-mlops: ignoring the plan: %s", exc)
+        problems = tags.get("green.problems", "")
+        tags["green.problems"] = f"{problems}; {exc}" if problems else str(exc)
+        _not_reported(tags, str(exc))
+        return
     if schedule is None:
         return
     try:
@@ -106,9 +123,13 @@ def attach_schedule(
     if value is not None:
         metrics[RUN_NOW_KEY] = value
     else:
-        missing = tags.get("green.not_reported", "")
-        item = f"{RUN_NOW_KEY}: {why}"
-        tags["green.not_reported"] = f"{missing}; {item}" if missing else item
+        _not_reported(tags, why)
+
+
+def _not_reported(tags: dict[str, str], why: str) -> None:
+    missing = tags.get("green.not_reported", "")
+    item = f"{RUN_NOW_KEY}: {why}"
+    tags["green.not_reported"] = f"{missing}; {item}" if missing else item
 
 
 def _run_now_grams(
