@@ -532,3 +532,61 @@ def test_make_demo_trains_a_sweep_compares_it_and_says_how_to_open_the_dashboard
         f"http://127.0.0.1:5000/green/experiment?experiment_id={exp.experiment_id}"
         f"&metric=test_acc&baseline={base}" in out.replace("\n", "").replace(" ", "")
     )
+
+
+def _green_client() -> Any:
+    from flask import Flask
+
+    from green_mlops.integrations.mlflow.app.routes import blueprint
+
+    app = Flask("green-test")
+    app.register_blueprint(blueprint)
+    return app.test_client()
+
+
+def test_a_failure_page_names_the_exception_only_no_paths_or_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from green_mlops.integrations.mlflow.app import data
+
+    def broken() -> dict[str, str]:
+        raise RuntimeError(
+            "(sqlite3.OperationalError) unable to open postgresql://ml:s3cret@db/mlflow "
+            "at /srv/secret/mlflow.db"
+        )
+
+    monkeypatch.setattr(data, "experiments", broken)
+    client = _green_client()
+    for path in ("/green/", "/green/api/experiments"):
+        response = client.get(path)
+        body = response.get_data(as_text=True)
+        assert response.status_code == 500, body
+        assert "RuntimeError" in body
+        assert "s3cret" not in body and "/srv/secret" not in body, body
+
+
+def test_the_overview_does_not_show_the_servers_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from green_mlops.integrations.mlflow.app import data
+
+    monkeypatch.setattr(data, "experiments", lambda: {})
+    monkeypatch.setattr(data, "runs", lambda chosen: [])
+    where = tmp_path / "srv-private-dir"
+    where.mkdir()
+    monkeypatch.chdir(where)
+    client = _green_client()
+    for path in ("/green/", "/green/api/experiments"):
+        body = client.get(path).get_data(as_text=True)
+        assert "No budgets" in body
+        assert "srv-private-dir" not in body, body
+    (where / "green-mlops.toml").write_text(BUDGET)
+    for path in ("/green/", "/green/api/experiments"):
+        body = client.get(path).get_data(as_text=True)
+        assert "Budgets of green-mlops.toml" in body
+        assert "srv-private-dir" not in body, body
+    (where / "green-mlops.toml").write_text("[[budget]]\nname = 1\n")
+    for path in ("/green/", "/green/api/experiments"):
+        body = client.get(path).get_data(as_text=True)
+        assert "The budgets cannot be read" in body
+        assert "srv-private-dir" not in body, body

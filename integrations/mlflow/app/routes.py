@@ -3,12 +3,14 @@ app. Each route is one exact path, its subject in the query (``?experiment_id=``
 ``?run_id=``): the names and form basic-auth's permission validators read.
 
 Bad input is a 4xx page (or JSON under ``/green/api/``) that says what was wrong; an
-unexpected failure a 500 that names the exception, never a traceback.
+unexpected failure a 500 that names the exception's type (its message, which may hold
+a store URI or a server path, goes to the log), never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from green_mlops.integrations.mlflow.app import data, pages
 __all__ = ["PAGES", "blueprint", "register_validators"]
 
 blueprint = Blueprint("green_mlops", __name__, url_prefix="/green")
+_log = logging.getLogger(__name__)
 
 #: Path -> what a basic-auth user needs: "experiment" (read it), "run" (read it), "login".
 PAGES: dict[str, str] = {}
@@ -71,7 +74,11 @@ def _failed(exc: Exception) -> Response:
 
     if isinstance(exc, HTTPException):
         return _problem(exc.code or 500, exc.description or exc.name)
-    return _problem(500, f"the dashboard failed: {type(exc).__name__}: {str(exc)[:300]}")
+    # the message may hold a store URI with its password or the server's paths: logged only
+    _log.exception("green dashboard: %s failed", request.path)
+    return _problem(
+        500, f"the dashboard failed: {type(exc).__name__} (the server's log has the details)"
+    )
 
 
 def _problem(status: int, message: str) -> Response:
@@ -118,18 +125,18 @@ def _overview() -> dict[str, Any]:
     experiments = data.experiments()
     records = data.runs(experiments)
     budgets, note = None, ""
-    path = find_config(Path.cwd())
+    path = find_config(Path.cwd())  # the server's paths are not shown: the file's name only
     if path is None:
         note = (
-            f"No budgets: no green-mlops.toml in the server's working directory ({Path.cwd()}) "
-            "or above it (docs/budgets.md)."
+            "No budgets: no green-mlops.toml in the server's working directory or above it "
+            "(docs/budgets.md)."
         )
     else:
         try:
             budgets = audit(load_config(path), records, now=time.time())
-            note = f"Budgets of {path}, over the experiments shown (docs/budgets.md)."
+            note = f"Budgets of {path.name}, over the experiments shown (docs/budgets.md)."
         except (BudgetConfigError, ConfigError) as exc:
-            note = f"The budgets cannot be read: {exc}"
+            note = f"The budgets cannot be read: {str(exc).replace(str(path), path.name)}"
     return {
         "experiments": experiments,
         "periods": by_month(records),
