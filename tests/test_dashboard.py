@@ -590,3 +590,54 @@ def test_the_overview_does_not_show_the_servers_directory(
         body = client.get(path).get_data(as_text=True)
         assert "The budgets cannot be read" in body
         assert "srv-private-dir" not in body, body
+
+
+def test_run_names_tags_params_and_metric_names_are_escaped_in_every_page(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from green_mlops.integrations.mlflow.app import data
+    from green_mlops.runs import RunRecord
+
+    evil = "<script>alert(1)</script>"
+    exp_name, metric = f'"><img src=x onerror=alert(2)>{evil}', '"><svg onload=alert(3)>'
+    records = [
+        RunRecord(
+            f"abc{i}",
+            f"{evil}{i}",
+            exp_name,
+            "FINISHED",
+            1.7e9 + i,
+            1.7e9 + 60 + i,
+            {"green/energy_kwh": 0.1 * (i + 1), "green/co2e_g": 10.0 * (i + 1), metric: 0.5 + i},
+            {"green.quality": f"{metric} (max)", "green.notes": evil, "mlflow.note": evil},
+            {"lr": evil},
+        )
+        for i in range(2)
+    ]
+    monkeypatch.setattr(data, "experiments", lambda: {"1": exp_name})
+    monkeypatch.setattr(data, "runs", lambda chosen: records)
+    monkeypatch.setattr(
+        data,
+        "run",
+        lambda run_id: (records[0], SimpleNamespace(info=SimpleNamespace(experiment_id="1"))),
+    )
+    monkeypatch.setattr(data, "read_report", lambda entity: None)
+    monkeypatch.chdir(tmp_path)
+    client = _green_client()
+    for path in (
+        "/green/",
+        "/green/experiment?experiment_id=1",
+        "/green/experiment?experiment_id=1&baseline=abc0",
+        "/green/run?run_id=abc0",
+        f"/green/experiment?experiment_id=1&metric={evil}",
+    ):
+        response = client.get(path)
+        body = response.get_data(as_text=True)
+        assert response.status_code in (200, 400), (path, body[:300])
+        for raw in ("<script>alert", "<img src=x", "<svg onload"):
+            assert raw not in body, (path, raw)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;0" in client.get(
+        "/green/run?run_id=abc0"
+    ).get_data(as_text=True)
