@@ -53,6 +53,8 @@ STORE_TIMEOUT_S = 5.0
 MAX_NODE_BREAKDOWN = 16
 #: Local rank r of a node claims to measure it after r x this: the lowest alive wins.
 CLAIM_DELAY_S = 0.5
+#: Key rank 0 adds to a node's report: when it first read it (its own monotonic clock).
+SEEN_KEY = "seen_by_rank0"
 #: Poll period of rank 0's bounded wait for final totals.
 _POLL_S = 0.01
 #: An agent's wait for rank 0's next event: no timeout to wake up (and log) for.
@@ -262,6 +264,10 @@ class RunGather:
         self._opened = threading.Event()
         self.nodes = [n for n in range(job.nodes or 0) if n != job.node]
         self.blobs: dict[int, dict[str, Any]] = {}
+        #: Per node: its report's own timestamp, and when rank 0 first read that report (rank
+        #: 0's monotonic clock: the nodes' wall clocks may differ from rank 0's).
+        self._seen: dict[int, tuple[float, float]] = {}
+        self._began = time.monotonic()
         self.closed = False
         self._lock = threading.Lock()  # one store operation at a time (sink and run's end)
 
@@ -292,8 +298,14 @@ class RunGather:
         with self._lock:
             present = [n for n in nodes if self.store.check([keys[n]])]
             raws = self.store.multi_get([keys[n] for n in present]) if present else []
+        now = time.monotonic()
         for n, raw in zip(present, raws, strict=True):
-            self.blobs[n] = json.loads(raw)
+            blob = json.loads(raw)
+            at = float(blob["at"])
+            if n not in self._seen or self._seen[n][0] != at:
+                self._seen[n] = (at, now)
+            blob[SEEN_KEY] = self._seen[n][1]
+            self.blobs[n] = blob
 
     def close(self) -> dict[int, dict[str, Any]]:
         """Announce the end and collect the final totals (bounded wait); never raises.
@@ -326,12 +338,12 @@ class RunGather:
 
     def _expected(self, node: int) -> bool:
         """Whether to go on waiting for ``node``'s final totals: it answered recently (or
-        the run is too young for it to have answered)."""
+        the run is too young for it to have answered), both in rank 0's own clock."""
         blob = self.blobs.get(node)
         fresh = 2 * self.interval_s + 1.0
         if blob is None:
-            return time.time() - self.start < fresh
-        return not blob["final"] and time.time() - float(blob["at"]) < fresh
+            return time.monotonic() - self._began < fresh
+        return not blob["final"] and time.monotonic() - float(blob[SEEN_KEY]) < fresh
 
 
 # --- the merged run -----------------------------------------------------------------------------
@@ -439,7 +451,11 @@ def _job_tags(
                 problems.append(f"node {node} never reported: its energy is not included")
             continue
         if final and not blob["final"]:
-            age = max(0.0, time.time() - float(blob["at"]))
+            seen = blob.get(SEEN_KEY)  # rank 0's clock, else the node's (skew included)
+            age = max(
+                0.0,
+                time.time() - float(blob["at"]) if seen is None else time.monotonic() - float(seen),
+            )
             problems.append(
                 f"node {node} ({blob.get('host', '?')}) stopped reporting {age:.1f} s before "
                 "the run ended: its energy after that is not included"

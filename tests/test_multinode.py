@@ -329,3 +329,47 @@ def test_one_process_per_node_measures_it_the_lowest_local_rank_alive(
     alone.start()
     assert alone.ready.wait(30) and alone.measurement is not None
     alone.measurement.close()
+
+
+def test_a_node_whose_clock_is_behind_rank_0s_is_still_waited_for(
+    store_client: Callable[[], Any],
+) -> None:
+    """Clocks of different nodes differ: a node whose wall clock is a minute behind rank 0's
+    answers live, then its final totals arrive a moment after the end. Rank 0 judges the node
+    alive by when it saw its reports change (its own clock), not by the node's timestamps."""
+    import json
+    import threading
+
+    skew_s = -60.0
+    job = Job("torchrun", rank=0, local_rank=0, world_size=2, node_rank=0, nodes=2)
+    gather = RunGather(job, interval_s=0.2, store_factory=store_client, wait_s=3.0).open()
+    node = store_client()
+
+    def blob(final: bool) -> str:
+        metrics = {"green/energy_kwh": 1e-3}
+        at = time.time() + skew_s  # the node's own clock
+        return json.dumps({"node": 1, "final": final, "at": at, "metrics": metrics, "power": []})
+
+    def play_node() -> None:  # the protocol of NodeAgent, from a node with another clock
+        node.wait(["green_mlops/event/1"], timedelta(seconds=30))
+        seq = json.loads(node.get("green_mlops/event/1"))["seq"]
+        key = f"green_mlops/run/{seq}/node/1"
+        while not node.check(["green_mlops/event/2"]):  # live totals until rank 0's end
+            node.set(key, blob(final=False))
+            time.sleep(0.05)
+        time.sleep(0.5)  # the final measurement takes a moment
+        node.set(key, blob(final=True))
+        node.add(f"green_mlops/run/{seq}/finals", 1)
+
+    player = threading.Thread(target=play_node, daemon=True)
+    player.start()
+    deadline = time.monotonic() + 30
+    while 1 not in gather.live():  # rank 0 saw the node's live totals
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    blobs = gather.close()
+    player.join(30)
+    assert blobs[1]["final"], "rank 0 gave up on a live node whose clock is behind"
+    merged = merge(measurement(50.0).stop(), blobs, job, error=gather.error, final=True)
+    assert merged.tags["green.job.partial"] == "false"
+    assert "green.problems" not in merged.tags
