@@ -229,7 +229,9 @@ class Plans(Callback):
         self.plans: list[tuple[int, Plan | None]] = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.plans.append((trainer.global_step, plan_of(trainer, trainer.global_step, None)))
+        self.plans.append(
+            (trainer.global_step, plan_of(trainer, trainer.global_step, None, elapsed_s=0.0))
+        )
 
 
 @LIGHTNING_WARNINGS
@@ -287,3 +289,35 @@ def json_tags(tr: pl.Trainer) -> dict[str, Any]:
     from tests.test_energy_monitor import report
 
     return report(tr)["tags"]  # type: ignore[no-any-return]
+
+
+class TimeLeft(Callback):
+    """``max_time``'s time left read just before (``before``) or after the monitor's mark; the
+    second also records the forecast then and stops the fit after ``epochs`` epochs."""
+
+    def __init__(self, mon: Any = None, epochs: int = 3) -> None:
+        self.mon, self.epochs = mon, epochs
+        self.reads: list[float] = []
+        self.forecasts: list[Any] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.reads.append(trainer.callbacks[-1].time_remaining())  # type: ignore[attr-defined]
+        if self.mon is not None:
+            self.forecasts.append(self.mon.forecast.latest)
+            trainer.should_stop = trainer.current_epoch + 1 >= self.epochs
+
+
+@LIGHTNING_WARNINGS
+def test_max_time_ends_the_forecast_when_the_time_left_runs_out(tmp_path: Path) -> None:
+    mon = monitor()
+    before, after = TimeLeft(), TimeLeft(mon)
+    # a fit planned far past its hour: the forecast ends where the hour does, not at the
+    # hour's remainder counted from the start (the Timer says the time *left*)
+    tr = trainer(tmp_path, [before, mon, after], max_epochs=10**6, max_time={"hours": 1})
+    assert type(tr.callbacks[-1]).__name__ == "Timer"
+    tr.fit(Classifier(), loader(), loader())
+    for ahead, behind, forecast in zip(before.reads, after.reads, after.forecasts, strict=True):
+        assert forecast is not None and forecast.elapsed_s > 0
+        left = forecast.duration_s - forecast.elapsed_s
+        assert behind - 1e-6 <= left <= ahead + 1e-6
+        assert forecast.high_duration_s == pytest.approx(forecast.duration_s)

@@ -30,12 +30,14 @@ MARKS_PER_EPOCH = 4
 ERROR_POINTS = (0.10, 0.25, 0.50)
 
 
-def plan_of(trainer: pl.Trainer, steps: float, validations_per_step: float | None) -> Plan | None:
+def plan_of(
+    trainer: pl.Trainer, steps: float, validations_per_step: float | None, *, elapsed_s: float
+) -> Plan | None:
     """The fit's end from the Trainer: optimizer steps at its limit (``max_epochs``,
     ``max_steps``, ``limit_train_batches``, ``accumulate_grad_batches``:
     ``estimated_stepping_batches``), the earliest end ``EarlyStopping`` allows (patience from
-    now, not before ``min_steps``/``min_epochs``) and the time left of ``max_time``. None when
-    the fit has no step limit."""
+    now, not before ``min_steps``/``min_epochs``) and ``max_time``'s end: ``elapsed_s`` (the
+    marks' clock now) plus the Timer's time left. None when the fit has no step limit."""
     try:
         total = float(trainer.estimated_stepping_batches)
     except Exception:  # an iterable without a length and no max_steps
@@ -66,7 +68,8 @@ def plan_of(trainer: pl.Trainer, steps: float, validations_per_step: float | Non
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if type(cb).__name__ == "Timer" and hasattr(cb, "time_remaining"):
             remaining = cb.time_remaining()
-    return Plan(total, early, per_step, None if remaining is None else float(remaining))
+    end = None if remaining is None else elapsed_s + float(remaining)
+    return Plan(total, early, per_step, end)
 
 
 def _validations_per_step(trainer: pl.Trainer) -> float | None:
@@ -119,12 +122,12 @@ class FitForecast:
         measurement: Measurement | None,
     ) -> dict[str, float]:
         """Record the totals now; the forecast's metrics (empty before a steady state)."""
-        steps = float(trainer.global_step)
+        steps, elapsed = float(trainer.global_step), metrics.get("green/duration_s", 0.0)
         self.forecaster.add(
             Mark(
                 steps=steps,
                 energy_j=metrics.get("green/energy_kwh", 0.0) * J_PER_KWH,
-                duration_s=metrics.get("green/duration_s", 0.0),
+                duration_s=elapsed,
                 validation_j=metrics.get("green/phase/validation_kwh", 0.0) * J_PER_KWH,
                 validation_s=metrics.get("green/phase/validation_s", 0.0),
                 validations=self._validations,
@@ -132,7 +135,7 @@ class FitForecast:
         )
         if steps > 0 and self._validations:
             self._observed = self._validations / steps
-        plan = plan_of(trainer, steps, self._observed)
+        plan = plan_of(trainer, steps, self._observed, elapsed_s=elapsed)
         found = self.forecaster.forecast(plan) if plan is not None else None
         if found is None:
             if not self.forecaster.said and steps > 0:
