@@ -136,3 +136,22 @@ def test_a_named_budget_counts_what_its_period_used(tmp_path: Path) -> None:
         Misconfiguration, match=r"budget='nope' is not in .*green-mlops.toml: its budgets are team"
     ):
         EnergyBudget(budget="nope", config=config)
+
+
+def test_stop_stops_even_where_its_checkpoint_cannot_be_written(
+    tmp_path: Path, epoch_kwh: float
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # unwritable under it, even for root
+    guard = EnergyBudget(
+        energy_kwh=1.5 * epoch_kwh, action="stop", checkpoint=blocked / "stop.ckpt"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr = trainer(tmp_path, [monitor(), guard], max_epochs=20)
+        tr.fit(Classifier(), loader(), loader())
+    assert 1 <= tr.current_epoch < 10  # stopped all the same
+    assert guard.checkpoint is None
+    said = [str(w.message) for w in caught if issubclass(w.category, GreenMlopsWarning)]
+    assert any("the fit stops" in m and "could not be saved" in m for m in said), said
+    assert "could not be saved" in report_tags(tr)["green.budget.exceeded"]

@@ -234,12 +234,17 @@ class EnergyBudget(Callback):
         )
         if self.action == "stop":
             folder = trainer.log_dir or trainer.default_root_dir
-            self.checkpoint = self._checkpoint_path or os.path.join(
-                folder, "green-budget-stop.ckpt"
-            )
-            trainer.save_checkpoint(self.checkpoint)  # every rank: the strategy writes once
-            trainer.should_stop = True
-            what += f"; the fit stops, resume from {self.checkpoint}"
+            path = self._checkpoint_path or os.path.join(folder, "green-budget-stop.ckpt")
+            trainer.should_stop = True  # first: a checkpoint that fails must not keep it going
+            try:
+                trainer.save_checkpoint(path)  # every rank: the strategy writes once
+                self.checkpoint = path
+                what += f"; the fit stops, resume from {path}"
+            except Exception as exc:
+                if trainer.world_size > 1:  # the ranks that wrote nothing wait at its barrier
+                    trainer.strategy.barrier("EnergyBudget.save_checkpoint")
+                what += f"; the fit stops, its checkpoint could not be saved to {path} ({exc})"
+                self.exceeded += f"; the stop checkpoint could not be saved ({type(exc).__name__})"
         if trainer.global_rank == 0:
             warn_user(f"EnergyBudget: {what}")
         log.warning("green-mlops: EnergyBudget: %s", what)
