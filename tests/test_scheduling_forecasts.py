@@ -294,3 +294,30 @@ def test_plan_table_and_its_refusals(
     assert "static: no forecast" in capsys.readouterr().out
     assert cli.main(["plan", "--duration", "soon", "--start-by", "+2h"]) == 2
     assert "duration 'soon'" in capsys.readouterr().out
+
+
+PAST = "2020-01-01T00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--duration", "6x", "--finish-by", "+8h"], "--duration '6x': expected e.g. 6h, 90m"),
+        (["--duration", "0h", "--finish-by", "+8h"], "--duration '0h': expected a duration > 0"),
+        (["--duration", "1h", "--finish-by", PAST], f"--finish-by '{PAST}': in the past"),
+        (["--duration", "1h", "--start-by", PAST], f"--start-by '{PAST}': in the past"),
+        (["--duration", "1h", "--finish-by", "soon"], "--finish-by 'soon': expected ISO 8601"),
+        (["--duration", "1h", "--finish-by", "+8h", "--min-saving", "50"], "--min-saving '50'"),
+        (["--duration", "1h", "--finish-by", "+8h", "--min-saving", "100%"], "--min-saving '100%'"),
+        (["--duration", "1h", "--finish-by", "+8h", "--interruptible", "--resume-overhead", "5q"],
+         "--resume-overhead '5q': expected e.g."),
+    ],
+)  # fmt: skip
+def test_bad_plan_options_fail_early_naming_the_option(
+    extra: list[str], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GREEN_MLOPS_INTENSITY_PROVIDERS", "static")  # no forecast: never asked
+    assert cli.main(["plan", *extra, "--location", "DE"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert said in out, out
+    assert "no forecast" not in out and "does not vary" not in out, out

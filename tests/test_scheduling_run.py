@@ -257,3 +257,29 @@ def test_a_schedule_with_wrong_types_degrades(monkeypatch: pytest.MonkeyPatch) -
     assert RUN_NOW_KEY not in metrics
     assert f"malformed {ENV}" in tags["green.problems"]
     assert "started_at" in tags["green.problems"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--max-wait", "8x"], "--max-wait '8x': expected e.g. 6h"),
+        (["--replan-every", "soon"], "--replan-every 'soon': expected e.g. 6h"),
+        (["--replan-every", "0s"], "--replan-every '0s': expected at least 1m"),
+        (["--finish-by", "2020-01-01T00:00Z"], "--finish-by '2020-01-01T00:00Z': in the past"),
+    ],
+)
+def test_bad_run_options_fail_early_and_run_nothing(
+    extra: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from green_mlops import cli
+
+    monkeypatch.setenv("GREEN_MLOPS_INTENSITY_PROVIDERS", "static")  # no forecast: never asked
+    marker = tmp_path / "ran"
+    deadline = [] if "--finish-by" in extra else ["--finish-by", "+8h"]
+    argv = ["run", "--duration", "1h", *deadline, *extra, "--location", "DE", "--",
+            sys.executable, "-c", f"open({str(marker)!r}, 'w')"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert said in err, err
+    assert "does not vary" not in err and not marker.exists()

@@ -8,6 +8,7 @@ than the forecast, a bad argument), with the reason.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -107,28 +108,64 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def option(name: str, text: str, parse: Any) -> Any:
+    """``parse(text)``; its ValueError names the option (``--duration '6x': expected ...``)."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        said = str(exc).split(": ", 1)[-1]
+        raise ValueError(f"{name} {text!r}: {said}") from None
+
+
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if not seconds > 0:
+        raise ValueError("expected a duration > 0, e.g. 6h, 90m")
+    return seconds
+
+
 def request_from(args: Any, now: float) -> PlanRequest:
-    """ValueError naming the option for a bad value."""
+    """ValueError naming the option, the value and the accepted form for a bad value."""
     text = str(args.min_saving).strip()
     try:
         min_saving = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
+        min_saving = math.nan
+    if not 0 <= min_saving < 1:
         raise ValueError(
-            f"--min-saving {text!r}: expected a fraction or a percentage (5%)"
-        ) from None
-    if args.energy_kwh is not None and not args.energy_kwh >= 0:
+            f"--min-saving {text!r}: expected a fraction in [0, 1) or a percentage below 100% "
+            "(0.05, 5%)"
+        )
+    if args.energy_kwh is not None and not (0 <= args.energy_kwh < math.inf):
         raise ValueError(f"--energy-kwh {args.energy_kwh}: expected a number >= 0")
+    deadlines = {}
+    for name, value in (("--finish-by", args.finish_by), ("--start-by", args.start_by)):
+        if value is not None:
+            deadlines[name] = at = option(name, value, lambda t: parse_moment(t, now))
+            if at < now:
+                raise ValueError(
+                    f"{name} {value!r}: in the past (now is {_iso(now)}); expected a later time, "
+                    "ISO 8601 (2026-12-02T08:00Z) or +DURATION (+8h)"
+                )
     return PlanRequest(
-        duration_s=parse_duration(args.duration),
-        finish_by=None if args.finish_by is None else parse_moment(args.finish_by, now),
-        start_by=None if args.start_by is None else parse_moment(args.start_by, now),
+        duration_s=option("--duration", args.duration, _positive_duration),
+        finish_by=deadlines.get("--finish-by"),
+        start_by=deadlines.get("--start-by"),
         location=args.location,
         interruptible=bool(getattr(args, "interruptible", False)),
-        resume_overhead_s=parse_duration(getattr(args, "resume_overhead", "0s")),
+        resume_overhead_s=option(
+            "--resume-overhead", getattr(args, "resume_overhead", "0s"), parse_duration
+        ),
         energy_kwh=args.energy_kwh,
         min_saving=min_saving,
         providers=tuple(args.provider or ()),
     )
+
+
+def _iso(t: float) -> str:
+    from green_mlops.scheduling.casdk import iso
+
+    return iso(t)
 
 
 def make_plan(request: PlanRequest, settings: Any, now: float) -> Planned:

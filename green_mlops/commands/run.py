@@ -21,6 +21,7 @@ from green_mlops.commands.plan import (
     PlanRequest,
     add_plan_arguments,
     make_plan,
+    option,
     parse_duration,
     request_from,
 )
@@ -60,6 +61,17 @@ def sbatch_begin(start: float) -> str:
     return "--begin=" + datetime.fromtimestamp(start).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+#: The shortest re-planning period: each re-plan asks the providers for a forecast.
+MIN_REPLAN_S = 60.0
+
+
+def _replan_every(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds < MIN_REPLAN_S:
+        raise ValueError("expected at least 1m (each re-plan fetches a forecast), e.g. 15m")
+    return seconds
+
+
 def _with_max_wait(request: PlanRequest, max_wait_s: float | None, now: float) -> PlanRequest:
     """A latest start no later than ``now + max_wait_s`` (and still meeting ``finish_by``)."""
     if max_wait_s is None:
@@ -90,8 +102,10 @@ def run(args: Any) -> int:
     try:
         settings = Settings.load()
         request = request_from(args, submitted)
-        max_wait = None if args.max_wait is None else parse_duration(args.max_wait)
-        replan_every = parse_duration(args.replan_every)
+        max_wait = (
+            None if args.max_wait is None else option("--max-wait", args.max_wait, parse_duration)
+        )
+        replan_every = option("--replan-every", args.replan_every, _replan_every)
         request = _with_max_wait(request, max_wait, submitted)
         planned = make_plan(request, settings, submitted)
     except ConfigError as exc:
