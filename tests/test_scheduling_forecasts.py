@@ -286,6 +286,8 @@ def test_plan_table_and_its_refusals(
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "decision: wait" in out and "electricitymaps" in out
+    # the figures are the forecast's, and say so (not a measurement)
+    assert "forecast mean intensity" in out and "expected carbon" in out
     too_long = ["plan", "--duration", "60h", "--finish-by", "+70h", "--location", "DE"]
     assert cli.main(too_long) == 2
     assert "longer than the forecast horizon" in capsys.readouterr().out

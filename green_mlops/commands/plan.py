@@ -252,13 +252,16 @@ def render_table(planned: Planned, console: Any) -> None:
     def carbon(p: Any) -> str:
         return "-" if p.carbon_g is None else f"{p.carbon_g:,.1f} g"
 
+    marginal = " (marginal)" if planned.basis == "marginal" else ""
     table.add_row("window", when(result.chosen), when(result.now))
     table.add_row(
-        "mean intensity",
+        f"forecast mean intensity{marginal}",
         f"{result.chosen.mean_g_per_kwh:.1f} g/kWh",
         f"{result.now.mean_g_per_kwh:.1f} g/kWh",
     )
-    table.add_row("carbon", carbon(result.chosen), carbon(result.now))
+    table.add_row(
+        f"expected carbon{marginal} (forecast)", carbon(result.chosen), carbon(result.now)
+    )
     if result.chosen.resumes:
         table.add_row("resumes", str(result.chosen.resumes), "0")
     console.print(table)
