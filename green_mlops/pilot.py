@@ -64,16 +64,29 @@ def parse_scale(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         found = re.fullmatch(r"(params|tokens)\s*=\s*([0-9.eE+-]+)\s*x?", part)
-        value = float(found.group(2)) if found else math.nan
-        if found is None or not math.isfinite(value) or value <= 0:
+        value = _number(found.group(2)) if found else math.nan
+        if found is None or found.group(1) in out or not math.isfinite(value) or value <= 0:
             raise PilotError(
                 f"--scale {text!r} is not valid: expected params=<factor>x and/or "
-                "tokens=<factor>x, factors > 0, e.g. --scale params=4x,tokens=10x"
+                "tokens=<factor>x, each once, factors > 0, e.g. --scale params=4x,tokens=10x"
             )
         out[found.group(1)] = value
     if not out:
         raise PilotError("--scale '' is not valid: expected e.g. --scale params=4x,tokens=10x")
     return out
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _positive(option: str, value: float, what: str) -> float:
+    if not value > 0 or not math.isfinite(value):
+        raise PilotError(f"{option} {value!r} is not valid: expected {what} > 0")
+    return value
 
 
 def estimate(
@@ -89,7 +102,8 @@ def estimate(
 ) -> Estimate:
     """The full run's figures from a pilot's ``metrics`` and ``tags`` (one of ``flops``,
     ``scale``, ``epochs``). Raises :class:`PilotError` with what to log or pass."""
-    chosen = [k for k, v in (("flops", flops), ("scale", scale), ("epochs", epochs)) if v]
+    given = (("flops", flops), ("scale", scale), ("epochs", epochs))
+    chosen = [k for k, v in given if v is not None]
     if len(chosen) != 1:
         raise PilotError("give exactly one of --flops N, --scale params=4x,tokens=10x, --epochs E")
     pilot_flops, pilot_kwh = metrics.get("green/flops"), metrics.get("green/energy_kwh")
@@ -105,9 +119,7 @@ def estimate(
         "(all phases: the pilot's validation and data wait scale with its FLOPs)"
     ]
     if flops is not None:
-        if not flops > 0:
-            raise PilotError(f"--flops {flops!r} is not valid: expected a number of FLOPs > 0")
-        factor = flops / pilot_flops
+        factor = _positive("--flops", flops, "a number of FLOPs") / pilot_flops
         kind = "flops"
     elif scale is not None:
         factor = math.prod(scale.values())
@@ -118,12 +130,13 @@ def estimate(
         )
     else:
         assert epochs is not None
-        if not pilot_epochs:
+        _positive("--epochs", epochs, "the full run's epochs")
+        if pilot_epochs is None:
             raise PilotError(
-                "--epochs needs the pilot's number of epochs: it has no epoch param or "
-                "green/epoch/... series; pass --flops instead"
+                "--epochs needs the pilot's number of epochs: it has no max_epochs or epochs "
+                "param; pass --pilot-epochs E, or --flops instead"
             )
-        factor = epochs / pilot_epochs
+        factor = epochs / _positive("--pilot-epochs", pilot_epochs, "the pilot's epochs")
         kind = "epochs"
         assumptions.append(
             f"FLOPs x {epochs:g} / {pilot_epochs:g} epochs (the same data per epoch)"

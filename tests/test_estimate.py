@@ -3,6 +3,7 @@ real MLflow server prices the full run; pilots and hardware that cannot are refu
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from green_mlops.cli import main
-from green_mlops.pilot import PilotError, estimate
+from green_mlops.pilot import PilotError, estimate, parse_scale
 from tests.green_runs import make_lightning_run
 from tests.mlflow_server import MlflowServer
 
@@ -113,3 +114,26 @@ def test_an_unknown_run_is_said(
 ) -> None:
     code, _ = cli(pilots, capsys, "--pilot", "0" * 32, "--flops", "1e15")
     assert code == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"flops": 0.0}, r"--flops 0.0 is not valid: expected a number of FLOPs > 0"),
+        ({"epochs": -1.0, "pilot_epochs": 2.0}, r"--epochs -1.0 is not valid: expected .* > 0"),
+        ({"epochs": math.nan, "pilot_epochs": 2.0}, r"--epochs nan is not valid"),
+        ({"epochs": 10.0, "pilot_epochs": -2.0}, r"--pilot-epochs -2.0 is not valid: .* > 0"),
+        ({"epochs": 10.0, "pilot_epochs": 0.0}, r"--pilot-epochs 0.0 is not valid"),
+    ],
+)
+def test_bad_numbers_are_refused_with_the_accepted_form(
+    pilots: Pilots, kwargs: dict[str, float], message: str
+) -> None:
+    with pytest.raises(PilotError, match=message):
+        estimate(pilots.metrics, {}, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["params=--4", "tokens=4e", "params=.", "params=4x,params=2x"])
+def test_a_malformed_scale_is_refused_not_a_traceback(text: str) -> None:
+    with pytest.raises(PilotError, match=r"--scale .* is not valid: expected params=<factor>x"):
+        parse_scale(text)
