@@ -321,3 +321,14 @@ def test_max_time_ends_the_forecast_when_the_time_left_runs_out(tmp_path: Path) 
         left = forecast.duration_s - forecast.elapsed_s
         assert behind - 1e-6 <= left <= ahead + 1e-6
         assert forecast.high_duration_s == pytest.approx(forecast.duration_s)
+
+
+def test_a_level_shift_projects_the_level_after_it() -> None:
+    rng = random.Random(7)
+    # a curriculum's second stage: the cost per step doubles at segment 12 and stays there
+    costs = [(10.0 if i < 12 else 20.0) * (1 + 0.02 * rng.gauss(0, 1)) for i in range(60)]
+    forecaster, truth = replay(costs, 20)
+    forecast = forecaster.forecast(Plan(total_steps=60 * 25))
+    assert forecast is not None and forecast.train_model == "constant"
+    assert forecast.energy_j == pytest.approx(truth, rel=0.05)
+    assert forecast.low_j < truth < forecast.high_j
