@@ -157,3 +157,32 @@ def test_bad_arguments_are_refused_by_name() -> None:
         CarbonAwarePause(finish_by=0.0, plan=True, mode="later")
     with pytest.raises(Misconfiguration, match="finish_by='tomorrow'"):
         CarbonAwarePause(finish_by="tomorrow", plan=True)
+
+
+def test_n_step_boundaries_once_per_optimizer_step_under_gradient_accumulation(
+    tmp_path: Path,
+) -> None:
+    """With accumulate_grad_batches, global_step stays the same over several batches: each
+    N-step boundary is decided once (a repeat would measure one batch as the N steps' time
+    and so under-estimate the remaining work, pausing past the deadline)."""
+    clock = Time()
+    asked: list[float] = []
+
+    def clean(now: float, end: float) -> Forecast:
+        asked.append(now)
+        return Forecast.from_points([IntensityPoint(now - H, now + 48 * H, 100.0)])
+
+    pause = CarbonAwarePause(
+        finish_by=clock() + 24 * H, threshold_g_per_kwh=300, every_n_steps=2,
+        forecast=clean, clock=clock, sleep=clock.sleep,
+    )  # fmt: skip
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_steps=8, accumulate_grad_batches=2, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[pause],
+    )  # fmt: skip
+    trainer.fit(Net(), data())
+    assert trainer.global_step == 8
+    assert len(asked) == 3  # at steps 2, 4 and 6 (at 8 nothing is left)
+    assert pause.pauses == []

@@ -98,6 +98,7 @@ class CarbonAwarePause(Callback):
         self._sleep = sleep
         self._boundary_at: float | None = None
         self._unit_s: float | None = None  # measured seconds per epoch (or per N steps)
+        self._step = -1  # the global step of the last N-step boundary
         #: (paused at, resumed at, why) of each pause, for the user and the tests.
         self.pauses: list[tuple[float, float, str]] = []
 
@@ -105,6 +106,7 @@ class CarbonAwarePause(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._boundary_at = self._clock()
+        self._step = trainer.global_step  # a resumed fit: no boundary before its next step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps is None:
@@ -112,8 +114,10 @@ class CarbonAwarePause(Callback):
             self._boundary(trainer, left if (trainer.max_epochs or -1) > 0 else None)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        n = self.every_n_steps
-        if n is not None and trainer.global_step % n == 0:
+        n, step = self.every_n_steps, trainer.global_step
+        # once per optimizer step: under gradient accumulation global_step repeats over batches
+        if n is not None and step > 0 and step % n == 0 and step != self._step:
+            self._step = step
             max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
             left = None if max_steps is None else (max_steps - trainer.global_step) / n
             self._boundary(trainer, left)
