@@ -641,3 +641,30 @@ def test_run_names_tags_params_and_metric_names_are_escaped_in_every_page(
     assert "&lt;script&gt;alert(1)&lt;/script&gt;0" in client.get(
         "/green/run?run_id=abc0"
     ).get_data(as_text=True)
+
+
+def test_an_experiment_whose_quality_tag_names_an_unlogged_metric_still_opens(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The page picks the metric the runs say they were monitored by (green.quality); when
+    no run logged it (a fit stopped before validating), the page opens without it, not a 400
+    the user did not ask for."""
+    from green_mlops.integrations.mlflow.app import data
+    from green_mlops.runs import RunRecord
+
+    records = [
+        RunRecord(
+            "abc0", "early-stop", "exp", "FAILED", 1.7e9, 1.7e9 + 60,
+            {"green/energy_kwh": 0.1, "train_loss": 0.5},
+            {"green.quality": "val_acc (max); quality = val_acc"},
+        )
+    ]  # fmt: skip
+    monkeypatch.setattr(data, "experiments", lambda: {"1": "exp"})
+    monkeypatch.setattr(data, "runs", lambda chosen: records)
+    monkeypatch.chdir(tmp_path)
+    client = _green_client()
+    response = client.get("/green/experiment?experiment_id=1")
+    assert response.status_code == 200, response.get_data(as_text=True)[:500]
+    assert "Choose a quality metric" in response.get_data(as_text=True)
+    # asked for by name, it is still a clear 400
+    assert client.get("/green/experiment?experiment_id=1&metric=val_acc").status_code == 400

@@ -188,20 +188,23 @@ def _comparison() -> tuple[str, str, Any, list[str]]:
     exp_id, name = data.experiment(_experiment_id())
     records = data.runs({exp_id: name})
     metric, mode = _arg("metric"), _mode()
-    if "metric" not in request.args:  # the quality the runs were monitored by, if they say
+    candidates = sorted(
+        {k for r in records for k in r.metrics if not k.startswith(("green/", "system/"))}
+    )
+    if "metric" not in request.args:  # the quality the runs were monitored by, if logged
         said = Counter(
             r.tags["green.quality"].split(" ")[0] for r in records if "green.quality" in r.tags
         )
+        said = Counter({k: n for k, n in said.items() if k in candidates})
         if said:
             metric = said.most_common(1)[0][0]
             if "mode" not in request.args:
                 quality = next(
-                    r.tags["green.quality"] for r in records if "green.quality" in r.tags
+                    r.tags["green.quality"]
+                    for r in records
+                    if r.tags.get("green.quality", "").split(" ")[0] == metric
                 )
                 mode = "min" if "(min)" in quality else "max"
-    candidates = sorted(
-        {k for r in records for k in r.metrics if not k.startswith(("green/", "system/"))}
-    )
     if metric and metric not in candidates:
         raise BadRequest(
             400,
