@@ -332,3 +332,30 @@ def test_a_level_shift_projects_the_level_after_it() -> None:
     assert forecast is not None and forecast.train_model == "constant"
     assert forecast.energy_j == pytest.approx(truth, rel=0.05)
     assert forecast.low_j < truth < forecast.high_j
+
+
+class CountMarks(Callback):
+    """The global step of each of the monitor's progress marks (its instance's ``mark``)."""
+
+    def __init__(self, mon: Any) -> None:
+        self.mon, self.steps = mon, []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fit, original = self.mon.forecast, self.mon.forecast.mark
+
+        def counted(tr: Any, *args: Any) -> Any:
+            self.steps.append(tr.global_step)
+            return original(tr, *args)
+
+        fit.mark = counted
+
+
+@LIGHTNING_WARNINGS
+def test_gradient_accumulation_makes_one_mark_per_step_not_one_per_batch(tmp_path: Path) -> None:
+    mon = monitor(log_every_n_steps=1)
+    marks = CountMarks(mon)
+    tr = trainer(tmp_path, [mon, marks], max_epochs=3, accumulate_grad_batches=4)
+    tr.fit(Classifier(), loader(), loader())
+    assert tr.global_step == 3 and marks.steps
+    # at most one batch mark per optimizer step, plus each epoch end's (after its validation)
+    assert all(marks.steps.count(step) <= 2 for step in set(marks.steps)), marks.steps

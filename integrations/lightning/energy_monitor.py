@@ -412,9 +412,7 @@ class EnergyMonitor(Callback):
             n = self.log_every_n_steps
             if n is not None and trainer.global_step % n == 0:
                 self._log_step(trainer)
-                if trainer.world_size == 1:
-                    self._forecast_now(trainer)
-            elif self.forecast is not None and self.forecast.due(trainer, batch_idx):
+            if self.forecast is not None and self.forecast.due(trainer, batch_idx, n):
                 self._forecast_now(trainer)
         except Exception as exc:
             warn_once(f"EnergyMonitor.on_train_batch_end failed: {type(exc).__name__}: {exc}")

@@ -102,15 +102,22 @@ class FitForecast:
         self._validations = 0
         self._history: list[tuple[float, float]] = []  # (steps, forecast energy J)
         self._observed: float | None = None
+        self._marked: float | None = None  # the global step of the last mark
 
     def validated(self) -> None:
         """A validation run ended (not the sanity check)."""
         self._validations += 1
 
-    def due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        """Whether this training batch ends a quarter of the epoch (single process only)."""
+    def due(self, trainer: pl.Trainer, batch_idx: int, every_n_steps: int | None) -> bool:
+        """Whether this training batch makes a mark (single process only): an optimizer step
+        not marked yet (gradient accumulation: one mark per step) that is a multiple of
+        ``every_n_steps`` or ends a quarter of the epoch."""
+        if trainer.world_size > 1 or trainer.global_step == self._marked:
+            return False
+        if every_n_steps is not None and trainer.global_step % every_n_steps == 0:
+            return True
         n = trainer.num_training_batches
-        if trainer.world_size > 1 or not math.isfinite(n) or n < MARKS_PER_EPOCH:
+        if not math.isfinite(n) or n < MARKS_PER_EPOCH:
             return False
         every = max(1, int(n) // MARKS_PER_EPOCH)
         return (batch_idx + 1) % every == 0 and batch_idx + 1 < n
@@ -123,6 +130,7 @@ class FitForecast:
     ) -> dict[str, float]:
         """Record the totals now; the forecast's metrics (empty before a steady state)."""
         steps, elapsed = float(trainer.global_step), metrics.get("green/duration_s", 0.0)
+        self._marked = steps
         self.forecaster.add(
             Mark(
                 steps=steps,
