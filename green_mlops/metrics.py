@@ -31,7 +31,8 @@ POWER_KEY = "system/green/power_w"
 
 _AMOUNTS = ("_kwh", "_g", "_s", "/cost", "_flops", "/flops")
 #: Series, quality, another callback's figures, predictions, plans and the per-node breakdown
-#: (already in the job's totals): not run totals of a measurement (a forecast's ``_kwh`` or a plan's ``co2e_if_run_now_g`` never add up).
+#: (already in the job's totals): not run totals of a measurement (a forecast's ``_kwh`` or a
+#: plan's ``co2e_if_run_now_g`` never add up).
 _NOT_TOTALS = (
     "green/epoch/",
     "green/step/",
