@@ -516,12 +516,14 @@ def price(
     now: float,
     chain: Sequence[IntensitySeries] = (),
     current_g_per_kwh: float | None = None,
+    pue: float = 1.0,
 ) -> Forecast:
-    """``forecast`` with carbon: ``spent_g`` (the carbon so far) plus the remaining energy,
-    spread evenly over the remaining time from ``now`` (Unix seconds), priced by ``chain`` (each
-    piece of time by the first series covering it, as the run is priced: providers' forecasts
-    included) and, where no series covers it, at ``current_g_per_kwh``. Without ``spent_g``, or
-    with time to price and neither, the forecast is returned unpriced."""
+    """``forecast`` with carbon: ``spent_g`` (the carbon so far) plus the remaining energy
+    times ``pue`` (the facility's, as the run's carbon counts it), spread evenly over the
+    remaining time from ``now`` (Unix seconds), priced by ``chain`` (each piece of time by the
+    first series covering it, as the run is priced: providers' forecasts included) and, where
+    no series covers it, at ``current_g_per_kwh``. Without ``spent_g``, or with time to price
+    and neither, the forecast is returned unpriced."""
     from green_mlops.carbon import resolve
 
     if spent_g is None:
@@ -533,7 +535,7 @@ def price(
         ("co2e_low_g", forecast.low_j, forecast.low_duration_s),
         ("co2e_high_g", forecast.high_j, forecast.high_duration_s),
     ):
-        rest_j = max(0.0, joules - forecast.spent_j)
+        rest_j = max(0.0, joules - forecast.spent_j) * pue
         span = max(1e-9, seconds - forecast.elapsed_s)
         pieces = resolve(chain, now, now + span)
         covered = sum(p.end - p.start for p in pieces)

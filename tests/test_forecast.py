@@ -214,7 +214,7 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import Callback, EarlyStopping  # noqa: E402
 
 from green_mlops.integrations.lightning.forecasting import plan_of  # noqa: E402
-from tests.test_energy_monitor import Classifier, loader, monitor, rows, trainer  # noqa: E402
+from tests.test_energy_monitor import Classifier, last, loader, monitor, rows, trainer  # noqa: E402
 
 LIGHTNING_WARNINGS = pytest.mark.filterwarnings(
     "ignore::UserWarning:lightning.*",
@@ -359,3 +359,33 @@ def test_gradient_accumulation_makes_one_mark_per_step_not_one_per_batch(tmp_pat
     assert tr.global_step == 3 and marks.steps
     # at most one batch mark per optimizer step, plus each epoch end's (after its validation)
     assert all(marks.steps.count(step) <= 2 for step in set(marks.steps)), marks.steps
+
+
+class Latest(Callback):
+    """The monitor's latest forecast after each epoch end's mark."""
+
+    def __init__(self, mon: Any) -> None:
+        self.mon, self.forecasts = mon, []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.forecasts.append(self.mon.forecast.latest)
+
+
+@LIGHTNING_WARNINGS
+def test_the_remaining_carbon_counts_the_facility_overhead_as_the_run_does(tmp_path: Path) -> None:
+    from green_mlops.integrations.lightning import EnergyMonitor
+    from tests.test_energy_monitor import SETTINGS, meters
+
+    mon = EnergyMonitor(settings={**SETTINGS, "pue": 1.5}, meters=meters)
+    latest = Latest(mon)
+    tr = trainer(tmp_path, [mon, latest], max_epochs=4)
+    tr.fit(Classifier(), loader(), loader())
+    g_per_kwh = SETTINGS["intensity_g_per_kwh"] * 1.5  # constant intensity x PUE
+    assert last(rows(tr), "green/co2e_g") == pytest.approx(
+        last(rows(tr), "green/energy_kwh") * g_per_kwh, rel=1e-6
+    )
+    priced = [f for f in latest.forecasts if f is not None and f.energy_j > f.spent_j]
+    assert priced
+    for f in priced:  # spent and remaining alike: facility energy x intensity
+        assert f.co2e_g == pytest.approx(f.kwh * g_per_kwh, rel=1e-6)
+        assert f.co2e_high_g == pytest.approx(f.high_j / 3.6e6 * g_per_kwh, rel=1e-6)

@@ -157,6 +157,7 @@ class FitForecast:
             now=time.time(),
             chain=_chain(measurement),
             current_g_per_kwh=metrics.get("green/intensity_g_per_kwh"),
+            pue=_pue(metrics),
         )
         self.latest = found
         self._history.append((steps, found.energy_j))
@@ -204,3 +205,9 @@ def _chain(measurement: Measurement | None) -> list[Any]:
         return list(accountant.chain) if accountant is not None else []
     except Exception:
         return []
+
+
+def _pue(metrics: Mapping[str, float]) -> float:
+    """Facility energy per IT kWh so far (the run's carbon is priced on the facility's)."""
+    it, facility = metrics.get("green/energy_kwh", 0.0), metrics.get("green/energy_facility_kwh")
+    return facility / it if facility and it > 0 else 1.0
