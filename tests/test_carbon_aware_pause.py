@@ -186,3 +186,10 @@ def test_n_step_boundaries_once_per_optimizer_step_under_gradient_accumulation(
     assert trainer.global_step == 8
     assert len(asked) == 3  # at steps 2, 4 and 6 (at 8 nothing is left)
     assert pause.pauses == []
+
+
+def test_a_bad_min_saving_or_deadline_is_refused_at_once() -> None:
+    with pytest.raises(Misconfiguration, match=r"min_saving=5\): a fraction in \[0, 1\)"):
+        CarbonAwarePause(finish_by=0.0, plan=True, min_saving=5)
+    with pytest.raises(Misconfiguration, match="finish_by=nan"):
+        CarbonAwarePause(finish_by=float("nan"), plan=True)

@@ -84,6 +84,14 @@ class CarbonAwarePause(Callback):
                 raise Misconfiguration(
                     f"CarbonAwarePause(finish_by={finish_by!r}): ISO 8601, e.g. 2026-12-02T08:00Z"
                 ) from None
+        if not math.isfinite(float(finish_by)):
+            raise Misconfiguration(
+                f"CarbonAwarePause(finish_by={finish_by!r}): a time, Unix seconds or ISO 8601"
+            )
+        if not 0 <= min_saving < 1:
+            raise Misconfiguration(
+                f"CarbonAwarePause(min_saving={min_saving!r}): a fraction in [0, 1), e.g. 0.05"
+            )
         self.finish_by = float(finish_by)
         self.threshold = threshold_g_per_kwh
         self.plan = plan
