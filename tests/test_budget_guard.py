@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lightning.pytorch.callbacks import EarlyStopping
 
 from green_mlops.integrations.lightning import EnergyBudget
 from green_mlops.integrations.lightning._namespaces import Misconfiguration
@@ -155,3 +156,25 @@ def test_stop_stops_even_where_its_checkpoint_cannot_be_written(
     said = [str(w.message) for w in caught if issubclass(w.category, GreenMlopsWarning)]
     assert any("the fit stops" in m and "could not be saved" in m for m in said), said
     assert "could not be saved" in report_tags(tr)["green.budget.exceeded"]
+
+
+class OddStopping(EarlyStopping):
+    """An EarlyStopping whose wait count is not a number (the forecast's plan cannot use it)."""
+
+    @property  # type: ignore[override]
+    def wait_count(self) -> Any:
+        return None
+
+    @wait_count.setter
+    def wait_count(self, value: Any) -> None:
+        pass
+
+
+def test_a_forecast_that_fails_does_not_turn_the_guard_off(
+    tmp_path: Path, epoch_kwh: float
+) -> None:
+    guard = EnergyBudget(energy_kwh=2.5 * epoch_kwh, action="stop")
+    es = OddStopping(monitor="not_logged", strict=False, patience=1000)  # it never acts
+    tr = trainer(tmp_path, [monitor(), guard, es], max_epochs=20)
+    tr.fit(Classifier(), loader(), loader())
+    assert 1 <= tr.current_epoch < 10 and guard.exceeded is not None

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from green_mlops.forecast import Forecast, Forecaster, Mark, Plan, price
+from green_mlops.log import warn_once
 from green_mlops.units import J_PER_KWH
 
 if TYPE_CHECKING:
@@ -128,7 +129,22 @@ class FitForecast:
         metrics: Mapping[str, float],
         measurement: Measurement | None,
     ) -> dict[str, float]:
-        """Record the totals now; the forecast's metrics (empty before a steady state)."""
+        """Record the totals now; the forecast's metrics (empty before a steady state, or when
+        it failed: said once; never raised, so the budget guards after it are still checked
+        on every rank)."""
+        try:
+            return self._mark(trainer, metrics, measurement)
+        except Exception as exc:
+            self.latest = None
+            warn_once(f"the fit's forecast failed: {type(exc).__name__}: {exc}")
+            return {}
+
+    def _mark(
+        self,
+        trainer: pl.Trainer,
+        metrics: Mapping[str, float],
+        measurement: Measurement | None,
+    ) -> dict[str, float]:
         steps, elapsed = float(trainer.global_step), metrics.get("green/duration_s", 0.0)
         self._marked = steps
         self.forecaster.add(
