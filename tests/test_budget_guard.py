@@ -33,7 +33,12 @@ def report_tags(tr: Any) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def epoch_kwh(tmp_path_factory: pytest.TempPathFactory) -> float:
-    """What one epoch of the test fit costs here (ClockMeter: power x time)."""
+    """What one epoch of the test fit costs here (ClockMeter: power x time), setup included
+    as in the tests' fits: after a first fit, which pays the process's one-time costs (they
+    made it several times a later fit's, and the tests' limits too high, flakily)."""
+    trainer(tmp_path_factory.mktemp("warm"), [monitor()], max_epochs=1).fit(
+        Classifier(), loader(), loader()
+    )
     tr = trainer(tmp_path_factory.mktemp("ref"), [monitor()], max_epochs=3)
     tr.fit(Classifier(), loader(), loader())
     return final_kwh(rows(tr)) / 3
