@@ -55,6 +55,8 @@ MAX_NODE_BREAKDOWN = 16
 CLAIM_DELAY_S = 0.5
 #: Key rank 0 adds to a node's report: when it first read it (its own monotonic clock).
 SEEN_KEY = "seen_by_rank0"
+#: Beyond a bounded wait: how long the store's helper thread may take to notice its end.
+_GRACE_S = 0.5
 #: Poll period of rank 0's bounded wait for final totals.
 _POLL_S = 0.01
 #: An agent's wait for rank 0's next event: no timeout to wake up (and log) for.
@@ -228,10 +230,14 @@ class NodeAgent(threading.Thread):
             seqs = list(self._open)
         if not seqs:
             return
-        with contextlib.suppress(Exception):
-            store = self.store.clone()
-            for seq in seqs:
-                self._publish(seq, final=True, store=store, reason="its process ended")
+
+        def publish() -> None:
+            with contextlib.suppress(Exception):
+                store = self.store.clone()
+                for seq in seqs:
+                    self._publish(seq, final=True, store=store, reason="its process ended")
+
+        _bounded(publish, NODE_WAIT_S)  # a hung store does not hold the process's exit
 
 
 # --- rank 0's side ------------------------------------------------------------------------------
@@ -293,7 +299,7 @@ class RunGather:
                 self._read(self.nodes)
         return dict(self.blobs)
 
-    def _read(self, nodes: Sequence[int]) -> None:
+    def _read(self, nodes: Sequence[int], into: dict[int, dict[str, Any]] | None = None) -> None:
         keys = {n: _key("run", self.seq, "node", n) for n in nodes}
         with self._lock:
             present = [n for n in nodes if self.store.check([keys[n]])]
@@ -305,19 +311,32 @@ class RunGather:
             if n not in self._seen or self._seen[n][0] != at:
                 self._seen[n] = (at, now)
             blob[SEEN_KEY] = self._seen[n][1]
-            self.blobs[n] = blob
+            (self.blobs if into is None else into)[n] = blob
 
     def close(self) -> dict[int, dict[str, Any]]:
         """Announce the end and collect the final totals (bounded wait); never raises.
-        Only the first call does: a run terminated again keeps the first end's totals."""
+        Only the first call does: a run terminated again keeps the first end's totals.
+        The store's calls run in a helper thread: a store whose host hangs (its connection
+        open, no replies: ``TCPStore.set``/``add`` then block without a timeout) is left
+        behind after the wait."""
         if self.closed:
             return dict(self.blobs)
         self.closed = True
         deadline = time.monotonic() + self.wait_s
-        self._opened.wait(self.wait_s)
+        found = dict(self.blobs)
+        if not _bounded(lambda: self._close(deadline, found), self.wait_s + _GRACE_S):
+            self.error = self.error or (
+                f"node totals incomplete: the job's store did not answer within {self.wait_s:g} s"
+            )
+            return dict(self.blobs)
+        self.blobs = found
+        return dict(found)
+
+    def _close(self, deadline: float, found: dict[int, dict[str, Any]]) -> None:
+        self._opened.wait(max(0.0, deadline - time.monotonic()))
         if self.seq is None:
             self.error = self.error or "node totals not gathered: the store did not answer"
-            return dict(self.blobs)
+            return
         try:
             with self._lock:
                 _event(self.store, kind="end", seq=self.seq, time=time.time())
@@ -328,22 +347,29 @@ class RunGather:
                     count = int(self.store.add(_key("run", self.seq, "finals"), 0))
                 if count != finals or time.monotonic() - read_at > 0.5:  # one read per change
                     finals, read_at = count, time.monotonic()
-                    self._read(waiting)
-                    waiting = [n for n in waiting if self._expected(n)]
+                    self._read(waiting, found)
+                    waiting = [n for n in waiting if self._expected(found.get(n))]
                 if waiting:
                     time.sleep(_POLL_S)
         except Exception as exc:
             self.error = f"node totals incomplete: {exc}"
-        return dict(self.blobs)
 
-    def _expected(self, node: int) -> bool:
-        """Whether to go on waiting for ``node``'s final totals: it answered recently (or
-        the run is too young for it to have answered), both in rank 0's own clock."""
-        blob = self.blobs.get(node)
+    def _expected(self, blob: Mapping[str, Any] | None) -> bool:
+        """Whether to go on waiting for a node's final totals (``blob``: its latest): it
+        answered recently (or the run is too young for it to have answered), both in rank
+        0's own clock."""
         fresh = 2 * self.interval_s + 1.0
         if blob is None:
             return time.monotonic() - self._began < fresh
         return not blob["final"] and time.monotonic() - float(blob[SEEN_KEY]) < fresh
+
+
+def _bounded(work: Callable[[], None], timeout_s: float) -> bool:
+    """Run ``work`` in a daemon thread; whether it ended within ``timeout_s``."""
+    thread = threading.Thread(target=work, name="green-mlops-store", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return not thread.is_alive()
 
 
 # --- the merged run -----------------------------------------------------------------------------

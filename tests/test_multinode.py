@@ -373,3 +373,49 @@ def test_a_node_whose_clock_is_behind_rank_0s_is_still_waited_for(
     merged = merge(measurement(50.0).stop(), blobs, job, error=gather.error, final=True)
     assert merged.tags["green.job.partial"] == "false"
     assert "green.problems" not in merged.tags
+
+
+MASTER = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+print(store.port, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_hung_master_does_not_hold_rank_0s_end_of_run() -> None:
+    """The store's host stops answering (a hung machine: the connection stays open, no
+    replies): ending rank 0's run still returns within the bounded wait, the run partial."""
+    import signal
+
+    import torch.distributed as dist
+
+    master = subprocess.Popen([sys.executable, "-c", MASTER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert master.stdout is not None
+        port = int(master.stdout.readline())
+
+        def client() -> Any:
+            return dist.TCPStore(
+                "127.0.0.1",
+                port,
+                is_master=False,
+                timeout=timedelta(seconds=20),
+                wait_for_workers=False,
+            )
+
+        job = Job("torchrun", rank=0, local_rank=0, world_size=2, node_rank=0, nodes=2)
+        gather = RunGather(job, interval_s=0.5, store_factory=client, wait_s=2.0).open()
+        assert gather._opened.wait(30) and gather.seq is not None
+        os.kill(master.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        blobs = gather.close()
+        assert time.monotonic() - began < 2.0 + 1.0
+        merged = merge(measurement(50.0).stop(), blobs, job, error=gather.error, final=True)
+        assert merged.tags["green.job.partial"] == "true"
+        assert "node 1 never reported" in merged.tags["green.problems"]
+    finally:
+        master.kill()
+        master.wait()
