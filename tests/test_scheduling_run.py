@@ -283,3 +283,18 @@ def test_bad_run_options_fail_early_and_run_nothing(
     err = " ".join(capsys.readouterr().err.split())
     assert said in err, err
     assert "does not vary" not in err and not marker.exists()
+
+
+def test_max_wait_keeps_the_users_deadline_in_the_hand_off(
+    launcher_env: dict[str, str], tmp_path: Path
+) -> None:
+    """--max-wait bounds the start; the deadline the runs record is still --finish-by's."""
+    child = "import os; print(os.environ['GREEN_MLOPS_SCHEDULE'])"
+    argv = [sys.executable, "-m", "green_mlops", "run", "--duration", "1h", "--finish-by", "+10h",
+            "--max-wait", "1m", "--provider", "electricitymaps", "--", sys.executable, "-c",
+            child]  # fmt: skip
+    before = time.time()
+    out = subprocess.run(argv, env=launcher_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    handed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before + 10 * H - 5 <= handed["deadline"] <= time.time() + 10 * H + 5

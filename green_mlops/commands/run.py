@@ -106,6 +106,8 @@ def run(args: Any) -> int:
             None if args.max_wait is None else option("--max-wait", args.max_wait, parse_duration)
         )
         replan_every = option("--replan-every", args.replan_every, _replan_every)
+        # the user's deadline (--max-wait turns it into a latest start for the planner)
+        deadline = request.finish_by if request.finish_by is not None else request.start_by
         request = _with_max_wait(request, max_wait, submitted)
         planned = make_plan(request, settings, submitted)
     except ConfigError as exc:
@@ -136,7 +138,7 @@ def run(args: Any) -> int:
         planned_start=chosen.chosen.start,
         planned_end=chosen.chosen.end,
         started_at=time.time(),
-        deadline=chosen.deadline,
+        deadline=chosen.deadline if deadline is None else deadline,
         decision="run-now (user)" if waited.by_user else chosen.decision,
         reason=chosen.reason,
         zone=chosen.location,
