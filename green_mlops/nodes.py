@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -168,7 +169,9 @@ class NodeAgent(threading.Thread):
         if self.claim_delay_s > 0:
             _EXITING.wait(self.claim_delay_s)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        me = str(self.job.local_rank or 0)
+        # unique per agent: a process that inherited a rank's environment (its local rank)
+        # must not win the claim as well
+        me = f"{self.job.local_rank or 0}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         held = self.store.compare_set(_key("leader", self.job.node, restart), "", me)
         return bool(held == me.encode())
 

@@ -419,3 +419,27 @@ def test_a_hung_master_does_not_hold_rank_0s_end_of_run() -> None:
     finally:
         master.kill()
         master.wait()
+
+
+def test_a_process_with_the_same_local_rank_does_not_measure_the_node_twice(
+    store_client: Callable[[], Any],
+) -> None:
+    """A process started by a rank (an evaluation script, a tool) inherits its launcher's
+    environment, local rank included: the node is still measured by one process only."""
+    job = Job("torchrun", rank=2, local_rank=0, node_rank=1, nodes=2)
+    agents = [
+        NodeAgent(
+            job,
+            lambda: measurement(80.0),
+            interval_s=0.5,
+            location="DE",
+            store_factory=store_client,
+        )
+        for _ in range(2)
+    ]
+    for agent in agents:
+        agent.start()
+    assert all(agent.ready.wait(30) for agent in agents)
+    measuring = [agent for agent in agents if agent.measurement is not None]
+    assert len(measuring) == 1
+    measuring[0].measurement.close()
