@@ -170,3 +170,15 @@ def test_lazy_with_one_dataloader_is_a_no_op_said_once(
 def test_a_bad_secondary_setting_is_refused() -> None:
     with pytest.raises(MisconfigurationException, match=r"secondary='sometimes'.*'full' or 'lazy'"):
         AdaptiveValidation(secondary="sometimes")  # type: ignore[arg-type]
+
+
+def test_a_dataloader_suffix_on_the_monitor_is_refused_at_once() -> None:
+    """With several loaders, Lightning suffixes what validation_step logs (``val_loss`` of
+    loader 0 is ``val_loss/dataloader_idx_0``); AdaptiveValidation logs ``monitor`` once per
+    run, unsuffixed (Lightning refuses to log a suffixed key: it failed after the first
+    training epoch). Refused when the callback is made, naming the fix."""
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"monitor='val_loss/dataloader_idx_0'.*monitor='val_loss'",
+    ):
+        AdaptiveValidation(monitor="val_loss/dataloader_idx_0", upper=5.0)

@@ -190,6 +190,14 @@ class AdaptiveValidation(Callback):
                 f"AdaptiveValidation(secondary={secondary!r}): pass 'full' or 'lazy'"
             )
         self.secondary = secondary
+        if "/dataloader_idx_" in monitor:
+            base = monitor.split("/dataloader_idx_")[0]
+            raise Misconfiguration(
+                f"AdaptiveValidation(monitor={monitor!r}): the monitored metric is logged by "
+                "AdaptiveValidation once per validation run, without Lightning's dataloader "
+                f"suffix (the first dataloader is the monitored one): pass monitor={base!r} "
+                "and have EarlyStopping/ModelCheckpoint monitor that"
+            )
         if mode not in ("min", "max"):
             raise Misconfiguration(
                 f"AdaptiveValidation(mode={mode!r}): mode must be 'min' or 'max'"
