@@ -389,3 +389,16 @@ def test_the_remaining_carbon_counts_the_facility_overhead_as_the_run_does(tmp_p
     for f in priced:  # spent and remaining alike: facility energy x intensity
         assert f.co2e_g == pytest.approx(f.kwh * g_per_kwh, rel=1e-6)
         assert f.co2e_high_g == pytest.approx(f.high_j / 3.6e6 * g_per_kwh, rel=1e-6)
+
+
+@LIGHTNING_WARNINGS
+def test_early_stopping_at_epoch_ends_in_a_step_limited_fit_lowers_the_low_end(
+    tmp_path: Path,
+) -> None:
+    plans = Plans()
+    es = EarlyStopping(monitor="absent", strict=False, patience=3, check_on_train_epoch_end=True)
+    tr = trainer(tmp_path, [plans, es], max_epochs=-1, max_steps=40)  # 4 steps per epoch
+    tr.fit(Classifier(), loader(), loader())
+    steps, plan = plans.plans[0]
+    assert steps == 4 and plan is not None and plan.total_steps == 40
+    assert plan.min_steps == steps + 3 * 4  # 3 more epoch-end checks, not the whole fit

@@ -52,8 +52,11 @@ def plan_of(
     rate = per_step or 0.0
     for es in getattr(trainer, "early_stopping_callbacks", ()):
         checks = max(0, int(es.patience) - int(es.wait_count))
-        if getattr(es, "_check_on_train_epoch_end", False):
-            per_check = total / max(1, trainer.max_epochs or 1)
+        if getattr(es, "_check_on_train_epoch_end", False):  # a check per epoch
+            batches = float(trainer.num_training_batches)
+            if not math.isfinite(batches) or batches <= 0:
+                continue
+            per_check = math.ceil(batches / max(1, int(trainer.accumulate_grad_batches)))
         elif rate > 0:
             per_check = 1.0 / rate
         else:
