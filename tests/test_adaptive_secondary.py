@@ -182,3 +182,14 @@ def test_a_dataloader_suffix_on_the_monitor_is_refused_at_once() -> None:
         match=r"monitor='val_loss/dataloader_idx_0'.*monitor='val_loss'",
     ):
         AdaptiveValidation(monitor="val_loss/dataloader_idx_0", upper=5.0)
+
+
+def test_lazy_knows_an_early_stopping_that_stops_on_divergence() -> None:
+    """The last run gets its secondaries: EarlyStopping's divergence_threshold stops the fit
+    too (besides patience, stopping_threshold and a non-finite value)."""
+    from green_mlops.integrations.lightning.secondary import early_stopping_stops
+
+    es = EarlyStopping(monitor="val_loss", patience=3, divergence_threshold=1.0)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, callbacks=[es])
+    assert early_stopping_stops(trainer, "val_loss", 2.0)  # above the threshold: stops
+    assert not early_stopping_stops(trainer, "val_loss", 0.5)  # a first value: improves

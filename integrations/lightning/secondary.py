@@ -135,6 +135,9 @@ def early_stopping_stops(trainer: pl.Trainer, monitor: str, value: float) -> boo
             return True
         if es.stopping_threshold is not None and es.monitor_op(current, es.stopping_threshold):
             return True
+        threshold = es.divergence_threshold
+        if threshold is not None and es.monitor_op(-current, -threshold):
+            return True
         if not es.monitor_op(current - es.min_delta, best) and es.wait_count + 1 >= es.patience:
             return True
     return False
