@@ -72,8 +72,8 @@ def plan_of(
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if type(cb).__name__ == "Timer" and hasattr(cb, "time_remaining"):
             remaining = cb.time_remaining()
-    end = None if remaining is None else elapsed_s + float(remaining)
-    return Plan(total, early, per_step, end)
+    limit = None if remaining is None else elapsed_s + float(remaining)
+    return Plan(total, early, per_step, limit)
 
 
 def _validations_per_step(trainer: pl.Trainer) -> float | None:
