@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from green_mlops.cli import main
+from green_mlops.integrations.lightning import EnergyMonitor
 from green_mlops.pilot import PilotError, estimate, parse_scale
-from tests.green_runs import make_lightning_run
 from tests.mlflow_server import MlflowServer
 
 
@@ -27,17 +27,26 @@ class Pilots:
 
 @pytest.fixture(scope="module")
 def pilots(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Pilots:
+    from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
-    work = tmp_path_factory.mktemp("pilot")
-    run = make_lightning_run(mlflow_server, work, name="pilot", experiment="pilots", epochs=2)
-    assert run.run_id is not None
+    from tests.test_energy_monitor import SETTINGS, Classifier, loader, meters, trainer
+
+    # in this process (a subprocess paid ~40 s of imports): a real fit, logged to the server
+    logger = MLFlowLogger(
+        experiment_name="pilots", run_name="pilot", tracking_uri=mlflow_server.url
+    )
+    mon = EnergyMonitor(settings={**SETTINGS, "price_per_kwh": 0.25}, meters=meters)
+    tr = trainer(tmp_path_factory.mktemp("pilot"), [mon], max_epochs=2, logger=logger)
+    tr.fit(Classifier(), loader(), loader())
     client = MlflowClient(mlflow_server.url)
-    metrics = dict(client.get_run(run.run_id).data.metrics)
+    run_id = logger.run_id
+    assert run_id is not None
+    metrics = dict(client.get_run(run_id).data.metrics)
     bare = client.create_run(client.get_experiment_by_name("pilots").experiment_id)
     client.log_metric(bare.info.run_id, "green/energy_kwh", 0.001)
     client.set_terminated(bare.info.run_id)
-    return Pilots(mlflow_server, run.run_id, metrics, bare.info.run_id)
+    return Pilots(mlflow_server, run_id, metrics, bare.info.run_id)
 
 
 def cli(p: Pilots, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
