@@ -56,7 +56,7 @@ def plan_of(
             batches = float(trainer.num_training_batches)
             if not math.isfinite(batches) or batches <= 0:
                 continue
-            per_check = math.ceil(batches / max(1, int(trainer.accumulate_grad_batches)))
+            per_check = float(math.ceil(batches / max(1, int(trainer.accumulate_grad_batches))))
         elif rate > 0:
             per_check = 1.0 / rate
         else:
