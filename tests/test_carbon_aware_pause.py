@@ -92,10 +92,12 @@ class Probe(pl.Callback):
     def __init__(self, monitor: EnergyMonitor) -> None:
         self.monitor = monitor
         self.paused_j: float | None = None
+        self.totals: dict[str, float] = {}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         phase = self.monitor._measurement.tracker.snapshot().phases.get("paused")  # type: ignore[union-attr]
         self.paused_j = None if phase is None else phase.joules
+        self.totals = dict(self.monitor._totals.latest or {})  # what the callback reports
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +122,7 @@ def test_a_pause_in_process_ends_with_the_same_weights(
     start, end, why = pause.pauses[0]
     assert end - start == pytest.approx(2 * H, abs=60) and "above 300" in why
     assert probe.paused_j is not None and probe.paused_j > 0  # idle power is counted
+    assert probe.totals["green/phase/paused_kwh"] > 0  # and reported as its own phase
 
 
 def test_no_pause_when_the_deadline_does_not_allow_it(

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 __all__ = ["PHASES", "EnergyMonitor"]
 
 #: Phases marked by the callback, as they appear in ``green/phase/<phase>_kwh``.
-PHASES = ("sanity_check", "data_wait", "train", "validation", "test", "predict")
+PHASES = ("sanity_check", "data_wait", "train", "validation", "test", "predict", "paused")
 _ALL_PHASES = (*PHASES, OTHER_PHASE)
 #: The callback's own additive numbers, summed across ranks with the metrics.
 _INTERNAL = (
