@@ -272,6 +272,7 @@ def test_a_node_that_never_answers_is_named_and_the_wait_is_bounded(
         m["green/node/0/energy_kwh"] + m["green/node/1/energy_kwh"]
     )
     assert "green/node/2/energy_kwh" not in m  # absent, never 0
+    agent.measurement.close()  # the node's measurement lasts as long as its process otherwise
 
 
 def test_without_a_store_the_run_says_why_and_is_partial() -> None:
