@@ -89,6 +89,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        default_root_dir=root,
         callbacks=[callback, es, mc, record, *callbacks],
     ).fit(module, train, vals[:loaders] if loaders > 1 else vals[0])
     best = int(Path(mc.best_model_path).name.split("-")[0].split("=")[1])

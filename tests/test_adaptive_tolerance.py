@@ -325,6 +325,8 @@ def test_an_unbounded_loss_with_a_tolerance_says_once_what_it_can_stop(
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
         callbacks=[callback],
     ).fit(
         Net(),
