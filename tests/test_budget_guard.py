@@ -11,15 +11,49 @@ from typing import Any
 import pytest
 from lightning.pytorch.callbacks import EarlyStopping
 
-from green_mlops.integrations.lightning import EnergyBudget
+from green_mlops.integrations.lightning import EnergyBudget, EnergyMonitor
 from green_mlops.integrations.lightning._namespaces import Misconfiguration
 from green_mlops.log import GreenMlopsWarning
-from tests.test_energy_monitor import Classifier, loader, monitor, rows, trainer
+from green_mlops.meters import Readings
+from tests.conftest import ClockMeter
+from tests.test_energy_monitor import SETTINGS, Classifier, loader, rows, trainer
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning:lightning.*",
     "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",
 )
+
+
+#: Energy per training batch: the budget tests' energy counts work done, not time, so what
+#: they stop at is the same on a loaded machine (wall-time energy made them flaky there).
+JOULES_PER_BATCH = 50.0
+
+
+class WorkMeter(ClockMeter):
+    """A counter that the fit advances by :data:`JOULES_PER_BATCH` per training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.joules = 0.0
+
+    def sample(self, now: float) -> Readings:
+        return {self.devices[0].id: self.joules}
+
+
+class WorkMonitor(EnergyMonitor):
+    """EnergyMonitor over a :class:`WorkMeter`, advanced before each batch's bookkeeping."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.meter = WorkMeter()
+        super().__init__(settings=SETTINGS, meters=lambda: [self.meter], **kwargs)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self.meter.joules += JOULES_PER_BATCH
+        super().on_train_batch_end(*args, **kwargs)
+
+
+def monitor(**kwargs: Any) -> EnergyMonitor:
+    return WorkMonitor(**kwargs)
 
 
 def final_kwh(table: list[dict[str, float]]) -> float:
@@ -33,12 +67,7 @@ def report_tags(tr: Any) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def epoch_kwh(tmp_path_factory: pytest.TempPathFactory) -> float:
-    """What one epoch of the test fit costs here (ClockMeter: power x time), setup included
-    as in the tests' fits: after a first fit, which pays the process's one-time costs (they
-    made it several times a later fit's, and the tests' limits too high, flakily)."""
-    trainer(tmp_path_factory.mktemp("warm"), [monitor()], max_epochs=1).fit(
-        Classifier(), loader(), loader()
-    )
+    """What one epoch of the test fit costs (the work meter: a fixed amount per batch)."""
     tr = trainer(tmp_path_factory.mktemp("ref"), [monitor()], max_epochs=3)
     tr.fit(Classifier(), loader(), loader())
     return final_kwh(rows(tr)) / 3

@@ -38,9 +38,10 @@ def validation_joules(trainer: pl.Trainer) -> float | None:
 
 def _energy_monitor(trainer: pl.Trainer) -> Any:
     callbacks: Sequence[Any] = trainer.callbacks  # type: ignore[attr-defined]
-    for callback in callbacks:
-        if type(callback).__name__ == "EnergyMonitor" and type(callback).__module__.startswith(
-            "green_mlops"
+    for callback in callbacks:  # by name: either namespace's class, or a subclass of one
+        if any(
+            c.__name__ == "EnergyMonitor" and c.__module__.startswith("green_mlops")
+            for c in type(callback).__mro__
         ):
             return callback
     return None
