@@ -21,7 +21,7 @@ from green_mlops.reports.tables import comparison_table, totals
 from green_mlops.reports.view import RunView, iso_utc, significant
 from green_mlops.runs import RunRecord
 
-__all__ = ["CSP", "MAX_RUN_SECTIONS", "STYLE", "render", "run_section"]
+__all__ = ["CSP", "MAX_RUN_SECTIONS", "STYLE", "comparison_totals", "render", "run_section"]
 
 #: Nothing may be loaded: inline styles and data: images only, no script at all.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
@@ -99,6 +99,13 @@ def _comparison(comparison: Any) -> str:
     headers, rows = comparison_table(comparison)
     parts = ['<section id="comparison"><h2>Comparison</h2>']
     parts.append(f'<div class="wide">{_table(headers, rows, "comparison")}</div>')
+    parts.append(comparison_totals(comparison))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def comparison_totals(comparison: Any) -> str:
+    """The comparison's totals sentence and its notes, as HTML (the report and the dashboard)."""
     total = comparison.total
     sums = [
         f"{label} {significant(value)}"
@@ -109,10 +116,8 @@ def _comparison(comparison: Any) -> str:
         )
         if value is not None
     ]
-    if sums:
-        parts.append(f"<p>Total over {total.runs} runs: {escape('; '.join(sums))}.</p>")
+    parts = [f"<p>Total over {total.runs} runs: {escape('; '.join(sums))}.</p>"] if sums else []
     parts += [f'<p class="note">{escape(n)}</p>' for n in comparison.notes]
-    parts.append("</section>")
     return "".join(parts)
 
 

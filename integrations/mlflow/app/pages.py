@@ -11,7 +11,7 @@ from urllib.parse import quote, urlencode
 
 from green_mlops import __version__
 from green_mlops.compare import EXCLUSIVE_NOTE, Comparison, Period, Row
-from green_mlops.reports.html import STYLE, run_section
+from green_mlops.reports.html import STYLE, comparison_totals, run_section
 from green_mlops.reports.svg import Point, scatter
 from green_mlops.reports.view import significant
 from green_mlops.runs import RunRecord
@@ -217,19 +217,7 @@ def experiment_page(
         '<div class="wide"><table class="sortable comparison" id="comparison">'
         f"{_head(headers)}<tbody>{''.join(rows)}</tbody></table></div>"
     )
-    total = comparison.total
-    sums = [
-        f"{label} {significant(value)}"
-        for label, value in (
-            ("energy (kWh)", total.energy_kwh),
-            ("CO2e (g)", total.co2e_g),
-            (f"cost ({total.currency or ''})", total.cost),
-        )
-        if value is not None
-    ]
-    if sums:
-        body.append(f"<p>Total over {total.runs} runs: {escape('; '.join(sums))}.</p>")
-    body += [f'<p class="note">{escape(n)}</p>' for n in comparison.notes]
+    body.append(comparison_totals(comparison))
     body.append(_scatter(experiment_id, comparison, query))
     api = "/green/api/compare?" + urlencode(
         {"experiment_id": experiment_id, **query, "baseline": base.run_id if base else ""}
