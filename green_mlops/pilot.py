@@ -6,20 +6,46 @@ The full run's FLOPs come from ``--flops N``, ``--scale params=4x,tokens=10x`` (
 pilot's J/FLOP times the full FLOPs; time follows at the pilot's FLOP/s, or, on other hardware,
 at the pilot's MFU times that hardware's dense peak. The band: the pilot's own energy band plus
 an allowance for the extrapolation (:data:`SCALE_BAND`).
+
+The full run is tagged with its pilot: ``green-mlops estimate ... --save FILE`` writes the
+estimate (:func:`save_estimate`); a measured run started with ``GREEN_MLOPS_ESTIMATE=FILE``
+(:data:`ESTIMATE_ENV`) gets ``green.estimate.pilot_run_id`` and, at its end,
+``green/estimate/error`` = (measured - estimate) / estimate (:func:`attach_estimate`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from green_mlops.config import ConfigError
 from green_mlops.flops_peaks import DENSE_PEAKS, find_peak, peak_flops
 from green_mlops.units import J_PER_KWH
 
-__all__ = ["SCALE_BAND", "Estimate", "PilotError", "estimate", "parse_scale"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ERROR_KEY",
+    "ESTIMATE_ENV",
+    "SCALE_BAND",
+    "Estimate",
+    "PilotError",
+    "attach_estimate",
+    "estimate",
+    "parse_scale",
+    "save_estimate",
+]
+
+#: The environment variable naming a ``green-mlops estimate --save`` file for the run started.
+ESTIMATE_ENV = "GREEN_MLOPS_ESTIMATE"
+#: (measured - estimate) / estimate of the run's total energy, logged at its end.
+ERROR_KEY = "green/estimate/error"
 
 #: Half-width allowance for extrapolating: the same FLOPs (``--flops``/``--epochs``) or a larger
 #: model (``--scale``: utilisation and J/FLOP change with size), and other hardware.
@@ -213,3 +239,49 @@ def _on_hardware(
         f"{peak / 1e12:.4g} TFLOP/s, {figure.source}); energy per FLOP held too (rough across "
         "hardware)"
     )
+
+
+def save_estimate(path: Path, pilot_run_id: str, result: Estimate) -> None:
+    """Write ``result`` and its pilot to ``path`` (JSON) for :data:`ESTIMATE_ENV`."""
+    data = {"pilot_run_id": pilot_run_id, **asdict(result)}
+    data["phases"], data["assumptions"] = dict(result.phases), list(result.assumptions)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def attach_estimate(
+    metrics: dict[str, float], tags: dict[str, str], environ: Mapping[str, str] | None = None
+) -> None:
+    """For a run started with :data:`ESTIMATE_ENV`: the pilot's tags, the estimate and
+    :data:`ERROR_KEY` from the run's ``green/energy_kwh``; a file that cannot be read is said in
+    ``green.problems`` and the error is absent (``green.not_reported``). Never raises."""
+    name = (os.environ if environ is None else environ).get(ESTIMATE_ENV)
+    if not name:
+        return
+    try:
+        data = json.loads(Path(name).read_text())
+        pilot, kwh = str(data["pilot_run_id"]), float(data["energy_kwh"])
+        low, high = float(data["low_kwh"]), float(data["high_kwh"])
+        if not (math.isfinite(kwh) and kwh > 0):
+            raise ValueError(f"energy_kwh={kwh!r} is not > 0")
+    except Exception as exc:  # never harm the run
+        why = f"{ESTIMATE_ENV}={name!r} is not a `green-mlops estimate --save` file ({exc})"
+        log.warning("green-mlops: %s", why)
+        problems = tags.get("green.problems", "")
+        tags["green.problems"] = f"{problems}; {why}" if problems else why
+        _not_reported(tags, why)
+        return
+    tags["green.estimate.pilot_run_id"] = pilot
+    metrics["green/estimate/energy_kwh"] = kwh
+    measured = metrics.get("green/energy_kwh")
+    if measured is None:
+        _not_reported(tags, "the run has no measured energy (green/energy_kwh)")
+        return
+    metrics[ERROR_KEY] = (measured - kwh) / kwh
+    inside = low <= measured <= high
+    tags["green.estimate.inside_band"] = f"{inside} ({low:.4g} .. {high:.4g} kWh)"
+
+
+def _not_reported(tags: dict[str, str], why: str) -> None:
+    missing = tags.get("green.not_reported", "")
+    item = f"{ERROR_KEY}: {why}"
+    tags["green.not_reported"] = f"{missing}; {item}" if missing else item

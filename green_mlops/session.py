@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from green_mlops.config import Settings
-from green_mlops.job import job_tags
-from green_mlops.meters import Meter, MeterUnavailable
+from green_mlops.job import Job, job_tags
+from green_mlops.meters import Component, Meter, MeterUnavailable
 from green_mlops.metrics import EXCLUSIVE_KEYS, energy_metrics, power_series, provenance_tags
+from green_mlops.references import EnergyReference, ReferenceWindow, compare, merge_not_reported
 from green_mlops.snapshot import Snapshot
 from green_mlops.tracker import Tracker
 from green_mlops.units import HOUR
@@ -28,7 +29,15 @@ from green_mlops.verify import REPORT_SCHEMA, report_digests
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REPORT_SCHEMA", "Measurement", "Result", "claim", "lookup", "release"]
+__all__ = [
+    "REPORT_SCHEMA",
+    "Measurement",
+    "Result",
+    "claim",
+    "lookup",
+    "reference_offers",
+    "release",
+]
 
 #: Longest wait for intensity data when the run ends; the tail is priced by the fallback after.
 FINAL_WAIT_S = 3.0
@@ -95,11 +104,17 @@ class Measurement:
         self.extra_tags: dict[str, str] = {}
         self._children: dict[str, float] = {}
         self._accountant: Any = None
+        self._references: Any = None
         self._final: Result | None = None
         self._lock = threading.Lock()
 
     def start(self) -> Measurement:
         self.tracker.start()
+        if Job.current().rank in (None, 0):  # the process that reports the job's totals
+            try:
+                self._references = ReferenceWindow(*reference_offers(self.settings)).start()
+            except Exception as exc:
+                log.warning("green-mlops: energy references unavailable: %s", exc)
         try:
             from green_mlops.carbon import CarbonAccountant
 
@@ -201,6 +216,11 @@ class Measurement:
         except Exception as exc:  # energy is still worth logging
             log.exception("green-mlops: carbon/footprint failed")
             tags["green.problems"] = f"{tags.get('green.problems', '')} footprint failed: {exc}"
+        if final and self._references is not None:  # another meter's whole-job figure
+            found, said = self._references.figures()
+            metrics.update(found)
+            merge_not_reported(tags, said.pop("green.not_reported", ""))
+            tags.update(said)
         children = dict(self._children)  # a copy: nested runs end in threads
         for key, value in children.items():
             if key in metrics:
@@ -211,10 +231,15 @@ class Measurement:
                 metrics[key] += value
         metrics.update(self.extra_metrics)
         tags.update(self.extra_tags)
+        if final and self._references is not None:
+            metrics.update(compare(metrics, tags))
         if final:  # launched by `green-mlops run`: its plan and the run-now carbon
             from green_mlops.scheduling.handoff import attach_schedule
 
             attach_schedule(self.settings, timeline, carbon, metrics, tags)
+            from green_mlops.pilot import attach_estimate  # started from a pilot's estimate
+
+            attach_estimate(metrics, tags)
         accounting = accounting_block(snapshot, timeline, carbon, fp, children, self.offsets)
         return Result(
             snapshot, metrics, tags, fp, sentence, power_series(snapshot), final, accounting
@@ -290,6 +315,25 @@ def _energy_timeline(snapshot: Snapshot) -> Iterator[tuple[float, float]]:
     end = (snapshot.started_at + snapshot.duration_s, snapshot.joules)
     if last is None or end[0] > last[0]:
         yield end
+
+
+def reference_offers(
+    settings: Settings,
+) -> tuple[list[EnergyReference], list[MeterUnavailable]]:
+    """The references the plugins offer here, and those they cannot (with the reason)."""
+    from green_mlops.plugin_manager import call_hook, get_plugin_manager
+
+    pm = get_plugin_manager(settings.disable_plugins)
+    items, failures = call_hook(
+        pm,
+        "green_mlops_energy_references",
+        (EnergyReference, MeterUnavailable),
+        settings=settings,
+    )
+    used = [item for _, item in items if isinstance(item, EnergyReference)]
+    refused = [item for _, item in items if isinstance(item, MeterUnavailable)]
+    refused += [MeterUnavailable(f.plugin, Component.OTHER, f.describe()) for f in failures]
+    return used, refused
 
 
 # --- one measurement per host run ---------------------------------------------------------

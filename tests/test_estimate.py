@@ -3,6 +3,7 @@ real MLflow server prices the full run; pilots and hardware that cannot are refu
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -146,3 +147,50 @@ def test_bad_numbers_are_refused_with_the_accepted_form(
 def test_a_malformed_scale_is_refused_not_a_traceback(text: str) -> None:
     with pytest.raises(PilotError, match=r"--scale .* is not valid: expected params=<factor>x"):
         parse_scale(text)
+
+
+def test_the_full_run_is_tagged_with_its_pilot_and_reports_the_estimates_error(
+    pilots: Pilots,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_energy_monitor import SETTINGS, Classifier, loader, meters, trainer
+
+    saved = tmp_path / "estimate.json"
+    code, out = cli(
+        pilots, capsys, "--pilot", pilots.pilot, "--epochs", "4", "--pilot-epochs", "2",
+        "--save", str(saved),
+    )  # fmt: skip
+    assert code == 0 and "GREEN_MLOPS_ESTIMATE=" in out, out
+    estimated = json.loads(saved.read_text())["energy_kwh"]
+    monkeypatch.setenv("GREEN_MLOPS_ESTIMATE", str(saved))
+    logger = MLFlowLogger(experiment_name="pilots", run_name="full", tracking_uri=pilots.server.url)
+    mon = EnergyMonitor(settings=SETTINGS, meters=meters)
+    trainer(tmp_path, [mon], max_epochs=4, logger=logger).fit(Classifier(), loader(), loader())
+    run = MlflowClient(pilots.server.url).get_run(logger.run_id)  # type: ignore[arg-type]
+    measured = run.data.metrics["green/energy_kwh"]
+    assert run.data.tags["green.estimate.pilot_run_id"] == pilots.pilot
+    assert run.data.metrics["green/estimate/energy_kwh"] == pytest.approx(estimated)
+    error = run.data.metrics["green/estimate/error"]
+    assert error == pytest.approx((measured - estimated) / estimated, rel=1e-6)
+    assert "green.estimate.inside_band" in run.data.tags
+
+
+def test_an_unreadable_estimate_file_is_said_and_the_error_is_absent(tmp_path: Path) -> None:
+    from green_mlops.pilot import attach_estimate
+
+    metrics, tags = {"green/energy_kwh": 0.002}, {"green.problems": "other"}
+    attach_estimate(metrics, tags, {"GREEN_MLOPS_ESTIMATE": str(tmp_path / "missing.json")})
+    assert "green/estimate/error" not in metrics and "green.estimate.pilot_run_id" not in tags
+    assert tags["green.problems"].startswith("other; GREEN_MLOPS_ESTIMATE=")
+    assert "is not a `green-mlops estimate --save` file" in tags["green.problems"]
+    assert tags["green.not_reported"].startswith("green/estimate/error: GREEN_MLOPS_ESTIMATE=")
+    (tmp_path / "zero.json").write_text('{"pilot_run_id": "p", "energy_kwh": 0, "low_kwh": 0, '
+                                        '"high_kwh": 0}')  # fmt: skip
+    attach_estimate(metrics, tags, {"GREEN_MLOPS_ESTIMATE": str(tmp_path / "zero.json")})
+    assert "energy_kwh=0.0 is not > 0" in tags["green.problems"]
+    assert "green/estimate/error" not in metrics

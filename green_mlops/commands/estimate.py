@@ -3,7 +3,7 @@ the full run priced from a measured pilot run (green_mlops.pilot computes; this 
 run from MLflow and prints).
 
 Exit codes: 0 an estimate; 2 the pilot cannot price it (no FLOPs, unknown hardware: the message
-says what to log or pass); 4 the run could not be read.
+says what to log or pass); 4 the run could not be read, or --save FILE not written.
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--hardware", help='the full run\'s device, e.g. "NVIDIA H100 SXM"')
     parser.add_argument("--dtype", default="bf16", help="compute dtype for --hardware's peak")
+    parser.add_argument(
+        "--save",
+        metavar="FILE",
+        help="write the estimate to FILE; a run started with GREEN_MLOPS_ESTIMATE=FILE is "
+        "tagged with the pilot and logs green/estimate/error at its end",
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
     parser.set_defaults(run=run)
 
@@ -91,4 +97,15 @@ def run(args: Any) -> int:
     console.print("Assumptions:")
     for line in result.assumptions:
         console.print(f"  - {line}")
+    if args.save:
+        from pathlib import Path
+
+        from green_mlops.pilot import ESTIMATE_ENV, save_estimate
+
+        try:
+            save_estimate(Path(args.save), pilot.run_id, result)
+        except OSError as exc:
+            console.print(f"green-mlops estimate: --save {args.save!r}: {exc}")
+            return 4
+        console.print(f"Saved to {args.save}: start the full run with {ESTIMATE_ENV}={args.save}")
     return 0

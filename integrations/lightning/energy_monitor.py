@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from typing_extensions import override
 
+from green_mlops import references
 from green_mlops.config import ConfigError, Secret, Settings
 from green_mlops.integrations.lightning._namespaces import Callback, Misconfiguration
 from green_mlops.integrations.lightning.flop_tracking import (
@@ -309,6 +310,8 @@ class EnergyMonitor(Callback):
         metrics = derive(additive, _ALL_PHASES)
         own_tags = self._tags()
         tags = {**result.tags, **own_tags, **interrupted_tags(trainer, failure, self._world)}
+        if not self._totals.base:  # a reference (Slurm's) covers this stage only
+            metrics.update(references.carried(result.metrics, metrics, tags))
         if not self._own:
             measurement.extra_metrics.update(
                 {k: v for k, v in metrics.items() if _is_flop_or_quality(k)}
@@ -322,6 +325,10 @@ class EnergyMonitor(Callback):
                 tags.update(guard.tags())
             if self._rank == 0 and errors:
                 self._output.log(trainer, errors, totals=False)
+        if failure is None:  # started from a pilot's estimate: its error on the summed totals
+            from green_mlops.pilot import attach_estimate
+
+            attach_estimate(metrics, tags)
         if self._rank == 0:
             self._output.log(trainer, metrics, totals=True)
             self._output.write(
