@@ -65,6 +65,7 @@ def doctor(settings: Settings, sample_s: float) -> int:
         detail = item.reason + (f"\n[bold]fix:[/] {item.fix}" if item.fix else "")
         table.add_row(item.name, "[red]unavailable[/]", "", item.component.value, "", "", detail)
     console.print(table)
+    _print_references(console, settings)
     _print_providers(console, settings)
     if not used:
         console.print("[red]No meter is active: nothing would be measured.[/]")
@@ -85,6 +86,20 @@ def doctor(settings: Settings, sample_s: float) -> int:
             quiet.setLevel(level)
         _print_snapshot(console, snapshot, title=f"Power over {sample_s:g} s")
     return 0
+
+
+def _print_references(console: Console, settings: Settings) -> None:
+    """Whole-job energy figures kept outside the process (Slurm's), read for each run."""
+    from rich.markup import escape
+
+    from green_mlops.session import reference_offers
+
+    used, unavailable = reference_offers(settings)
+    for ref in used:
+        console.print(f"Energy reference [green]{ref.name}[/]: {escape(ref.describe())}")
+    for item in unavailable:
+        said = item.reason + (f". Fix: {item.fix}" if item.fix else "")
+        console.print(f"Energy reference {item.name}: [yellow]unavailable[/]: {escape(said)}")
 
 
 def _print_plugins(console: Console, pm: PluginManager) -> None:

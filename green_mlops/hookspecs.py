@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from green_mlops.config import Settings
     from green_mlops.intensity import IntensityProvider
     from green_mlops.meters import Meter, MeterUnavailable
+    from green_mlops.references import EnergyReference
 
 PROJECT_NAME = "green_mlops"
 
@@ -51,4 +52,20 @@ def green_mlops_intensity_providers(settings: Settings) -> Sequence[IntensityPro
     A provider that needs a token it does not have still returns itself and says so from
     :meth:`~green_mlops.intensity.IntensityProvider.configured`, so provenance can tell why it
     was skipped.
+    """
+
+
+@hookspec
+def green_mlops_energy_references(
+    settings: Settings,
+) -> Sequence[EnergyReference | MeterUnavailable] | None:
+    """Return whole-job energy figures kept outside the process (a resource manager's
+    accounting, a PDU) that this plugin can read here.
+
+    Called once per measured run, and only in the process that reports the job's totals
+    (global rank 0). Each :class:`~green_mlops.references.EnergyReference` is read at the run's
+    start and end; the difference is logged as ``green/reference/<name>/energy_kwh`` beside
+    the measured total, never added to it (it overlaps the component meters). Return a
+    :class:`~green_mlops.meters.MeterUnavailable` for a figure that exists on this kind of
+    system but cannot be read here, with the fix (``quiet`` when its absence is normal).
     """

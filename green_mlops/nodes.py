@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
+from green_mlops import references
 from green_mlops.job import Job
 from green_mlops.metrics import is_additive
 
@@ -457,6 +458,10 @@ def merge(
     tags.update(said)
     if rest:
         tags["green.job.nodes_summarised"] = f"nodes past the first {MAX_NODE_BREAKDOWN}"
+    for key in [k for k in metrics if k.startswith(references.PREFIX)]:
+        if key.endswith("/measured_fraction"):
+            del metrics[key]  # of rank 0's node: compared again with the job's total
+    metrics.update(references.compare(metrics, tags))
     return dataclasses.replace(result, metrics=metrics, tags=tags, power=power)
 
 

@@ -45,6 +45,7 @@ DEFAULT_PLUGINS = (
     "green_mlops.plugins.nvml",
     "green_mlops.plugins.ram_estimate",
     "green_mlops.plugins.rapl",
+    "green_mlops.plugins.slurm_energy",
     "green_mlops.plugins.static_intensity",
     "green_mlops.plugins.uk_carbon_intensity",
     "green_mlops.plugins.watttime",

@@ -125,6 +125,7 @@ def test_builtins_are_registered_by_module_not_through_this_distributions_entry_
     assert {module.rpartition(".")[2]: module for module in DEFAULT_PLUGINS} == {
         "nvml": "green_mlops.plugins.nvml",
         "rapl": "green_mlops.plugins.rapl",
+        "slurm_energy": "green_mlops.plugins.slurm_energy",
         "cpu_estimate": "green_mlops.plugins.cpu_estimate",
         "ram_estimate": "green_mlops.plugins.ram_estimate",
         "static_intensity": "green_mlops.plugins.static_intensity",
@@ -205,6 +206,7 @@ def test_builtins_load_from_a_copy_that_is_not_installed(tmp_path: Path) -> None
         "nvml",
         "ram_estimate",
         "rapl",
+        "slurm_energy",
         "static_intensity",
         "uk_carbon_intensity",
         "watttime",
