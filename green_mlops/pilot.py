@@ -4,7 +4,9 @@ FLOP, MFU, phase shares and power (``green-mlops estimate``; docs/forecasts.md).
 The full run's FLOPs come from ``--flops N``, ``--scale params=4x,tokens=10x`` (training FLOPs
 ~ 6 N D: both factors multiply them) or ``--epochs E`` (the pilot's epochs scaled). Energy is the
 pilot's J/FLOP times the full FLOPs; time follows at the pilot's FLOP/s, or, on other hardware,
-at the pilot's MFU times that hardware's dense peak. The band: the pilot's own energy band plus
+at the pilot's MFU times that hardware's dense peak. With ``--scale``, the pilot's data wait and
+loop overhead (phases ``data_wait``, ``other``) grow with the tokens only and its sanity check
+with the params only (they do not grow with the model: benchmarks/pilot.py). The band: the pilot's own energy band plus
 an allowance for the extrapolation (:data:`SCALE_BAND`).
 
 The full run is tagged with its pilot: ``green-mlops estimate ... --save FILE`` writes the
@@ -128,6 +130,7 @@ def estimate(
 ) -> Estimate:
     """The full run's figures from a pilot's ``metrics`` and ``tags`` (one of ``flops``,
     ``scale``, ``epochs``). Raises :class:`PilotError` with what to log or pass."""
+    by_phase: dict[str, float] = {}  # phases that do not scale with the FLOPs: their factor
     given = (("flops", flops), ("scale", scale), ("epochs", epochs))
     chosen = [k for k, v in given if v is not None]
     if len(chosen) != 1:
@@ -154,6 +157,13 @@ def estimate(
             "training FLOPs ~ 6 x params x tokens (a transformer): FLOPs x "
             + " x ".join(f"{v:g} ({k})" for k, v in scale.items())
         )
+        by_phase = {"data_wait": scale.get("tokens", 1.0), "sanity_check": scale.get("params", 1.0)}
+        by_phase["other"] = by_phase["data_wait"]
+        assumptions.append(
+            "the pilot's data wait and loop overhead (phases data_wait, other) x "
+            f"{by_phase['data_wait']:g} (tokens: they do not grow with the model), its sanity "
+            f"check x {by_phase['sanity_check']:g} (params)"
+        )
     else:
         assert epochs is not None
         _positive("--epochs", epochs, "the full run's epochs")
@@ -168,13 +178,13 @@ def estimate(
             f"FLOPs x {epochs:g} / {pilot_epochs:g} epochs (the same data per epoch)"
         )
     band = SCALE_BAND[kind]
-    seconds = metrics.get("green/duration_s", 0.0) * factor
+    seconds = _scaled(metrics, "s", metrics.get("green/duration_s", 0.0), factor, by_phase)
     assumptions.append(f"MFU held constant: time x {factor:.4g}, on the pilot's hardware")
     if hardware is not None:
         seconds, note = _on_hardware(metrics, tags, hardware, dtype, pilot_flops * factor)
         assumptions[-1] = note
         band += SCALE_BAND["hardware"]
-    kwh = pilot_kwh * factor
+    kwh = _scaled(metrics, "kwh", pilot_kwh, factor, by_phase)
     rel = metrics.get("green/energy_uncertainty_kwh", 0.0) / pilot_kwh + band
     intensity = metrics.get("green/intensity_g_per_kwh")
     co2e = None if intensity is None else kwh * intensity * _pue(metrics, pilot_kwh)
@@ -201,6 +211,16 @@ def estimate(
         phases=phases,
         assumptions=tuple(assumptions),
     )
+
+
+def _scaled(
+    metrics: Mapping[str, float], unit: str, total: float, factor: float, by: Mapping[str, float]
+) -> float:
+    """``total`` x ``factor``, except the pilot's phases in ``by``, each x its own factor."""
+    out = total * factor
+    for phase, own in by.items():
+        out += metrics.get(f"green/phase/{phase}_{unit}", 0.0) * (own - factor)
+    return out
 
 
 def _pue(metrics: Mapping[str, float], kwh: float) -> float:

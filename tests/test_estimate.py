@@ -81,9 +81,21 @@ def test_epochs_scale_the_pilots_energy_time_and_carbon(
 
 def test_scale_multiplies_the_flops_by_params_and_tokens(pilots: Pilots) -> None:
     result = estimate(pilots.metrics, {}, scale={"params": 4.0, "tokens": 10.0})
-    assert result.flops == pytest.approx(40 * pilots.metrics["green/flops"])
-    assert result.energy_kwh == pytest.approx(40 * pilots.metrics["green/energy_kwh"])
+    m = pilots.metrics
+    assert result.flops == pytest.approx(40 * m["green/flops"])
+    # the data wait and the loop's overhead grow with the tokens only, the sanity check with
+    # the params only; the rest (train, validation) with the FLOPs (benchmarks/pilot.py)
+    assert m["green/phase/data_wait_kwh"] > 0 and m["green/phase/other_kwh"] > 0
+    kept = {"data_wait": 10.0, "other": 10.0, "sanity_check": 4.0}
+    rest = m["green/energy_kwh"] - sum(m.get(f"green/phase/{p}_kwh", 0.0) for p in kept)
+    expected = 40 * rest + sum(f * m.get(f"green/phase/{p}_kwh", 0.0) for p, f in kept.items())
+    assert result.energy_kwh == pytest.approx(expected, rel=1e-9)
+    assert result.energy_kwh < 0.99 * 40 * m["green/energy_kwh"]
+    seconds = m["green/duration_s"] - sum(m.get(f"green/phase/{p}_s", 0.0) for p in kept)
+    seconds = 40 * seconds + sum(f * m.get(f"green/phase/{p}_s", 0.0) for p, f in kept.items())
+    assert result.duration_s == pytest.approx(seconds, rel=1e-9)
     assert any("6 x params x tokens" in a for a in result.assumptions)
+    assert any("data_wait, other) x 10 (tokens" in a for a in result.assumptions)
     assert result.high_kwh / result.energy_kwh - 1 > 0.25  # extrapolating a size: wider band
 
 
