@@ -6,8 +6,8 @@ The full run's FLOPs come from ``--flops N``, ``--scale params=4x,tokens=10x`` (
 pilot's J/FLOP times the full FLOPs; time follows at the pilot's FLOP/s, or, on other hardware,
 at the pilot's MFU times that hardware's dense peak. With ``--scale``, the pilot's data wait and
 loop overhead (phases ``data_wait``, ``other``) grow with the tokens only and its sanity check
-with the params only (they do not grow with the model: benchmarks/pilot.py). The band: the pilot's own energy band plus
-an allowance for the extrapolation (:data:`SCALE_BAND`).
+with the params only (they do not grow with the model: benchmarks/pilot.py). The band: the
+pilot's own energy band plus an allowance for the extrapolation (:data:`SCALE_BAND`).
 
 The full run is tagged with its pilot: ``green-mlops estimate ... --save FILE`` writes the
 estimate (:func:`save_estimate`); a measured run started with ``GREEN_MLOPS_ESTIMATE=FILE``
