@@ -1025,6 +1025,10 @@ def test_credentials_in_the_tracking_uri_are_never_logged_and_the_spool_is_priva
         _shown("https://alice:s3cr3t@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
     )
     assert _shown("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    shown = _shown("https://h.example/mlflow?api_key=k3y&Token=t0k&sig=s1g&workspace=team")
+    assert shown == "https://h.example/mlflow?api_key=***&Token=***&sig=***&workspace=team"
+    shown = _shown("postgresql://u:pw@db/mlflow?sslpassword=p4ss&sslmode=require")
+    assert shown == "postgresql://***@db/mlflow?sslpassword=***&sslmode=require"
     # the spool keeps the URI to deliver later: readable by its owner only
     path = mlflow_spool.path_for(tmp_path / "cache", "run1")
     assert mlflow_spool.append(path, {"run_id": "run1", "tracking_uri": "https://a:b@h"})

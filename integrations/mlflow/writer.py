@@ -10,6 +10,7 @@ import atexit
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -323,13 +324,24 @@ def wait_uploads(timeout: float = UPLOAD_WAIT_S) -> bool:
 
 
 def shown_uri(tracking_uri: str) -> str:
-    """The tracking URI as logged: without credentials embedded in it (``user:token@``)."""
-    from urllib.parse import urlsplit, urlunsplit
+    """The tracking URI as logged: without credentials embedded in it (``user:token@``, or a
+    query value such as ``?token=...``, ``&password=...``, ``&sig=...``)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     parts = urlsplit(tracking_uri)
-    if "@" not in parts.netloc:
-        return tracking_uri
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
+    if parts.query:
+        query = [
+            (k, "***" if _SECRET_QUERY.search(k) else v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts) if parts != urlsplit(tracking_uri) else tracking_uri
+
+
+#: Query parameter names that carry a credential (matched anywhere, case-insensitively).
+_SECRET_QUERY = re.compile(r"token|key|secret|pass|pwd|auth|sig|credential|cookie", re.I)
 
 
 def unreachable(exc: Exception, tracking_uri: str) -> bool:
