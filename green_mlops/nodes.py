@@ -462,7 +462,11 @@ def merge(
         if key.endswith("/measured_fraction"):
             del metrics[key]  # of rank 0's node: compared again with the job's total
     metrics.update(references.compare(metrics, tags))
-    return dataclasses.replace(result, metrics=metrics, tags=tags, power=power)
+    parts = {
+        "rank0_metrics": dict(result.metrics),
+        "nodes": {str(n): dict(b.get("metrics", {})) for n, b in sorted(blobs.items())},
+    }
+    return dataclasses.replace(result, metrics=metrics, tags=tags, power=power, parts=parts)
 
 
 def _job_tags(

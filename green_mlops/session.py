@@ -57,6 +57,9 @@ class Result:
     final: bool = False
     #: What a reader needs to recompute the figures (the report's ``accounting``).
     accounting: dict[str, Any] | None = None
+    #: A job's totals gathered from several nodes: this measurement's own metrics
+    #: (``rank0_metrics``, what ``accounting`` recomputes) and each other node's (``nodes``).
+    parts: dict[str, Any] | None = None
 
     def report(self) -> dict[str, Any]:
         """The versioned JSON report (``green/report.json``): docs/report-format.md."""
@@ -76,6 +79,7 @@ class Result:
             "energy": self.snapshot.to_dict(),
             "accounting": accounting,
             "digests": report_digests(accounting),
+            **(self.parts or {}),
         }
 
 

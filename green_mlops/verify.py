@@ -51,6 +51,8 @@ METRIC_KEYS = {
     "embodied_g": "green/embodied_g",
     "sci_g": "green/sci_g_per_{unit}",
 }
+#: The totals a multi-node job adds over its nodes (SCI is recomputed from the sums instead).
+JOB_SUM_KEYS = tuple(k for k in METRIC_KEYS.values() if "{unit}" not in k)
 #: ``footprint`` field -> ``accounting.figures`` name.
 FOOTPRINT_FIELDS = {
     "it_kwh": "energy_kwh",
@@ -208,11 +210,14 @@ def _check_metrics(
     metrics = report.get("rank0_metrics", report.get("metrics"))
     if not isinstance(metrics, Mapping):
         raise _Malformed("metrics: missing")
-    if "rank0_metrics" in report:
+    if "rank0_metrics" in report and "nodes" not in report:
         out.unverifiable.append(
             "metrics: summed over the job's ranks; only rank 0's measurement is in this report "
             "(its totals, rank0_metrics, are checked)"
         )
+    nodes = report.get("nodes")
+    if isinstance(nodes, Mapping) and isinstance(report.get("metrics"), Mapping):
+        _check_job_sum(report["metrics"], metrics, nodes, out)
     energy = report.get("energy")
     duration = _number(energy, "duration_s") if isinstance(energy, Mapping) else None
     logged = metrics.get("green/duration_s")
@@ -238,6 +243,22 @@ def _check_metrics(
         expected[name] = value
         out.checks.append(_same(key, metrics.get(key), value))
     return expected
+
+
+def _check_job_sum(
+    job: Mapping[str, Any], own: Mapping[str, Any], nodes: Mapping[str, Any], out: Verification
+) -> None:
+    """A multi-node job's totals: rank 0's node's (checked above) plus each other node's
+    figures as that node reported them (its intervals are not in the report)."""
+    parts = [n for n in nodes.values() if isinstance(n, Mapping)]
+    for key in JOB_SUM_KEYS:
+        if isinstance(job.get(key), int | float) and isinstance(own.get(key), int | float):
+            added = sum(float(n.get(key, 0.0)) for n in parts)
+            out.checks.append(_same(f"{key} (job: rank 0 + nodes)", job[key], own[key] + added))
+    out.unverifiable.append(
+        f"metrics: the job's totals add {len(parts)} other node(s)' figures as each reported "
+        "them (nodes); only rank 0's node's intervals are in this report (rank0_metrics checked)"
+    )
 
 
 def price_timeline(

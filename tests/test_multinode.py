@@ -299,6 +299,33 @@ def test_past_the_breakdown_limit_nodes_are_summed_in_rest() -> None:
     assert merged.tags["green.job.nodes_reported"] == str(nodes)
 
 
+def test_a_jobs_report_is_recomputable_rank_0_from_its_intervals_the_rest_as_summed() -> None:
+    """A third party's `green-mlops verify` of a gathered run: rank 0's node from the report's
+    intervals, the job's totals as rank 0's plus each node's reported figures (it refused
+    every multi-node report before: the totals did not match rank 0's intervals)."""
+    import json
+
+    from green_mlops.verify import verify_report
+
+    job = Job("torchrun", rank=0, local_rank=0, world_size=2, node_rank=0, nodes=2)
+    own = measurement(50.0).stop()
+    node1 = {"green/energy_kwh": 2e-5, "green/co2e_g": 8e-3, "green/energy/cpu_kwh": 2e-5}
+    blob = {"final": True, "at": time.time(), "metrics": node1, "power": []}
+    report = json.loads(json.dumps(merge(own, {1: blob}, job, final=True).report()))
+    outcome = verify_report(report)
+    assert outcome.mismatches == []
+    names = {c.name for c in outcome.checks}
+    assert {"green/energy_kwh", "green/energy_kwh (job: rank 0 + nodes)"} <= names
+    assert outcome.unverifiable == [
+        "metrics: the job's totals add 1 other node(s)' figures as each reported them (nodes); "
+        "only rank 0's node's intervals are in this report (rank0_metrics checked)"
+    ]
+    report["metrics"]["green/co2e_g"] += 1.0  # a job total that is not the nodes' sum
+    assert [c.name for c in verify_report(report).mismatches] == [
+        "green/co2e_g (job: rank 0 + nodes)"
+    ]
+
+
 def test_one_process_per_node_measures_it_the_lowest_local_rank_alive(
     store_client: Callable[[], Any],
 ) -> None:
