@@ -4,6 +4,9 @@ Time is the test's: the callback's clock advances only when it sleeps."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -196,3 +199,80 @@ def test_a_bad_min_saving_or_deadline_is_refused_at_once() -> None:
         CarbonAwarePause(finish_by=0.0, plan=True, min_saving=5)
     with pytest.raises(Misconfiguration, match="finish_by=nan"):
         CarbonAwarePause(finish_by=float("nan"), plan=True)
+
+
+# -- several processes -------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+from tests.test_carbon_aware_pause import H, Net, Time, data, dirty_for
+from green_mlops.integrations.lightning.carbon_aware_pause import CarbonAwarePause
+from green_mlops.intensity import IntensityPoint
+from green_mlops.scheduling import Forecast
+
+out = Path(sys.argv[1])
+clock = Time()
+dirty = dirty_for(2, clock)
+asked = []
+
+def forecast(now, end):  # rank 0: dirty for 2 h; any other rank: clean (it must not ask)
+    asked.append(now)
+    if dist.get_rank() == 0:
+        return dirty(now, end)
+    return Forecast.from_points([IntensityPoint(now - H, now + 48 * H, 100.0)])
+
+pause = CarbonAwarePause(
+    finish_by=clock() + 24 * H, threshold_g_per_kwh=300, check_every_s=H, forecast=forecast,
+    clock=clock, sleep=clock.sleep,
+)
+pl.seed_everything(0, verbose=False)
+model = Net()
+trainer = pl.Trainer(
+    max_epochs=4, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    deterministic=True, callbacks=[pause],
+)
+trainer.fit(model, data())
+weights = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+(out / f"rank{{trainer.global_rank}}.json").write_text(json.dumps({{
+    "pauses": pause.pauses, "asked": len(asked), "slept": clock.offset,
+    "step": trainer.global_step, "weights": weights,
+}}))
+if dist.is_initialized():  # as a DDP script should: gloo's threads end cleanly
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_pause_together_on_rank_0s_decision(tmp_path: Path) -> None:
+    """Two gloo processes: only rank 0 reads the forecast (dirty for 2 h; rank 1's own would
+    be clean); the decision is broadcast, so both ranks pause once, after epoch 0, until the
+    same time, and finish the fit with the same weights."""
+    root = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=root))
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # rank 0 asks at each boundary with work left (epochs 0-2); rank 1 never does
+    assert ranks[0]["asked"] == 3 and ranks[1]["asked"] == 0
+    for r in ranks:
+        assert len(r["pauses"]) == 1 and "above 300" in r["pauses"][0][2]
+        start, end, _ = r["pauses"][0]
+        assert end - start == pytest.approx(2 * H, abs=60)
+    # the same resume time on both ranks (their clocks are the wall clock plus what they slept)
+    assert ranks[1]["pauses"][0][1] == pytest.approx(ranks[0]["pauses"][0][1], abs=30)
+    assert ranks[0]["slept"] == pytest.approx(ranks[1]["slept"], abs=30)
+    assert ranks[0]["step"] == ranks[1]["step"] == 8  # 4 epochs x 2 batches per rank
+    assert ranks[0]["weights"] == ranks[1]["weights"]
