@@ -70,8 +70,7 @@ def _mark(self: forecasting.FitForecast, trainer: Any, metrics: Any, measurement
     out = _original_mark(self, trainer, metrics, measurement)
     last = self.forecaster.last
     if last is not None:
-        plan = forecasting.plan_of(trainer, last.steps, self._observed, elapsed_s=last.duration_s)
-        _RECORD.append((last, plan))
+        _RECORD.append((last, self.plan))  # the plan its forecast used
     return out
 
 

@@ -18,7 +18,8 @@ runs) to a :class:`Forecaster`; :meth:`Forecaster.forecast` projects the rest of
    the span it was seen over; a falling cost is never extrapolated towards zero.
 4. Interval: a one-sided 95 % Student-t band of the chosen model for the remaining mean cost
    (parameter error plus the spread of future segments), at least :data:`FLOOR` of the
-   remainder; with an earlier possible end (``EarlyStopping``) the low end is that end's.
+   remainder; with an earlier possible end (``EarlyStopping``) the low end is that end's, and
+   the point's end is the plan's likely end where it has one.
 5. ``max_duration_s`` (the Trainer's ``max_time``) cuts each end where it runs out of time.
 
 Framework-free and O(segments) per forecast (segments are merged pairwise past
@@ -95,12 +96,14 @@ class Mark:
 class Plan:
     """Where the loop ends: ``total_steps`` at its limit; ``min_steps`` at the earliest end it
     may take (``EarlyStopping`` at patience from now); ``validations_per_step``: validation runs
-    per training step from here (None: the rate seen so far); ``max_duration_s``: a time limit."""
+    per training step from here (None: the rate seen so far); ``max_duration_s``: a time limit;
+    ``likely_steps``: where it likely ends (the point forecast's end; None: the limit)."""
 
     total_steps: float
     min_steps: float | None = None
     validations_per_step: float | None = None
     max_duration_s: float | None = None
+    likely_steps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -421,12 +424,15 @@ class Forecaster:
             return e, eb, t, tb
 
         e, eb, t, tb = project(plan.total_steps)
+        high = (last.energy_j + e + eb, last.duration_s + t + tb)
         early = plan.min_steps if plan.min_steps is not None else plan.total_steps
         le, leb, lt, ltb = project(min(early, plan.total_steps))
+        if plan.likely_steps is not None:  # the point's end: where the loop likely stops
+            e, _, t, _ = project(min(max(plan.likely_steps, early), plan.total_steps))
         points = [
             (last.energy_j + e, last.duration_s + t),
             (last.energy_j + max(0.0, le - leb), last.duration_s + max(0.0, lt - ltb)),
-            (last.energy_j + e + eb, last.duration_s + t + tb),
+            high,
         ]
         if plan.max_duration_s is not None:
             points = [_cut(j, s, last, plan.max_duration_s) for j, s in points]

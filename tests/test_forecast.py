@@ -402,3 +402,65 @@ def test_early_stopping_at_epoch_ends_in_a_step_limited_fit_lowers_the_low_end(
     steps, plan = plans.plans[0]
     assert steps == 4 and plan is not None and plan.total_steps == 40
     assert plan.min_steps == steps + 3 * 4  # 3 more epoch-end checks, not the whole fit
+
+
+def test_a_likely_earlier_end_moves_the_point_not_the_band() -> None:
+    forecaster, _ = feed([10.0] * 8)
+    full = forecaster.forecast(Plan(total_steps=2000, min_steps=300))
+    likely = forecaster.forecast(Plan(total_steps=2000, min_steps=300, likely_steps=500))
+    assert full is not None and likely is not None
+    assert likely.high_j == full.high_j and likely.low_j == full.low_j
+    done = forecaster.last.energy_j  # type: ignore[union-attr]
+    # 300 more steps at 10 J and a validation run (30 J) per 100 steps
+    assert likely.energy_j == pytest.approx(done + 300 * 10 + 3 * 30, rel=1e-9)
+
+
+def test_early_stoppings_likely_end_from_its_metrics_trajectory() -> None:
+    from green_mlops.integrations.lightning.forecasting import likely_stop
+
+    # a convex loss with its minimum 2 checks ahead: it stops patience checks after that
+    assert likely_stop([(k - 6.0) ** 2 for k in range(5)], patience=3, wait=0) == 2 + 3
+    # the best was 2 checks ago and the loss rises: patience - wait more checks (the low end)
+    assert likely_stop([5.0, 3.0, 2.0, 2.5, 3.5], patience=3, wait=2) == 1
+    # getting worse at a growing rate (no minimum fitted): the best is behind
+    assert likely_stop([2.0, 2.5, 3.5, 5.0], patience=3, wait=2) == 1
+    # still improving at a steady or growing rate: no end likely before the limit
+    assert likely_stop([5.0, 4.0, 3.0, 2.0], patience=3, wait=0) is None
+    assert likely_stop([5.0, 4.9, 4.5, 3.0], patience=3, wait=0) is None
+    assert likely_stop([5.0, 4.0], patience=3, wait=0) is None  # too few checks
+
+
+class Convex(Classifier):
+    """A monitored score with its minimum at epoch 5."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        self.log("score", float((self.current_epoch - 5) ** 2))
+
+
+class Seen(Callback):
+    """The plan EnergyMonitor's forecast used at each epoch end (after EnergyMonitor's)."""
+
+    def __init__(self, mon: Any) -> None:
+        self.mon, self.plans = mon, []  # type: ignore[var-annotated]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.plans.append((trainer.global_step, self.mon.forecast.plan))
+
+
+@LIGHTNING_WARNINGS
+def test_early_stoppings_metric_trajectory_gives_the_point_forecasts_end(tmp_path: Path) -> None:
+    mon = monitor()
+    seen = Seen(mon)
+    es = EarlyStopping(monitor="score", patience=2)
+    tr = trainer(tmp_path, [mon, es, seen], max_epochs=30)  # 4 steps per epoch
+    tr.fit(Convex(), loader(), loader())
+    assert tr.current_epoch == 8  # best at epoch 5, two checks without improvement
+    by_step = dict(seen.plans)
+    # after epoch 3 (4 checks: 25, 16, 9, 4): the minimum at epoch 5, then 2 more checks
+    plan = by_step[16]
+    assert plan is not None and plan.total_steps == 120
+    assert plan.likely_steps == 16 + (2 + 2) * 4
+    assert plan.min_steps == 16 + 2 * 4
+    early = by_step[8]  # 2 checks: no trajectory yet, the point runs to the limit
+    assert early is not None and early.likely_steps is None

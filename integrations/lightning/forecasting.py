@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from green_mlops.forecast import Forecast, Forecaster, Mark, Plan, price
@@ -23,12 +24,44 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ERROR_POINTS", "MARKS_PER_EPOCH", "FitForecast", "plan_of"]
+__all__ = ["ERROR_POINTS", "MARKS_PER_EPOCH", "TRAJECTORY_CHECKS", "FitForecast", "likely_stop"]
 
 #: Progress marks inside an epoch (single-process fits), so that a forecast comes early.
 MARKS_PER_EPOCH = 4
 #: Fractions of the fit at which the forecast's error is reported at its end.
 ERROR_POINTS = (0.10, 0.25, 0.50)
+#: The last checks of an ``EarlyStopping`` metric fitted for the fit's likely end.
+TRAJECTORY_CHECKS = 5
+
+
+def likely_stop(values: Sequence[float], *, patience: int, wait: int) -> int | None:
+    """Checks from now until ``EarlyStopping`` likely stops, from its metric's ``values`` at
+    the checks so far (lower is better): the minimum of a parabola fitted to the last
+    :data:`TRAJECTORY_CHECKS` is its likely best check (not before the best seen, ``wait``
+    checks ago), and it stops ``patience`` checks after that; without a minimum, a metric not
+    improving on average (its line does not fall): ``patience - wait``. None with fewer than 3
+    values, or improving at a steady or growing rate (it may run to the limit)."""
+    ys = list(values)[-TRAJECTORY_CHECKS:]
+    m = len(ys)
+    if m < 3:
+        return None
+    xs = [float(x) for x in range(m)]
+    x1, x2, y1 = sum(xs) / m, sum(x * x for x in xs) / m, sum(ys) / m
+    x3, x4 = sum(x**3 for x in xs) / m, sum(x**4 for x in xs) / m
+    xy = sum(x * y for x, y in zip(xs, ys, strict=True)) / m
+    x2y = sum(x * x * y for x, y in zip(xs, ys, strict=True)) / m
+    # least squares y = a x^2 + b x + c, centred moments
+    sxx, sx2x, sx2x2 = x2 - x1 * x1, x3 - x1 * x2, x4 - x2 * x2
+    sxy, sx2y = xy - x1 * y1, x2y - x2 * y1
+    det = sxx * sx2x2 - sx2x * sx2x
+    if det <= 0:
+        return None
+    a = (sxx * sx2y - sx2x * sxy) / det
+    b = (sx2x2 * sxy - sx2x * sx2y) / det
+    if a <= 0:  # no minimum: not improving on average (the best is behind), else improving
+        return patience - wait if sxy >= 0 else None
+    best = max(float(round(-b / (2 * a))), m - 1 - wait)
+    return int(best) - (m - 1) + patience
 
 
 def plan_of(
@@ -52,14 +85,8 @@ def plan_of(
     rate = per_step or 0.0
     for es in getattr(trainer, "early_stopping_callbacks", ()):
         checks = max(0, int(es.patience) - int(es.wait_count))
-        if getattr(es, "_check_on_train_epoch_end", False):  # a check per epoch
-            batches = float(trainer.num_training_batches)
-            if not math.isfinite(batches) or batches <= 0:
-                continue
-            per_check = float(math.ceil(batches / max(1, int(trainer.accumulate_grad_batches))))
-        elif rate > 0:
-            per_check = 1.0 / rate
-        else:
+        per_check = _per_check(trainer, es, rate)
+        if per_check is None:
             continue
         end = steps + checks * per_check
         early = end if early is None else min(early, end)
@@ -74,6 +101,16 @@ def plan_of(
             remaining = cb.time_remaining()
     limit = None if remaining is None else elapsed_s + float(remaining)
     return Plan(total, early, per_step, limit)
+
+
+def _per_check(trainer: pl.Trainer, es: Any, rate: float) -> float | None:
+    """Optimizer steps between two checks of ``es`` (None: not known)."""
+    if getattr(es, "_check_on_train_epoch_end", False):  # a check per epoch
+        batches = float(trainer.num_training_batches)
+        if not math.isfinite(batches) or batches <= 0:
+            return None
+        return float(math.ceil(batches / max(1, int(trainer.accumulate_grad_batches))))
+    return 1.0 / rate if rate > 0 else None
 
 
 def _validations_per_step(trainer: pl.Trainer) -> float | None:
@@ -107,6 +144,10 @@ class FitForecast:
         self._history: list[tuple[float, float]] = []  # (steps, forecast energy J)
         self._observed: float | None = None
         self._marked: float | None = None  # the global step of the last mark
+        #: The plan of the latest mark.
+        self.plan: Plan | None = None
+        self._trajectory: dict[int, list[float]] = {}  # EarlyStopping's index -> its values
+        self._recorded = 0  # validation runs whose EarlyStopping metrics were recorded
 
     def validated(self) -> None:
         """A validation run ended (not the sanity check)."""
@@ -163,6 +204,9 @@ class FitForecast:
         if steps > 0 and self._validations:
             self._observed = self._validations / steps
         plan = plan_of(trainer, steps, self._observed, elapsed_s=elapsed)
+        if plan is not None and plan.min_steps is not None:
+            plan = replace(plan, likely_steps=self._likely(trainer, steps, plan))
+        self.plan = plan
         found = self.forecaster.forecast(plan) if plan is not None else None
         if found is None:
             if not self.forecaster.said and steps > 0:
@@ -181,6 +225,28 @@ class FitForecast:
         self.latest = found
         self._history.append((steps, found.energy_j))
         return found.metrics()
+
+    def _likely(self, trainer: pl.Trainer, steps: float, plan: Plan) -> float | None:
+        """The step where an ``EarlyStopping`` likely stops the fit (:func:`likely_stop` on
+        its metric's values after each validation run, one check per run), or None."""
+        callbacks = list(getattr(trainer, "early_stopping_callbacks", ()))
+        if self._validations > self._recorded:
+            self._recorded = self._validations
+            for i, es in enumerate(callbacks):
+                value = trainer.callback_metrics.get(es.monitor)
+                if value is not None and math.isfinite(float(value)):
+                    sign = -1.0 if es.mode == "max" else 1.0
+                    values = self._trajectory.setdefault(i, [])
+                    values[:] = [*values[1 - TRAJECTORY_CHECKS :], sign * float(value)]
+        ends = []
+        for i, es in enumerate(callbacks):
+            per_check = _per_check(trainer, es, plan.validations_per_step or 0.0)
+            checks = likely_stop(
+                self._trajectory.get(i, ()), patience=int(es.patience), wait=int(es.wait_count)
+            )
+            if checks is not None and per_check is not None:
+                ends.append(steps + checks * per_check)
+        return min(ends) if ends else None
 
     def errors(self, trainer: pl.Trainer, metrics: Mapping[str, float]) -> dict[str, float]:
         """``green/forecast/error_at_<p>pct``: (forecast - actual) / actual of the latest
