@@ -5,9 +5,11 @@ Each step of the calculation and its uncertainty: see docs/carbon-accounting.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from green_mlops import __version__
 from green_mlops.carbon import MARKET_BASED, CarbonResult
@@ -24,6 +26,7 @@ __all__ = [
     "footprint_metrics",
     "footprint_tags",
     "reporting_sentence",
+    "with_totals",
 ]
 
 _NO_EMBODIED = (
@@ -223,6 +226,28 @@ def footprint(
 def pue_source(pue: float) -> str:
     """Where a PUE value comes from (settings keep it on the value: ``config.Pue.source``)."""
     return str(getattr(pue, "source", "user value (GREEN_MLOPS_PUE)"))
+
+
+def with_totals(fp: Footprint, metrics: Mapping[str, float], **changes: Any) -> Footprint:
+    """``fp`` (one measurement's: a stage, a process, rank 0's node) with the run's totals
+    ``metrics`` (earlier stages, a checkpoint, the ranks or the nodes of a job)."""
+    fields = {
+        "duration_s": "green/duration_s",
+        "it_kwh": "green/energy_kwh",
+        "facility_kwh": "green/energy_facility_kwh",
+        "operational_g": "green/co2e_g",
+        "operational_uncertainty_g": "green/co2e_uncertainty_g",
+        "intensity_g_per_kwh": "green/intensity_g_per_kwh",
+        "cost": "green/cost",
+        "embodied_g": "green/embodied_g",
+        "sci_g": f"green/sci_g_per_{fp.functional_unit}",
+    }
+    changes |= {
+        name: metrics[key]
+        for name, key in fields.items()
+        if key in metrics and getattr(fp, name) is not None
+    }
+    return dataclasses.replace(fp, **changes)
 
 
 def hardware_summary(snapshot: Snapshot) -> str:

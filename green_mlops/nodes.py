@@ -462,11 +462,26 @@ def merge(
         if key.endswith("/measured_fraction"):
             del metrics[key]  # of rank 0's node: compared again with the job's total
     metrics.update(references.compare(metrics, tags))
+    fp, sentence = result.footprint, result.sentence
+    if fp is not None:  # the report's footprint and sentence: the job's, not rank 0's node's
+        from green_mlops.footprint import reporting_sentence, with_totals
+
+        count = len([n for n in nodes if n == job.node or n in blobs])
+        fp = with_totals(fp, metrics, hardware=f"{count} nodes (node {job.node}: {fp.hardware})")
+        sentence = reporting_sentence(fp)
     parts = {
         "rank0_metrics": dict(result.metrics),
         "nodes": {str(n): dict(b.get("metrics", {})) for n, b in sorted(blobs.items())},
     }
-    return dataclasses.replace(result, metrics=metrics, tags=tags, power=power, parts=parts)
+    return dataclasses.replace(
+        result,
+        metrics=metrics,
+        tags=tags,
+        power=power,
+        parts=parts,
+        footprint=fp,
+        sentence=sentence,
+    )
 
 
 def _job_tags(

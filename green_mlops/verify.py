@@ -191,6 +191,9 @@ def _verify(report: Mapping[str, Any], out: Verification) -> None:
             check = _same(f"footprint.{name}", fp.get(name), recomputed[figure])
             if not check.ok and expected.get(figure) is not None:  # the run's totals
                 check = _same(f"footprint.{name}", fp.get(name), expected[figure])
+            if not check.ok and isinstance(report.get("nodes"), Mapping):  # the job's totals
+                job = report["metrics"].get(METRIC_KEYS[figure].format(unit=unit))
+                check = _same(f"footprint.{name}", fp.get(name), job)
             out.checks.append(check)
 
 

@@ -309,9 +309,13 @@ def test_a_jobs_report_is_recomputable_rank_0_from_its_intervals_the_rest_as_sum
 
     job = Job("torchrun", rank=0, local_rank=0, world_size=2, node_rank=0, nodes=2)
     own = measurement(50.0).stop()
-    node1 = {"green/energy_kwh": 2e-5, "green/co2e_g": 8e-3, "green/energy/cpu_kwh": 2e-5}
+    node1 = {"green/energy_kwh": 2e-5, "green/energy_facility_kwh": 2e-5, "green/co2e_g": 8e-3}
     blob = {"final": True, "at": time.time(), "metrics": node1, "power": []}
     report = json.loads(json.dumps(merge(own, {1: blob}, job, final=True).report()))
+    job_kwh = own.metrics["green/energy_kwh"] + 2e-5
+    assert report["footprint"]["it_kwh"] == pytest.approx(job_kwh)  # the job's, not node 0's
+    assert f"used {job_kwh:.3g} kWh" in report["reporting_sentence"]
+    assert "on 2 nodes (node 0: " in report["reporting_sentence"]
     outcome = verify_report(report)
     assert outcome.mismatches == []
     names = {c.name for c in outcome.checks}
@@ -321,9 +325,8 @@ def test_a_jobs_report_is_recomputable_rank_0_from_its_intervals_the_rest_as_sum
         "only rank 0's node's intervals are in this report (rank0_metrics checked)"
     ]
     report["metrics"]["green/co2e_g"] += 1.0  # a job total that is not the nodes' sum
-    assert [c.name for c in verify_report(report).mismatches] == [
-        "green/co2e_g (job: rank 0 + nodes)"
-    ]
+    names = [c.name for c in verify_report(report).mismatches]
+    assert names == ["green/co2e_g (job: rank 0 + nodes)", "footprint.operational_g"]
 
 
 def test_one_process_per_node_measures_it_the_lowest_local_rank_alive(

@@ -22,7 +22,6 @@ from green_mlops.session import Measurement, Result, claim, lookup, release
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from green_mlops.footprint import Footprint
 
 __all__ = ["Output", "callback_tags", "interrupted_tags"]
 
@@ -138,9 +137,9 @@ class Output:
             document["rank0_metrics"] = document["metrics"]
         document["metrics"] = dict(metrics)
         if result.footprint is not None:  # the run's stages so far, not the last one only
-            from green_mlops.footprint import reporting_sentence
+            from green_mlops.footprint import reporting_sentence, with_totals
 
-            whole = _whole_footprint(result.footprint, metrics)
+            whole = with_totals(result.footprint, metrics)
             document["footprint"] = dataclasses.asdict(whole)
             document["reporting_sentence"] = reporting_sentence(whole)
         document["tags"] = dict(tags)
@@ -200,27 +199,6 @@ def interrupted_tags(
             "interrupted: the totals are this process's only (ranks not combined)"
         )
     return tags
-
-
-def _whole_footprint(fp: Footprint, metrics: Mapping[str, float]) -> Footprint:
-    """The stage's footprint with the run's totals (earlier stages, checkpoint, ranks)."""
-    fields = {
-        "duration_s": "green/duration_s",
-        "it_kwh": "green/energy_kwh",
-        "facility_kwh": "green/energy_facility_kwh",
-        "operational_g": "green/co2e_g",
-        "operational_uncertainty_g": "green/co2e_uncertainty_g",
-        "intensity_g_per_kwh": "green/intensity_g_per_kwh",
-        "cost": "green/cost",
-        "embodied_g": "green/embodied_g",
-        "sci_g": f"green/sci_g_per_{fp.functional_unit}",
-    }
-    changes: dict[str, Any] = {
-        name: metrics[key]
-        for name, key in fields.items()
-        if key in metrics and getattr(fp, name) is not None
-    }
-    return dataclasses.replace(fp, **changes)
 
 
 def _mlflow_run_id(logger: Any) -> str | None:
