@@ -388,6 +388,31 @@ def oracle_cost(val: Array, run: Run, alpha: float = 0.05) -> float:
     return float(cost / (n * (run.stop + 1)))
 
 
+def oracle_decisions(val: Array, patience: int | None, alpha: float = 0.05) -> tuple[int, int]:
+    """(best, stop epoch) of the optimistic reference deciding on its own (not a valid test):
+    each run is compared with its own incumbent by the z-test of :func:`oracle_cost`, and the
+    call is the sign of the prefix's mean difference where the test first fires (the full
+    set's sign where it never does). How often even it decides as full validation does."""
+    n = val.shape[1]
+    logged, incumbent = [(0, 0.0)], 0
+    for k, epoch in enumerate(range(1, len(val)), start=1):
+        d = val[epoch] - val[incumbent]
+        sd, sums = float(np.std(d)), np.cumsum(d)
+        z = NormalDist().inv_cdf(1 - alpha_spending(alpha, k))
+        improved = bool(sums[-1] < 0)
+        for m in range(VAL_BATCH, n, VAL_BATCH):
+            if abs(sums[m - 1] / m) > z * sd * math.sqrt((1 - m / n) / m):
+                improved = bool(sums[m - 1] < 0)
+                break
+        logged.append((epoch, -float(epoch) if improved else 1.0))  # only the order counts
+        if improved:
+            incumbent = epoch
+        best, stop = early_stopping(logged, len(val) - 1, patience)
+        if stop == epoch:
+            return best, stop
+    return early_stopping(logged, len(val) - 1, patience)
+
+
 @dataclass
 class Summary:
     saved: float  # 1 - mean validation cost of the default AdaptiveValidation
@@ -396,6 +421,9 @@ class Summary:
     regret: float
     full_regret: float
     oracle_saved: float  # what the optimistic reference (oracle_cost) saves
+    #: share of seeds where the reference deciding on its own (oracle_decisions) keeps full
+    #: validation's best and stop epochs
+    oracle_same: float = math.nan
     #: every policy: (saved, same best, same stop, test regret)
     policies: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     #: each tolerance policy: (seeds whose best or stop epoch differ from full validation's,
@@ -411,14 +439,31 @@ class SeedReplay:
     runs: dict[str, Run]  # by policy name
     bad: tuple[int, int]  # non_improving_share of full validation
     oracle: float  # oracle_cost
+    oracle_same: bool  # oracle_decisions == full validation's (best, stop)
     test_error: Array  # per epoch, within the regime's budget
     means: Array  # full-set mean per epoch, within the regime's budget
 
 
-def replay_seed(args: tuple[str, int, int, float]) -> dict[tuple[str, str], SeedReplay]:
-    """Train one seed and replay every policy on it, for every metric and regime."""
-    problem, n_val, seed, lr = args
+def cached_train(problem: str, n_val: int, seed: int, lr: float, cache: Path | None) -> Trajectory:
+    """:func:`train`, reading / writing ``cache`` (a folder) when given: replaying new
+    policies on the same trajectories needs no retraining."""
+    path = None if cache is None else cache / f"traj_{problem}_{n_val}_{lr:g}_{seed}.npz"
+    if path is not None and path.exists():
+        with np.load(path) as saved:
+            return Trajectory(saved["val"], saved["err"])
     trajectory = train(problem, n_val, seed, lr)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, val=trajectory.val, err=trajectory.test_error)
+    return trajectory
+
+
+def replay_seed(
+    args: tuple[str, int, int, float, Path | None],
+) -> dict[tuple[str, str], SeedReplay]:
+    """Train one seed and replay every policy on it, for every metric and regime."""
+    problem, n_val, seed, lr, cache = args
+    trajectory = cached_train(problem, n_val, seed, lr, cache)
     out = {}
     for metric, upper in METRICS.items():
         for regime in REGIMES:
@@ -434,6 +479,7 @@ def replay_seed(args: tuple[str, int, int, float]) -> dict[tuple[str, str], Seed
                 runs,
                 non_improving_share(val, full),
                 oracle_cost(val, full),
+                oracle_decisions(val, regime.patience) == (full.best, full.stop),
                 trajectory.test_error[: regime.epochs],
                 val.mean(axis=1),
             )
@@ -521,6 +567,7 @@ def evaluate(seeds: Sequence[SeedReplay], n: int) -> tuple[list[list[str]], list
             *summary[DEFAULT],
             full_regret=summary["full validation"][3],
             oracle_saved=1 - oracle,
+            oracle_same=float(np.mean([r.oracle_same for r in seeds])),
             policies=summary,
             zone=zone,
         ),
@@ -667,7 +714,9 @@ def tolerance_report(
         "## Tolerance (indifference zone): validation forward passes saved, same best / same stop",
         "",
         "Each cell: saved (same best epoch / same stop epoch as full validation, share of seeds); "
-        "reference: the optimistic z-test of the strict comparison (not a valid test). "
+        "reference: the optimistic z-test of the strict comparison (not a valid test), saved "
+        "(share of seeds where it keeps full validation's best and stop epochs deciding on its "
+        "own, `oracle_decisions`). "
         "`horizon`: alpha spent evenly over the regime's epoch budget.",
         "",
         "| problem, lr, regime | " + " | ".join(head) + " |",
@@ -681,7 +730,7 @@ def tolerance_report(
         for name in names:
             saved, best, stop, _ = result.policies[name]
             cells.append(f"{saved:.0%} ({best:.0%}/{stop:.0%})")
-        cells.append(f"{result.oracle_saved:.0%}")
+        cells.append(f"{result.oracle_saved:.0%} ({result.oracle_same:.0%})")
         part.append(f"| {problem} N={n_val}, {lr:g}, {regime} | " + " | ".join(cells) + " |")
         for name in names[1:]:
             differ, gap, calls, errors = result.zone[name]
@@ -756,6 +805,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only CE<=5 and the policies of the tolerance table (full, default, tolerances, "
         "horizon): issue 15's figures in a fraction of the time",
     )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="a folder for the trained trajectories (reused when present: for iterating)",
+    )
     args = parser.parse_args(argv)
     if args.tolerance_only:
         for name in ("CE",):
@@ -772,7 +826,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = [
         "# Adaptive validation benchmark",
         "",
-        f"`python benchmarks/adaptive_validation.py` — {len(seeds)} evaluation seeds per problem, "
+        f"`python benchmarks/adaptive_validation.py {' '.join(argv or sys.argv[1:])}`".replace(
+            " `", "`"
+        )
+        + f" — {len(seeds)} evaluation seeds per problem (seeds 0-{len(seeds) - 1}), "
         f"regimes: {', '.join(r.name for r in REGIMES)} (up to {MAX_EPOCHS} epochs), "
         f"validation batch {VAL_BATCH}, alpha 0.05 unless stated. Val cost counts the "
         "incumbent's lazy evaluations. Method and definitions: the script's docstring.",
@@ -783,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for problem, n_val in [] if args.live_only else problems:
             for lr in rates:
-                jobs = [(problem, n_val, seed, lr) for seed in seeds]
+                jobs = [(problem, n_val, seed, lr, args.cache) for seed in seeds]
                 results = list(pool.map(replay_seed, jobs))
                 for metric in METRICS:
                     for regime in REGIMES:

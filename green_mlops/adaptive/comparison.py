@@ -17,7 +17,14 @@ import numpy.typing as npt
 from green_mlops.adaptive.betting import FloatArray, OneSidedTest
 from green_mlops.adaptive.rounding import ROUNDING_MARGIN
 
-__all__ = ["Decision", "PairedComparison"]
+__all__ = ["SIGN_Z", "TIE_CAP", "Decision", "PairedComparison"]
+
+#: with a tolerance, a call is made only where the running paired mean is this many
+#: finite-population standard errors on its side (docs/adaptive-validation.md, "Tolerance")
+SIGN_Z = 3.0
+#: ... or, for a near tie (both calls allowed), once it has seen this many times the examples
+#: at which both calls first were allowed: then by the running mean's side
+TIE_CAP = 4.0
 
 
 class Decision(str, enum.Enum):
@@ -54,7 +61,14 @@ class PairedComparison:
             tested at its threshold shifted by ``eps`` towards the other decision, so it is
             wrong with probability <= its share of ``alpha`` only where the full-set
             difference lies ``eps`` or more beyond the threshold (docs/betting-test.md,
-            "Tolerance"). 0 is the strict test.
+            "Tolerance"). 0 is the strict test. With a tolerance > 0 a call that a test
+            allows is also held back until the running paired mean is ``sign_z``
+            finite-population standard errors on that call's side, or (both calls allowed)
+            for :data:`TIE_CAP` times the examples at which both first were: a stricter
+            stopping rule, so the guarantee is unchanged, and calls inside the zone agree
+            with full validation more often.
+        sign_z: that number of standard errors (default :data:`SIGN_Z`); 0 only asks the
+            running mean's side.
 
     Feed the candidate's values batch by batch with :meth:`update`; it returns the decision so
     far. At the full set the decision is exact: improved iff the candidate's mean is strictly
@@ -74,6 +88,7 @@ class PairedComparison:
         improve_by: float = 0.0,
         rounding: float = ROUNDING_MARGIN,
         tolerance: float = 0.0,
+        sign_z: float | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -87,6 +102,9 @@ class PairedComparison:
             raise ValueError(f"improve_by must be finite and >= 0, got {improve_by}")
         if not (math.isfinite(tolerance) and tolerance >= 0):
             raise ValueError(f"tolerance must be finite and >= 0, got {tolerance}")
+        sign_z = SIGN_Z if sign_z is None else sign_z
+        if not (math.isfinite(sign_z) and sign_z >= 0):
+            raise ValueError(f"sign_z must be finite and >= 0, got {sign_z}")
         values = np.asarray(incumbent, dtype=np.float64).ravel().copy()
         if values.size == 0:
             raise ValueError("the incumbent has no values")
@@ -120,6 +138,7 @@ class PairedComparison:
         self._cand = np.empty(self.N, dtype=np.float64)
         self.n = 0
         self._sum = 0.0  # of oriented differences
+        self._sumsq = 0.0  # of their squares (the tolerant rule's standard error)
         self.finite = True
         self.decision = Decision.UNDECIDED
         # the size of the means and thresholds that rounding acts on: mean |incumbent value|
@@ -133,6 +152,8 @@ class PairedComparison:
         # "not improved": mean(d) >= margin - tolerance; "improved": mean(-d) > improve_by +
         # margin - tolerance (with tolerance 0: the strict thresholds)
         self.tolerance = tolerance
+        self.sign_z = sign_z
+        self._both_at: int | None = None  # examples seen when both calls were first allowed
         self._low = (
             None
             if floor is None
@@ -221,6 +242,7 @@ class PairedComparison:
         d = oriented - self._inc[start : start + batch.size]
         prefix = self._sum
         self._sum += float(np.sum(d))
+        self._sumsq += float(np.dot(d, d))
         if self.n == self.N:
             self.decision = self._exact()
             return self.decision
@@ -243,15 +265,29 @@ class PairedComparison:
 
     def _tolerant(self, low: bool) -> Decision:
         """With a tolerance, a call that a test allows is made only where the running paired
-        estimate points the same way (or both calls are allowed: then the estimate's side),
-        so that calls inside the zone agree with full validation as often as they can."""
+        mean lies ``sign_z`` finite-population standard errors on that call's side of the
+        midpoint between the two thresholds (a tie counts as "not improved", as at the full
+        set), so that calls inside the zone agree with full validation as often as they can;
+        a near tie that both tests allow is called by that side after :data:`TIE_CAP` times
+        the examples at which both first allowed it (what a tie can cost stays capped).
+        Holding a call back only delays it: the tests' guarantee is unchanged."""
         high = self._high is not None and self._high.decided(self.n, -self._sum, strict=True)
-        estimate = self._sum / self.n  # oriented: candidate minus incumbent
-        middle = -self.improve_by / 2  # between the two thresholds (0 and -improve_by)
-        if low and (estimate >= middle or self._high is None):
+        if not (low or high) or self.n < 2:
+            return Decision.UNDECIDED
+        n = self.n
+        mean = self._sum / n  # oriented: candidate minus incumbent
+        spread = max(self._sumsq / n - mean * mean, 0.0) * n / (n - 1)
+        error = math.sqrt(spread * (1.0 - n / self.N) / n)
+        side = mean + self.improve_by / 2  # from the midpoint of the thresholds 0, -improve_by
+        if low and side >= self.sign_z * error:
             return Decision.NOT_IMPROVED
-        if high and estimate < middle:
+        if high and -side > self.sign_z * error:
             return Decision.IMPROVED
+        if low and high:
+            if self._both_at is None:
+                self._both_at = n
+            if n >= TIE_CAP * self._both_at:
+                return Decision.NOT_IMPROVED if side >= 0 else Decision.IMPROVED
         return Decision.UNDECIDED
 
     def _exact(self) -> Decision:
