@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +32,8 @@ __all__ = [
 ]
 
 PREFIX = "green/reference/"
-#: Longest wait for a reading when the run ends (a resource manager's RPC on a busy cluster).
+#: Longest wait for the readings when the run ends, all of them together (a resource manager's
+#: RPC on a busy cluster).
 END_TIMEOUT_S = 5.0
 
 
@@ -105,6 +107,7 @@ class ReferenceWindow:
         """``green/reference/<name>/energy_kwh`` over the run so far, and the tags: what each
         covers, or why it is not reported (``green.not_reported`` items)."""
         late = ""
+        deadline = time.monotonic() + END_TIMEOUT_S  # for the start and end readings in all
         if self._thread is not None:
             self._thread.join(END_TIMEOUT_S)
             if self._thread.is_alive():
@@ -119,9 +122,12 @@ class ReferenceWindow:
                 "" if window.start_j is not None else late or "no start reading"
             )
             end = None
+            left = deadline - time.monotonic()
+            if not problem and left <= 0:
+                problem = "no time was left for the end reading"
             if not problem:
                 try:
-                    end = window.reference.read(END_TIMEOUT_S)
+                    end = window.reference.read(left)
                 except ReferenceUnavailable as exc:
                     problem = str(exc)
                 except Exception as exc:

@@ -46,8 +46,12 @@ class SlurmEnergy(EnergyReference):
         self._used = ""
 
     def read(self, timeout_s: float) -> float:
+        """Joules with the first tool that answers; once one has (the start reading), with
+        that one only: sstat's live figure and sacct's database record differ, so a
+        difference of the two would not be the run's energy."""
         problems = []
-        for tool in self._tools:
+        tools = [t for t in self._tools if os.path.basename(t) == self._used] or self._tools
+        for tool in tools:
             try:
                 joules = self._read(tool, timeout_s)
             except ReferenceUnavailable as exc:
@@ -68,7 +72,7 @@ class SlurmEnergy(EnergyReference):
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            raise ReferenceUnavailable(f"{command} did not answer in {timeout_s:g} s") from None
+            raise ReferenceUnavailable(f"{command} did not answer in {timeout_s:.1f} s") from None
         except OSError as exc:
             raise ReferenceUnavailable(f"{command} could not be run ({exc})") from None
         if done.returncode != 0:
@@ -85,6 +89,12 @@ class SlurmEnergy(EnergyReference):
         return float(sum(int(v) for v in values))
 
     def no_growth(self, start_j: float, end_j: float) -> str:
+        if end_j <= 0 and self._used == "sacct":
+            return (
+                f"sacct reports ConsumedEnergyRaw 0 for job step {self.step} (its record of a "
+                "step that has not ended may hold no energy yet; sstat, the live figure, could "
+                "not be read at the run's start)"
+            )
         if end_j <= 0:
             return (
                 f"Slurm records no energy for job step {self.step} (ConsumedEnergyRaw 0: the "

@@ -28,7 +28,9 @@ SETTINGS = {"intensity_providers": "constant", "intensity_g_per_kwh": 400, "loca
 FLAGS = "--jobs=4242.0 --noheader --parsable2 --format=ConsumedEnergyRaw"
 
 #: The fake: a node's energy since the step began at FAKE_SLURM_WATTS; FAKE_SLURM_MODE picks
-#: a cluster without energy accounting ("none"), a failing daemon ("fail"), a hang ("hang").
+#: a cluster without energy accounting ("none"), a failing daemon ("fail"), a hang ("hang"),
+#: a busy daemon ("slow", 2 s), sacct's database record of a step that has not ended yet
+#: ("sacct:running": 0 joules).
 FAKE = """#!{python}
 import os, sys, time
 name = os.path.basename(sys.argv[0])
@@ -41,7 +43,9 @@ if name + ":fail" in mode:
     sys.exit("%s: error: couldn't get steps for job 4242.0: Connection refused" % name)
 if name + ":hang" in mode:
     time.sleep(60)
-if "none" in mode:
+if name + ":slow" in mode:  # a busy slurmctld: answers after 2 s
+    time.sleep(2.0)
+if "none" in mode or name + ":running" in mode:
     print("0")
 else:
     start = float(os.environ["FAKE_SLURM_STEP_START"])
@@ -154,7 +158,42 @@ def test_sacct_answers_when_sstat_fails(
     metrics, tags = measure(0.5)
     assert metrics["green/reference/slurm/energy_kwh"] * 3.6e6 > 0
     assert "read with sacct" in tags["green.reference.slurm"]
-    assert [c.split()[0] for c in calls(slurm)] == ["sstat", "sacct", "sstat", "sacct"]
+    # the end is read with the tool that read the start (sstat is not asked again)
+    assert [c.split()[0] for c in calls(slurm)] == ["sstat", "sacct", "sacct"]
+
+
+def test_the_end_is_read_with_the_tool_that_read_the_start(
+    slurm: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sstat (the step's live figure) fails at the start, sacct answers with its database
+    record of the running step (0 J); sstat answers at the end with the step's energy since
+    it began an hour ago: their difference is not the run's energy and is not reported."""
+    monkeypatch.setenv("FAKE_SLURM_STEP_START", str(time.time() - 3600))
+    monkeypatch.setenv("FAKE_SLURM_MODE", "sstat:fail,sacct:running")
+    m = Measurement(SETTINGS, meters=[ClockMeter(50.0)]).start()
+    deadline = time.monotonic() + 30
+    while len(calls(slurm)) < 2:  # the start readings: sstat failed, sacct answered
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)
+    monkeypatch.setenv("FAKE_SLURM_MODE", "sacct:running")  # sstat answers again
+    result = m.stop()
+    assert "green/reference/slurm/energy_kwh" not in result.metrics  # not 80 W x 1 hour
+    assert [c.split()[0] for c in calls(slurm)] == ["sstat", "sacct", "sacct"]
+    said = result.tags["green.not_reported"]
+    assert "green/reference/slurm/energy_kwh: sacct reports ConsumedEnergyRaw 0" in said
+    monkeypatch.setenv("FAKE_SLURM_MODE", "sacct:fail")  # and the other way round
+    m = Measurement(SETTINGS, meters=[ClockMeter(50.0)]).start()
+    while len(calls(slurm)) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    monkeypatch.setenv("FAKE_SLURM_MODE", "sstat:fail,sacct:running")
+    result = m.stop()
+    assert "green/reference/slurm/energy_kwh" not in result.metrics
+    assert [c.split()[0] for c in calls(slurm)][3:] == ["sstat", "sstat"]
+    said = result.tags["green.not_reported"]
+    assert "sstat -j 4242.0 failed: sstat: error: couldn't get steps" in said
+    assert "Slurm records no energy" not in said  # sacct's 0 for a running step is no proof
 
 
 def test_a_hanging_slurm_daemon_delays_the_end_a_bounded_time(
@@ -176,6 +215,22 @@ def test_a_hanging_slurm_daemon_delays_the_end_a_bounded_time(
     said = result.tags["green.not_reported"]
     assert "sstat did not answer in 0.5 s; sacct did not answer in 0.5 s" in said
     assert result.metrics["green/energy_kwh"] > 0
+
+
+def test_the_end_waits_for_slurm_at_most_the_end_timeout_in_all(
+    slurm: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow start reading that arrives within the wait leaves only the rest of it for the
+    end reading: the run's end waits END_TIMEOUT_S in all, not that twice."""
+    monkeypatch.setenv("FAKE_SLURM_MODE", "sstat:slow")
+    monkeypatch.setattr(references, "END_TIMEOUT_S", 3.0)
+    m = Measurement(SETTINGS, meters=[ClockMeter(50.0)]).start()
+    began = time.monotonic()
+    result = m.stop()  # the start reading answers after ~2 s, the end one would take 2 s more
+    assert time.monotonic() - began < 3.5
+    said = result.tags["green.not_reported"]
+    assert "green/reference/slurm/energy_kwh: sstat did not answer in" in said
+    assert [c.split()[0] for c in calls(slurm)] == ["sstat", "sstat"]  # not sacct: pinned
 
 
 def test_only_the_process_that_reports_the_job_asks_slurm(
