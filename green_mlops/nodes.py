@@ -461,7 +461,8 @@ def merge(
     for key in [k for k in metrics if k.startswith(references.PREFIX)]:
         if key.endswith("/measured_fraction"):
             del metrics[key]  # of rank 0's node: compared again with the job's total
-    metrics.update(references.compare(metrics, tags))
+    earlier = ((result.accounting or {}).get("adjustments") or {}).get("earlier_segments")
+    metrics.update(references.compare(metrics, tags, earlier))
     fp, sentence = result.footprint, result.sentence
     if fp is not None:  # the report's footprint and sentence: the job's, not rank 0's node's
         from green_mlops.footprint import reporting_sentence, with_totals

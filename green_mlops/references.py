@@ -145,18 +145,31 @@ class ReferenceWindow:
         return metrics, tags
 
 
-def compare(metrics: Mapping[str, float], tags: Mapping[str, str]) -> dict[str, float]:
+def compare(
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    earlier: Mapping[str, float] | None = None,
+) -> dict[str, float]:
     """``green/reference/<name>/measured_fraction``: the measured IT energy over each
-    reference, where the measured total covers the whole job (every node reported)."""
+    reference, where the measured total covers the whole job (every node reported).
+
+    ``earlier``: the totals of a resumed run's earlier segments, added to ``metrics``; a
+    reference they do not hold covers this segment only, so this segment's energy is used."""
     scope = tags.get("green.job.scope", "all")
     if tags.get("green.job.partial") == "true" or not scope.startswith("all"):
         return {}
     # a parent run's reference covers its nested runs' time: compare with its inclusive total
-    measured = metrics.get("green/inclusive/energy_kwh", metrics.get("green/energy_kwh"))
+    which = "green/inclusive/energy_kwh" if "green/inclusive/energy_kwh" in metrics else None
+    which = which or "green/energy_kwh"
+    measured = metrics.get(which)
     if measured is None:
         return {}
+    before = (earlier or {}).get(which, 0.0)
     return {
-        key.removesuffix("energy_kwh") + "measured_fraction": measured / value
+        key.removesuffix("energy_kwh") + "measured_fraction": (
+            measured if key in (earlier or {}) else measured - before
+        )
+        / value
         for key, value in metrics.items()
         if key.startswith(PREFIX) and key.endswith("/energy_kwh") and value > 0
     }

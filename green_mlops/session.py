@@ -236,7 +236,7 @@ class Measurement:
         metrics.update(self.extra_metrics)
         tags.update(self.extra_tags)
         if final and self._references is not None:
-            metrics.update(compare(metrics, tags))
+            metrics.update(compare(metrics, tags, self.offsets))
         if final:  # launched by `green-mlops run`: its plan and the run-now carbon
             from green_mlops.scheduling.handoff import attach_schedule
 

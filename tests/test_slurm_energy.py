@@ -137,6 +137,41 @@ def test_an_mlflow_run_under_slurm_gets_slurms_figure_beside_the_measured_total(
     assert calls(slurm) == [f"sstat {FLAGS}"] * 2  # read at the start and the end, once each
 
 
+def test_a_resumed_run_compares_slurms_figure_with_its_own_segments_energy(
+    tmp_path: Path, mlflow_server: MlflowServer, slurm: dict[str, str]
+) -> None:
+    """The run's first segment ran where Slurm kept no figure (a workstation); resumed in a
+    Slurm step, its totals add the first segment's, Slurm's figure covers the second only:
+    the fraction is the second segment's measured energy over it, not the run's."""
+    first = f"""
+        import json, time, mlflow
+        mlflow.set_experiment("{experiment()}")
+        with mlflow.start_run() as run:
+            time.sleep(1.0)
+        print(json.dumps({{"run_id": run.info.run_id}}))
+    """
+    env = {**slurm, "GREEN_MLOPS_ENABLE": "1", "GREEN_MLOPS_INTENSITY_PROVIDERS": "static"}
+    out = run_script(first, tmp_path, mlflow_server, **{**env, "SLURM_JOB_ID": ""})
+    assert out["_returncode"] == 0, out["_stderr"]
+    client = MlflowClient(mlflow_server.url)
+    before = client.get_run(out["run_id"]).data.metrics
+    assert "green/reference/slurm/energy_kwh" not in before
+    again = f"""
+        import json, time, mlflow
+        with mlflow.start_run(run_id="{out["run_id"]}"):
+            time.sleep(2.0)
+        print("{{}}")
+    """
+    done = run_script(again, tmp_path, mlflow_server, **env)
+    assert done["_returncode"] == 0, done["_stderr"]
+    metrics = client.get_run(out["run_id"]).data.metrics
+    assert metrics["green/energy_kwh"] > before["green/energy_kwh"]  # the segments' sum
+    second = metrics["green/energy_kwh"] - before["green/energy_kwh"]
+    assert metrics["green/reference/slurm/measured_fraction"] == pytest.approx(
+        second / metrics["green/reference/slurm/energy_kwh"], rel=1e-6
+    )
+
+
 def test_a_cluster_without_energy_accounting_is_said_with_the_fix(
     slurm: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
