@@ -101,8 +101,8 @@ class Measurement:
         self.settings = Settings.resolve(settings, **overrides)
         self.tracker = Tracker(self.settings, meters=meters)
         self.functional_units: float | None = None
-        #: Totals of earlier segments of the same run (a resumed MLflow run), added to ours.
-        self.offsets: dict[str, float] = {}
+        self._offsets: dict[str, float] = {}
+        self._earlier: dict[str, float] = {}
         #: Metrics and tags contributed by other parts (FLOPs and quality from a callback).
         self.extra_metrics: dict[str, float] = {}
         self.extra_tags: dict[str, str] = {}
@@ -111,6 +111,18 @@ class Measurement:
         self._references: Any = None
         self._final: Result | None = None
         self._lock = threading.Lock()
+
+    @property
+    def offsets(self) -> dict[str, float]:
+        """Totals added to ours: those of a resumed run's earlier segments (assigned), and what
+        an integration that sums the ranks adds to it in place (the other ranks')."""
+        return self._offsets
+
+    @offsets.setter
+    def offsets(self, value: dict[str, float]) -> None:
+        self._offsets = value
+        # the earlier segments alone: an energy reference read in this one leaves them out
+        self._earlier = dict(value)
 
     def start(self) -> Measurement:
         self.tracker.start()
@@ -236,7 +248,7 @@ class Measurement:
         metrics.update(self.extra_metrics)
         tags.update(self.extra_tags)
         if final and self._references is not None:
-            metrics.update(compare(metrics, tags, self.offsets))
+            metrics.update(compare(metrics, tags, self._earlier))
         if final:  # launched by `green-mlops run`: its plan and the run-now carbon
             from green_mlops.scheduling.handoff import attach_schedule
 
