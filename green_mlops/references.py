@@ -28,6 +28,7 @@ __all__ = [
     "ReferenceWindow",
     "carried",
     "compare",
+    "left_out",
     "merge_not_reported",
 ]
 
@@ -182,6 +183,15 @@ def carried(
     totals ``metrics`` (summed over ranks): what a callback that sums the ranks logs."""
     out = {k: v for k, v in source.items() if k.startswith(PREFIX) and k.endswith("/energy_kwh")}
     return {**out, **compare({**metrics, **out}, tags)}
+
+
+def left_out(tags: dict[str, str], why: str) -> None:
+    """A reference read for a part of the run only (a resumed fit's last stage): its tag goes,
+    and ``green.not_reported`` says why it is absent."""
+    for key in [k for k in tags if k.startswith("green.reference.")]:
+        name = key.removeprefix("green.reference.")
+        del tags[key]
+        merge_not_reported(tags, f"{PREFIX}{name}/energy_kwh: {why}")
 
 
 def merge_not_reported(tags: dict[str, str], items: str) -> None:

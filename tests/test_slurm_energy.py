@@ -337,3 +337,28 @@ def test_a_two_node_job_compares_slurms_step_total_with_every_nodes_energy(
     partial = merge(own, {}, job, final=True).metrics
     assert "green/reference/slurm/measured_fraction" not in partial
     assert partial["green/reference/slurm/energy_kwh"] == reference
+
+
+def test_a_fit_resumed_from_a_checkpoint_says_why_it_has_no_slurm_figure(
+    tmp_path: Path, slurm: dict[str, str]
+) -> None:
+    """The Slurm requeue case: the second job's figure covers its own stage only, while the
+    fit's totals continue the checkpoint's: no fraction of the two, and no tag for a figure
+    that is not there."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.test_energy_monitor import report
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = trainer(tmp_path, [monitor(), ckpt], max_epochs=1, enable_checkpointing=True)
+    first.fit(Classifier(), loader(), loader(1))
+    second = trainer(tmp_path, [monitor()], max_epochs=2, enable_checkpointing=True)
+    second.fit(Classifier(), loader(), loader(1), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    logged = totals_of(second)
+    assert "green/reference/slurm/measured_fraction" not in logged
+    assert "green/reference/slurm/energy_kwh" not in logged
+    tags = report(second)["tags"]
+    assert "green.reference.slurm" not in tags
+    assert (
+        "green/reference/slurm/energy_kwh: it covers this stage only" in tags["green.not_reported"]
+    )

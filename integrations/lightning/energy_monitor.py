@@ -312,6 +312,8 @@ class EnergyMonitor(Callback):
         tags = {**result.tags, **own_tags, **interrupted_tags(trainer, failure, self._world)}
         if not self._totals.base:  # a reference (Slurm's) covers this stage only
             metrics.update(references.carried(result.metrics, metrics, tags))
+        else:
+            references.left_out(tags, "it covers this stage only, the totals earlier ones too")
         if not self._own:
             measurement.extra_metrics.update(
                 {k: v for k, v in metrics.items() if _is_flop_or_quality(k)}
