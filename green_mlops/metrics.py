@@ -17,6 +17,7 @@ from green_mlops.units import clip, joules_to_kwh
 __all__ = [
     "EXCLUSIVE_KEYS",
     "POWER_KEY",
+    "add_not_reported",
     "additive_keys",
     "energy_metrics",
     "is_additive",
@@ -155,3 +156,12 @@ def provenance_tags(snapshot: Snapshot) -> dict[str, str]:
     if snapshot.notes:
         tags["green.notes"] = clip("; ".join(snapshot.notes))
     return tags
+
+
+def add_not_reported(tags: dict[str, str], items: str) -> None:
+    """Add ``items`` (``what: why; ...``) to the run's ``green.not_reported`` (which says
+    ``none`` when nothing else is missing)."""
+    if not items:
+        return
+    current = tags.get("green.not_reported", "")
+    tags["green.not_reported"] = items if current in ("", "none") else f"{current}; {items}"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from green_mlops.config import ConfigError
 from green_mlops.flops_peaks import DENSE_PEAKS, find_peak, peak_flops
+from green_mlops.metrics import add_not_reported
 from green_mlops.units import J_PER_KWH
 
 log = logging.getLogger(__name__)
@@ -288,20 +289,14 @@ def attach_estimate(
         log.warning("green-mlops: %s", why)
         problems = tags.get("green.problems", "")
         tags["green.problems"] = f"{problems}; {why}" if problems else why
-        _not_reported(tags, why)
+        add_not_reported(tags, f"{ERROR_KEY}: {why}")
         return
     tags["green.estimate.pilot_run_id"] = pilot
     metrics["green/estimate/energy_kwh"] = kwh
     measured = metrics.get("green/energy_kwh")
     if measured is None:
-        _not_reported(tags, "the run has no measured energy (green/energy_kwh)")
+        add_not_reported(tags, f"{ERROR_KEY}: the run has no measured energy (green/energy_kwh)")
         return
     metrics[ERROR_KEY] = (measured - kwh) / kwh
     inside = low <= measured <= high
     tags["green.estimate.inside_band"] = f"{inside} ({low:.4g} .. {high:.4g} kWh)"
-
-
-def _not_reported(tags: dict[str, str], why: str) -> None:
-    missing = tags.get("green.not_reported", "")
-    item = f"{ERROR_KEY}: {why}"
-    tags["green.not_reported"] = f"{missing}; {item}" if missing else item

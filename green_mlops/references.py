@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from green_mlops.log import warn_once
 from green_mlops.meters import MeterUnavailable
+from green_mlops.metrics import add_not_reported
 from green_mlops.units import joules_to_kwh
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "carried",
     "compare",
     "left_out",
-    "merge_not_reported",
 ]
 
 PREFIX = "green/reference/"
@@ -160,8 +160,8 @@ def compare(
     if tags.get("green.job.partial") == "true" or not scope.startswith("all"):
         return {}
     # a parent run's reference covers its nested runs' time: compare with its inclusive total
-    which = "green/inclusive/energy_kwh" if "green/inclusive/energy_kwh" in metrics else None
-    which = which or "green/energy_kwh"
+    inclusive = "green/inclusive/energy_kwh"
+    which = inclusive if inclusive in metrics else "green/energy_kwh"
     measured = metrics.get(which)
     if measured is None:
         return {}
@@ -191,12 +191,4 @@ def left_out(tags: dict[str, str], why: str) -> None:
     for key in [k for k in tags if k.startswith("green.reference.")]:
         name = key.removeprefix("green.reference.")
         del tags[key]
-        merge_not_reported(tags, f"{PREFIX}{name}/energy_kwh: {why}")
-
-
-def merge_not_reported(tags: dict[str, str], items: str) -> None:
-    """Add ``items`` (``what: why; ...``) to the run's ``green.not_reported``."""
-    if not items:
-        return
-    current = tags.get("green.not_reported", "")
-    tags["green.not_reported"] = items if current in ("", "none") else f"{current}; {items}"
+        add_not_reported(tags, f"{PREFIX}{name}/energy_kwh: {why}")

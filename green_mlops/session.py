@@ -20,8 +20,14 @@ from typing import Any
 from green_mlops.config import Settings
 from green_mlops.job import Job, job_tags
 from green_mlops.meters import Component, Meter, MeterUnavailable
-from green_mlops.metrics import EXCLUSIVE_KEYS, energy_metrics, power_series, provenance_tags
-from green_mlops.references import EnergyReference, ReferenceWindow, compare, merge_not_reported
+from green_mlops.metrics import (
+    EXCLUSIVE_KEYS,
+    add_not_reported,
+    energy_metrics,
+    power_series,
+    provenance_tags,
+)
+from green_mlops.references import EnergyReference, ReferenceWindow, compare
 from green_mlops.snapshot import Snapshot
 from green_mlops.tracker import Tracker
 from green_mlops.units import HOUR
@@ -235,7 +241,7 @@ class Measurement:
         if final and self._references is not None:  # another meter's whole-job figure
             found, said = self._references.figures()
             metrics.update(found)
-            merge_not_reported(tags, said.pop("green.not_reported", ""))
+            add_not_reported(tags, said.pop("green.not_reported", ""))
             tags.update(said)
         children = dict(self._children)  # a copy: nested runs end in threads
         for key, value in children.items():

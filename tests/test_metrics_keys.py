@@ -104,3 +104,17 @@ def test_the_reduced_keys_cover_every_total_a_measurement_reports() -> None:
     assert {"green/co2e_g", "green/embodied_g", "green/sci_g_per_epoch"} <= reported
     assert {"green/phase/train/ram_kwh", "green/phase/validation_s"} <= reported
     assert reported <= set(additive_keys("epoch", PHASES))
+
+
+def test_a_quantity_not_reported_is_added_to_the_runs_list_not_after_its_none() -> None:
+    from green_mlops.metrics import add_not_reported
+
+    tags = {"green.not_reported": "none"}  # what the footprint says when nothing is missing
+    add_not_reported(tags, "green/schedule/co2e_if_run_now_g: no plan")
+    assert tags["green.not_reported"] == "green/schedule/co2e_if_run_now_g: no plan"
+    add_not_reported(tags, "green/estimate/error: no energy")
+    assert tags["green.not_reported"] == (
+        "green/schedule/co2e_if_run_now_g: no plan; green/estimate/error: no energy"
+    )
+    add_not_reported(tags, "")
+    assert tags["green.not_reported"].endswith("no energy")

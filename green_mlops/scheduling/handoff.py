@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
+from green_mlops.metrics import add_not_reported
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ENV", "RUN_NOW_KEY", "Schedule", "attach_schedule", "schedule_tags"]
@@ -111,7 +113,7 @@ def attach_schedule(
         log.warning("green-mlops: ignoring the plan: %s", exc)
         problems = tags.get("green.problems", "")
         tags["green.problems"] = f"{problems}; {exc}" if problems else str(exc)
-        _not_reported(tags, str(exc))
+        add_not_reported(tags, f"{RUN_NOW_KEY}: {exc}")
         return
     if schedule is None:
         return
@@ -123,13 +125,7 @@ def attach_schedule(
     if value is not None:
         metrics[RUN_NOW_KEY] = value
     else:
-        _not_reported(tags, why)
-
-
-def _not_reported(tags: dict[str, str], why: str) -> None:
-    missing = tags.get("green.not_reported", "")
-    item = f"{RUN_NOW_KEY}: {why}"
-    tags["green.not_reported"] = f"{missing}; {item}" if missing else item
+        add_not_reported(tags, f"{RUN_NOW_KEY}: {why}")
 
 
 def _run_now_grams(
