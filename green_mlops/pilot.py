@@ -41,6 +41,7 @@ __all__ = [
     "PilotError",
     "attach_estimate",
     "estimate",
+    "estimate_trend",
     "parse_scale",
     "save_estimate",
 ]
@@ -53,6 +54,13 @@ ERROR_KEY = "green/estimate/error"
 #: Half-width allowance for extrapolating: the same FLOPs (``--flops``/``--epochs``) or a larger
 #: model (``--scale``: utilisation and J/FLOP change with size), and other hardware.
 SCALE_BAND = {"flops": 0.10, "epochs": 0.10, "scale": 0.25, "hardware": 0.25}
+#: Two pilots: the band's allowance beyond the two laws fitted through them (run-to-run noise;
+#: J/FLOP rising at a larger size, e.g. out of cache).
+TREND_BAND = 0.10
+#: Two pilots whose FLOPs differ by less than this factor give no usable trend.
+MIN_TREND_RATIO = 1.5
+
+Pilot = tuple[Mapping[str, float], Mapping[str, str]]
 
 
 class PilotError(ConfigError):
@@ -136,14 +144,7 @@ def estimate(
     chosen = [k for k, v in given if v is not None]
     if len(chosen) != 1:
         raise PilotError("give exactly one of --flops N, --scale params=4x,tokens=10x, --epochs E")
-    pilot_flops, pilot_kwh = metrics.get("green/flops"), metrics.get("green/energy_kwh")
-    if not pilot_flops or pilot_flops <= 0:
-        raise PilotError(
-            "the pilot has no FLOPs (green/flops): log them with EnergyMonitor(count_flops=True) "
-            "(the default) or a module's flops_per_batch, or log green/flops yourself"
-        )
-    if not pilot_kwh or pilot_kwh <= 0:
-        raise PilotError("the pilot has no energy (green/energy_kwh): measure it with green-mlops")
+    pilot_flops, pilot_kwh = _measured(metrics)
     assumptions: list[str] = [
         f"energy per FLOP held at the pilot's {pilot_kwh * J_PER_KWH / pilot_flops:.3g} J/FLOP "
         "(all phases: the pilot's validation and data wait scale with its FLOPs)"
@@ -164,6 +165,11 @@ def estimate(
             "the pilot's data wait and loop overhead (phases data_wait, other) x "
             f"{by_phase['data_wait']:g} (tokens: they do not grow with the model), its sanity "
             f"check x {by_phase['sanity_check']:g} (params)"
+        )
+        assumptions.append(
+            "one pilot: its per-batch overheads inside train and validation are taken to grow "
+            "with the FLOPs (an over-estimate for a larger model): give a second pilot of "
+            "another size (--pilot SMALL --pilot PILOT) to separate them"
         )
     else:
         assert epochs is not None
@@ -212,6 +218,155 @@ def estimate(
         phases=phases,
         assumptions=tuple(assumptions),
     )
+
+
+def estimate_trend(
+    pilots: list[Pilot],
+    *,
+    flops: float | None = None,
+    scale: Mapping[str, float] | None = None,
+    epochs: float | None = None,
+    pilot_epochs: float | None = None,
+    hardware: str | None = None,
+) -> Estimate:
+    """The full run from two pilots of one family on the same data, of different sizes: each
+    phase's energy and time = a fixed part (per-batch overhead) + a part proportional to the
+    phase's FLOPs, fitted through both (the point), and a power law in the FLOPs through both
+    (the band's other end). Sizes are relative to the larger pilot (by FLOPs)."""
+    if hardware is not None:
+        raise PilotError(
+            f"--hardware {hardware!r} with two pilots is not supported: fit the trend with "
+            "pilots on the full run's hardware, or give one pilot"
+        )
+    for metrics, _ in pilots:
+        _measured(metrics)
+    (small, s_tags), (large, l_tags) = sorted(pilots, key=lambda p: p[0]["green/flops"])
+    devices = s_tags.get("green.devices"), l_tags.get("green.devices")
+    if None not in devices and devices[0] != devices[1]:
+        raise PilotError(
+            f"the two pilots ran on different hardware ({devices[0]!r} and {devices[1]!r}): "
+            "their J/FLOP trend mixes size and hardware; run both on the same devices"
+        )
+    ratio = large["green/flops"] / small["green/flops"]
+    if ratio < MIN_TREND_RATIO:
+        raise PilotError(
+            f"the two pilots' FLOPs differ by x{ratio:.3g} ({small['green/flops']:.4g} and "
+            f"{large['green/flops']:.4g}): need x{MIN_TREND_RATIO:g} or more to fit a trend "
+            "(pilots of two sizes), or give one pilot"
+        )
+    given = [v for v in (flops, scale, epochs) if v is not None]
+    if len(given) != 1:
+        raise PilotError("give exactly one of --flops N, --scale params=4x,tokens=10x, --epochs E")
+    if flops is not None:
+        params, tokens = (
+            _positive("--flops", flops, "a number of FLOPs") / large["green/flops"],
+            1.0,
+        )
+        sized = f"--flops: the larger pilot's model x {params:.4g} on the pilots' data"
+    elif scale is not None:
+        params, tokens = scale.get("params", 1.0), scale.get("tokens", 1.0)
+        sized = f"--scale relative to the larger pilot: params x {params:g}, tokens x {tokens:g}"
+    else:
+        assert epochs is not None
+        if pilot_epochs is None:
+            raise PilotError("--epochs needs the pilots' number of epochs: pass --pilot-epochs E")
+        tokens = _positive("--epochs", epochs, "the full run's epochs") / _positive(
+            "--pilot-epochs", pilot_epochs, "the pilot's epochs"
+        )
+        params, sized = 1.0, f"FLOPs x {epochs:g} / {pilot_epochs:g} epochs (the larger model)"
+    names = {
+        k[len("green/phase/") : -len("_kwh")]
+        for k in (*small, *large)
+        if k.startswith("green/phase/") and k.endswith("_kwh") and k.count("/") == 2
+    }
+    fits: dict[str, dict[str, tuple[float, float, float]]] = {"kwh": {}, "s": {}}
+    grown: dict[str, float] = {}  # phase -> share of the larger pilot's that grows with FLOPs
+    for unit, out in fits.items():
+        for name in sorted(names):
+            linear, power, grows = _fit_phase(small, large, name, unit, params)
+            keep = 1.0 if name == "sanity_check" else tokens  # per batch: x the tokens
+            out[name] = (keep * linear, keep * min(linear, power), keep * max(linear, power))
+            if unit == "kwh" and large.get(f"green/phase/{name}_kwh", 0.0) > 0:
+                grown[name] = grows / large[f"green/phase/{name}_kwh"]
+        total = "green/energy_kwh" if unit == "kwh" else "green/duration_s"
+        rest = large.get(total, 0.0) - sum(large.get(f"green/phase/{n}_{unit}", 0.0) for n in names)
+        out["(outside phases)"] = (tokens * rest,) * 3
+    kwh, low, high = (sum(v[i] for v in fits["kwh"].values()) for i in range(3))
+    pilot_kwh = large["green/energy_kwh"]
+    rel = large.get("green/energy_uncertainty_kwh", 0.0) / pilot_kwh + TREND_BAND
+    intensity = large.get("green/intensity_g_per_kwh")
+    cost = large.get("green/cost")
+    overheads = ", ".join(
+        f"{n} {100 * (1 - grown[n]):.0f} %" for n in ("train", "validation") if n in grown
+    )
+    assumptions = [
+        f"two pilots of one family on the same data (the same batches): {small['green/flops']:.4g}"
+        f" and {large['green/flops']:.4g} FLOPs; {sized}",
+        "each phase's energy and time per batch = a per-batch overhead that does not grow with "
+        "the model (Python, data loading, optimizer bookkeeping) + a part proportional to the "
+        "phase's FLOPs (the run's where the phase has none), fitted through both pilots "
+        f"(overhead in the larger pilot: {overheads or 'no train/validation phases'}); the "
+        "phases x the tokens, the sanity check not",
+        "band: down to a power law in the FLOPs through both pilots (J/FLOP ~ FLOPs^k per phase; "
+        "below the overhead fit when the overhead is real), up to the overhead fit (above it "
+        f"when larger matmuls run at a higher FLOP/s), each {100 * rel:.0f} % wider (run-to-run "
+        "noise, the pilot's measurement uncertainty)",
+    ]
+    if intensity is not None:
+        assumptions.append(
+            f"carbon at the larger pilot's mean {intensity:.4g} g/kWh "
+            f"({l_tags.get('green.location', '?')})"
+        )
+    phases = {
+        k[len("green/phase/") : -len("_kwh")]: v / pilot_kwh
+        for k, v in large.items()
+        if k.startswith("green/phase/") and k.endswith("_kwh") and k.count("/") == 2
+    }
+    return Estimate(
+        flops=large["green/flops"] * params * tokens,
+        energy_kwh=kwh,
+        low_kwh=low * max(0.0, 1 - rel),
+        high_kwh=high * (1 + rel),
+        duration_s=sum(v[0] for v in fits["s"].values()),
+        co2e_g=None if intensity is None else kwh * intensity * _pue(large, pilot_kwh),
+        cost=None if cost is None else cost * kwh / pilot_kwh,
+        currency=l_tags.get("green.currency", ""),
+        phases=phases,
+        assumptions=tuple(assumptions),
+    )
+
+
+def _fit_phase(
+    small: Mapping[str, float], large: Mapping[str, float], name: str, unit: str, params: float
+) -> tuple[float, float, float]:
+    """A phase's value at ``params`` x the larger pilot's model by the overhead fit and by the
+    power law, and the larger pilot's part that grows with the FLOPs."""
+    key = f"green/phase/{name}_{unit}"
+    y_s, y_l = small.get(key, 0.0), large.get(key, 0.0)
+    f_s, f_l = (
+        small.get(f"green/phase/{name}_flops", 0.0),
+        large.get(f"green/phase/{name}_flops", 0.0),
+    )
+    if not (f_s > 0 and f_l > f_s):  # no FLOPs of its own: the run's
+        f_s, f_l = small["green/flops"], large["green/flops"]
+    slope = max(0.0, (y_l - y_s) / (f_l - f_s))  # J (s) per FLOP; never negative
+    grows = slope * f_l
+    linear = y_l + grows * (params - 1)
+    power = y_l * params ** (math.log(y_l / y_s) / math.log(f_l / f_s)) if y_s > 0 < y_l else linear
+    return linear, power, grows
+
+
+def _measured(metrics: Mapping[str, float]) -> tuple[float, float]:
+    """The pilot's FLOPs and kWh; a pilot without them is refused with what to log."""
+    pilot_flops, pilot_kwh = metrics.get("green/flops"), metrics.get("green/energy_kwh")
+    if not pilot_flops or pilot_flops <= 0:
+        raise PilotError(
+            "the pilot has no FLOPs (green/flops): log them with EnergyMonitor(count_flops=True) "
+            "(the default) or a module's flops_per_batch, or log green/flops yourself"
+        )
+    if not pilot_kwh or pilot_kwh <= 0:
+        raise PilotError("the pilot has no energy (green/energy_kwh): measure it with green-mlops")
+    return pilot_flops, pilot_kwh
 
 
 def _scaled(

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from green_mlops.cli import main
 from green_mlops.integrations.lightning import EnergyMonitor
-from green_mlops.pilot import PilotError, estimate, parse_scale
+from green_mlops.pilot import PilotError, estimate, estimate_trend, parse_scale
 from tests.mlflow_server import MlflowServer
+from tests.test_energy_monitor import Classifier
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class Pilots:
     pilot: str
     metrics: Mapping[str, float]
     no_flops: str
+    wide: str
+    wide_metrics: Mapping[str, float]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +48,35 @@ def pilots(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory
     run_id = logger.run_id
     assert run_id is not None
     metrics = dict(client.get_run(run_id).data.metrics)
+    # the same data, a 4x wider hidden layer: a second pilot of another size (two-pilot trend)
+    wide_logger = MLFlowLogger(
+        experiment_name="pilots", run_name="wide", tracking_uri=mlflow_server.url
+    )
+    mon = EnergyMonitor(settings={**SETTINGS, "price_per_kwh": 0.25}, meters=meters)
+    tr = trainer(tmp_path_factory.mktemp("wide"), [mon], max_epochs=2, logger=wide_logger)
+    tr.fit(Wide(), loader(), loader())
+    assert wide_logger.run_id is not None
+    wide_metrics = dict(client.get_run(wide_logger.run_id).data.metrics)
     bare = client.create_run(client.get_experiment_by_name("pilots").experiment_id)
     client.log_metric(bare.info.run_id, "green/energy_kwh", 0.001)
     client.set_terminated(bare.info.run_id)
-    return Pilots(mlflow_server, run_id, metrics, bare.info.run_id)
+    return Pilots(
+        mlflow_server, run_id, metrics, bare.info.run_id, wide_logger.run_id, wide_metrics
+    )
+
+
+class Wide(Classifier):  # type: ignore[misc]
+    """``Classifier`` with a 4x wider hidden layer: the same family, another size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        first, last = self.net[0], self.net[2]
+        hidden = 4 * first.out_features
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(first.in_features, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, last.out_features),
+        )
 
 
 def cli(p: Pilots, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -206,3 +235,82 @@ def test_an_unreadable_estimate_file_is_said_and_the_error_is_absent(tmp_path: P
     attach_estimate(metrics, tags, {"GREEN_MLOPS_ESTIMATE": str(tmp_path / "zero.json")})
     assert "energy_kwh=0.0 is not > 0" in tags["green.problems"]
     assert "green/estimate/error" not in metrics
+
+
+def synthetic(flops_per_batch: float, law: str) -> tuple[dict[str, float], dict[str, str]]:
+    """A pilot's metrics from a known law: per batch, ``overhead`` a fixed 20 mJ (train) or
+    10 mJ (validation) plus 0.1 nJ/FLOP (validation: forward only, a third of the FLOPs), a
+    data wait that does not grow with the model; or (``power``) J ~ FLOPs^0.8."""
+    phases = {"train": (30, 0.02, flops_per_batch), "validation": (10, 0.01, flops_per_batch / 3)}
+    m: dict[str, float] = {"green/phase/data_wait_kwh": 2 / 3.6e6, "green/phase/data_wait_s": 0.2}
+    for name, (batches, overhead, f) in phases.items():
+        joules = batches * (overhead + 1e-10 * f if law == "overhead" else 3e-8 * f**0.8)
+        m[f"green/phase/{name}_kwh"] = joules / 3.6e6
+        m[f"green/phase/{name}_s"] = joules / 50  # 50 W
+        m[f"green/phase/{name}_flops"] = batches * f
+    m["green/flops"] = m["green/phase/train_flops"] + m["green/phase/validation_flops"]
+    m["green/energy_kwh"] = sum(v for k, v in m.items() if k.endswith("_kwh"))
+    m["green/duration_s"] = sum(v for k, v in m.items() if k.endswith("_s"))
+    return m, {"green.devices": "cpu"}
+
+
+@pytest.mark.parametrize("law", ["overhead", "power"])
+def test_two_pilots_separate_the_per_batch_overhead_from_the_flops(law: str) -> None:
+    small, mid, full = (synthetic(f, law) for f in (2.5e7, 1e8, 4e8))
+    result = estimate_trend([small, mid], scale={"params": 4.0})
+    truth = full[0]["green/energy_kwh"]
+    assert result.flops == pytest.approx(full[0]["green/flops"])
+    assert result.low_kwh <= truth <= result.high_kwh
+    if law == "overhead":  # the law the point assumes: exact, and so is the time
+        assert result.energy_kwh == pytest.approx(truth, rel=1e-9)
+        assert result.duration_s == pytest.approx(full[0]["green/duration_s"], rel=1e-9)
+    # one pilot holds its J/FLOP: its overheads grow with the FLOPs, an over-estimate
+    single = estimate(*mid, scale={"params": 4.0})
+    assert single.energy_kwh > 1.1 * truth
+    assert any("per-batch overhead" in a for a in result.assumptions)
+    assert any("power law in the FLOPs" in a for a in result.assumptions)
+    assert any("second pilot" in a for a in single.assumptions)
+
+
+def test_two_real_pilots_price_the_full_run_on_the_server(
+    pilots: Pilots, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = cli(
+        pilots, capsys, "--pilot", pilots.pilot, "--pilot", pilots.wide, "--scale", "params=4x"
+    )
+    assert code == 0, out
+    expected = estimate_trend(
+        [(pilots.metrics, {}), (pilots.wide_metrics, {})], scale={"params": 4}
+    )
+    assert number(out, "energy") == pytest.approx(expected.energy_kwh, rel=1e-3)
+    assert number(out, "FLOPs") == pytest.approx(4 * pilots.wide_metrics["green/flops"], rel=1e-3)
+    assert "per-batch overhead" in out and "power law in the FLOPs" in out
+    # the order of the pilots does not matter: the larger one (by FLOPs) is the reference
+    code, again = cli(
+        pilots, capsys, "--pilot", pilots.wide, "--pilot", pilots.pilot, "--scale", "params=4x"
+    )
+    assert code == 0 and number(again, "energy") == number(out, "energy")
+
+
+def test_two_pilots_that_cannot_give_a_trend_are_refused(
+    pilots: Pilots, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = cli(
+        pilots, capsys, "--pilot", pilots.pilot, "--pilot", pilots.pilot, "--flops", "1e15"
+    )
+    assert code == 2 and "the two pilots' FLOPs differ by x1 (" in out, out
+    assert "need x1.5 or more" in out
+    code, out = cli(
+        pilots, capsys, "--pilot", pilots.pilot, "--pilot", pilots.no_flops, "--flops", "1e15"
+    )
+    assert code == 2 and "has no FLOPs (green/flops)" in out, out
+    three = ["--pilot", pilots.pilot, "--pilot", pilots.wide, "--pilot", pilots.no_flops]
+    code, out = cli(pilots, capsys, *three, "--flops", "1e15")
+    assert code == 2 and "at most two pilots" in out, out
+    small, mid = synthetic(2.5e7, "overhead"), synthetic(1e8, "overhead")
+    with pytest.raises(PilotError, match=r"different hardware \('cpu' and 'cuda:0"):
+        estimate_trend([small, (mid[0], {"green.devices": "cuda:0 NVIDIA H100"})], flops=1e12)
+    with pytest.raises(
+        PilotError, match=r"--hardware 'NVIDIA H100 SXM' with two pilots is not supported"
+    ):
+        estimate_trend([small, mid], flops=1e12, hardware="NVIDIA H100 SXM")

@@ -23,7 +23,14 @@ def register(subparsers: Any) -> None:
             "per FLOP, MFU, phase shares and power, with an interval and the assumptions."
         ),
     )
-    parser.add_argument("--pilot", required=True, metavar="RUN_ID", help="the pilot's MLflow run")
+    parser.add_argument(
+        "--pilot",
+        required=True,
+        action="append",
+        metavar="RUN_ID",
+        help="the pilot's MLflow run; twice (two sizes of one family, the same data): the "
+        "per-batch overhead and the J/FLOP trend are fitted through both",
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--flops", type=float, help="the full run's FLOPs")
     what.add_argument("--scale", help="params=<f>x,tokens=<f>x: 6 N D FLOPs scaled")
@@ -46,42 +53,52 @@ def register(subparsers: Any) -> None:
 def run(args: Any) -> int:
     from rich.console import Console
 
-    from green_mlops.pilot import PilotError, estimate, parse_scale
+    from green_mlops.pilot import PilotError, estimate, estimate_trend, parse_scale
     from green_mlops.runs import RunsUnavailable
 
     console = Console(highlight=False)
     try:
         from green_mlops.integrations.mlflow.reader import read_runs
 
-        records = read_runs(args.tracking_uri, run_ids=[args.pilot])
+        records = read_runs(args.tracking_uri, run_ids=list(args.pilot))
     except (RunsUnavailable, ImportError) as exc:
         console.print(f"green-mlops estimate: {exc}")
         return 4
-    found = [r for r in records if r.run_id == args.pilot]
-    if not found:
-        console.print(f"green-mlops estimate: no run {args.pilot!r} at the tracking URI")
+    if len(args.pilot) > 2:
+        console.print(
+            f"green-mlops estimate: --pilot given {len(args.pilot)} times: at most two pilots"
+        )
+        return 2
+    found = {r.run_id: r for r in records}
+    missing = [p for p in args.pilot if p not in found]
+    if missing:
+        console.print(f"green-mlops estimate: no run {missing[0]!r} at the tracking URI")
         return 4
-    pilot = found[0]
+    chosen = [found[p] for p in args.pilot]
+    pilot = max(chosen, key=lambda r: r.metrics.get("green/flops") or 0.0)
     pilot_epochs = args.pilot_epochs
     for key in ("max_epochs", "epochs"):
         if pilot_epochs is None and key in pilot.params:
             with contextlib.suppress(ValueError):
                 pilot_epochs = float(pilot.params[key])
     try:
-        result = estimate(
-            pilot.metrics,
-            pilot.tags,
-            flops=args.flops,
-            scale=parse_scale(args.scale) if args.scale is not None else None,
-            epochs=args.epochs,
-            pilot_epochs=pilot_epochs,
-            hardware=args.hardware,
-            dtype=args.dtype,
-        )
+        size = {
+            "flops": args.flops,
+            "scale": parse_scale(args.scale) if args.scale is not None else None,
+            "epochs": args.epochs,
+            "pilot_epochs": pilot_epochs,
+            "hardware": args.hardware,
+        }
+        if len(chosen) == 2:
+            result = estimate_trend([(r.metrics, r.tags) for r in chosen], **size)
+        else:
+            result = estimate(pilot.metrics, pilot.tags, dtype=args.dtype, **size)
     except PilotError as exc:
-        console.print(f"green-mlops estimate: pilot {pilot.run_id} ({pilot.name}): {exc}")
+        names = " and ".join(f"{r.run_id} ({r.name})" for r in chosen)
+        console.print(f"green-mlops estimate: pilot {names}: {exc}")
         return 2
-    console.print(f"Full run estimated from pilot {pilot.run_id} ({pilot.name}):")
+    others = "".join(f" and {r.run_id} ({r.name})" for r in chosen if r is not pilot)
+    console.print(f"Full run estimated from pilot {pilot.run_id} ({pilot.name}){others}:")
     console.print(f"  FLOPs     {result.flops:.4g}")
     console.print(
         f"  energy    {result.energy_kwh:.4g} kWh  ({result.low_kwh:.4g} .. {result.high_kwh:.4g})"
