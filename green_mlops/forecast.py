@@ -13,13 +13,16 @@ runs) to a :class:`Forecaster`; :meth:`Forecaster.forecast` projects the rest of
    after that: the steady state (:attr:`Forecaster.reason` says why there is none).
 3. Model: of a constant, a rising linear trend in the step (a growing sequence length, a
    curriculum) and a level shift (a constant before and after the best split), the one with
-   the lowest BIC; the trend and the shift need :data:`MIN_TREND_SEGMENTS` segments. A shift
-   projects the level after it; a trend is held at its value past :data:`TREND_HORIZON` times
+   the lowest BIC (:mod:`green_mlops.cost_models`); the trend and the shift need a few
+   segments. A shift projects the level after it; a trend is held at its value past a few times
    the span it was seen over; a falling cost is never extrapolated towards zero.
 4. Interval: a one-sided 95 % Student-t band of the chosen model for the remaining mean cost
    (parameter error plus the spread of future segments), at least :data:`FLOOR` of the
    remainder; with an earlier possible end (``EarlyStopping``) the low end is that end's, and
-   the point's end is the plan's likely end where it has one.
+   the point's end is the plan's likely end where it has one. Where the loop may end anywhere
+   in a range (no likely end yet; ``AdaptiveValidation``'s later runs after one full run,
+   :attr:`Plan.validation_low`), the point is the total least wrong in the worst case over it
+   (:func:`_minimax`).
 5. ``max_duration_s`` (the Trainer's ``max_time``) cuts each end where it runs out of time.
 
 Framework-free and O(segments) per forecast (segments are merged pairwise past
@@ -29,13 +32,13 @@ current intensity). See docs/forecasts.md.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from green_mlops.cost_models import FLOOR, MIN_SEGMENTS, WARMUP_RATIO, Fit, fit, steady
 from green_mlops.units import J_PER_KWH
 
 if TYPE_CHECKING:
@@ -57,26 +60,8 @@ __all__ = [
     "tracker_forecast",
 ]
 
-#: A leading segment costing more than this times the median of the later ones is warm-up.
-WARMUP_RATIO = 1.25
-#: Training segments needed after the warm-up before a forecast is made (the steady state).
-MIN_SEGMENTS = 2
-#: Segments needed before a linear trend may be chosen over a constant cost.
-MIN_TREND_SEGMENTS = 4
-#: A trend is extrapolated over at most this many times the span it was seen over; beyond,
-#: the cost is held at the trend's value there.
-TREND_HORIZON = 3.0
-#: The smallest half-width of the band, as a fraction of the projected remainder (the drift
-#: of a shared machine's load is not in the segments' spread; chosen on benchmarks/forecast.py).
-FLOOR = 0.15
 #: Past this many segments, the oldest are merged pairwise (the first one is kept apart).
 MAX_SEGMENTS = 256
-#: One-sided 95 % Student-t quantiles for 1..10 degrees of freedom; 1.645 beyond.
-_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)
-
-
-def _t95(df: int) -> float:
-    return _T95[df - 1] if 1 <= df <= len(_T95) else 1.645
 
 
 @dataclass(frozen=True)
@@ -97,13 +82,16 @@ class Plan:
     """Where the loop ends: ``total_steps`` at its limit; ``min_steps`` at the earliest end it
     may take (``EarlyStopping`` at patience from now); ``validations_per_step``: validation runs
     per training step from here (None: the rate seen so far); ``max_duration_s``: a time limit;
-    ``likely_steps``: where it likely ends (the point forecast's end; None: the limit)."""
+    ``likely_steps``: where it likely ends (the point forecast's end; None: anywhere from
+    ``min_steps`` to the limit); ``validation_low``: the least a validation run may cost from
+    here, as a share of the runs seen (``AdaptiveValidation``: 0; None: like them)."""
 
     total_steps: float
     min_steps: float | None = None
     validations_per_step: float | None = None
     max_duration_s: float | None = None
     likely_steps: float | None = None
+    validation_low: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,160 +151,6 @@ class _Segment:
     runs: int
     validation_j: float
     validation_s: float
-
-
-@dataclass(frozen=True)
-class _Fit:
-    """A cost model over positions ``x`` (step, or validation run index)."""
-
-    model: str
-    a: float
-    b: float
-    x_mean: float
-    sxx: float
-    sd: float
-    n: int
-    unit: float  # the mean weight of a point (steps per segment)
-    #: Past this position a trend is held at its value there (TREND_HORIZON).
-    horizon: float = math.inf
-    #: Effective points per point: (1 - r) / (1 + r) for the residuals' lag-1 correlation r
-    #: (a load that persists over several segments tells less than independent ones).
-    independence: float = 1.0
-
-    def total(self, x0: float, x1: float) -> float:
-        """The cost integrated over ``[x0, x1)``."""
-        h = max(x0, min(x1, self.horizon))
-        rising = self.a * (h - x0) + 0.5 * self.b * (h * h - x0 * x0)
-        return rising + (self.a + self.b * h) * (x1 - h)
-
-    def half_width(self, x0: float, x1: float) -> float:
-        """A one-sided 95 % band of :meth:`total` over ``[x0, x1)``."""
-        span = x1 - x0
-        if span <= 0:
-            return 0.0
-        centre = 0.5 * (x0 + x1)
-        params = self.n - (2 if self.model == "linear" else 1)
-        lever = (centre - self.x_mean) ** 2 / self.sxx if self.sxx > 0 else 0.0
-        se_mean = self.sd * math.sqrt((1.0 / self.n + lever) / self.independence)
-        future = self.sd / math.sqrt(max(1.0, span / self.unit * self.independence))
-        band = _t95(max(1, params)) * math.hypot(se_mean, future) * span
-        return max(band, FLOOR * abs(self.total(x0, x1)))
-
-
-def _fit(xs: Sequence[float], ys: Sequence[float], ws: Sequence[float]) -> _Fit:
-    """The model with the lowest BIC: a constant, a rising line, or a level shift (then the
-    level after it); see the module's doc."""
-    n = len(xs)
-    line = _least_squares(xs, ys, ws)
-    flat = _least_squares(xs, ys, ws, constant=True)
-    w = sum(ws)
-    best, choice = _bic(flat.sd, n, 1, w), flat
-    if n >= MIN_TREND_SEGMENTS and line.model == "linear":
-        bic = _bic(line.sd, n, 2, w)
-        if bic < best:
-            best, choice = bic, line
-    if n >= MIN_TREND_SEGMENTS:
-        k = _best_split(ys, ws)
-        rss = _rss(ys[:k], ws[:k]) + _rss(ys[k:], ws[k:])
-        if n * math.log(max(rss / w, 1e-300)) + 3 * math.log(n) < best:
-            level = _least_squares(xs[k:], ys[k:], ws[k:], constant=True)
-            if len(xs) - k < MIN_SEGMENTS:  # too few after the shift to measure a spread
-                level = replace(level, sd=max(level.sd, flat.sd))
-            choice = replace(level, n=max(level.n, 1))
-    horizon = xs[-1] + TREND_HORIZON * (xs[-1] - xs[0])
-    return replace(choice, unit=w / n, horizon=horizon)
-
-
-def _best_split(ys: Sequence[float], ws: Sequence[float]) -> int:
-    """The ``k`` in [1, n) where a level shift (``ys[:k]``, ``ys[k:]``) leaves the least
-    weighted residual: O(n) by running sums of the values centred on their mean."""
-    w = sum(ws)
-    mean = sum(y * v for y, v in zip(ys, ws, strict=True)) / w
-    total_d = sum(v * (y - mean) for y, v in zip(ys, ws, strict=True))
-    total_q = sum(v * (y - mean) ** 2 for y, v in zip(ys, ws, strict=True))
-    best, chosen = math.inf, 1
-    sw = sd = sq = 0.0
-    for k in range(1, len(ys)):
-        d = ys[k - 1] - mean
-        sw, sd, sq = sw + ws[k - 1], sd + ws[k - 1] * d, sq + ws[k - 1] * d * d
-        rest_w, rest_d = w - sw, total_d - sd
-        rss = sq - sd * sd / sw + (total_q - sq) - rest_d * rest_d / rest_w
-        if rss < best:
-            best, chosen = rss, k
-    return chosen
-
-
-def _rss(ys: Sequence[float], ws: Sequence[float]) -> float:
-    w = sum(ws)
-    mean = sum(y * v for y, v in zip(ys, ws, strict=True)) / w
-    return sum(v * (y - mean) ** 2 for y, v in zip(ys, ws, strict=True))
-
-
-def _bic(sd: float, n: int, params: int, w: float) -> float:
-    """BIC of a fit from its spread ``sd`` (``rss / w = sd^2 (n - params) / n``)."""
-    rss_w = sd * sd * (n - params) / n if n > params else 0.0
-    return n * math.log(max(rss_w, 1e-300)) + params * math.log(n)
-
-
-def _least_squares(
-    xs: Sequence[float], ys: Sequence[float], ws: Sequence[float], *, constant: bool = False
-) -> _Fit:
-    """The weighted mean, or the weighted line when its BIC is lower and its slope rises."""
-    n = len(xs)
-    w = sum(ws)
-    x_mean = sum(x * v for x, v in zip(xs, ws, strict=True)) / w
-    y_mean = sum(y * v for y, v in zip(ys, ws, strict=True)) / w
-    sxx = sum(v * (x - x_mean) ** 2 for x, v in zip(xs, ws, strict=True))
-    sxy = sum(v * (x - x_mean) * (y - y_mean) for x, y, v in zip(xs, ys, ws, strict=True))
-    rss0 = sum(v * (y - y_mean) ** 2 for y, v in zip(ys, ws, strict=True))
-    unit = w / n
-    flat = _Fit("constant", y_mean, 0.0, x_mean, 0.0, _sd(rss0, w, n, 1), n, unit)
-    flat = replace(flat, independence=_independence([y - y_mean for y in ys]))
-    if constant or n < 2 or sxx <= 0:
-        return flat
-    b = sxy / sxx
-    rss1 = max(rss0 - b * sxy, 0.0)
-    tiny = 1e-12 * (rss0 + y_mean * y_mean * w) + 1e-300
-    bic0 = n * math.log(max(rss0, tiny) / w)
-    bic1 = n * math.log(max(rss1, tiny) / w) + math.log(n)
-    if b <= 0 or bic1 >= bic0:
-        return flat
-    a = y_mean - b * x_mean
-    fit = _Fit("linear", a, b, x_mean, sxx, _sd(rss1, w, n, 2), n, unit)
-    return replace(
-        fit, independence=_independence([y - a - b * x for x, y in zip(xs, ys, strict=True)])
-    )
-
-
-def _independence(residuals: Sequence[float]) -> float:
-    """(1 - r) / (1 + r) for the lag-1 autocorrelation r of ``residuals`` (r in [0, 0.9])."""
-    squares = sum(r * r for r in residuals)
-    if len(residuals) < 3 or squares <= 0:
-        return 1.0
-    lag = sum(a * b for a, b in itertools.pairwise(residuals)) / squares
-    r = min(0.9, max(0.0, lag))
-    return (1 - r) / (1 + r)
-
-
-def _sd(rss: float, w: float, n: int, params: int) -> float:
-    """The spread of one point of average weight (weighted residuals, ``params`` fitted)."""
-    if n <= params:
-        return 0.0
-    return math.sqrt(rss / w * n / (n - params))
-
-
-def _steady(costs: Sequence[float]) -> int:
-    """How many leading ``costs`` are warm-up: each over WARMUP_RATIO x the later median."""
-    cut = 0
-    while len(costs) - cut > 1:
-        later = sorted(costs[cut + 1 :])
-        half = len(later) // 2
-        median = later[half] if len(later) % 2 else 0.5 * (later[half - 1] + later[half])
-        if costs[cut] > WARMUP_RATIO * median:
-            cut += 1
-        else:
-            break
-    return cut
 
 
 class Forecaster:
@@ -386,7 +220,7 @@ class Forecaster:
                 f"{MIN_SEGMENTS} segments after the warm-up"
             )
             return None
-        warmup = _steady([s.train_j / s.steps for s in trained])
+        warmup = steady([s.train_j / s.steps for s in trained])
         kept = trained[warmup:]
         if len(kept) < MIN_SEGMENTS:
             self.reason = (
@@ -400,8 +234,8 @@ class Forecaster:
         self.reason = ""
         xs = [s.start + 0.5 * s.steps for s in kept]
         ws = [s.steps for s in kept]
-        energy = _fit(xs, [s.train_j / s.steps for s in kept], ws)
-        seconds = _fit(xs, [s.train_s / s.steps for s in kept], ws)
+        energy = fit(xs, [s.train_j / s.steps for s in kept], ws)
+        seconds = fit(xs, [s.train_s / s.steps for s in kept], ws)
         runs_fit = self._validation_fits()
         per_step = plan.validations_per_step
         if per_step is None:
@@ -410,8 +244,13 @@ class Forecaster:
         now = last.steps
         runs_done = last.validations
 
-        def project(end: float) -> tuple[float, float, float, float]:
-            """(energy, energy band, seconds, seconds band) from now to ``end`` steps."""
+        # AdaptiveValidation: one (full) run says little of the later, shorter ones
+        ranged = plan.validation_low is not None and self._validation_runs() < MIN_SEGMENTS
+        low_share = plan.validation_low if ranged and plan.validation_low is not None else 1.0
+
+        def project(end: float, share: float = 1.0) -> tuple[float, float, float, float]:
+            """(energy, energy band, seconds, seconds band) from now to ``end`` steps, each
+            validation run at ``share`` of the runs' projected cost."""
             end = max(end, now)
             e, eb = energy.total(now, end), energy.half_width(now, end)
             t, tb = seconds.total(now, end), seconds.half_width(now, end)
@@ -419,16 +258,23 @@ class Forecaster:
             if runs > 0 and runs_fit is not None:
                 v_e, v_t = runs_fit
                 r0, r1 = runs_done, runs_done + runs
-                e, eb = e + v_e.total(r0, r1), eb + v_e.half_width(r0, r1)
-                t, tb = t + v_t.total(r0, r1), tb + v_t.half_width(r0, r1)
+                e, eb = e + share * v_e.total(r0, r1), eb + share * v_e.half_width(r0, r1)
+                t, tb = t + share * v_t.total(r0, r1), tb + share * v_t.half_width(r0, r1)
             return e, eb, t, tb
 
         e, eb, t, tb = project(plan.total_steps)
         high = (last.energy_j + e + eb, last.duration_s + t + tb)
         early = plan.min_steps if plan.min_steps is not None else plan.total_steps
-        le, leb, lt, ltb = project(min(early, plan.total_steps))
+        le, leb, lt, ltb = project(min(early, plan.total_steps), low_share)
         if plan.likely_steps is not None:  # the point's end: where the loop likely stops
-            e, _, t, _ = project(min(max(plan.likely_steps, early), plan.total_steps))
+            likely = min(max(plan.likely_steps, early), plan.total_steps)
+            early = late = likely
+        else:
+            late = plan.total_steps
+        e, _, t, _ = project(late)
+        if early < late or ranged:  # it may end anywhere in between: the least-wrong point
+            ae, _, at, _ = project(min(early, late), low_share)
+            e, t = _minimax(last.energy_j, ae, e), _minimax(last.duration_s, at, t)
         points = [
             (last.energy_j + e, last.duration_s + t),
             (last.energy_j + max(0.0, le - leb), last.duration_s + max(0.0, lt - ltb)),
@@ -453,7 +299,11 @@ class Forecaster:
             elapsed_s=last.duration_s,
         )
 
-    def _validation_fits(self) -> tuple[_Fit, _Fit] | None:
+    def _validation_runs(self) -> int:
+        """Validation runs seen in the reported segments."""
+        return sum(s.runs for s in self._segments)
+
+    def _validation_fits(self) -> tuple[Fit, Fit] | None:
         """Energy and time per validation run, by run index (warm-up runs left out)."""
         xs: list[float] = []
         costs: list[float] = []
@@ -470,13 +320,21 @@ class Forecaster:
             index += s.runs
         if not xs:
             return None
-        cut = _steady(costs) if len(costs) > MIN_SEGMENTS else 0
+        cut = steady(costs) if len(costs) > MIN_SEGMENTS else 0
         xs, costs, times, ws = xs[cut:], costs[cut:], times[cut:], ws[cut:]
-        fit_e, fit_t = _fit(xs, costs, ws), _fit(xs, times, ws)
+        fit_e, fit_t = fit(xs, costs, ws), fit(xs, times, ws)
         if len(xs) < MIN_SEGMENTS:  # one run seen: no spread to measure, say +/-25 %
             fit_e = replace(fit_e, sd=0.25 * abs(fit_e.a) * math.sqrt(2.0), n=2)
             fit_t = replace(fit_t, sd=0.25 * abs(fit_t.a) * math.sqrt(2.0), n=2)
         return fit_e, fit_t
+
+
+def _minimax(spent: float, early: float, late: float) -> float:
+    """The rest to add to ``spent`` for the total least wrong in the worst case when the loop
+    ends anywhere from ``spent + early`` to ``spent + late``: their harmonic mean (its
+    relative error is at most (late - early) / (late + early + 2 spent) over that range)."""
+    low, high = spent + early, spent + late
+    return 2 * low * high / (low + high) - spent if low + high > 0 else late
 
 
 def _join(a: _Segment, b: _Segment) -> _Segment:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -108,16 +109,43 @@ def test_validation_is_projected_per_run_apart_from_training() -> None:
     assert many.validation_model == "constant"
 
 
-def test_an_earlier_possible_end_lowers_the_low_end_only() -> None:
+def test_an_earlier_possible_end_lowers_the_low_end_and_the_point_is_the_least_wrong() -> None:
     forecaster, _ = feed([10.0] * 8)
     full = forecaster.forecast(Plan(total_steps=2000))
     early = forecaster.forecast(Plan(total_steps=2000, min_steps=300))
     assert full is not None and early is not None
-    assert early.energy_j == full.energy_j and early.high_j == full.high_j
+    assert early.high_j == full.high_j
     done = forecaster.last.energy_j  # type: ignore[union-attr]
     # 100 more steps at 10 J and a validation run per 100 steps, less the band
-    assert early.low_j == pytest.approx(done + 100 * 10 + 30, rel=0.06)
+    soonest = done + 100 * 10 + 30
+    assert early.low_j == pytest.approx(soonest, rel=0.06)
     assert early.low_j < full.low_j
+    # no likely end known: the point is off by the same share at either end of the range
+    point = early.energy_j
+    assert point == pytest.approx(2 * soonest * full.energy_j / (soonest + full.energy_j))
+    assert point / soonest - 1 == pytest.approx(1 - point / full.energy_j)
+    # a loop that improves steadily (no end likely before the limit): the limit's total
+    limit = forecaster.forecast(Plan(total_steps=2000, min_steps=300, likely_steps=math.inf))
+    assert limit is not None and limit.energy_j == full.energy_j
+
+
+def test_adaptive_validation_after_one_full_run_spans_full_to_no_later_validation() -> None:
+    forecaster, _ = feed([10.0] * 4, val_j=500.0)  # one validation run (a full one) seen
+    assert forecaster.last is not None and forecaster.last.validations == 1
+    plan = Plan(total_steps=400, validations_per_step=1 / 100)
+    full = forecaster.forecast(plan)
+    adaptive = forecaster.forecast(replace(plan, validation_low=0.0))
+    assert full is not None and adaptive is not None
+    done = forecaster.last.energy_j
+    bare = done + 300 * 10  # the rest of training, no validation run at all
+    assert full.energy_j == pytest.approx(bare + 3 * 500.0)
+    assert adaptive.high_j == full.high_j
+    assert adaptive.low_j < bare < adaptive.energy_j < full.energy_j
+    assert adaptive.energy_j == pytest.approx(2 * bare * full.energy_j / (bare + full.energy_j))
+    # once two runs are seen, their costs tell: the runs are projected as seen
+    seen, _ = feed([10.0] * 8, val_j=500.0)
+    two = seen.forecast(replace(plan, validation_low=0.0))
+    assert two is not None and two.energy_j == seen.forecast(plan).energy_j  # type: ignore[union-attr]
 
 
 def test_a_time_limit_cuts_the_projection() -> None:
@@ -211,10 +239,11 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback, EarlyStopping  # noqa: E402
 
 from green_mlops.integrations.lightning.forecasting import plan_of  # noqa: E402
-from tests.test_energy_monitor import Classifier, last, loader, monitor, rows, trainer  # noqa: E402
+from tests.test_energy_monitor import IN, Classifier, last, loader, monitor, rows, trainer  # noqa: E402
 
 LIGHTNING_WARNINGS = pytest.mark.filterwarnings(
     "ignore::UserWarning:lightning.*",
@@ -253,6 +282,7 @@ def test_the_plan_follows_the_trainers_limits_and_early_stopping(tmp_path: Path)
     # first validation sets the best; 3 more without improvement: stops after epoch 4
     assert plan.min_steps == steps + 3 * 2
     assert plan.max_duration_s is not None and 3000 < plan.max_duration_s <= 3600
+    assert plan.validation_low is None  # validation runs as long as those seen
     assert len(plans.plans) == 4
 
 
@@ -425,8 +455,8 @@ def test_early_stoppings_likely_end_from_its_metrics_trajectory() -> None:
     # getting worse at a growing rate (no minimum fitted): the best is behind
     assert likely_stop([2.0, 2.5, 3.5, 5.0], patience=3, wait=2) == 1
     # still improving at a steady or growing rate: no end likely before the limit
-    assert likely_stop([5.0, 4.0, 3.0, 2.0], patience=3, wait=0) is None
-    assert likely_stop([5.0, 4.9, 4.5, 3.0], patience=3, wait=0) is None
+    assert likely_stop([5.0, 4.0, 3.0, 2.0], patience=3, wait=0) == math.inf
+    assert likely_stop([5.0, 4.9, 4.5, 3.0], patience=3, wait=0) == math.inf
     assert likely_stop([5.0, 4.0], patience=3, wait=0) is None  # too few checks
 
 
@@ -464,3 +494,35 @@ def test_early_stoppings_metric_trajectory_gives_the_point_forecasts_end(tmp_pat
     assert plan.min_steps == 16 + 2 * 4
     early = by_step[8]  # 2 checks: no trajectory yet, the point runs to the limit
     assert early is not None and early.likely_steps is None
+
+
+class PerExample(Classifier):
+    """Per-example validation losses, as AdaptiveValidation reads them."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y, reduction="none")
+        self.log("val_loss", loss.mean())
+        return {"per_example_loss": loss.clamp(max=5.0)}
+
+
+@LIGHTNING_WARNINGS
+def test_with_adaptive_validation_later_runs_may_cost_nothing_down_from_a_full_one(
+    tmp_path: Path,
+) -> None:
+    from green_mlops.integrations.lightning import AdaptiveValidation
+
+    plans = Plans()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, IN, generator=g)
+    val = torch.utils.data.DataLoader(
+        AdaptiveValidation.permute_once(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())),
+        batch_size=16,
+    )
+    on = AdaptiveValidation(monitor="val_loss", mode="min", upper=5.0)
+    trainer(tmp_path, [plans, on], max_epochs=2).fit(PerExample(), loader(), val)
+    off = Plans()
+    reference = AdaptiveValidation(monitor="val_loss", mode="min", upper=5.0, enabled=False)
+    trainer(tmp_path, [off, reference], max_epochs=2).fit(PerExample(), loader(), val)
+    assert [p.validation_low for _, p in plans.plans if p is not None] == [0.0, 0.0]
+    assert [p.validation_low for _, p in off.plans if p is not None] == [None, None]

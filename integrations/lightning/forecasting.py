@@ -34,13 +34,14 @@ ERROR_POINTS = (0.10, 0.25, 0.50)
 TRAJECTORY_CHECKS = 5
 
 
-def likely_stop(values: Sequence[float], *, patience: int, wait: int) -> int | None:
+def likely_stop(values: Sequence[float], *, patience: int, wait: int) -> float | None:
     """Checks from now until ``EarlyStopping`` likely stops, from its metric's ``values`` at
     the checks so far (lower is better): the minimum of a parabola fitted to the last
     :data:`TRAJECTORY_CHECKS` is its likely best check (not before the best seen, ``wait``
     checks ago), and it stops ``patience`` checks after that; without a minimum, a metric not
-    improving on average (its line does not fall): ``patience - wait``. None with fewer than 3
-    values, or improving at a steady or growing rate (it may run to the limit)."""
+    improving on average (its line does not fall): ``patience - wait``; improving at a steady or
+    growing rate: ``math.inf`` (no end likely before the limit). None with fewer than 3 values
+    (no trajectory yet: the forecast's point is then the least wrong over the range)."""
     ys = list(values)[-TRAJECTORY_CHECKS:]
     m = len(ys)
     if m < 3:
@@ -59,7 +60,7 @@ def likely_stop(values: Sequence[float], *, patience: int, wait: int) -> int | N
     a = (sxx * sx2y - sx2x * sxy) / det
     b = (sx2x2 * sxy - sx2x * sx2y) / det
     if a <= 0:  # no minimum: not improving on average (the best is behind), else improving
-        return patience - wait if sxy >= 0 else None
+        return patience - wait if sxy >= 0 else math.inf
     best = max(float(round(-b / (2 * a))), m - 1 - wait)
     return int(best) - (m - 1) + patience
 
@@ -71,7 +72,8 @@ def plan_of(
     ``max_steps``, ``limit_train_batches``, ``accumulate_grad_batches``:
     ``estimated_stepping_batches``), the earliest end ``EarlyStopping`` allows (patience from
     now, not before ``min_steps``/``min_epochs``) and ``max_time``'s end: ``elapsed_s`` (the
-    marks' clock now) plus the Timer's time left. None when the fit has no step limit."""
+    marks' clock now) plus the Timer's time left; with ``AdaptiveValidation`` on, validation
+    runs from here may cost anything down to nothing. None when the fit has no step limit."""
     try:
         total = float(trainer.estimated_stepping_batches)
     except Exception:  # an iterable without a length and no max_steps
@@ -95,12 +97,14 @@ def plan_of(
         if trainer.min_epochs and trainer.max_epochs and trainer.max_epochs > 0:
             floor = max(floor, total * trainer.min_epochs / trainer.max_epochs)
         early = min(total, max(early, floor, steps))
-    remaining = None
+    remaining, validation_low = None, None
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if type(cb).__name__ == "Timer" and hasattr(cb, "time_remaining"):
             remaining = cb.time_remaining()
+        if type(cb).__name__ == "AdaptiveValidation" and getattr(cb, "enabled", False):
+            validation_low = 0.0  # a run may end at its first batch
     limit = None if remaining is None else elapsed_s + float(remaining)
-    return Plan(total, early, per_step, limit)
+    return Plan(total, early, per_step, limit, validation_low=validation_low)
 
 
 def _per_check(trainer: pl.Trainer, es: Any, rate: float) -> float | None:
