@@ -9,6 +9,12 @@ loop overhead (phases ``data_wait``, ``other``) grow with the tokens only and it
 with the params only (they do not grow with the model: benchmarks/pilot.py). The band: the
 pilot's own energy band plus an allowance for the extrapolation (:data:`SCALE_BAND`).
 
+One pilot cannot tell its per-batch overheads (Python, data loading, optimizer bookkeeping)
+from its compute: a larger model's J/FLOP is lower. Two pilots of one family on the same data
+(:func:`estimate_trend`, ``--pilot A --pilot B``) separate them: each phase = a fixed part + a
+part proportional to its FLOPs, fitted through both (the point); the band reaches down to a
+power law in the FLOPs through both (:data:`TREND_BAND` wider each side).
+
 The full run is tagged with its pilot: ``green-mlops estimate ... --save FILE`` writes the
 estimate (:func:`save_estimate`); a measured run started with ``GREEN_MLOPS_ESTIMATE=FILE``
 (:data:`ESTIMATE_ENV`) gets ``green.estimate.pilot_run_id`` and, at its end,

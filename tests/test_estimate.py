@@ -17,7 +17,7 @@ from green_mlops.cli import main
 from green_mlops.integrations.lightning import EnergyMonitor
 from green_mlops.pilot import PilotError, estimate, estimate_trend, parse_scale
 from tests.mlflow_server import MlflowServer
-from tests.test_energy_monitor import Classifier
+from tests.test_energy_monitor import IN, OUT, Classifier, H
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,13 @@ def pilots(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory
     )
 
 
-class Wide(Classifier):  # type: ignore[misc]
+class Wide(Classifier):
     """``Classifier`` with a 4x wider hidden layer: the same family, another size."""
 
     def __init__(self) -> None:
         super().__init__()
-        first, last = self.net[0], self.net[2]
-        hidden = 4 * first.out_features
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(first.in_features, hidden),
-            torch.nn.ReLU(),
-            torch.nn.Linear(hidden, last.out_features),
+            torch.nn.Linear(IN, 4 * H), torch.nn.ReLU(), torch.nn.Linear(4 * H, OUT)
         )
 
 
