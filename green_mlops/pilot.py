@@ -310,9 +310,11 @@ def estimate_trend(
         f" and {large['green/flops']:.4g} FLOPs; {sized}",
         "each phase's energy and time per batch = a per-batch overhead that does not grow with "
         "the model (Python, data loading, optimizer bookkeeping) + a part proportional to the "
-        "phase's FLOPs (the run's where the phase has none), fitted through both pilots "
-        f"(overhead in the larger pilot: {overheads or 'no train/validation phases'}); the "
-        "phases x the tokens, the sanity check not",
+        "phase's FLOPs, fitted through both pilots "
+        f"(overhead in the larger pilot: {overheads or 'no train/validation phases'}); a "
+        "phase that runs no model (no FLOPs: data wait, loop overhead) does not grow with it: "
+        "the lower pilot's value (another tenant only adds), the band up to the other's; "
+        "every phase x the tokens, the sanity check not",
         "band: down to a power law in the FLOPs through both pilots (J/FLOP ~ FLOPs^k per phase; "
         "below the overhead fit when the overhead is real), up to the overhead fit (above it "
         f"when larger matmuls run at a higher FLOP/s), each {100 * rel:.0f} % wider (run-to-run "
@@ -353,8 +355,8 @@ def _fit_phase(
         small.get(f"green/phase/{name}_flops", 0.0),
         large.get(f"green/phase/{name}_flops", 0.0),
     )
-    if not (f_s > 0 and f_l > f_s):  # no FLOPs of its own: the run's
-        f_s, f_l = small["green/flops"], large["green/flops"]
+    if not (f_s > 0 and f_l > f_s):  # runs no model: no trend; interference only adds
+        return min(y_s, y_l), max(y_s, y_l), 0.0
     slope = max(0.0, (y_l - y_s) / (f_l - f_s))  # J (s) per FLOP; never negative
     grows = slope * f_l
     linear = y_l + grows * (params - 1)

@@ -310,3 +310,16 @@ def test_two_pilots_that_cannot_give_a_trend_are_refused(
         PilotError, match=r"--hardware 'NVIDIA H100 SXM' with two pilots is not supported"
     ):
         estimate_trend([small, mid], flops=1e12, hardware="NVIDIA H100 SXM")
+
+
+def test_a_phase_without_flops_does_not_grow_with_the_model_nor_with_a_disturbed_pilot() -> None:
+    # the larger pilot's data wait disturbed (another tenant: 3x): the phase runs no model, so
+    # no trend in the FLOPs is fitted through it; the undisturbed pilot's value is the point
+    small, mid, full = (synthetic(f, "overhead") for f in (2.5e7, 1e8, 4e8))
+    disturbed = dict(mid[0])
+    disturbed["green/phase/data_wait_kwh"] *= 3
+    disturbed["green/energy_kwh"] += 2 * mid[0]["green/phase/data_wait_kwh"]
+    result = estimate_trend([small, (disturbed, mid[1])], scale={"params": 4.0})
+    truth = full[0]["green/energy_kwh"]
+    assert result.energy_kwh == pytest.approx(truth, rel=1e-9)
+    assert result.high_kwh > truth + 2 * full[0]["green/phase/data_wait_kwh"]  # the disturbed
