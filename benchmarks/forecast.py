@@ -66,8 +66,10 @@ _original_mark = forecasting.FitForecast.mark
 _original_errors = forecasting.FitForecast.errors
 
 
-def _mark(self: forecasting.FitForecast, trainer: Any, metrics: Any, measurement: Any) -> Any:
-    out = _original_mark(self, trainer, metrics, measurement)
+def _mark(
+    self: forecasting.FitForecast, trainer: Any, metrics: Any, measurement: Any, **kw: Any
+) -> Any:
+    out = _original_mark(self, trainer, metrics, measurement, **kw)
     last = self.forecaster.last
     if last is not None:
         _RECORD.append((last, self.plan))  # the plan its forecast used

@@ -66,14 +66,21 @@ def likely_stop(values: Sequence[float], *, patience: int, wait: int) -> float |
 
 
 def plan_of(
-    trainer: pl.Trainer, steps: float, validations_per_step: float | None, *, elapsed_s: float
+    trainer: pl.Trainer,
+    steps: float,
+    validations_per_step: float | None,
+    *,
+    elapsed_s: float,
+    after: object = None,
 ) -> Plan | None:
     """The fit's end from the Trainer: optimizer steps at its limit (``max_epochs``,
     ``max_steps``, ``limit_train_batches``, ``accumulate_grad_batches``:
     ``estimated_stepping_batches``), the earliest end ``EarlyStopping`` allows (patience from
     now, not before ``min_steps``/``min_epochs``) and ``max_time``'s end: ``elapsed_s`` (the
     marks' clock now) plus the Timer's time left; with ``AdaptiveValidation`` on, validation
-    runs from here may cost anything down to nothing. None when the fit has no step limit."""
+    runs from here may cost anything down to nothing. ``after``: the callback asking at an epoch's
+    end (an ``EarlyStopping`` after it has not checked this epoch yet: :func:`wait_of`). None when
+    the fit has no step limit."""
     try:
         total = float(trainer.estimated_stepping_batches)
     except Exception:  # an iterable without a length and no max_steps
@@ -86,7 +93,7 @@ def plan_of(
     early = None
     rate = per_step or 0.0
     for es in getattr(trainer, "early_stopping_callbacks", ()):
-        checks = max(0, int(es.patience) - int(es.wait_count))
+        checks = max(0, int(es.patience) - wait_of(trainer, es, after))
         per_check = _per_check(trainer, es, rate)
         if per_check is None:
             continue
@@ -105,6 +112,26 @@ def plan_of(
             validation_low = 0.0  # a run may end at its first batch
     limit = None if remaining is None else elapsed_s + float(remaining)
     return Plan(total, early, per_step, limit, validation_low=validation_low)
+
+
+def wait_of(trainer: pl.Trainer, es: Any, after: object = None) -> int:
+    """``es.wait_count`` once it has checked this epoch: an ``EarlyStopping`` that checks at the
+    epoch's end and comes after ``after`` (the callback asking there) in ``trainer.callbacks``
+    has not yet, so its coming check is applied to the monitored value (as it will: an
+    improvement by ``min_delta`` resets the count, else it grows by one)."""
+    wait = int(es.wait_count)
+    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+    if after is None or after not in callbacks or es not in callbacks:
+        return wait
+    if not getattr(es, "_check_on_train_epoch_end", False):
+        return wait  # it checked at the validation run's end, before the epoch's end
+    if callbacks.index(es) < callbacks.index(after):
+        return wait
+    current = trainer.callback_metrics.get(es.monitor)
+    if current is None or not math.isfinite(float(current)):
+        return wait
+    improved = es.monitor_op(current - es.min_delta, es.best_score.to(current.device))
+    return 0 if bool(improved) else wait + 1
 
 
 def _per_check(trainer: pl.Trainer, es: Any, rate: float) -> float | None:
@@ -176,12 +203,14 @@ class FitForecast:
         trainer: pl.Trainer,
         metrics: Mapping[str, float],
         measurement: Measurement | None,
+        *,
+        epoch_end: bool = False,
     ) -> dict[str, float]:
-        """Record the totals now; the forecast's metrics (empty before a steady state, or when
-        it failed: said once; never raised, so the budget guards after it are still checked
-        on every rank)."""
+        """Record the totals now (``epoch_end``: at the epoch's end); the forecast's metrics
+        (empty before a steady state, or when it failed: said once; never raised, so the budget
+        guards after it are still checked on every rank)."""
         try:
-            return self._mark(trainer, metrics, measurement)
+            return self._mark(trainer, metrics, measurement, epoch_end)
         except Exception as exc:
             self.latest = None
             warn_once(f"the fit's forecast failed: {type(exc).__name__}: {exc}")
@@ -192,6 +221,7 @@ class FitForecast:
         trainer: pl.Trainer,
         metrics: Mapping[str, float],
         measurement: Measurement | None,
+        epoch_end: bool,
     ) -> dict[str, float]:
         steps, elapsed = float(trainer.global_step), metrics.get("green/duration_s", 0.0)
         self._marked = steps
@@ -207,9 +237,13 @@ class FitForecast:
         )
         if steps > 0 and self._validations:
             self._observed = self._validations / steps
-        plan = plan_of(trainer, steps, self._observed, elapsed_s=elapsed)
+        owner = None
+        if epoch_end:  # the EnergyMonitor asking: EarlyStoppings after it check after this
+            callbacks = trainer.callbacks  # type: ignore[attr-defined]
+            owner = next((cb for cb in callbacks if getattr(cb, "forecast", None) is self), None)
+        plan = plan_of(trainer, steps, self._observed, elapsed_s=elapsed, after=owner)
         if plan is not None and plan.min_steps is not None:
-            plan = replace(plan, likely_steps=self._likely(trainer, steps, plan))
+            plan = replace(plan, likely_steps=self._likely(trainer, steps, plan, owner))
         self.plan = plan
         found = self.forecaster.forecast(plan) if plan is not None else None
         if found is None:
@@ -230,7 +264,7 @@ class FitForecast:
         self._history.append((steps, found.energy_j))
         return found.metrics()
 
-    def _likely(self, trainer: pl.Trainer, steps: float, plan: Plan) -> float | None:
+    def _likely(self, trainer: pl.Trainer, steps: float, plan: Plan, owner: object) -> float | None:
         """The step where an ``EarlyStopping`` likely stops the fit (:func:`likely_stop` on
         its metric's values after each validation run, one check per run), or None."""
         callbacks = list(getattr(trainer, "early_stopping_callbacks", ()))
@@ -246,7 +280,9 @@ class FitForecast:
         for i, es in enumerate(callbacks):
             per_check = _per_check(trainer, es, plan.validations_per_step or 0.0)
             checks = likely_stop(
-                self._trajectory.get(i, ()), patience=int(es.patience), wait=int(es.wait_count)
+                self._trajectory.get(i, ()),
+                patience=int(es.patience),
+                wait=wait_of(trainer, es, owner),
             )
             if checks is not None and per_check is not None:
                 ends.append(steps + checks * per_check)
