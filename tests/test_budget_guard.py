@@ -76,8 +76,8 @@ def epoch_kwh(tmp_path_factory: pytest.TempPathFactory) -> float:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"energy_kwh": 0}, r"energy_kwh=0\) is not valid: expected a number > 0"),
-        ({"co2e_g": -5.0}, r"co2e_g=-5.0\) is not valid: expected a number > 0"),
+        ({"energy_kwh": 0}, r"energy_kwh=0\) is not valid: expected a finite number > 0"),
+        ({"co2e_g": -5.0}, r"co2e_g=-5.0\) is not valid: expected a finite number > 0"),
         (
             {"energy_kwh": 1, "action": "halt"},
             r"action='halt'\) is not valid: expected 'warn' or 'stop'",
@@ -171,6 +171,30 @@ def test_a_named_budget_counts_what_its_period_used(tmp_path: Path) -> None:
         Misconfiguration, match=r"budget='nope' is not in .*green-mlops.toml: its budgets are team"
     ):
         EnergyBudget(budget="nope", config=config)
+
+
+def test_a_named_budget_already_spent_stops_the_fit_at_its_first_check(tmp_path: Path) -> None:
+    # the last days of a team's month: its period used more than the budget
+    config = tmp_path / "green-mlops.toml"
+    config.write_text(
+        '[[budget]]\nname = "month"\nexperiments = ["*"]\nperiod = "total"\nenergy_kwh = 0.001\n'
+    )
+    with pytest.warns(GreenMlopsWarning, match=r"already used 0.002 of 0.001 \(energy_kwh\)"):
+        guard = EnergyBudget(
+            budget="month", config=config, used={"energy_kwh": 0.002}, action="stop"
+        )
+    assert guard.limits == {"energy_kwh": 0.0}
+    tr = trainer(tmp_path, [monitor(), guard], max_epochs=20)
+    tr.fit(Classifier(), loader(), loader())
+    assert tr.global_step <= 4  # the first mark (a quarter epoch), not 20 epochs
+    assert guard.exceeded is not None and guard.checkpoint is not None
+    assert Path(guard.checkpoint).is_file()
+    assert any(r.get("green/budget/exceeded") == 1.0 for r in rows(tr))
+    assert "nothing is left for this fit" in report_tags(tr)["green.budget.notes"]
+    with pytest.raises(Misconfiguration, match=r"energy is not a key: expected energy_kwh"):
+        EnergyBudget(budget="month", config=config, used={"energy": 1.0})
+    with pytest.raises(Misconfiguration, match=r"not valid without budget="):
+        EnergyBudget(energy_kwh=1.0, used={"energy_kwh": 0.5})
 
 
 def test_stop_stops_even_where_its_checkpoint_cannot_be_written(

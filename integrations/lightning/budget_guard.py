@@ -56,7 +56,8 @@ def _positive(name: str, value: Any) -> float | None:
         or value <= 0
     ):
         raise Misconfiguration(
-            f"EnergyBudget({name}={value!r}) is not valid: expected a number > 0: {LIMITS[name]}"
+            f"EnergyBudget({name}={value!r}) is not valid: expected a finite number > 0: "
+            f"{LIMITS[name]}"
         )
     return float(value)
 
@@ -125,6 +126,11 @@ class EnergyBudget(Callback):
         if budget is not None:
             for key, value in self._named(budget, config, tracking_uri, used).items():
                 limits[key] = min(limits.get(key, math.inf), value)
+        elif used is not None:
+            raise Misconfiguration(
+                f"EnergyBudget(used={dict(used)!r}) is not valid without budget=: used= is what "
+                "a named budget's period already spent, e.g. EnergyBudget(budget='team', used=...)"
+            )
         if not limits:
             raise Misconfiguration(
                 "EnergyBudget() has no limit: set energy_kwh=, co2e_g=, cost= or budget= "
@@ -160,6 +166,12 @@ class EnergyBudget(Callback):
                 f"{loaded.path}: its budgets are {', '.join(found)}"
             )
         chosen = found[name]
+        unknown = sorted(set(used or ()) - {ours for ours, _ in _FROM_CONFIG.values()})
+        if unknown:
+            raise Misconfiguration(
+                f"EnergyBudget(used={dict(used or {})!r}) is not valid: {', '.join(unknown)} "
+                "is not a key: expected energy_kwh, co2e_g or cost (what the period used)"
+            )
         if "kwh_per_unit" in chosen.limits:
             self.notes.append(f"budget {name!r}: kwh_per_unit is not guarded (per functional unit)")
         spent = dict(used) if used is not None else self._spent(loaded, chosen, tracking_uri)
@@ -168,6 +180,12 @@ class EnergyBudget(Callback):
             if key in chosen.limits:
                 already = 0.0 if chosen.period == "run" else spent.get(ours, 0.0)
                 out[ours] = max(0.0, chosen.limits[key] * factor - already)
+                if out[ours] == 0:  # said now, acted on at the fit's first check
+                    self.notes.append(
+                        f"budget {name!r}: its period already used {already:.4g} of "
+                        f"{chosen.limits[key] * factor:.4g} ({ours}): nothing is left for this fit"
+                    )
+                    warn_user(f"EnergyBudget: {self.notes[-1]}")
         return out
 
     def _spent(self, loaded: Any, chosen: Any, tracking_uri: str | None) -> dict[str, float]:
@@ -214,7 +232,8 @@ class EnergyBudget(Callback):
     ) -> dict[str, float]:
         """Called by EnergyMonitor at each progress mark, on every rank (rank 0 decides)."""
         values = self._values(metrics, forecast)
-        fraction = max((values[k] / v for k, v in self.limits.items() if k in values), default=0.0)
+        shares = [values[k] / v for k, v in self.limits.items() if k in values and v > 0]
+        fraction = max(shares, default=0.0)  # a spent budget (limit 0) passes at once, no share
         basis = "forecast low end" if forecast is not None and self.on == "forecast" else "measured"
         over = [
             f"{k} {basis} {values[k]:.4g} > {v:.4g}"
