@@ -370,10 +370,10 @@ class EnergyMonitor(Callback):
             self.forecast.mark(trainer, self._refresh(trainer), self._measurement)
 
     def _forecast_now(self, trainer: pl.Trainer, metrics: dict[str, float] | None = None) -> None:
-        if self.forecast is not None:  # metrics given: at the epoch's end
-            end = metrics is not None
+        if self.forecast is not None:  # metrics given: at the epoch's end, asked by this callback
+            after = None if metrics is None else self
             metrics = self._refresh(trainer) if metrics is None else metrics
-            found = self.forecast.mark(trainer, metrics, self._measurement, epoch_end=end)
+            found = self.forecast.mark(trainer, metrics, self._measurement, after=after)
             for guard in self.guards:  # on every rank: rank 0 decides, the others follow
                 latest = self.forecast.latest if found else None
                 found = {**found, **guard.check(trainer, metrics, latest)}

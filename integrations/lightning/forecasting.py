@@ -204,13 +204,14 @@ class FitForecast:
         metrics: Mapping[str, float],
         measurement: Measurement | None,
         *,
-        epoch_end: bool = False,
+        after: object = None,
     ) -> dict[str, float]:
-        """Record the totals now (``epoch_end``: at the epoch's end); the forecast's metrics
-        (empty before a steady state, or when it failed: said once; never raised, so the budget
-        guards after it are still checked on every rank)."""
+        """Record the totals now (``after``: the callback asking at an epoch's end, see
+        :func:`plan_of`); the forecast's metrics (empty before a steady state, or when it
+        failed: said once; never raised, so the budget guards after it are still checked on
+        every rank)."""
         try:
-            return self._mark(trainer, metrics, measurement, epoch_end)
+            return self._mark(trainer, metrics, measurement, after)
         except Exception as exc:
             self.latest = None
             warn_once(f"the fit's forecast failed: {type(exc).__name__}: {exc}")
@@ -221,7 +222,7 @@ class FitForecast:
         trainer: pl.Trainer,
         metrics: Mapping[str, float],
         measurement: Measurement | None,
-        epoch_end: bool,
+        after: object,
     ) -> dict[str, float]:
         steps, elapsed = float(trainer.global_step), metrics.get("green/duration_s", 0.0)
         self._marked = steps
@@ -237,13 +238,9 @@ class FitForecast:
         )
         if steps > 0 and self._validations:
             self._observed = self._validations / steps
-        owner = None
-        if epoch_end:  # the EnergyMonitor asking: EarlyStoppings after it check after this
-            callbacks = trainer.callbacks  # type: ignore[attr-defined]
-            owner = next((cb for cb in callbacks if getattr(cb, "forecast", None) is self), None)
-        plan = plan_of(trainer, steps, self._observed, elapsed_s=elapsed, after=owner)
+        plan = plan_of(trainer, steps, self._observed, elapsed_s=elapsed, after=after)
         if plan is not None and plan.min_steps is not None:
-            plan = replace(plan, likely_steps=self._likely(trainer, steps, plan, owner))
+            plan = replace(plan, likely_steps=self._likely(trainer, steps, plan, after))
         self.plan = plan
         found = self.forecaster.forecast(plan) if plan is not None else None
         if found is None:
@@ -264,7 +261,7 @@ class FitForecast:
         self._history.append((steps, found.energy_j))
         return found.metrics()
 
-    def _likely(self, trainer: pl.Trainer, steps: float, plan: Plan, owner: object) -> float | None:
+    def _likely(self, trainer: pl.Trainer, steps: float, plan: Plan, after: object) -> float | None:
         """The step where an ``EarlyStopping`` likely stops the fit (:func:`likely_stop` on
         its metric's values after each validation run, one check per run), or None."""
         callbacks = list(getattr(trainer, "early_stopping_callbacks", ()))
@@ -282,7 +279,7 @@ class FitForecast:
             checks = likely_stop(
                 self._trajectory.get(i, ()),
                 patience=int(es.patience),
-                wait=wait_of(trainer, es, owner),
+                wait=wait_of(trainer, es, after),
             )
             if checks is not None and per_check is not None:
                 ends.append(steps + checks * per_check)
