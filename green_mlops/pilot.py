@@ -207,11 +207,7 @@ def estimate(
         )
     cost = metrics.get("green/cost")
     total = pilot_kwh
-    phases = {
-        k[len("green/phase/") : -len("_kwh")]: v / total
-        for k, v in metrics.items()
-        if k.startswith("green/phase/") and k.endswith("_kwh") and k.count("/") == 2
-    }
+    phases = {name: v / total for name, v in _phase_kwh(metrics).items()}
     return Estimate(
         flops=pilot_flops * factor,
         energy_kwh=kwh,
@@ -280,11 +276,7 @@ def estimate_trend(
             "--pilot-epochs", pilot_epochs, "the pilot's epochs"
         )
         params, sized = 1.0, f"FLOPs x {epochs:g} / {pilot_epochs:g} epochs (the larger model)"
-    names = {
-        k[len("green/phase/") : -len("_kwh")]
-        for k in (*small, *large)
-        if k.startswith("green/phase/") and k.endswith("_kwh") and k.count("/") == 2
-    }
+    names = {*_phase_kwh(small), *_phase_kwh(large)}
     fits: dict[str, dict[str, tuple[float, float, float]]] = {"kwh": {}, "s": {}}
     grown: dict[str, float] = {}  # phase -> share of the larger pilot's that grows with FLOPs
     for unit, out in fits.items():
@@ -325,11 +317,7 @@ def estimate_trend(
             f"carbon at the larger pilot's mean {intensity:.4g} g/kWh "
             f"({l_tags.get('green.location', '?')})"
         )
-    phases = {
-        k[len("green/phase/") : -len("_kwh")]: v / pilot_kwh
-        for k, v in large.items()
-        if k.startswith("green/phase/") and k.endswith("_kwh") and k.count("/") == 2
-    }
+    phases = {name: v / pilot_kwh for name, v in _phase_kwh(large).items()}
     return Estimate(
         flops=large["green/flops"] * params * tokens,
         energy_kwh=kwh,
@@ -362,6 +350,15 @@ def _fit_phase(
     linear = y_l + grows * (params - 1)
     power = y_l * params ** (math.log(y_l / y_s) / math.log(f_l / f_s)) if y_s > 0 < y_l else linear
     return linear, power, grows
+
+
+def _phase_kwh(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Each phase's energy, by its name (``green/phase/<name>_kwh``; not per component)."""
+    return {
+        k[len("green/phase/") : -len("_kwh")]: v
+        for k, v in metrics.items()
+        if k.startswith("green/phase/") and k.endswith("_kwh") and k.count("/") == 2
+    }
 
 
 def _measured(metrics: Mapping[str, float]) -> tuple[float, float]:
