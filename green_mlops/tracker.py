@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -131,12 +132,14 @@ class _DeviceState:
         "since",
         "t",
         "watts",
+        "zero",
     )
 
     def __init__(self, meter: Meter, device: Device) -> None:
         self.meter = meter
         self.device = device
-        self.joules = 0.0
+        self.joules = 0.0  # the meter's count (since its start) at the last read
+        self.zero = 0.0  # its count at the tracker's zero point: the run's energy is the rest
         self.problem: str | None = None
         self.failures = 0
         #: Cumulative phase seconds at the last attributed read: the device's energy since then
@@ -228,11 +231,18 @@ class Tracker:
                 [self.settings.sample_interval_s, *(m.max_interval_s for m in started)]
             )
         self._t0 = self._last = self._last_timeline = self._clock()
-        for meter in started:
+        for meter in started:  # the zero point: what each meter counted while others started
+            try:
+                zero = meter.sample(self._t0)
+            except Exception:
+                zero = {}  # read again at the first sample; that read then counts from start()
             watts = self._power(meter)
             for device in meter.devices:
                 state = self._states[device.id]
                 state.t, state.watts = self._t0, watts.get(device.id)
+                value = zero.get(device.id)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    state.joules = state.zero = float(value)
         self._unix0 = time.time()
         self._timeline.append(TimelinePoint(self._unix0, {}))
         self._started = True
@@ -470,7 +480,7 @@ class Tracker:
         totals: dict[str, float] = {}
         for state in self._states.values():
             key = state.device.component.value
-            totals[key] = totals.get(key, 0.0) + state.joules
+            totals[key] = totals.get(key, 0.0) + state.joules - state.zero
         self._timeline.append(TimelinePoint(self._unix(self._last), totals))
         if len(self._timeline) > _MAX_TIMELINE:  # halve the resolution, keep first and last
             self._timeline = self._timeline[::2] + (
@@ -485,7 +495,7 @@ class Tracker:
                 component=s.device.component.value,
                 meter=s.meter.name,
                 method=s.device.method.value,
-                joules=s.joules,
+                joules=s.joules - s.zero,
                 uncertainty=s.device.uncertainty,
                 status="failed" if s.problem else ("degraded" if s.failures else "ok"),
                 problem=s.problem,

@@ -79,6 +79,37 @@ def test_phases_are_exclusive_nested_and_sum_to_the_total() -> None:
     assert "green-mlops-sampler" in clock_meter.threads
 
 
+class SlowStartMeter(ClockedMeter):
+    """A meter whose start takes ``seconds`` of the clock (NVML's first init can take a second)."""
+
+    def __init__(self, clock: ManualClock, seconds: float, **kwargs: object) -> None:
+        super().__init__(clock, **kwargs)
+        self.seconds = seconds
+
+    def start(self) -> None:
+        super().start()
+        self.clock.advance(self.seconds)
+
+
+def test_energy_counts_from_the_trackers_zero_point_not_each_meters_start() -> None:
+    # the first meter counts from its own start; the second takes 2 s to start; the run's
+    # time begins after both: its energy must cover the same window as its duration
+    clock = ManualClock()
+    first = ClockedMeter(clock, name="first", device="cpu:first")
+    slow = SlowStartMeter(
+        clock, 2.0, name="slow", component=Component.RAM, device="ram:slow", watts=10.0
+    )
+    tracker = Tracker(meters=[first, slow], clock=clock).start()
+    with tracker.phase("train"):
+        clock.advance(1.0)
+    snap = tracker.stop()
+    assert snap.duration_s == pytest.approx(1.0)
+    by_device = {d.device: d.joules for d in snap.devices}
+    assert by_device["cpu:first"] == pytest.approx(100.0)  # not 300: the 2 s before the run
+    assert by_device["ram:slow"] == pytest.approx(10.0)
+    assert snap.phases["train"].joules == pytest.approx(110.0)
+
+
 def test_frequent_imprecise_phases_are_attributed_by_time() -> None:
     clock = ManualClock()
     clock_meter = ClockedMeter(clock)
@@ -257,10 +288,10 @@ def test_a_boundary_reads_only_counter_meters_and_the_rest_is_split_by_time() ->
             before = counter.samples
             tracker.exit(phase)
             assert wait_for(lambda: counter.samples > before)  # noqa: B023
-    assert estimate.samples == 0  # boundaries read the counter only
+    assert estimate.samples == 1  # the zero point at start; boundaries read the counter only
     assert "green-mlops-sampler" in counter.threads
     snap = tracker.stop()
-    assert estimate.samples == 1  # the final read
+    assert estimate.samples == 2  # and the final read
     for phase, seconds in durations.items():
         by_device = snap.phases[phase].joules_by_device
         assert by_device["cpu:package-0"] == pytest.approx(100.0 * 3 * seconds)
