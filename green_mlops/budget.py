@@ -129,15 +129,19 @@ def find_config(start: Path | None = None) -> Path | None:
     return None
 
 
-def load_config(path: Path | str | None = None, *, start: Path | None = None) -> AuditConfig:
+def load_config(
+    path: Path | str | None = None, *, start: Path | None = None, hint: str = "--config FILE"
+) -> AuditConfig:
     """The budgets of ``path``, else of :func:`find_config` from ``start``. Raises
-    :class:`BudgetConfigError` (a :class:`~green_mlops.config.ConfigError`)."""
+    :class:`BudgetConfigError` (a :class:`~green_mlops.config.ConfigError`); where no file is
+    found, its message ends "or pass ``hint``": how the caller names one (the CLI's flag, an
+    argument)."""
     chosen = Path(path) if path is not None else find_config(start)
     if chosen is None:
         where = (start or Path.cwd()).resolve()
         raise ConfigError(
             f"no {CONFIG_FILE} (or pyproject.toml with [tool.green-mlops]) in {where} or a "
-            f"directory above it: create {CONFIG_FILE}, e.g.\n{_EXAMPLE}\nor pass --config FILE"
+            f"directory above it: create {CONFIG_FILE}, e.g.\n{_EXAMPLE}\nor pass {hint}"
         )
     try:
         text = chosen.read_text(encoding="utf-8")

@@ -236,3 +236,57 @@ def test_a_forecast_that_fails_does_not_turn_the_guard_off(
     tr = trainer(tmp_path, [monitor(), guard, es], max_epochs=20)
     tr.fit(Classifier(), loader(), loader())
     assert 1 <= tr.current_epoch < 10 and guard.exceeded is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"checkpoint": 123},
+            r"checkpoint=123\) is not valid: expected a path \(str or os.PathLike\)",
+        ),
+        ({"checkpoint": ""}, r"checkpoint=''\) is not valid: expected a path"),
+        ({"config": 3.5}, r"config=3.5\) is not valid: expected a path \(str or os.PathLike\)"),
+        ({"budget": 5}, r"budget=5\) is not valid: expected the name of a \[\[budget\]\]"),
+        ({"budget": " "}, r"budget=' '\) is not valid: expected the name"),
+        ({"tracking_uri": 42}, r"tracking_uri=42\) is not valid: expected an MLflow tracking"),
+        (
+            {"budget": "team", "used": {"energy_kwh": -1.0}},
+            r"used=\{'energy_kwh': -1.0\}\) is not valid: expected finite numbers >= 0",
+        ),
+        (
+            {"budget": "team", "used": {"co2e_g": float("nan")}},
+            r"used=\{'co2e_g': nan\}\) is not valid: expected finite numbers >= 0",
+        ),
+        (
+            {"budget": "team", "used": {"cost": True}},
+            r"used=\{'cost': True\}\) is not valid: expected finite numbers >= 0",
+        ),
+        (
+            {"budget": "team", "used": [("energy_kwh", 1.0)]},
+            r"used=\[\('energy_kwh', 1.0\)\]\) is not valid: expected a mapping",
+        ),
+    ],
+)
+def test_bad_paths_names_and_used_fail_at_construction_not_mid_fit(
+    kwargs: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    # a user's typo must not wait for the stop (mid-fit) to fail; the config file is valid
+    config = tmp_path / "green-mlops.toml"
+    config.write_text(
+        '[[budget]]\nname = "team"\nexperiments = ["*"]\nperiod = "run"\nenergy_kwh = 1\n'
+    )
+    given = {"config": config, **kwargs} if "budget" in kwargs else {"energy_kwh": 1.0, **kwargs}
+    with pytest.raises(Misconfiguration, match=message):
+        EnergyBudget(**given)
+
+
+def test_a_missing_config_file_names_the_argument_to_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no green-mlops.toml here or above
+    with pytest.raises(Misconfiguration) as caught:
+        EnergyBudget(budget="team")
+    said = str(caught.value)
+    assert "no green-mlops.toml" in said and "EnergyBudget(config=" in said, said
+    assert "--config" not in said  # a CLI flag means nothing to a Python caller

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
@@ -60,6 +59,50 @@ def _positive(name: str, value: Any) -> float | None:
             f"{LIMITS[name]}"
         )
     return float(value)
+
+
+def _path(name: str, value: Any) -> str | None:
+    """A path argument (None: the default), refused now rather than when it is used."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise Misconfiguration(
+            f"EnergyBudget({name}={value!r}) is not valid: expected a path (str or os.PathLike), "
+            f"e.g. {name}={_EXAMPLE_PATHS[name]!r}"
+        )
+    return str(os.fspath(value))
+
+
+_EXAMPLE_PATHS = {"checkpoint": "checkpoints/budget-stop.ckpt", "config": "green-mlops.toml"}
+
+
+def _check_kinds(budget: Any, tracking_uri: Any, used: Any) -> None:
+    """The named budget's arguments: a name, a tracking URI, what its period used."""
+    if budget is not None and (not isinstance(budget, str) or not budget.strip()):
+        raise Misconfiguration(
+            f"EnergyBudget(budget={budget!r}) is not valid: expected the name of a [[budget]] "
+            "of green-mlops.toml (a non-empty str), e.g. budget='vision-q4'"
+        )
+    if tracking_uri is not None and (not isinstance(tracking_uri, str) or not tracking_uri):
+        raise Misconfiguration(
+            f"EnergyBudget(tracking_uri={tracking_uri!r}) is not valid: expected an MLflow "
+            "tracking URI (a non-empty str), e.g. tracking_uri='http://127.0.0.1:5000'"
+        )
+    if used is None:
+        return
+    if not isinstance(used, Mapping):
+        raise Misconfiguration(
+            f"EnergyBudget(used={used!r}) is not valid: expected a mapping of what the budget's "
+            "period already used, e.g. used={'energy_kwh': 12.5, 'co2e_g': 4000}"
+        )
+    if not all(
+        not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+        for v in used.values()
+    ):
+        raise Misconfiguration(
+            f"EnergyBudget(used={dict(used)!r}) is not valid: expected finite numbers >= 0 "
+            "(kWh, g CO2e, cost already spent), e.g. used={'energy_kwh': 12.5}"
+        )
 
 
 class EnergyBudget(Callback):
@@ -117,6 +160,9 @@ class EnergyBudget(Callback):
                 f"EnergyBudget(on={on!r}) is not valid: expected 'measured' or 'forecast' "
                 "(the forecast's low end)"
             )
+        checkpoint_path = _path("checkpoint", checkpoint)
+        config_path = _path("config", config)
+        _check_kinds(budget, tracking_uri, used)
         given = {"energy_kwh": energy_kwh, "co2e_g": co2e_g, "cost": cost}
         limits = {
             k: v for k, v in ((k, _positive(k, v)) for k, v in given.items()) if v is not None
@@ -124,7 +170,7 @@ class EnergyBudget(Callback):
         self.budget_name = budget
         self.notes: list[str] = []
         if budget is not None:
-            for key, value in self._named(budget, config, tracking_uri, used).items():
+            for key, value in self._named(budget, config_path, tracking_uri, used).items():
                 limits[key] = min(limits.get(key, math.inf), value)
         elif used is not None:
             raise Misconfiguration(
@@ -139,7 +185,7 @@ class EnergyBudget(Callback):
         self.limits = limits
         self.action, self.on = action, on
         self.checkpoint: str | None = None
-        self._checkpoint_path = None if checkpoint is None else str(checkpoint)
+        self._checkpoint_path = checkpoint_path
         self.exceeded: str | None = None
         self._no_forecast_said = False
         self._basis = "measured totals"
@@ -147,7 +193,7 @@ class EnergyBudget(Callback):
     def _named(
         self,
         name: str,
-        config: str | os.PathLike[str] | None,
+        config: str | None,
         tracking_uri: str | None,
         used: Mapping[str, float] | None,
     ) -> dict[str, float]:
@@ -156,7 +202,7 @@ class EnergyBudget(Callback):
         from green_mlops.config import ConfigError
 
         try:
-            loaded = load_config(None if config is None else Path(config))
+            loaded = load_config(config, hint="EnergyBudget(config='path/to/green-mlops.toml')")
         except ConfigError as exc:
             raise Misconfiguration(f"EnergyBudget(budget={name!r}): {exc}") from None
         found = {b.name: b for b in loaded.budgets}
