@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from dataclasses import astuple, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from green_mlops.cost_models import FLOOR, MIN_SEGMENTS, WARMUP_RATIO, Fit, fit, steady
 from green_mlops.units import J_PER_KWH
@@ -198,6 +198,19 @@ class Forecaster:
         self._segments.append(segment)
         if len(self._segments) > MAX_SEGMENTS:
             self._merge()
+
+    def state(self) -> dict[str, Any]:
+        """What :meth:`restore` continues from (plain data, for a checkpoint)."""
+        return {
+            "marks": [None if m is None else list(astuple(m)) for m in (self._first, self._last)],
+            "segments": [list(astuple(s)) for s in self._segments],
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state` (a resumed loop: its totals continue the same way)."""
+        first, last = (None if m is None else Mark(*m) for m in state.get("marks", (None, None)))
+        self._first, self._last = first, last
+        self._segments = [_Segment(*s) for s in state.get("segments", ())]
 
     def _merge(self) -> None:
         """Halve the resolution: the first segment (warm-up) apart, the rest merged in pairs."""

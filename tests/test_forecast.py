@@ -240,7 +240,7 @@ from typing import Any  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback, EarlyStopping  # noqa: E402
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint  # noqa: E402
 
 from green_mlops.integrations.lightning.forecasting import plan_of  # noqa: E402
 from tests.test_energy_monitor import IN, Classifier, last, loader, monitor, rows, trainer  # noqa: E402
@@ -544,3 +544,40 @@ def test_the_low_end_counts_early_stoppings_check_of_this_epoch_still_to_come(
     assert tr.global_step == 12  # 3 steps per epoch: the best at epoch 1, 3 more checks
     lows = [plan.min_steps for _, plan in seen.plans if plan is not None]
     assert lows == [12.0, 12.0, 12.0, 12.0]  # the fit's end, at every epoch's end
+
+
+class StopAfter(Callback):
+    """Ends the fit after ``epochs`` epochs (a preempted job), its last checkpoint saved."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+@LIGHTNING_WARNINGS
+def test_a_resumed_fit_keeps_its_forecasts_and_reports_their_errors_over_the_whole_fit(
+    tmp_path: Path,
+) -> None:
+    # a 16-epoch fit preempted after 6 epochs and resumed from its last checkpoint: the
+    # forecasts made by 10 % and 25 % of the fit were made before the checkpoint
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = trainer(
+        tmp_path, [monitor(), ckpt, StopAfter(6)], max_epochs=16, enable_checkpointing=True
+    )
+    first.fit(Classifier(), loader(), loader())
+    before = [r for r in rows(first) if "green/forecast/energy_kwh" in r]
+    assert before[-1]["step"] == 6 * 4
+    second = trainer(tmp_path, [monitor()], max_epochs=16, enable_checkpointing=True)
+    second.fit(Classifier(), loader(), loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert second.global_step == 16 * 4
+    table = rows(second)
+    final = [r["green/energy_kwh"] for r in table if "green/energy_kwh" in r][-1]
+    errors = {k: v for r in table for k, v in r.items() if "error_at" in k}
+    assert set(errors) == {f"green/forecast/error_at_{p}pct" for p in (10, 25, 50)}
+    for p in (10, 25):  # the first fit's own forecasts, made by then
+        made = [r["green/forecast/energy_kwh"] for r in before if r["step"] <= p / 100 * 64]
+        assert errors[f"green/forecast/error_at_{p}pct"] == pytest.approx(made[-1] / final - 1)
+    assert "no forecast yet" not in json_tags(second)["green.forecast"]

@@ -230,6 +230,7 @@ class EnergyMonitor(Callback):
             "totals": dict(self._totals.latest or self._totals.base),
             **self._quality.state_dict(),
             "flop_methods": sorted(self._flop_methods),
+            **({"forecast": self.forecast.state_dict()} if self.forecast else {}),
         }
 
     @override
@@ -246,6 +247,8 @@ class EnergyMonitor(Callback):
         self._epoch_mark = dict(self._totals.base)
         self._quality.load_state_dict(state_dict)
         self._flop_methods |= {str(m) for m in state_dict.get("flop_methods", ())}
+        if self.forecast is not None:
+            self.forecast.load_state_dict(state_dict.get("forecast", {}))
 
     # -- stage lifecycle -------------------------------------------------------------------
 

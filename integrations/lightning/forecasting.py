@@ -180,6 +180,23 @@ class FitForecast:
         self._trajectory: dict[int, list[float]] = {}  # EarlyStopping's index -> its values
         self._recorded = 0  # validation runs whose EarlyStopping metrics were recorded
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a fit resumed from a checkpoint continues from (its marks and forecasts)."""
+        return {
+            "forecaster": self.forecaster.state(),
+            "history": [list(h) for h in self._history],
+            "validations": self._validations,
+            "trajectory": {str(i): list(v) for i, v in self._trajectory.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the fit's forecast: its errors at 10 %, 25 % and 50 % of the whole fit
+        count the forecasts made before the checkpoint."""
+        self.forecaster.restore(state.get("forecaster", {}))
+        self._history = [(float(s), float(j)) for s, j in state.get("history", ())]
+        self._validations = self._recorded = int(state.get("validations", 0))
+        self._trajectory = {int(i): list(v) for i, v in state.get("trajectory", {}).items()}
+
     def validated(self) -> None:
         """A validation run ended (not the sanity check)."""
         self._validations += 1
