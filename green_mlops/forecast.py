@@ -424,10 +424,14 @@ def price(
             grams += rest_j * gap * current_g_per_kwh
         out[name] = spent_g + grams / J_PER_KWH
         if name == "co2e_g":
-            sources = ", ".join(sorted({p.series.describe() for p in pieces})) or "no series"
-            basis = f"remaining time: {100 * (1 - gap):.0f} % priced by {sources}"
-            if gap > 1e-9:
-                basis += f", the rest at the current {current_g_per_kwh:g} g/kWh"
+            sources = ", ".join(sorted({p.series.describe() for p in pieces}))
+            current = f"the current {current_g_per_kwh:g} g/kWh"
+            if not sources:  # no series covers the remaining time
+                basis = f"remaining time priced at {current} (no intensity series covers it)"
+            else:
+                basis = f"remaining time: {100 * (1 - gap):.0f} % priced by {sources}"
+                if gap > 1e-9:
+                    basis += f", the rest at {current}"
     return replace(
         forecast,
         carbon_basis=basis,

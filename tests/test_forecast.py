@@ -186,6 +186,12 @@ def test_the_remaining_time_is_priced_by_the_intensity_forecast_else_the_current
     assert priced.metrics()["green/forecast/co2e_g"] == priced.co2e_g
     # nothing to price the uncovered half with: no carbon figure rather than a wrong one
     assert price(forecast, spent_g=5.0, now=now, chain=[_series(half, "fc")]).co2e_g is None
+    # no series at all (a static intensity): the basis says so, not "0 % priced by no series"
+    flat = price(forecast, spent_g=5.0, now=now, chain=[], current_g_per_kwh=300.0)
+    assert flat.co2e_g == pytest.approx(5.0 + rest_j / 3.6e6 * 300)
+    assert flat.carbon_basis == (
+        "remaining time priced at the current 300 g/kWh (no intensity series covers it)"
+    )
 
 
 class SteppedMeter(ClockMeter):
