@@ -441,10 +441,24 @@ def price(
     )
 
 
-def tracker_forecast(
-    forecaster: Forecaster, snapshot: Snapshot, progress: float, max_duration_s: float | None
-) -> Forecast | None:
-    """:meth:`green_mlops.tracker.Tracker.forecast`: ``progress`` is the fraction done (0, 1]."""
+def price_run(
+    forecast: Forecast, metrics: Mapping[str, float], chain: Sequence[Any], now: float
+) -> Forecast:
+    """:func:`price` with what a run's ``metrics`` say so far: its carbon, the current
+    intensity and the facility's overhead (facility kWh per IT kWh; 1 without a PUE)."""
+    it, facility = metrics.get("green/energy_kwh", 0.0), metrics.get("green/energy_facility_kwh")
+    return price(
+        forecast,
+        spent_g=metrics.get("green/co2e_g"),
+        now=now,
+        chain=chain,
+        current_g_per_kwh=metrics.get("green/intensity_g_per_kwh"),
+        pue=facility / it if facility and it > 0 else 1.0,
+    )
+
+
+def check_request(progress: object, max_duration_s: object) -> None:
+    """Raise ValueError unless ``progress`` is in (0, 1] and ``max_duration_s`` None or > 0."""
     if (
         isinstance(progress, bool)
         or not isinstance(progress, (int, float))
@@ -454,10 +468,19 @@ def tracker_forecast(
             f"forecast(progress={progress!r}) is not valid: expected the fraction of the loop "
             "done, a number in (0, 1], e.g. step / total_steps"
         )
-    if max_duration_s is not None and not max_duration_s > 0:
+    if max_duration_s is not None and not (
+        isinstance(max_duration_s, (int, float)) and max_duration_s > 0
+    ):
         raise ValueError(
             f"forecast(max_duration_s={max_duration_s!r}) is not valid: expected seconds > 0"
         )
+
+
+def tracker_forecast(
+    forecaster: Forecaster, snapshot: Snapshot, progress: float, max_duration_s: float | None
+) -> Forecast | None:
+    """:meth:`green_mlops.tracker.Tracker.forecast`: ``progress`` is the fraction done (0, 1]."""
+    check_request(progress, max_duration_s)
     if forecaster.last is None:  # the tracker's start: its first steps may be warm-up
         forecaster.add(Mark(0.0, 0.0, 0.0))
     forecaster.add(mark_from_snapshot(snapshot, float(progress)))

@@ -155,6 +155,27 @@ class Measurement:
     def phase(self, name: str, *, precise: bool = True) -> Any:
         return self.tracker.phase(name, precise=precise)
 
+    def intensity_chain(self) -> list[Any]:
+        """The intensity series the run is priced with, most preferred first (its providers'
+        forecasts included); empty without carbon accounting."""
+        try:
+            return list(self._accountant.chain) if self._accountant is not None else []
+        except Exception:
+            return []
+
+    def forecast(self, progress: float, *, max_duration_s: float | None = None) -> Any:
+        """:meth:`Tracker.forecast <green_mlops.tracker.Tracker.forecast>`, priced as the run
+        is (its carbon so far, its intensity series, else the current value): a
+        :class:`~green_mlops.forecast.Forecast`, or None before a steady state (said once).
+        Reads the meters and composes the result: call it every few hundred steps, not per
+        step. Raises ValueError for a ``progress`` outside (0, 1]."""
+        from green_mlops.forecast import price_run
+
+        found = self.tracker.forecast(progress, max_duration_s=max_duration_s)
+        if found is None:
+            return None
+        return price_run(found, self.result().metrics, self.intensity_chain(), time.time())
+
     def add_child(self, child: Result) -> None:
         """Subtract a nested run's totals from ours (it reports them itself)."""
         self.subtract(child.metrics)

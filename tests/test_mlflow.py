@@ -1219,3 +1219,51 @@ def test_energy_monitor_writes_mlflow_through_the_writer_with_the_seconds_steps(
     assert steps[-1] >= int(seconds) - 1, steps  # the test stage continues the fit's seconds
     artifacts = {a.path for a in client.list_artifacts(logger.run_id, "green")}
     assert artifacts == {"green/report.json", "green/report.html", "green/power.png"}
+
+
+def test_a_loop_under_the_plugin_gets_its_forecast_logged_to_its_run(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    # an MLflow-only loop with a known step budget asks for the forecast as it goes
+    code = f"""
+        import json, time, warnings, mlflow
+        from green_mlops.integrations import mlflow as gm
+        mlflow.set_experiment("{experiment()}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outside = gm.forecast(0.5)  # no active run: None, said once
+        said = [str(w.message) for w in caught]
+        try:
+            gm.forecast(0)
+            refused = ""
+        except ValueError as exc:
+            refused = str(exc)
+        found = []
+        with mlflow.start_run() as run:
+            for step in range(1, 41):
+                x = sum(i * i for i in range(20000))  # a steady step
+                time.sleep(0.02)
+                if step % 4 == 0:
+                    f = gm.forecast(step / 40, step=step)
+                    if f is not None:
+                        found.append([step, f.energy_j, f.low_j, f.high_j, f.co2e_g])
+        print(json.dumps({{"run_id": run.info.run_id, "outside": outside, "said": said,
+                           "refused": refused, "found": found}}))
+    """
+    out = run_script(code, tmp_path, mlflow_server, GREEN_MLOPS_ENABLE="1")
+    assert out["_returncode"] == 0, out["_stderr"]
+    assert out["outside"] is None
+    assert any("no active MLflow run is not measured" in s for s in out["said"]), out["said"]
+    assert "forecast(progress=0) is not valid" in out["refused"]
+    found = out["found"]
+    assert len(found) >= 5  # from the steady state on, at every 4th step
+    client = MlflowClient(mlflow_server.url)
+    history = client.get_metric_history(out["run_id"], "green/forecast/energy_kwh")
+    assert sorted(m.step for m in history) == [f[0] for f in found]  # at the loop's steps
+    for m, (_, energy_j, low_j, high_j, co2e_g) in zip(
+        sorted(history, key=lambda m: m.step), found, strict=True
+    ):
+        assert m.value == pytest.approx(energy_j / 3.6e6)
+        assert low_j <= energy_j <= high_j and co2e_g > 0
+    final = green_metrics(client, out["run_id"])["green/energy_kwh"]
+    assert found[-1][1] / 3.6e6 == pytest.approx(final, rel=0.2)  # at 100 %: what it used

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from green_mlops.forecast import Forecast, Forecaster, Mark, Plan, price
+from green_mlops.forecast import Forecast, Forecaster, Mark, Plan, price_run
 from green_mlops.log import warn_once
 from green_mlops.units import J_PER_KWH
 
@@ -266,14 +266,8 @@ class FitForecast:
                 why = self.forecaster.reason if plan is not None else "the fit has no step limit"
                 log.info("green-mlops: no forecast of the fit yet: %s", why)
             return {}
-        found = price(
-            found,
-            spent_g=metrics.get("green/co2e_g"),
-            now=time.time(),
-            chain=_chain(measurement),
-            current_g_per_kwh=metrics.get("green/intensity_g_per_kwh"),
-            pue=_pue(metrics),
-        )
+        chain = measurement.intensity_chain() if measurement is not None else []
+        found = price_run(found, metrics, chain, time.time())
         self.latest = found
         self._history.append((steps, found.energy_j))
         return found.metrics()
@@ -335,18 +329,3 @@ class FitForecast:
         if missing:
             text += f"; no forecast yet at {', '.join(missing)} of the fit (no error there)"
         return {"green.forecast": text}
-
-
-def _chain(measurement: Measurement | None) -> list[Any]:
-    """The intensity series the run is priced with (its providers' forecasts included)."""
-    accountant = getattr(measurement, "_accountant", None)
-    try:
-        return list(accountant.chain) if accountant is not None else []
-    except Exception:
-        return []
-
-
-def _pue(metrics: Mapping[str, float]) -> float:
-    """Facility energy per IT kWh so far (the run's carbon is priced on the facility's)."""
-    it, facility = metrics.get("green/energy_kwh", 0.0), metrics.get("green/energy_facility_kwh")
-    return facility / it if facility and it > 0 else 1.0

@@ -15,13 +15,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["autolog", "autolog_from_env", "disable", "flush", "replay_spool", "tracked_runs"]
+__all__ = [
+    "autolog",
+    "autolog_from_env",
+    "disable",
+    "flush",
+    "forecast",
+    "replay_spool",
+    "tracked_runs",
+]
 
 _LAZY = {
     "autolog": "plugin",
     "autolog_from_env": "plugin",
     "disable": "plugin",
     "flush": "plugin",
+    "forecast": "plugin",
     "tracked_runs": "plugin",
     "replay_spool": "writer",
 }
@@ -32,6 +41,7 @@ if TYPE_CHECKING:
         autolog_from_env,
         disable,
         flush,
+        forecast,
         tracked_runs,
     )
     from green_mlops.integrations.mlflow.writer import replay_spool

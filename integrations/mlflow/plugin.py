@@ -149,6 +149,44 @@ def tracked_runs() -> list[str]:
         return list(_state.runs)
 
 
+def forecast(
+    progress: float,
+    *,
+    run_id: str | None = None,
+    step: int | None = None,
+    max_duration_s: float | None = None,
+) -> Any:
+    """The measured run's totals when ``progress`` (0, 1] of its loop is done (e.g.
+    ``step / total_steps``): a :class:`~green_mlops.forecast.Forecast` of its energy, duration
+    and carbon with a band (docs/forecasts.md), also logged to the run as ``green/forecast/*``
+    at ``step`` (default: the run's seconds, as its totals). The run: ``run_id``, else the
+    active MLflow run. None before a steady state, or when that run is not measured (both
+    said once). Call it every few hundred steps, not per step. Raises ValueError for a
+    ``progress`` outside (0, 1]."""
+    from green_mlops.forecast import check_request
+
+    check_request(progress, max_duration_s)
+    if run_id is None:
+        import mlflow
+
+        active = mlflow.active_run()
+        run_id = active.info.run_id if active is not None else None
+    with _state.lock:
+        run = _state.runs.get(run_id) if run_id is not None else None
+    if run is None:
+        what = f"run {run_id}" if run_id is not None else "no active MLflow run"
+        warn_once(
+            f"forecast(): {what} is not measured by green-mlops: start it with "
+            "GREEN_MLOPS_ENABLE=1 (or autolog()) and call forecast() inside it",
+            fix=True,
+        )
+        return None
+    found = run.measurement.forecast(progress, max_duration_s=max_duration_s)
+    if found is not None:
+        run.writer.series(found.metrics(), int(found.elapsed_s) if step is None else step)
+    return found
+
+
 def flush(timeout: float = UPLOAD_WAIT_S) -> bool:
     """Wait (at most ``timeout`` s) for the reports and charts of ended runs to be sent.
     Returns whether all were. Done for you at interpreter exit."""
