@@ -290,3 +290,50 @@ def test_a_missing_config_file_names_the_argument_to_pass(
     said = str(caught.value)
     assert "no green-mlops.toml" in said and "EnergyBudget(config=" in said, said
     assert "--config" not in said  # a CLI flag means nothing to a Python caller
+
+
+def budget_said(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, GreenMlopsWarning) and "budget" in str(w.message)
+    ]
+
+
+@pytest.mark.parametrize("on", ["measured", "forecast"])
+def test_a_fit_resumed_over_budget_stops_before_training_a_batch(
+    tmp_path: Path, epoch_kwh: float, on: str
+) -> None:
+    # a user resumes a fit that EnergyBudget stopped, with the same budget: it is still spent
+    stop = tmp_path / "stop.ckpt"
+    limit = (2.5 if on == "measured" else 8) * epoch_kwh  # 8: the forecast test's budget
+    first = trainer(
+        tmp_path / "first",
+        [monitor(), EnergyBudget(energy_kwh=limit, action="stop", on=on, checkpoint=stop)],
+        max_epochs=12,
+    )
+    first.fit(Classifier(), loader(), loader())
+    stopped_at, saved = first.global_step, stop.read_bytes()
+    assert 0 < stopped_at < 8 * 4
+    guard = EnergyBudget(energy_kwh=limit, action="stop", on=on, checkpoint=stop)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = trainer(tmp_path / "again", [guard, monitor()], max_epochs=12)
+        again.fit(Classifier(), loader(), loader(), ckpt_path=stop)
+    assert again.global_step == stopped_at  # not one batch more
+    assert stop.read_bytes() == saved  # still the checkpoint it stopped at, not a later one
+    assert guard.checkpoint == str(stop)  # where to resume from
+    said = budget_said(caught)
+    assert len(said) == 1, said
+    assert "resumed" in said[0] and str(stop) in said[0] and "raise" in said[0], said
+    assert "the resumed fit's start" in report_tags(again)["green.budget.exceeded"]
+    # with a raised limit the resumed fit runs on, from the checkpoint's totals: measured, to
+    # the new limit; on the forecast, to its end (12 epochs, within 16 epochs' energy)
+    raised = EnergyBudget(energy_kwh=2 * limit, action="stop", on=on)
+    more = trainer(tmp_path / "more", [monitor(), raised], max_epochs=12)
+    more.fit(Classifier(), loader(), loader(), ckpt_path=stop)
+    assert final_kwh(rows(more)) > limit
+    if on == "measured":
+        assert stopped_at < more.global_step < 12 * 4 and raised.exceeded is not None
+    else:
+        assert more.global_step == 12 * 4 and raised.exceeded is None

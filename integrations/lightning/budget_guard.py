@@ -189,6 +189,14 @@ class EnergyBudget(Callback):
         self.exceeded: str | None = None
         self._no_forecast_said = False
         self._basis = "measured totals"
+        self._basis_now = "measured"
+        self._save_failed = ""
+        #: The EnergyMonitor whose totals are checked (found in ``setup``).
+        self._monitor: Any = None
+        #: The last check on the forecast (checkpointed); a resumed fit's checkpoint state.
+        self._last: dict[str, Any] = {}
+        self._carried: dict[str, Any] = {}
+        self._carried_low: dict[str, float] = {}
 
     def _named(
         self,
@@ -270,8 +278,55 @@ class EnergyBudget(Callback):
                 "EnergyBudget needs an EnergyMonitor among the callbacks (it reads its totals "
                 "and forecast): Trainer(callbacks=[EnergyMonitor(), EnergyBudget(...)])"
             )
+        self._monitor = monitor
         if self not in monitor.guards:
             monitor.guards.append(self)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(budget=self.budget_name, on=self.on)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed fit needs: the last forecast's low end and the plan it was made for
+        (the measured totals are the EnergyMonitor's), and what the fit stopped on."""
+        return {"version": 1, **self._last, "exceeded": self.exceeded}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._carried = dict(state_dict)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The check at the fit's start: a fit resumed while its budget is still spent stops
+        before training a batch (every rank: rank 0 decides)."""
+        try:
+            self._start(trainer)
+        except Exception as exc:  # never into training: the progress marks still guard it
+            log.warning("green-mlops: EnergyBudget's check at the fit's start failed: %s", exc)
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        monitor = self._monitor
+        totals: Mapping[str, float] = {}
+        try:
+            totals = monitor.state_dict()["totals"] if monitor is not None else {}
+        except Exception as exc:  # the checks at the progress marks still guard the fit
+            log.warning("green-mlops: EnergyBudget could not read the totals: %s", exc)
+        plan = self._plan(trainer)
+        low = self._carried.get("forecast_low") or {}
+        if self.on == "forecast" and low and self._carried.get("plan") == plan:
+            self._carried_low = {str(k): float(v) for k, v in low.items()}
+        resumed = trainer.ckpt_path is not None
+        if resumed and self._carried.get("exceeded"):
+            self.notes.append(f"resumed from a budget stop ({self._carried['exceeded']})")
+        decided = self._decide(trainer, self._values(totals, None), start=True, resumed=resumed)
+        if decided and trainer.global_rank == 0:  # no progress mark follows: logged here
+            for logger in trainer.loggers:
+                try:
+                    logger.log_metrics({"green/budget/exceeded": 1.0}, trainer.global_step)
+                except Exception as exc:
+                    log.warning("green-mlops: EnergyBudget could not log: %s", exc)
 
     def check(
         self, trainer: pl.Trainer, metrics: Mapping[str, float], forecast: Forecast | None
@@ -280,45 +335,104 @@ class EnergyBudget(Callback):
         values = self._values(metrics, forecast)
         shares = [values[k] / v for k, v in self.limits.items() if k in values and v > 0]
         fraction = max(shares, default=0.0)  # a spent budget (limit 0) passes at once, no share
-        basis = "forecast low end" if forecast is not None and self.on == "forecast" else "measured"
+        out = {"green/budget/fraction": fraction}
+        if self._decide(trainer, values, start=False, resumed=False):
+            out["green/budget/exceeded"] = 1.0
+        return out
+
+    def _decide(
+        self, trainer: pl.Trainer, values: Mapping[str, float], *, start: bool, resumed: bool
+    ) -> bool:
+        """Acts (warns, or stops) when a limit is passed, the first time; a collective."""
+        basis = self._basis_now
+        if self.on == "forecast" and basis != "measured":
+            self._last = {"forecast_low": dict(values), "plan": self._plan(trainer)}
         over = [
-            f"{k} {basis} {values[k]:.4g} > {v:.4g}"
+            f"{k} {basis} {values.get(k, 0.0):.4g} > {v:.4g}"
+            if v > 0
+            else f"{k}: nothing left (the budget's period used it all)"
             for k, v in self.limits.items()
-            if k in values and values[k] > v
+            if values.get(k, 0.0) > v or v == 0
         ]
         decided = bool(over) and self.exceeded is None
         if trainer.world_size > 1:
             decided = bool(trainer.strategy.broadcast(decided, src=0))
-        out = {"green/budget/fraction": fraction}
         if not decided:
-            return out
-        self.exceeded = f"{'; '.join(over) or 'on rank 0'} at step {trainer.global_step}"
-        out["green/budget/exceeded"] = 1.0
+            return False
+        if start and resumed:
+            where = f"at the resumed fit's start (step {trainer.global_step}): no batch trained"
+        else:
+            where = f"at step {trainer.global_step}"
+        self.exceeded = f"{'; '.join(over) or 'on rank 0'} {where}"
         what = f"budget passed: {self.exceeded}" + (
             f" (budget {self.budget_name!r})" if self.budget_name else ""
         )
-        if self.action == "stop":
-            folder = trainer.log_dir or trainer.default_root_dir
-            path = self._checkpoint_path or os.path.join(folder, "green-budget-stop.ckpt")
-            trainer.should_stop = True  # first: a checkpoint that fails must not keep it going
-            try:
-                trainer.save_checkpoint(path)  # every rank: the strategy writes once
-                self.checkpoint = path
-                what += f"; the fit stops, resume from {path}"
-            except Exception as exc:
-                if trainer.world_size > 1:  # the ranks that wrote nothing wait at its barrier
-                    trainer.strategy.barrier("EnergyBudget.save_checkpoint")
-                what += f"; the fit stops, its checkpoint could not be saved to {path} ({exc})"
-                self.exceeded += f"; the stop checkpoint could not be saved ({type(exc).__name__})"
+        if self.action == "stop" and start and resumed:  # nothing trained: nothing to save
+            trainer.should_stop = True
+            self.checkpoint = str(trainer.ckpt_path)
+            what += (
+                f"; the fit stops, its checkpoint is still {self.checkpoint}: to go on, resume "
+                f"from it with a raised limit ({self._how_to_raise()}) or another budget"
+            )
+        elif self.action == "stop":
+            self._stop(trainer)
+            what += (
+                f"; the fit stops, resume from {self.checkpoint}"
+                if self.checkpoint
+                else f"; the fit stops, {self._save_failed}"
+            )
+        elif start and resumed:
+            what += f"; the resumed fit runs on (action='warn'): raise {self._how_to_raise()}"
         if trainer.global_rank == 0:
             warn_user(f"EnergyBudget: {what}")
         log.warning("green-mlops: EnergyBudget: %s", what)
-        return out
+        return True
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        """Stops the fit, with a checkpoint to resume from (if it can be saved)."""
+        folder = trainer.log_dir or trainer.default_root_dir
+        path = self._checkpoint_path or os.path.join(folder, "green-budget-stop.ckpt")
+        trainer.should_stop = True  # first: a checkpoint that fails must not keep it going
+        try:
+            trainer.save_checkpoint(path)  # every rank: the strategy writes once
+            self.checkpoint = path
+        except Exception as exc:
+            if trainer.world_size > 1:  # the ranks that wrote nothing wait at its barrier
+                trainer.strategy.barrier("EnergyBudget.save_checkpoint")
+            self._save_failed = f"its checkpoint could not be saved to {path} ({exc})"
+            self.exceeded = (
+                f"{self.exceeded}; the stop checkpoint could not be saved ({type(exc).__name__})"
+            )
+
+    def _how_to_raise(self) -> str:
+        if self.budget_name:
+            return f"the limits of [[budget]] {self.budget_name!r} in green-mlops.toml"
+        return "EnergyBudget(" + ", ".join(f"{k}=..." for k in self.limits) + ")"
+
+    @staticmethod
+    def _plan(trainer: pl.Trainer) -> list[str]:
+        """What the fit's forecast is a forecast of (the Trainer's limits)."""
+        return [
+            repr(getattr(trainer, name, None))
+            for name in (
+                "max_epochs",
+                "max_steps",
+                "limit_train_batches",
+                "accumulate_grad_batches",
+            )
+        ]
 
     def _values(self, metrics: Mapping[str, float], forecast: Forecast | None) -> dict[str, float]:
         measured = {k: metrics[f"green/{k}"] for k in LIMITS if f"green/{k}" in metrics}
+        self._basis_now = "measured"
         if self.on != "forecast":
             return measured
+        if forecast is None and self._carried_low:  # a resumed fit: the checkpoint's forecast
+            self._basis = self._basis_now = "forecast low end (the checkpoint's)"
+            return {
+                **measured,
+                **{k: max(v, measured.get(k, v)) for k, v in self._carried_low.items()},
+            }
         if forecast is None:
             if not self._no_forecast_said:
                 self._no_forecast_said = True
@@ -328,7 +442,9 @@ class EnergyBudget(Callback):
                     "measured totals are checked until there is one"
                 )
             return measured
+        self._carried_low = {}
         self._basis = "the forecast's low end"
+        self._basis_now = "forecast low end"
         low_kwh = forecast.low_j / J_PER_KWH
         values = dict(measured)
         values["energy_kwh"] = low_kwh
