@@ -306,7 +306,7 @@ def test_a_fit_resumed_over_budget_stops_before_training_a_batch(
 ) -> None:
     # a user resumes a fit that EnergyBudget stopped, with the same budget: it is still spent
     stop = tmp_path / "stop.ckpt"
-    limit = (2.5 if on == "measured" else 8) * epoch_kwh  # 8: the forecast test's budget
+    limit = (2.5 if on == "measured" else 6) * epoch_kwh  # 6: well under the forecast's 10
     first = trainer(
         tmp_path / "first",
         [monitor(), EnergyBudget(energy_kwh=limit, action="stop", on=on, checkpoint=stop)],
@@ -314,7 +314,7 @@ def test_a_fit_resumed_over_budget_stops_before_training_a_batch(
     )
     first.fit(Classifier(), loader(), loader())
     stopped_at, saved = first.global_step, stop.read_bytes()
-    assert 0 < stopped_at < 8 * 4
+    assert 0 < stopped_at < 6 * 4
     guard = EnergyBudget(energy_kwh=limit, action="stop", on=on, checkpoint=stop)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -328,8 +328,8 @@ def test_a_fit_resumed_over_budget_stops_before_training_a_batch(
     assert "resumed" in said[0] and str(stop) in said[0] and "raise" in said[0], said
     assert "the resumed fit's start" in report_tags(again)["green.budget.exceeded"]
     # with a raised limit the resumed fit runs on, from the checkpoint's totals: measured, to
-    # the new limit; on the forecast, to its end (12 epochs, within 16 epochs' energy)
-    raised = EnergyBudget(energy_kwh=2 * limit, action="stop", on=on)
+    # the new limit; on the forecast, to its end (12 epochs, within 18 epochs' energy)
+    raised = EnergyBudget(energy_kwh=(2 if on == "measured" else 3) * limit, action="stop", on=on)
     more = trainer(tmp_path / "more", [monitor(), raised], max_epochs=12)
     more.fit(Classifier(), loader(), loader(), ckpt_path=stop)
     assert final_kwh(rows(more)) > limit
