@@ -48,8 +48,12 @@ class PairedComparison:
             decide "not improved" early and ``upper`` for an early "improved" (and for "not
             improved" while incumbent values are unknown); ``"max"`` the reverse. An absent
             bound disables that early decision (the full set still decides).
-        early: which decisions may be taken before the full set: ``"not_improved"`` (all of
-            ``alpha`` on that side) or ``"both"`` (``alpha`` split in halves).
+        early: which decisions may be taken before the full set: ``"not_improved"`` or
+            ``"both"``. Each side's test runs at all of ``alpha``: for any full-set gap at most
+            one of the two calls can be wrong, except with ``0 < improve_by`` and
+            ``improve_by >= 2 tolerance`` (a gap in ``[-improve_by, 0)`` makes both wrong,
+            for ModelCheckpoint or for EarlyStopping): then each side gets half
+            (:attr:`side_alpha`, :attr:`split`).
         known: how many leading incumbent values are known (default: all).
         improve_by: an early "improved" needs the candidate's mean to be better than the
             incumbent's by more than this (>= 0, in the metric's units; ``EarlyStopping``'s
@@ -148,7 +152,14 @@ class PairedComparison:
         if known < self.N and bounds:  # (without a bound nothing is decided early here)
             scale = (known * scale + (self.N - known) * max(bounds)) / self.N
         self._margin = rounding * max(scale + improve_by, np.finfo(float).tiny)
-        log_inv = math.log((2 if early == "both" else 1) / alpha)
+        # Each side may spend all of alpha where, whatever the full-set gap, at most one of
+        # the two calls can be wrong (outside the zone): improve_by 0, or < 2 tolerance
+        # (docs/betting-test.md, "Alpha spending"); otherwise (a gap in [-improve_by, 0)
+        # makes both calls wrong) each side gets half.
+        self.split = early == "both" and not (improve_by == 0 or improve_by < 2 * tolerance)
+        #: the level each side's test runs at
+        self.side_alpha = alpha / 2 if self.split else alpha
+        log_inv = math.log(1 / self.side_alpha)
         # "not improved": mean(d) >= margin - tolerance; "improved": mean(-d) > improve_by +
         # margin - tolerance (with tolerance 0: the strict thresholds)
         self.tolerance = tolerance
@@ -300,7 +311,8 @@ class PairedComparison:
     @property
     def interval(self) -> tuple[float, float]:
         """Confidence interval for ``mean(candidate) - mean(incumbent)`` over the N examples
-        (in the metric's own units and sign), valid simultaneously over time: the inverted
+        (in the metric's own units and sign), valid simultaneously over time at level
+        ``1 - 2 side_alpha`` (each bound alone at ``1 - side_alpha``): the inverted
         tests, so each bound stops at its decision threshold (near 0, or ``-improve_by``) and
         is tight only on the side the evidence points to; ``(-inf, inf)`` where no bound
         applies. Computed on demand (a few replays of the bets), not per batch."""
