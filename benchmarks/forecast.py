@@ -248,7 +248,7 @@ def run(name: str, spec: dict[str, Any], epochs: int, root: Path) -> dict[str, A
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         callbacks=[
-            EnergyMonitor(settings=SETTINGS, count_flops=False, report=False),
+            EnergyMonitor(settings=SETTINGS, report=False),  # FLOPs counted, as by default
             *spec.get("callbacks", []),
             ends,
         ],

@@ -49,6 +49,10 @@ class Fit:
     #: (a load that persists over several segments tells less than independent ones).
     independence: float = 1.0
 
+    def at(self, x: float) -> float:
+        """The cost per unit at position ``x`` (a trend held past its horizon)."""
+        return self.a + self.b * min(x, self.horizon)
+
     def total(self, x0: float, x1: float) -> float:
         """The cost integrated over ``[x0, x1)``."""
         h = max(x0, min(x1, self.horizon))

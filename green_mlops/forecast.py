@@ -84,7 +84,9 @@ class Plan:
     per training step from here (None: the rate seen so far); ``max_duration_s``: a time limit;
     ``likely_steps``: where it likely ends (the point forecast's end; None: anywhere from
     ``min_steps`` to the limit); ``validation_low``: the least a validation run may cost from
-    here, as a share of the runs seen (``AdaptiveValidation``: 0; None: like them)."""
+    here, as a share of the runs seen (``AdaptiveValidation``: 0; None: like them);
+    ``validation_steps``: before any validation run is seen, one run's cost in training steps
+    (its forward FLOPs over a training step's; None: unknown, validation is left out)."""
 
     total_steps: float
     min_steps: float | None = None
@@ -92,6 +94,7 @@ class Plan:
     max_duration_s: float | None = None
     likely_steps: float | None = None
     validation_low: float | None = None
+    validation_steps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,12 @@ class Forecaster:
         energy = fit(xs, [s.train_j / s.steps for s in kept], ws)
         seconds = fit(xs, [s.train_s / s.steps for s in kept], ws)
         runs_fit = self._validation_fits()
+        if runs_fit is None and plan.validation_steps is not None and plan.validation_steps > 0:
+            level = plan.validation_steps
+            runs_fit = (
+                _prior(level * energy.at(last.steps)),
+                _prior(level * seconds.at(last.steps)),
+            )
         per_step = plan.validations_per_step
         if per_step is None:
             done = sum(s.runs for s in kept)
@@ -340,6 +349,11 @@ class Forecaster:
             fit_e = replace(fit_e, sd=0.25 * abs(fit_e.a) * math.sqrt(2.0), n=2)
             fit_t = replace(fit_t, sd=0.25 * abs(fit_t.a) * math.sqrt(2.0), n=2)
         return fit_e, fit_t
+
+
+def _prior(cost: float) -> Fit:
+    """A validation run's cost from the FLOP ratio, none seen yet: +/-50 % (one point's band)."""
+    return Fit("from FLOPs", cost, 0.0, 0.0, 0.0, 0.5 * abs(cost) * math.sqrt(2.0), 2, 1.0)
 
 
 def _minimax(spent: float, early: float, late: float) -> float:

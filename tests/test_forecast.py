@@ -109,6 +109,27 @@ def test_validation_is_projected_per_run_apart_from_training() -> None:
     assert many.validation_model == "constant"
 
 
+def test_before_a_validation_run_is_seen_its_cost_comes_from_the_flop_ratio() -> None:
+    # no run yet (validation every 4 segments, 3 seen): a run costs 6 training steps' FLOPs;
+    # 4 runs in the 200 steps left at 10 J a step: 4 x 60 J, in a band that says little
+    forecaster, _ = feed([10.0] * 3)
+    assert forecaster.last is not None and forecaster.last.validations == 0
+    rate = 4 / 200
+    unknown = forecaster.forecast(Plan(total_steps=275, validations_per_step=rate))
+    priced = forecaster.forecast(
+        Plan(total_steps=275, validations_per_step=rate, validation_steps=6.0)
+    )
+    assert unknown is not None and priced is not None
+    assert unknown.validation_model == "none"  # left out, as before
+    assert priced.energy_j - unknown.energy_j == pytest.approx(4 * 6 * 10.0, rel=1e-6)
+    assert priced.validation_model == "from FLOPs"
+    assert priced.high_j - unknown.high_j > 4 * 60.0  # +/-50 %, one point's band: wide
+    # once a run is seen, its measured cost replaces the ratio
+    seen, _ = feed([10.0] * 4, val_j=500.0)
+    measured = seen.forecast(Plan(total_steps=300, validations_per_step=rate, validation_steps=6.0))
+    assert measured is not None and measured.validation_model == "constant"
+
+
 def test_an_earlier_possible_end_lowers_the_low_end_and_the_point_is_the_least_wrong() -> None:
     forecaster, _ = feed([10.0] * 8)
     full = forecaster.forecast(Plan(total_steps=2000))
@@ -462,9 +483,13 @@ def test_early_stoppings_likely_end_from_its_metrics_trajectory() -> None:
     assert likely_stop([5.0, 3.0, 2.0, 2.5, 3.5], patience=3, wait=2) == 1
     # getting worse at a growing rate (no minimum fitted): the best is behind
     assert likely_stop([2.0, 2.5, 3.5, 5.0], patience=3, wait=2) == 1
-    # still improving at a steady or growing rate: no end likely before the limit
-    assert likely_stop([5.0, 4.0, 3.0, 2.0], patience=3, wait=0) == math.inf
-    assert likely_stop([5.0, 4.9, 4.5, 3.0], patience=3, wait=0) == math.inf
+    # still improving at a steady or growing rate over 5 checks: no end likely before the limit
+    assert likely_stop([6.0, 5.0, 4.0, 3.0, 2.0], patience=3, wait=0) == math.inf
+    assert likely_stop([5.0, 4.95, 4.9, 4.5, 3.0], patience=3, wait=0) == math.inf
+    # ... over 3 or 4 checks, noise bends a parabola either way: no trajectory yet (a fit of
+    # the benchmark that stopped at 72 steps was forecast to run to its limit of 576)
+    assert likely_stop([5.0, 4.0, 3.0, 2.0], patience=3, wait=0) is None
+    assert likely_stop([5.0, 4.9, 4.5], patience=3, wait=0) is None
     assert likely_stop([5.0, 4.0], patience=3, wait=0) is None  # too few checks
 
 
@@ -587,3 +612,27 @@ def test_a_resumed_fit_keeps_its_forecasts_and_reports_their_errors_over_the_who
         made = [r["green/forecast/energy_kwh"] for r in before if r["step"] <= p / 100 * 64]
         assert errors[f"green/forecast/error_at_{p}pct"] == pytest.approx(made[-1] / final - 1)
     assert "no forecast yet" not in json_tags(second)["green.forecast"]
+
+
+class PlanSeen(Callback):
+    """The monitor's latest plan after each training batch (it marks every quarter epoch)."""
+
+    def __init__(self, mon: Any) -> None:
+        self.mon, self.seen = mon, []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        plan = self.mon.forecast.plan
+        self.seen.append((trainer.current_epoch, plan and plan.validation_steps))
+
+
+@LIGHTNING_WARNINGS
+def test_the_fit_prices_validation_from_flops_until_a_run_is_seen(tmp_path: Path) -> None:
+    from tests.test_energy_monitor import BATCHES, FWD, TRAIN
+
+    mon = monitor()
+    seen = PlanSeen(mon)
+    trainer(tmp_path, [mon, seen], max_epochs=2).fit(Classifier(), loader(), loader())
+    first = [v for epoch, v in seen.seen if epoch == 0 and v is not None]
+    # the sanity check's FLOPs per batch x the validation batches, over a training step's
+    assert first and all(v == pytest.approx(BATCHES * FWD / TRAIN) for v in first)
+    assert all(v is None for epoch, v in seen.seen if epoch == 1)  # a run seen: measured

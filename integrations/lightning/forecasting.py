@@ -40,8 +40,10 @@ def likely_stop(values: Sequence[float], *, patience: int, wait: int) -> float |
     :data:`TRAJECTORY_CHECKS` is its likely best check (not before the best seen, ``wait``
     checks ago), and it stops ``patience`` checks after that; without a minimum, a metric not
     improving on average (its line does not fall): ``patience - wait``; improving at a steady or
-    growing rate: ``math.inf`` (no end likely before the limit). None with fewer than 3 values
-    (no trajectory yet: the forecast's point is then the least wrong over the range)."""
+    growing rate over all :data:`TRAJECTORY_CHECKS` checks: ``math.inf`` (no end likely before
+    the limit). None with fewer than 3 values, or improving over fewer checks than that (no
+    trajectory yet: three noisy values bend either way; the forecast's point is then the least
+    wrong over the range)."""
     ys = list(values)[-TRAJECTORY_CHECKS:]
     m = len(ys)
     if m < 3:
@@ -60,7 +62,9 @@ def likely_stop(values: Sequence[float], *, patience: int, wait: int) -> float |
     a = (sxx * sx2y - sx2x * sxy) / det
     b = (sx2x2 * sxy - sx2x * sx2y) / det
     if a <= 0:  # no minimum: not improving on average (the best is behind), else improving
-        return patience - wait if sxy >= 0 else math.inf
+        if sxy >= 0:
+            return patience - wait
+        return math.inf if m >= TRAJECTORY_CHECKS else None
     best = max(float(round(-b / (2 * a))), m - 1 - wait)
     return int(best) - (m - 1) + patience
 
@@ -256,6 +260,8 @@ class FitForecast:
         if steps > 0 and self._validations:
             self._observed = self._validations / steps
         plan = plan_of(trainer, steps, self._observed, elapsed_s=elapsed, after=after)
+        if plan is not None and not self._validations:
+            plan = replace(plan, validation_steps=_validation_steps(trainer, metrics, steps))
         if plan is not None and plan.min_steps is not None:
             plan = replace(plan, likely_steps=self._likely(trainer, steps, plan, after))
         self.plan = plan
@@ -329,3 +335,19 @@ class FitForecast:
         if missing:
             text += f"; no forecast yet at {', '.join(missing)} of the fit (no error there)"
         return {"green.forecast": text}
+
+
+def _validation_steps(
+    trainer: pl.Trainer, metrics: Mapping[str, float], steps: float
+) -> float | None:
+    """A validation run's cost in training steps, by FLOPs (counted in the sanity check and
+    in training), for the forecast before a run is seen; None where they are not counted."""
+    sanity = sum(getattr(trainer, "num_sanity_val_batches", ()) or ())
+    batches = sum(b for b in getattr(trainer, "num_val_batches", ()) or () if math.isfinite(b))
+    val, train = (
+        metrics.get("green/phase/sanity_check_flops"),
+        metrics.get("green/phase/train_flops"),
+    )
+    if not (val and train and sanity > 0 and batches > 0 and steps > 0):
+        return None
+    return float(val / sanity * batches / (train / steps))
