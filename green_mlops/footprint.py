@@ -200,8 +200,12 @@ def footprint(
         intensity_source=_sources_text(used, carbon),
         intensity_basis=_distinct(s.basis for s in used),
         intensity_scope=_distinct(s.scope for s in used),
-        intensity_estimated=(
-            "unknown" if not used else "true" if any(s.estimated for s in used) else "false"
+        intensity_estimated=(  # an unknown location is priced by a stand-in: an estimate
+            "unknown"
+            if not used
+            else "true"
+            if any(s.estimated for s in used) or _location_text(location) == "unknown"
+            else "false"
         ),
         intensity_vintage=_distinct(s.vintage for s in used),
         intensity_fallbacks="; ".join(f"{k}: {v}" for k, v in (fallbacks or {}).items()) or "none",
@@ -305,10 +309,9 @@ def footprint_tags(fp: Footprint) -> dict[str, str]:
 
 def reporting_sentence(fp: Footprint) -> str:
     """One sentence for a paper or model card (ML CO2 Impact / Green Algorithms style)."""
-    hours = fp.duration_s / HOUR
     where = "an unknown location" if fp.location == "unknown" else fp.location
     text = (
-        f"The run took {hours:.2f} h on {fp.hardware} in {where} and used "
+        f"The run took {_duration_text(fp.duration_s)} on {fp.hardware} in {where} and used "
         f"{fp.facility_kwh:.3g} kWh (IT energy {fp.it_kwh:.3g} kWh x PUE {fp.pue:g})"
     )
     if fp.operational_g is not None:
@@ -370,6 +373,15 @@ def _embodied(
 
 def _model(label: str) -> str:
     return label.split(" (", 1)[0].strip()
+
+
+def _duration_text(seconds: float) -> str:
+    """``2.00 h``; under an hour ``42 min``, under ten minutes ``5.5 s`` / ``312 s``."""
+    if seconds >= HOUR:
+        return f"{seconds / HOUR:.2f} h"
+    if seconds >= 600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
 
 
 def _location_text(location: Location | str | None) -> str:

@@ -408,7 +408,8 @@ def estimate_tdp(
     what = f"unknown CPU model {model!r} ({origin})" if model else "CPU model not detected"
     basis = (
         f"{what}: default {DEFAULT_W_PER_CORE:g} W/core x {info.physical_cores} physical "
-        f"cores = {total:g} W ({DEFAULT_W_PER_CORE_SOURCE}); set cpu_tdp_w or cpu_model"
+        f"cores = {total:g} W ({DEFAULT_W_PER_CORE_SOURCE}); set GREEN_MLOPS_CPU_TDP_W (watts) or "
+        "GREEN_MLOPS_CPU_MODEL (its name in the TDP table)"
     )
     return TdpEstimate(total, basis, None, "default")
 

@@ -444,6 +444,18 @@ def test_reporting_sentence_without_carbon_or_location() -> None:
     assert "carbon emissions were not computed" in text
 
 
+def test_an_unknown_location_priced_by_a_stand_in_is_an_estimate_and_short_runs_read_in_s() -> None:
+    snap = snapshot(kwh=0.001, hours=5.5 / 3600)
+    chain = [grid(473.0)]  # a measured average (estimated=False), standing in for "anywhere"
+    where = footprint(snap, priced(snap, chain), settings(), intensity_sources=chain, location="DE")
+    anywhere = footprint(snap, priced(snap, chain), settings(), intensity_sources=chain)
+    assert footprint_tags(where)["green.intensity.estimated"] == "false"
+    assert footprint_tags(anywhere)["green.intensity.estimated"] == "true"
+    assert reporting_sentence(anywhere).startswith("The run took 5.5 s on ")  # not "0.00 h"
+    long = footprint(snapshot(hours=0.7), None, settings())
+    assert reporting_sentence(long).startswith("The run took 42 min on ")
+
+
 def test_energy_that_nothing_priced_has_no_carbon_never_zero() -> None:
     snap = snapshot(kwh=1.0, hours=1.0)
     fp = footprint(snap, priced(snap, []), settings(embodied_kgco2e=0, price_per_kwh=0.3))
