@@ -1,4 +1,4 @@
-"""The ``green-mlops`` command: ``doctor``, ``demo``, ``config``."""
+"""The ``green-mlops`` command line (``green-mlops --help`` lists its commands)."""
 
 from __future__ import annotations
 
@@ -297,7 +297,10 @@ def show_config() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="green-mlops", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="green-mlops",
+        description="Measure, compare and budget the energy and carbon of ML training runs.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_doctor = sub.add_parser("doctor", help="which meters work here, which do not, and the fix")
     p_doctor.add_argument(

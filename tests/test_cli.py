@@ -63,6 +63,17 @@ def test_doctor_prefers_a_rapl_counter_over_the_estimate(tmp_path: Path) -> None
     assert any("rapl" in r and "unavailable" in r and "no dram domain" in r for r in rows)
 
 
+def test_help_says_what_the_tool_is_for_and_lists_every_command() -> None:
+    from green_mlops.cli import COMMANDS
+
+    out = cli("--help")
+    assert out.returncode == 0
+    assert "``" not in out.stdout  # no raw reStructuredText (a new user read it)
+    assert "energy and carbon" in out.stdout
+    for command in ("doctor", "demo", "config", "sync", *COMMANDS):
+        assert f"    {command} " in out.stdout, command
+
+
 def test_config_lists_every_setting() -> None:
     out = cli("config")
     assert out.returncode == 0
