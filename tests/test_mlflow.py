@@ -456,10 +456,16 @@ def _server_down_mid_run(server: MlflowServer, tmp_path: Path) -> None:
             proc.communicate()
     assert proc.returncode == 0, stderr
     assert json.loads(stdout.strip().splitlines()[-1])["done"] is True
-    assert "kept in" in stderr  # it said so
+    assert "kept in" in stderr  # it said so, once for the outage (not at every send)
+    assert stderr.count("could not send green metrics") == 1, stderr
+    assert "takes green metrics of run" in stderr  # and that it is back
     assert not spool.exists()  # everything replayed
     client = MlflowClient(server.url)
     run = client.get_run(run_id)
+    # the outage is in the run's provenance, not only on stderr
+    delivery = run.data.tags["green.delivery"]
+    assert delivery.startswith("the tracking server did not take green values from 20")
+    assert " to 20" in delivery and "sent when it answered again" in delivery
     history = client.get_metric_history(run_id, "green/energy_kwh")
     # one value per interval over the whole run, including those sent while it was down
     assert len(history) >= 8

@@ -567,7 +567,8 @@ def _queue(run: _Run, result: Result, *, final: bool, extra_tags: Mapping[str, s
     writer.power(
         result.power, started_at=result.snapshot.started_at - (age - result.snapshot.duration_s)
     )
-    writer.tags({**result.tags, **run.measurement.extra_tags, **extra_tags})
+    delivery = {"green.delivery": writer.delivery} if writer.delivery else {}
+    writer.tags({**result.tags, **run.measurement.extra_tags, **extra_tags, **delivery})
     if final:
         writer.report(result.report())
 

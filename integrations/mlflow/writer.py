@@ -91,6 +91,23 @@ class RunWriter:
         self._metrics: list[tuple[str, float, int, int]] = []
         self._tags: dict[str, str] = {}
         self._report: dict[str, Any] | None = None
+        self._down_since: float | None = None  # Unix time of this outage's first failed send
+        self._outages: list[str] = []  # the ended ones, described
+        self._kept = 0  # batches spooled in this outage
+
+    @property
+    def delivery(self) -> str | None:
+        """Provenance (tag ``green.delivery``): when the tracking server did not take this
+        run's values, and where they went; None while every send went through."""
+        spans = list(self._outages)
+        if self._down_since is not None:
+            spans.append(
+                f"from {_utc(self._down_since)} ({self._kept} batch(es) kept in the spool, sent "
+                "when the server answers again or by `green-mlops sync`)"
+            )
+        if not spans:
+            return None
+        return "the tracking server did not take green values " + "; ".join(spans[-5:])
 
     @property
     def spool_path(self) -> Path:
@@ -188,17 +205,35 @@ class RunWriter:
                 )
                 return "gone"
             except Exception as exc:
-                _keep(
+                first = self._down_since is None
+                if _keep(
                     path,
                     batch,
                     "green-mlops: could not send green metrics of run %s to %s (%s); kept in %s "
-                    "and sent when the server answers again (or run `green-mlops sync`)",
+                    "and sent when the server answers again (or run `green-mlops sync`); said "
+                    "once until it does",
                     self.run_id,
                     shown_uri(self.tracking_uri),
                     type(exc).__name__,
                     path,
-                )
+                    level=logging.WARNING if first else logging.DEBUG,
+                ):
+                    self._kept += 1
+                if first:
+                    self._down_since = time.time()
                 return "down" if unreachable(exc, self.tracking_uri) else "unsent"
+            if self._down_since is not None:  # the server answers again
+                log.warning(
+                    "green-mlops: the tracking server takes green metrics of run %s again; the "
+                    "%d batch(es) kept meanwhile were sent",
+                    self.run_id,
+                    self._kept,
+                )
+                self._outages.append(
+                    f"from {_utc(self._down_since)} to {_utc(time.time())} ({self._kept} "
+                    "batch(es) kept in the spool meanwhile, sent when it answered again)"
+                )
+                self._down_since, self._kept = None, 0
             if report_later and batch["report"] is not None:
                 _uploads.put({**batch, "metrics": [], "tags": {}}, path)
             return "sent"
@@ -428,13 +463,18 @@ def _set_tags(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
 _spooled: set[Path] = set()
 
 
-def _keep(path: Path, batch: Batch, message: str, *args: Any) -> bool:
-    """Spool ``batch``; say so (``message % args``) when it was. Returns whether it was."""
+def _keep(path: Path, batch: Batch, message: str, *args: Any, level: int = logging.WARNING) -> bool:
+    """Spool ``batch``; say so (``message % args`` at ``level``) when it was. Returns whether
+    it was."""
     if not spool.append(path, batch):
         return False
     _spooled.add(path)
-    log.warning(message, *args)
+    log.log(level, message, *args)
     return True
+
+
+def _utc(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
 class _Uploads:
