@@ -123,7 +123,8 @@ def test_no_out_of_zone_decision_beyond_alpha_at_the_zone_edge(side: str) -> Non
         decision = feed(test, candidate[order], 20)
         early += test.n < n
         wrong += decision is wrong_call and test.n < n
-    # each side spends alpha / 2; 3 binomial standard errors of slack
+    # each side may spend alpha (tests/test_adaptive_alpha.py); checked at the stricter
+    # alpha / 2 it still meets, with 3 binomial standard errors of slack
     assert wrong / reps <= alpha / 2 + 3 * math.sqrt(alpha / 2 * (1 - alpha / 2) / reps)
     assert early / reps > 0.9  # and the zone does make it stop early
 
