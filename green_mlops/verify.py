@@ -147,6 +147,7 @@ def _verify(report: Mapping[str, Any], out: Verification) -> None:
     market_raw = acc.get("market_intervals")
     market = None if market_raw is None else _intervals(market_raw, "market_intervals")
     _check_energy_timeline(report, timeline, out)
+    _check_energy_parts(report["energy"], out)
 
     pue = _number(acc, "pue")
     price = _number(acc, "price_per_kwh", optional=True)
@@ -185,6 +186,7 @@ def _verify(report: Mapping[str, Any], out: Verification) -> None:
     for name, value in recomputed.items():
         out.checks.append(_same(f"accounting.figures.{name}", figures.get(name), value))
     expected = _check_metrics(report, acc, recomputed, unit, out)
+    _check_breakdown(report, acc, grams / priced if priced > 0 else None, out)
     fp = report.get("footprint")
     if isinstance(fp, Mapping):
         for name, figure in FOOTPRINT_FIELDS.items():
@@ -329,6 +331,68 @@ def _check_energy_timeline(
     mine = list(timeline[first]) if first < len(timeline) else None
     again = list(derived[first]) if first < len(derived) else None
     out.checks.append(Check(f"accounting.timeline[{first}] vs energy.timeline", mine, again, False))
+
+
+def _check_energy_parts(energy: Mapping[str, Any], out: Verification) -> None:
+    """The measurement's parts add up to its total: ``kwh``, the components, each component's
+    devices and the phases (a figure edited alone shows; the total itself is the timeline's)."""
+    total = _number(energy, "joules")
+    out.checks.append(_same("energy.kwh", energy.get("kwh"), total / J_PER_KWH))
+    parts = _floats(_get(energy, "joules_by_component", Mapping))
+    out.checks.append(_same("energy.joules_by_component (sum)", sum(parts.values()), total))
+    devices: dict[str, float] = {}
+    for device in _get(energy, "devices", list):
+        if not isinstance(device, Mapping):
+            raise _Malformed("energy.devices: a device is not an object")
+        component = _get(device, "component", str)
+        devices[component] = devices.get(component, 0.0) + _number(device, "joules")
+    for component in sorted(set(parts) | set(devices)):
+        out.checks.append(
+            _same(
+                f"energy.joules_by_component.{component} (its devices)",
+                parts.get(component, 0.0),
+                devices.get(component, 0.0),
+            )
+        )
+    phases = _get(energy, "phases", Mapping)
+    if phases:
+        joules = sum(_number(p, "joules") for p in phases.values() if isinstance(p, Mapping))
+        out.checks.append(_same("energy.phases (sum)", joules, total))
+
+
+def _check_breakdown(
+    report: Mapping[str, Any], acc: Mapping[str, Any], intensity: float | None, out: Verification
+) -> None:
+    """A run with no nested runs and no earlier segments logs its energy per component and per
+    phase, and its mean intensity (grams per priced kWh, before PUE), as the report has them."""
+    adjustments = _get(acc, "adjustments", Mapping)
+    if any(_get(adjustments, k, Mapping) for k in ("nested_runs", "earlier_segments")):
+        return  # those totals are adjusted: the figures above check them
+    metrics = report.get("rank0_metrics", report.get("metrics"))
+    energy = report["energy"]
+    if not isinstance(metrics, Mapping) or metrics.get("green/duration_s") is None:
+        return
+    if not math.isclose(metrics["green/duration_s"], energy["duration_s"], rel_tol=1e-6):
+        return  # other stages or processes: said by _check_metrics
+    kwh = {
+        f"green/energy/{c}_kwh": j / J_PER_KWH
+        for c, j in _floats(_get(energy, "joules_by_component", Mapping)).items()
+    }
+    for name, phase in _get(energy, "phases", Mapping).items():
+        if isinstance(phase, Mapping):
+            kwh[f"green/phase/{name}_kwh"] = _number(phase, "joules") / J_PER_KWH
+    for key, value in sorted(kwh.items()):
+        if key in metrics:
+            out.checks.append(_same(key, metrics[key], value))
+    if intensity is not None:
+        out.checks.append(
+            _same("green/intensity_g_per_kwh", metrics.get("green/intensity_g_per_kwh"), intensity)
+        )
+        fp = report.get("footprint")
+        if isinstance(fp, Mapping):
+            out.checks.append(
+                _same("footprint.intensity_g_per_kwh", fp.get("intensity_g_per_kwh"), intensity)
+            )
 
 
 def _same(

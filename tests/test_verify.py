@@ -433,3 +433,42 @@ def test_digest_is_of_the_canonical_encoding() -> None:
     assert digest(value) == digest(same)
     expected = hashlib.sha256(b'{"a":null,"b":[1.5,2]}').hexdigest()
     assert digest(value) == f"sha256:{expected}"
+
+
+@pytest.mark.parametrize(
+    ("edit", "caught"),
+    [
+        (lambda r: r["energy"].update(kwh=2 * r["energy"]["kwh"]), "energy.kwh"),
+        (
+            lambda r: r["energy"]["devices"][0].update(
+                joules=2 * r["energy"]["devices"][0]["joules"]
+            ),
+            "(its devices)",
+        ),
+        (
+            lambda r: r["energy"]["joules_by_component"].update(
+                cpu=2 * r["energy"]["joules_by_component"]["cpu"]
+            ),
+            "energy.joules_by_component (sum)",
+        ),
+        (lambda r: r["metrics"].update({"green/energy/cpu_kwh": 1.0}), "green/energy/cpu_kwh"),
+        (lambda r: r["metrics"].update({"green/phase/other_kwh": 1.0}), "green/phase/other_kwh"),
+        (
+            lambda r: r["metrics"].update({"green/intensity_g_per_kwh": 40.0}),
+            "green/intensity_g_per_kwh",
+        ),
+        (
+            lambda r: r["footprint"].update(intensity_g_per_kwh=40.0),
+            "footprint.intensity_g_per_kwh",
+        ),
+    ],
+)
+def test_a_part_edited_alone_no_longer_adds_up(
+    plugin_reports: dict[str, Path], edit: Any, caught: str
+) -> None:
+    # a new user doubled one figure at a time: verify said "25 checks match"
+    report = json.loads(plugin_reports["child"].read_text())
+    assert verify_report(report).exit_code == 0
+    edit(report)
+    mismatches = [c.name for c in verify_report(report).mismatches]
+    assert any(caught in name for name in mismatches), mismatches
