@@ -11,21 +11,7 @@ import numpy as np
 import pytest
 
 from green_mlops.adaptive import Decision, PairedComparison
-
-
-def feed(test: PairedComparison, candidate: np.ndarray, batch: int) -> Decision:
-    for start in range(0, candidate.size, batch):
-        if test.update(candidate[start : start + batch]) is not Decision.UNDECIDED:
-            break
-    return test.decision
-
-
-def population(rng: np.random.Generator, n: int, gap: float) -> tuple[np.ndarray, np.ndarray]:
-    """Clamped-CE-like incumbent, candidate with full-set mean exactly ``gap`` above it."""
-    incumbent = 0.3 + np.minimum(rng.exponential(0.5, n), 4.0)
-    candidate = incumbent + 0.15 * np.clip(rng.standard_normal(n), -1.5, 1.5)
-    candidate += incumbent.mean() + gap - candidate.mean()
-    return incumbent, candidate
+from tests.test_adaptive_tolerance import feed, population
 
 
 def test_asking_for_early_improved_too_no_longer_delays_the_not_improved_call() -> None:
