@@ -34,12 +34,16 @@ if TYPE_CHECKING:  # config reads this module (provider names): it must not impo
 __all__ = [
     "DEFAULT_INTENSITY_PROVIDERS",
     "MARKET_BASED",
+    "SKIPPED_DEFAULT",
     "CarbonAccountant",
     "CarbonResult",
     "PricedInterval",
     "account",
     "resolve",
 ]
+#: Ends the reason of a provider that the default list names but nobody configured: it was
+#: never chosen, so pricing by the next one is not a fallback (``green-mlops compare``).
+SKIPPED_DEFAULT = "(not configured: skipped from the default list)"
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +315,9 @@ class CarbonAccountant:
         chain: list[IntensitySeries] = []
         for provider in self._providers:
             reason = provider.configured()
-            if reason is not None:
-                self.skipped[provider.name] = reason
+            if reason is not None:  # unconfigured in the default list: not a fallback, said so
+                default = self.settings.intensity_providers == DEFAULT_INTENSITY_PROVIDERS
+                self.skipped[provider.name] = f"{reason} {SKIPPED_DEFAULT}" if default else reason
                 continue
             try:
                 series = provider.series(self.location, start, end)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from green_mlops.carbon import SKIPPED_DEFAULT
 from green_mlops.runs import RunRecord
 
 __all__ = [
@@ -321,7 +322,11 @@ def _row(record: RunRecord, metric: str | None, mode: str, by: str | None) -> Ro
                     absent["quality_per_kwh"] = absent.get("inclusive_kwh", "energy is 0 kWh")
 
     measured_tag = tags.get("green.measured")
-    fallbacks = tags.get("green.intensity.fallbacks", "none")
+    fallbacks = "; ".join(  # a provider of the default list nobody configured is no fallback
+        part
+        for part in tags.get("green.intensity.fallbacks", "none").split("; ")
+        if part not in ("", "none") and SKIPPED_DEFAULT not in part
+    )
     group = record.value(by) if by is not None else None
     return Row(
         run_id=record.run_id,
@@ -349,7 +354,7 @@ def _row(record: RunRecord, metric: str | None, mode: str, by: str | None) -> Ro
                 if k.startswith("green.method.") and v == "estimate"
             )
         ),
-        intensity_fallback=None if fallbacks in ("", "none") else fallbacks,
+        intensity_fallback=fallbacks or None,
         intensity_estimated=tags.get("green.intensity.estimated") == "true",
         co2e_partial=co2e is not None and "lower bound" in tags.get("green.not_reported", ""),
         on_front=False,

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from green_mlops import GreenMlopsWarning
 from green_mlops import log as log_module
-from green_mlops.carbon import CarbonResult, account
+from green_mlops.carbon import SKIPPED_DEFAULT, CarbonResult, account
 from green_mlops.intensity import FOREVER, IntensityPoint, IntensitySeries, sorted_points
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -521,3 +521,38 @@ def test_a_named_provider_whose_plugin_failed_to_load_warns_the_user(tmp_path: P
         "(GREEN_MLOPS_INTENSITY_PROVIDERS); available: constant, electricitymaps, static, uk, "
         "watttime"
     ]
+
+
+def test_an_unconfigured_provider_of_the_default_list_is_not_a_fallback(tmp_path: Path) -> None:
+    # a new user with no token: `compare` marked every run "fallback intensity"
+    import time
+
+    from green_mlops.compare import _row
+    from green_mlops.config import Settings
+    from green_mlops.runs import RunRecord
+    from green_mlops.session import Measurement
+    from tests.conftest import ClockMeter
+
+    tags = {}
+    for providers in (None, "electricitymaps,static"):
+        chosen = {} if providers is None else {"intensity_providers": providers}
+        s = Settings.load(environ={}, location="DE", cache_dir=tmp_path / "cache", **chosen)
+        measurement = Measurement(s, meters=[ClockMeter(100.0)]).start()
+        time.sleep(0.1)
+        tags[providers] = measurement.stop().tags["green.intensity.fallbacks"]
+    assert "electricitymaps: no token" in tags[None] and SKIPPED_DEFAULT in tags[None]
+    assert "electricitymaps: no token" in tags["electricitymaps,static"]  # chosen: a fallback
+    assert SKIPPED_DEFAULT not in tags["electricitymaps,static"]
+    rows = {
+        p: _row(
+            RunRecord(
+                str(p), str(p), "e", "FINISHED", None, None, tags={"green.intensity.fallbacks": tag}
+            ),
+            None,
+            "max",
+            None,
+        )
+        for p, tag in tags.items()
+    }
+    assert rows[None].intensity_fallback is None and "fallback intensity" not in rows[None].marks
+    assert "electricitymaps: no token" in (rows["electricitymaps,static"].intensity_fallback or "")
