@@ -81,7 +81,8 @@ class Meter(abc.ABC):
     """Base class for energy meters provided through the ``green_mlops_meters`` hook.
 
     Subclasses set :attr:`name` and :attr:`devices` and implement :meth:`sample`.
-    All methods are called from the engine's sampler thread, except :meth:`start`, which the
+    All methods are called from the engine's sampler thread, except :meth:`start` and the
+    first :meth:`sample` (the tracker's zero point, right after every meter started), which the
     engine calls once from the thread that starts tracking; the engine serialises the calls.
     """
 

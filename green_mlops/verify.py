@@ -370,10 +370,9 @@ def _check_breakdown(
         return  # those totals are adjusted: the figures above check them
     metrics = report.get("rank0_metrics", report.get("metrics"))
     energy = report["energy"]
-    if not isinstance(metrics, Mapping) or metrics.get("green/duration_s") is None:
-        return
-    if not math.isclose(metrics["green/duration_s"], energy["duration_s"], rel_tol=1e-6):
-        return  # other stages or processes: said by _check_metrics
+    logged = _number(metrics, "green/duration_s", optional=True)
+    if logged is None or not math.isclose(logged, _number(energy, "duration_s"), rel_tol=1e-6):
+        return  # not a run's own totals (other stages or processes): said by _check_metrics
     kwh = {
         f"green/energy/{c}_kwh": j / J_PER_KWH
         for c, j in _floats(_get(energy, "joules_by_component", Mapping)).items()
