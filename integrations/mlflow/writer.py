@@ -23,6 +23,7 @@ from green_mlops.config import Settings
 from green_mlops.integrations.mlflow import spool, views
 from green_mlops.log import warn_once
 from green_mlops.metrics import POWER_KEY
+from green_mlops.reports.view import iso_utc
 
 __all__ = [
     "CHART_ARTIFACT",
@@ -102,7 +103,7 @@ class RunWriter:
         spans = list(self._outages)
         if self._down_since is not None:
             spans.append(
-                f"from {_utc(self._down_since)} ({self._kept} batch(es) kept in the spool, sent "
+                f"from {iso_utc(self._down_since)} ({self._kept} batch(es) kept in the spool, sent "
                 "when the server answers again or by `green-mlops sync`)"
             )
         if not spans:
@@ -229,10 +230,11 @@ class RunWriter:
                     self.run_id,
                     self._kept,
                 )
-                self._outages.append(
-                    f"from {_utc(self._down_since)} to {_utc(time.time())} ({self._kept} "
-                    "batch(es) kept in the spool meanwhile, sent when it answered again)"
-                )
+                self._outages = [
+                    *self._outages[-4:],  # the tag says the last five
+                    f"from {iso_utc(self._down_since)} to {iso_utc(time.time())} ({self._kept} "
+                    "batch(es) kept in the spool meanwhile, sent when it answered again)",
+                ]
                 self._down_since, self._kept = None, 0
             if report_later and batch["report"] is not None:
                 _uploads.put({**batch, "metrics": [], "tags": {}}, path)
@@ -471,10 +473,6 @@ def _keep(path: Path, batch: Batch, message: str, *args: Any, level: int = loggi
     _spooled.add(path)
     log.log(level, message, *args)
     return True
-
-
-def _utc(unix: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
 class _Uploads:
