@@ -19,6 +19,7 @@ from green_mlops.units import J_PER_KWH
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from green_mlops.meters import Meter, MeterUnavailable
     from green_mlops.plugin_manager import PluginManager
     from green_mlops.snapshot import Snapshot
 
@@ -36,8 +37,6 @@ def _console() -> Console:
 
 def doctor(settings: Settings, sample_s: float) -> int:
     """Which meters are active here, which are not and why, with the fix; then a short sample."""
-    from rich.table import Table
-
     from green_mlops.plugin_manager import get_plugin_manager
     from green_mlops.tracker import Tracker, offers_from_plugins, select_meters
 
@@ -46,25 +45,7 @@ def doctor(settings: Settings, sample_s: float) -> int:
     _print_extras(console)
     used, superseded, unavailable = select_meters(offers_from_plugins(settings))
 
-    table = Table(title="Meters on this machine", show_lines=True)
-    for column in ("meter", "status", "device", "component", "method", "uncertainty", "detail"):
-        table.add_column(column)
-    for status, meters in (("[green]active[/]", used), ("[yellow]superseded[/]", superseded)):
-        for meter in meters:
-            for d in meter.devices:
-                table.add_row(
-                    meter.name,
-                    status,
-                    d.id,
-                    d.component.value,
-                    d.method.value,
-                    f"±{d.uncertainty:.0%}",
-                    d.label,
-                )
-    for item in unavailable:
-        detail = item.reason + (f"\n[bold]fix:[/] {item.fix}" if item.fix else "")
-        table.add_row(item.name, "[red]unavailable[/]", "", item.component.value, "", "", detail)
-    console.print(table)
+    _print_meters(console, used, superseded, unavailable)
     _print_references(console, settings)
     _print_providers(console, settings)
     if not used:
@@ -86,6 +67,56 @@ def doctor(settings: Settings, sample_s: float) -> int:
             quiet.setLevel(level)
         _print_snapshot(console, snapshot, title=f"Power over {sample_s:g} s")
     return 0
+
+
+_METER_COLUMNS = ("meter", "status", "device", "component", "method", "uncertainty")
+
+
+def _print_meters(
+    console: Console,
+    used: Sequence[Meter],
+    superseded: Sequence[Meter],
+    unavailable: Sequence[MeterUnavailable],
+) -> None:
+    """One entry per device: its short fields on one line, its detail (basis, reason and fix)
+    under it at the table's full width, so that an 80-column terminal does not wrap the
+    detail to a word a line (a table column of its own gets what six other columns leave)."""
+    from rich import box
+    from rich.console import Group
+    from rich.padding import Padding
+    from rich.table import Table
+    from rich.text import Text
+
+    entries: list[tuple[tuple[str, ...], str, Text]] = []  # (fields, status style, detail)
+    for status, style, meters in (("active", "green", used), ("superseded", "yellow", superseded)):
+        for meter in meters:
+            for d in meter.devices:
+                shown = (meter.name, status, d.id, d.component.value, d.method.value)
+                entries.append(((*shown, f"±{d.uncertainty:.0%}"), style, Text(d.label)))
+    for item in unavailable:
+        detail = Text(item.reason)
+        if item.fix:
+            detail.append("\nfix: ", style="bold").append(item.fix)
+        entries.append(
+            ((item.name, "unavailable", "", item.component.value, "", ""), "red", detail)
+        )
+    widths = [max(len(c), *(len(e[0][i]) for e in entries)) for i, c in enumerate(_METER_COLUMNS)]
+
+    def line(fields: Sequence[str], status_style: str = "") -> Text:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        for i, (field, width) in enumerate(zip(fields, widths, strict=True)):
+            text.append(field.ljust(width), style=status_style if i == 1 else "")
+            text.append("  " if i < len(widths) - 1 else "")
+        text.rstrip()
+        return text
+
+    header = line(_METER_COLUMNS)
+    header.stylize("bold")
+    table = Table(title="Meters on this machine", show_lines=True, box=box.HEAVY_HEAD)
+    table.add_column(header)
+    for cells, style, detail in entries:
+        table.add_row(Group(line(cells, style), Padding(detail, (0, 0, 0, 4))))
+    console.print(table)
 
 
 def _print_references(console: Console, settings: Settings) -> None:
