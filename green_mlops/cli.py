@@ -311,6 +311,10 @@ def sync(settings: Settings) -> int:
         except Exception as exc:
             failed += 1
             console.print(f"[red]{path.stem}: still not delivered ({type(exc).__name__})[/]")
+    if not missing:
+        from green_mlops.integrations.mlflow.spool import remove_orphan_locks
+
+        remove_orphan_locks(settings.cache_dir / "spool")  # a spool's lock goes with it
     console.print(f"sent {sent} batch(es) of {len(files)} run(s); {failed} run(s) still pending")
     return 1 if failed else 0
 

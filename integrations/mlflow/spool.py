@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "append",
     "merge",
     "path_for",
+    "remove_orphan_locks",
     "replay",
 ]
 
@@ -56,21 +58,95 @@ def path_for(cache_dir: Path, run_id: str) -> Path:
     return cache_dir / "spool" / f"{run_id}.jsonl"
 
 
+class _Replaced(Exception):
+    """The lock file was removed (or replaced) between its open and its lock: lock the new one."""
+
+
+#: Attempts at a lock whose file another holder removes in between (each is a fresh open).
+_LOCK_TRIES = 8
+
+
+class _Hold:
+    """A held spool lock; :meth:`remove` unlinks its file while it is held (see :func:`_locked`)."""
+
+    def __init__(self, lock_path: str, removable: bool) -> None:
+        self.lock_path = lock_path
+        self.removable = removable
+
+    def remove(self) -> None:
+        """Unlink the lock file, when every locker checks that it locked the file now at its
+        path (so one that opened this file before the unlink locks the next one instead)."""
+        if self.removable:
+            with contextlib.suppress(OSError):
+                os.unlink(self.lock_path)
+
+
+def _same_file(lock_path: str) -> Callable[[int], None]:
+    """filelock's ``on_acquired`` check: the locked descriptor is the file at ``lock_path``."""
+
+    def check(fd: int) -> None:
+        held = os.fstat(fd)
+        try:
+            named = os.stat(lock_path)
+        except FileNotFoundError:
+            raise _Replaced from None
+        if held.st_nlink == 0 or not os.path.samestat(held, named):
+            raise _Replaced
+
+    return check
+
+
 @contextlib.contextmanager
-def _locked(path: Path, timeout: float) -> Iterator[None]:
+def _locked(path: Path, timeout: float) -> Iterator[_Hold]:
+    """Hold ``<path>.lock`` (filelock's flock, released by the kernel if the holder dies).
+
+    Every locker checks, once it holds the lock, that the file it locked is still the one at the
+    path (filelock's ``on_acquired``, since 3.30), so a holder may remove the lock file
+    (:meth:`_Hold.remove`) when its spool is gone. With an older filelock the check cannot be made
+    and the file is kept, as filelock itself keeps it."""
     from filelock import FileLock, Timeout
 
+    lock_path = str(path) + ".lock"
+    deadline = time.monotonic() + timeout
     try:
-        lock = FileLock(str(path) + ".lock", timeout=timeout)
-        lock.acquire()
+        for _ in range(_LOCK_TRIES):
+            check = _same_file(lock_path)
+            wait = max(0.0, deadline - time.monotonic())
+            lock = FileLock(lock_path, timeout=wait, on_acquired=check)
+            try:
+                lock.acquire()
+            except _Replaced:
+                continue
+            break
+        else:
+            raise Timeout(lock_path)
     except Timeout:
         raise SpoolBusy(f"{path.name} is held by another process") from None
     except OSError as exc:
         raise SpoolUnusable(str(exc)) from exc
     try:
-        yield
+        yield _Hold(lock_path, removable=getattr(lock, "on_acquired", None) is check)
     finally:
         lock.release()
+
+
+def remove_orphan_locks(directory: Path) -> int:
+    """Remove the lock files in ``directory`` whose spool is gone (left by earlier versions, or
+    by a process that stopped between its last replay and exit), each only while holding it.
+    Returns how many were removed."""
+    removed = 0
+    for lock_path in directory.glob("*.jsonl.lock"):
+        path = lock_path.with_name(lock_path.name.removesuffix(".lock"))
+        if path.exists():
+            continue
+        try:
+            with _locked(path, REPLAY_LOCK_TIMEOUT_S) as hold:
+                if not path.exists() and hold.removable:
+                    hold.remove()
+                    removed += 1
+        except (SpoolBusy, SpoolUnusable):
+            continue
+    return removed
 
 
 def append(path: Path, batch: dict[str, Any]) -> bool:
@@ -112,7 +188,7 @@ def replay(path: Path, deliver: Callable[[dict[str, Any]], None]) -> int:
             return 0
     except OSError as exc:
         raise SpoolUnusable(str(exc)) from exc
-    with _locked(path, REPLAY_LOCK_TIMEOUT_S):
+    with _locked(path, REPLAY_LOCK_TIMEOUT_S) as hold:
         batches = merge(_read(path))
         sent = 0
         for i, batch in enumerate(batches):
@@ -129,6 +205,7 @@ def replay(path: Path, deliver: Callable[[dict[str, Any]], None]) -> int:
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise SpoolUnusable(str(exc)) from exc
+        hold.remove()  # all delivered: the lock file goes with its spool
         return sent
 
 
