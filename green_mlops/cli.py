@@ -61,12 +61,63 @@ def doctor(settings: Settings, sample_s: float) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", GreenMlopsWarning)
                 tracker = Tracker(settings, meters=[*used, *unavailable]).start()
+                before = _cpu_seconds()
                 time.sleep(sample_s)
+                others = _others_share(before, _cpu_seconds())
                 snapshot = tracker.stop()
         finally:
             quiet.setLevel(level)
         _print_snapshot(console, snapshot, title=f"Power over {sample_s:g} s")
+        if settings.share == "machine":
+            _print_share_hint(console, used, others)
     return 0
+
+
+#: Share of the machine's CPU time used by other processes than this one, over the sample,
+#: above which doctor says that the machine share bills them too.
+OTHERS_CPU_HINT = 0.25
+
+
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(busy, total) CPU seconds of the whole machine, and this process's own (its threads)."""
+    import psutil
+
+    from green_mlops.plugins.cpu_estimate import _busy_total  # the CPU estimate's own count
+
+    own = psutil.Process().cpu_times()
+    return (*_busy_total(psutil.cpu_times()), own.user + own.system)
+
+
+def _others_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Fraction of all CPUs' time that processes other than this one kept busy in between."""
+    busy, total, own = (a - b for a, b in zip(after, before, strict=True))
+    return max(0.0, busy - own) / total if total > 0 else 0.0
+
+
+def _print_share_hint(console: Console, used: Sequence[Meter], others: float) -> None:
+    """Under the machine share, a CPU or RAM estimate bills every process on the machine: say
+    so when other processes kept a large part of the CPU busy during the sample."""
+    from green_mlops.meters import Component, Method
+
+    estimated = sorted(
+        {
+            d.component.value
+            for meter in used
+            for d in meter.devices
+            if d.method is Method.ESTIMATE and d.component in (Component.CPU, Component.RAM)
+        }
+    )
+    if not estimated or others < OTHERS_CPU_HINT:
+        return
+    what = " and ".join(c.upper() for c in estimated)
+    verb = "estimates include" if len(estimated) > 1 else "estimate includes"
+    console.print(
+        f"[yellow]Shared machine:[/] other processes kept {others:.0%} of this machine's CPU "
+        f"time busy during the sample, and the {what} {verb} their load "
+        "(GREEN_MLOPS_SHARE=machine). On a shared host, set "
+        "[bold]GREEN_MLOPS_SHARE=process[/] to count only the training job's process tree "
+        "(energy counters such as RAPL and NVML measure the whole device either way)."
+    )
 
 
 _METER_COLUMNS = ("meter", "status", "device", "component", "method", "uncertainty")
