@@ -48,6 +48,10 @@ class Fit:
     #: Effective points per point: (1 - r) / (1 + r) for the residuals' lag-1 correlation r
     #: (a load that persists over several segments tells less than independent ones).
     independence: float = 1.0
+    #: A recent upward level shift: the rate (cost per unit, per unit of position) at which
+    #: the cost rises if the shift repeats at the spacing it came at (a curriculum lengthens
+    #: the sequences every epoch); the band's high end counts it (:meth:`growth`).
+    rise: float = 0.0
 
     def at(self, x: float) -> float:
         """The cost per unit at position ``x`` (a trend held past its horizon)."""
@@ -58,6 +62,11 @@ class Fit:
         h = max(x0, min(x1, self.horizon))
         rising = self.a * (h - x0) + 0.5 * self.b * (h * h - x0 * x0)
         return rising + (self.a + self.b * h) * (x1 - h)
+
+    def growth(self, x0: float, x1: float) -> float:
+        """What :attr:`rise` adds over ``[x0, x1)`` if the cost keeps rising from ``x0``."""
+        span = max(0.0, x1 - x0)
+        return 0.5 * self.rise * span * span
 
     def half_width(self, x0: float, x1: float) -> float:
         """A one-sided 95 % band of :meth:`total` over ``[x0, x1)``."""
@@ -92,9 +101,24 @@ def fit(xs: Sequence[float], ys: Sequence[float], ws: Sequence[float]) -> Fit:
             level = _least_squares(xs[k:], ys[k:], ws[k:], constant=True)
             if len(xs) - k < MIN_SEGMENTS:  # too few after the shift to measure a spread
                 level = replace(level, sd=max(level.sd, flat.sd))
-            choice = replace(level, n=max(level.n, 1))
+            choice = replace(level, n=max(level.n, 1), rise=_rise(xs, ys, ws, k, level.a))
     horizon = xs[-1] + TREND_HORIZON * (xs[-1] - xs[0])
     return replace(choice, unit=w / n, horizon=horizon)
+
+
+def _rise(
+    xs: Sequence[float], ys: Sequence[float], ws: Sequence[float], k: int, after: float
+) -> float:
+    """The rate at which the cost rises if the shift up to ``after`` at segment ``k`` repeats
+    at its spacing (from the first segment's start to the shift); 0 for a shift down, or one
+    older than that spacing (a repeat would have been seen)."""
+    before = sum(y * w for y, w in zip(ys[:k], ws[:k], strict=True)) / sum(ws[:k])
+    start, shift = xs[0] - 0.5 * ws[0], xs[k] - 0.5 * ws[k]
+    end = xs[-1] + 0.5 * ws[-1]
+    spacing = shift - start
+    if after <= before or spacing <= 0 or end - shift >= spacing:
+        return 0.0
+    return (after - before) / spacing
 
 
 def _best_split(ys: Sequence[float], ws: Sequence[float]) -> int:

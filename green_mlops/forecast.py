@@ -285,7 +285,8 @@ class Forecaster:
             return e, eb, t, tb
 
         e, eb, t, tb = project(plan.total_steps)
-        high = (last.energy_j + e + eb, last.duration_s + t + tb)
+        rises = energy.growth(now, plan.total_steps), seconds.growth(now, plan.total_steps)
+        high = (last.energy_j + e + eb + rises[0], last.duration_s + t + tb + rises[1])
         early = plan.min_steps if plan.min_steps is not None else plan.total_steps
         le, leb, lt, ltb = project(min(early, plan.total_steps), low_share)
         if plan.likely_steps is not None:  # the point's end: where the loop likely stops

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from green_mlops import Tracker
+from green_mlops.cost_models import fit
 from green_mlops.forecast import FLOOR, Forecaster, Mark, Plan, price
 from green_mlops.intensity import IntensityPoint, IntensitySeries
 from green_mlops.meters import Readings
@@ -391,6 +392,23 @@ def test_a_level_shift_projects_the_level_after_it() -> None:
     assert forecast is not None and forecast.train_model == "constant"
     assert forecast.energy_j == pytest.approx(truth, rel=0.05)
     assert forecast.low_j < truth < forecast.high_j
+
+
+def test_a_recent_shift_up_widens_the_high_end_to_a_repeating_rise() -> None:
+    """A curriculum lengthens the sequences every epoch (4 segments): 1.5 epochs in, the one
+    shift seen may repeat. The point keeps the level after it; the high end counts the rise
+    (it was the level's band alone: the true total lay above it)."""
+    rng = random.Random(13)
+    costs = [(10.0 + 2.0 * (i // 4)) * (1 + 0.01 * rng.gauss(0, 1)) for i in range(40)]
+    forecaster, truth = replay(costs, 6)
+    forecast = forecaster.forecast(Plan(total_steps=40 * 25))
+    assert forecast is not None and forecast.train_model == "constant"
+    assert forecast.energy_j < 0.7 * truth  # the level after the shift, held
+    assert forecast.low_j < truth <= forecast.high_j
+    # a shift that did not repeat within its spacing is a level: no rise
+    flat = [10.0 if i < 4 else 12.0 for i in range(10)]
+    assert fit([25.0 * i + 12.5 for i in range(10)], flat, [25.0] * 10).rise == 0.0
+    assert fit([25.0 * i + 12.5 for i in range(6)], flat[:6], [25.0] * 6).rise > 0.0
 
 
 class CountMarks(Callback):
