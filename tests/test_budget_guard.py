@@ -337,3 +337,41 @@ def test_a_fit_resumed_over_budget_stops_before_training_a_batch(
         assert stopped_at < more.global_step < 12 * 4 and raised.exceeded is not None
     else:
         assert more.global_step == 12 * 4 and raised.exceeded is None
+
+
+@pytest.mark.slow
+def test_a_resumed_fit_is_not_counted_twice_against_a_named_budget(
+    tmp_path: Path, epoch_kwh: float
+) -> None:
+    # a team's budget read from MLflow: the stopped run is in the period's use, and the resumed
+    # fit's totals count it again (it stopped at once, with half the budget left)
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = tmp_path / "green-mlops.toml"
+    toml = '[[budget]]\nname = "team"\nexperiments = ["*"]\nperiod = "total"\nenergy_kwh = {}\n'
+    config.write_text(toml.format(2.5 * epoch_kwh))
+    stop = tmp_path / "stop.ckpt"
+
+    def loggers(name: str) -> list[Any]:
+        return [
+            CSVLogger(tmp_path / name, name="csv"),
+            MLFlowLogger(experiment_name="team", tracking_uri=uri, run_name=name),
+        ]
+
+    guard = EnergyBudget(
+        budget="team", config=config, tracking_uri=uri, action="stop", checkpoint=stop
+    )
+    first = trainer(tmp_path / "first", [monitor(), guard], max_epochs=12, logger=loggers("first"))
+    first.fit(Classifier(), loader(), loader())
+    stopped_at, spent = first.global_step, final_kwh(rows(first))
+    assert 0 < stopped_at < 4 * 4 and guard.exceeded is not None
+    config.write_text(toml.format(5 * epoch_kwh))  # the team raises its budget: 2.5 epochs left
+    raised = EnergyBudget(budget="team", config=config, tracking_uri=uri, action="stop")
+    assert raised.limits["energy_kwh"] == pytest.approx(5 * epoch_kwh - spent, rel=0.01)
+    again = trainer(tmp_path / "again", [monitor(), raised], max_epochs=12, logger=loggers("again"))
+    again.fit(Classifier(), loader(), loader(), ckpt_path=stop)
+    assert raised.limits["energy_kwh"] == pytest.approx(5 * epoch_kwh)  # its own runs left out
+    assert again.global_step > stopped_at + 4  # it trained on, to the raised budget
+    assert 4.5 * epoch_kwh < final_kwh(rows(again)) < 6 * epoch_kwh
+    assert "leaves out this fit's own" in report_tags(again)["green.budget.notes"]

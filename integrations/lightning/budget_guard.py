@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
@@ -169,6 +170,10 @@ class EnergyBudget(Callback):
         }
         self.budget_name = budget
         self.notes: list[str] = []
+        self._given = dict(limits)
+        #: A named budget whose period's use was read from MLflow: (config, budget, tracking
+        #: URI), to read it again without a resumed fit's own runs (they are in its totals).
+        self._period: tuple[Any, Any, str | None] | None = None
         if budget is not None:
             for key, value in self._named(budget, config_path, tracking_uri, used).items():
                 limits[key] = min(limits.get(key, math.inf), value)
@@ -228,7 +233,14 @@ class EnergyBudget(Callback):
             )
         if "kwh_per_unit" in chosen.limits:
             self.notes.append(f"budget {name!r}: kwh_per_unit is not guarded (per functional unit)")
+        if used is None and chosen.period != "run":
+            self._period = (loaded, chosen, tracking_uri)
         spent = dict(used) if used is not None else self._spent(loaded, chosen, tracking_uri)
+        return self._left(chosen, spent)
+
+    def _left(self, chosen: Any, spent: Mapping[str, float]) -> dict[str, float]:
+        """The named budget's limits in our units, less ``spent`` (what its period used)."""
+        name = chosen.name
         out: dict[str, float] = {}
         for key, (ours, factor) in _FROM_CONFIG.items():
             if key in chosen.limits:
@@ -242,8 +254,11 @@ class EnergyBudget(Callback):
                     warn_user(f"EnergyBudget: {self.notes[-1]}")
         return out
 
-    def _spent(self, loaded: Any, chosen: Any, tracking_uri: str | None) -> dict[str, float]:
-        """What the budget's period already used, from its MLflow runs (0 if unreadable)."""
+    def _spent(
+        self, loaded: Any, chosen: Any, tracking_uri: str | None, without: Sequence[str] = ()
+    ) -> dict[str, float]:
+        """What the budget's period already used, from its MLflow runs (0 if unreadable),
+        leaving out the runs ``without``."""
         if chosen.period == "run":
             return {}
         try:
@@ -251,7 +266,9 @@ class EnergyBudget(Callback):
             from green_mlops.budget import AuditConfig
             from green_mlops.integrations.mlflow.reader import read_runs
 
-            records = read_runs(tracking_uri, chosen.experiments)
+            records = [
+                r for r in read_runs(tracking_uri, chosen.experiments) if r.run_id not in without
+            ]
             result = audit(AuditConfig(loaded.path, (chosen,)), records).budgets[0]
         except Exception as exc:  # the guard still guards this run's own figures
             self.notes.append(f"what budget {chosen.name!r} already used is unknown ({exc})")
@@ -290,8 +307,33 @@ class EnergyBudget(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """What a resumed fit needs: the last forecast's low end and the plan it was made for
-        (the measured totals are the EnergyMonitor's), and what the fit stopped on."""
-        return {"version": 1, **self._last, "exceeded": self.exceeded}
+        (the measured totals are the EnergyMonitor's), what the fit stopped on, and the MLflow
+        runs it logged to (a named budget leaves them out of its period's use: they are in
+        the fit's totals)."""
+        return {"version": 1, **self._last, "exceeded": self.exceeded, "runs": self._runs()}
+
+    def _runs(self) -> list[str]:
+        """The MLflow runs of this fit: the checkpoint's, its loggers', the active run."""
+        runs = dict.fromkeys(str(r) for r in self._carried.get("runs") or ())
+        monitor = self._monitor
+        runs.update(dict.fromkeys(getattr(getattr(monitor, "_output", None), "run_ids", ())))
+        mlflow = sys.modules.get("mlflow")
+        active = mlflow.active_run() if mlflow is not None else None
+        if active is not None:
+            runs[str(active.info.run_id)] = None
+        return list(runs)
+
+    def _recount(self) -> None:
+        """A resumed fit: the named budget's period read again without the fit's own runs
+        (its totals count them: counted twice, the fit would stop before its share)."""
+        if self._period is None:
+            return
+        loaded, chosen, tracking_uri = self._period
+        runs = self._runs()
+        left = self._left(chosen, self._spent(loaded, chosen, tracking_uri, without=runs))
+        for key, value in left.items():
+            self.limits[key] = min(self._given.get(key, math.inf), value)
+        self.notes.append(f"the period's use leaves out this fit's own {len(runs)} run(s)")
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -318,6 +360,8 @@ class EnergyBudget(Callback):
         if self.on == "forecast" and low and self._carried.get("plan") == plan:
             self._carried_low = {str(k): float(v) for k, v in low.items()}
         resumed = trainer.ckpt_path is not None
+        if resumed and self._carried.get("runs"):
+            self._recount()
         if resumed and self._carried.get("exceeded"):
             self.notes.append(f"resumed from a budget stop ({self._carried['exceeded']})")
         decided = self._decide(trainer, self._values(totals, None), start=True, resumed=resumed)

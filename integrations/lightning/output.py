@@ -67,6 +67,11 @@ class Output:
             warn_once(f"EnergyMonitor could not read the MLflow run: {exc}")
         return owner
 
+    @property
+    def run_ids(self) -> tuple[str, ...]:
+        """The MLflow runs of the stage's loggers."""
+        return tuple(self._run_ids)
+
     def claim(self, measurement: Measurement) -> None:
         """Register ``measurement`` as the one of the MLflow runs found (unless one exists)."""
         self._settings = measurement.settings
