@@ -545,6 +545,11 @@ REFUSED: dict[str, tuple[Callable[[Path, ModuleType], list[Callback]], dict[str,
         {"val_check_interval": 0.5},
         "check_on_train_epoch_end=False",
     ),
+    "energy monitor other key": (  # its quality per kWh would rest on a prefix's val_acc
+        lambda p, cb: [EnergyMonitor(monitor="val_acc", mode="max", meters=lambda: [ClockMeter()])],
+        {},
+        "allow_monitors",
+    ),
     "mc top 2": (
         lambda p, cb: [cb.ModelCheckpoint(dirpath=p, monitor="val_loss", save_top_k=2)],
         {},

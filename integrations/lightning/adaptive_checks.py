@@ -73,7 +73,8 @@ class ConfigChecks:
     # -- other callbacks (setup, on_fit_start) ---------------------------------------------
 
     def callbacks(self, trainer: pl.Trainer) -> float:
-        """Check the EarlyStopping and ModelCheckpoint callbacks; the ``min_delta`` to use."""
+        """Check the EarlyStopping, ModelCheckpoint and EnergyMonitor callbacks (a monitored
+        metric other than ours covers only the examples evaluated); the ``min_delta`` to use."""
         many = not (
             isinstance(trainer.val_check_interval, float) and trainer.val_check_interval == 1.0
         )
@@ -81,11 +82,18 @@ class ConfigChecks:
         self.off_reasons = []
         early_stopping = classes("callbacks", "EarlyStopping")  # of either namespace
         checkpoint = classes("callbacks", "ModelCheckpoint")
+        from green_mlops.integrations.lightning.energy_monitor import EnergyMonitor
+
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, early_stopping):
                 self._early_stopping(callback, trainer, many)
             elif isinstance(callback, checkpoint):
                 self._checkpoint(callback, trainer, many)
+            elif isinstance(callback, EnergyMonitor) and callback.monitor is not None:
+                # its quality per kWh / FLOP and energy to target would rest on a prefix
+                self._other_monitor(
+                    f"EnergyMonitor(monitor={callback.monitor!r})", callback.monitor
+                )
         if len(self.min_deltas) > 1:
             self.off_reasons.append(
                 f"EarlyStopping callbacks with different min_delta {sorted(self.min_deltas)}"
