@@ -27,6 +27,7 @@ __all__ = [
     "append",
     "merge",
     "path_for",
+    "pending",
     "remove_orphan_locks",
     "replay",
 ]
@@ -207,6 +208,42 @@ def replay(path: Path, deliver: Callable[[dict[str, Any]], None]) -> int:
             raise SpoolUnusable(str(exc)) from exc
         hold.remove()  # all delivered: the lock file goes with its spool
         return sent
+
+
+def pending(path: Path) -> tuple[str, list[str]] | None:
+    """What ``path`` still holds, in words ("the report, 12 metric values, the end of the run
+    (FINISHED)"), and the tracking URIs it goes to (as kept: the caller redacts them); None when
+    it holds nothing. Reads without the lock (rewrites are atomic; a line being appended is
+    skipped) and changes nothing."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    metrics = tags = 0
+    report = False
+    ends: list[str] = []
+    uris: dict[str, None] = {}
+    for line in text.splitlines():
+        try:
+            batch = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(batch, dict):
+            continue
+        uris[str(batch.get("tracking_uri", ""))] = None
+        if isinstance(batch.get("terminate"), dict):
+            ends.append(str(batch["terminate"].get("status", "")))
+            continue
+        metrics += len(batch.get("metrics") or [])
+        tags += len(batch.get("tags") or {})
+        report = report or batch.get("report") is not None
+    parts = [
+        *(["the report (green/report.json and its views)"] if report else []),
+        *([f"{metrics} metric value(s)"] if metrics else []),
+        *([f"{tags} tag(s)"] if tags else []),
+        *([f"the end of the run ({ends[-1]})"] if ends else []),
+    ]
+    return (", ".join(parts), [u for u in uris if u]) if parts else None
 
 
 def merge(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -543,8 +543,35 @@ def _at_exit() -> None:
             )
             last_try.start()
             last_try.join(EXIT_REPLAY_S)
+            _say_pending(sorted(_spooled))
     except Exception:
         log.exception("green-mlops: finishing at interpreter exit failed")
+
+
+def _say_pending(paths: Iterable[Path]) -> None:
+    """Once, at exit: what this process's runs still have in the spool (a server that did not
+    answer in time), where it is kept, and that ``green-mlops sync`` delivers it. The tracking
+    URIs are shown without their credentials."""
+    runs: list[str] = []
+    uris: dict[str, None] = {}
+    folders: dict[str, None] = {}
+    for path in paths:
+        kept = spool.pending(path)
+        if kept is None:
+            continue
+        what, targets = kept
+        runs.append(f"run {path.stem}: {what}")
+        uris.update((shown_uri(uri), None) for uri in targets)
+        folders[str(path.parent)] = None
+    if not runs:
+        return
+    log.warning(
+        "green-mlops: not delivered before exit (the tracking server %s did not take them in "
+        "time): %s; kept in %s; run `green-mlops sync` when the server answers to deliver them",
+        ", ".join(uris) or "?",
+        "; ".join(runs),
+        ", ".join(folders),
+    )
 
 
 def _replay_spooled() -> None:
