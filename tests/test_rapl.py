@@ -787,3 +787,24 @@ def test_counters_that_never_read_at_discovery_leave_the_cpu_to_the_estimate(
     assert Component.CPU not in meters
     (cpu,) = [u for u in unavailable if u.component is Component.CPU]
     assert "no read of" in cpu.reason and "estimate is used" in cpu.reason
+
+
+def test_no_powercap_tree_is_said_once_per_process_whatever_the_number_of_runs(
+    tmp_path: Path,
+) -> None:
+    """No RAPL here: the CPU figure falls back to the ±50 % estimate, said once per process (a
+    warning record, not a GreenMlopsWarning: nothing to fix on a VM) and never again at the
+    next run; doctor and the run's provenance keep it (trial 7: decided to stay a warning)."""
+    code = "from green_mlops import Tracker\nfor _ in range(3):\n    Tracker().start().stop()\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GREEN_MLOPS_")}
+    out = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code],
+        env={**env, "GREEN_MLOPS_RAPL_ROOT": str(tmp_path / "none"), "GREEN_MLOPS_LOCATION": "DE"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    said = [line for line in out.stderr.splitlines() if "no RAPL powercap tree" in line]
+    assert len(said) == 1, out.stderr
+    assert said[0].startswith("green-mlops: rapl (cpu): ") and "CPU estimate is used" in said[0]
