@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import pluggy
 
 from green_mlops import __version__, hookspecs
+from green_mlops.log import warn_user
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,14 @@ def create_plugin_manager(disabled: frozenset[str] = frozenset()) -> PluginManag
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.value not in DEFAULT_PLUGINS:  # a built-in listed again is the built-in
             _add(pm, ep.name, ep.value, _distribution(ep), ep.load)
+    for name in sorted(disabled - set(pm.origins)):  # a misspelled name disables nothing
+        close = difflib.get_close_matches(name, pm.origins, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        warn_user(
+            f"GREEN_MLOPS_DISABLE_PLUGINS names {name!r}, which is no plugin here{hint}: it "
+            f"disables nothing. The plugins are {', '.join(sorted(pm.origins))} "
+            "(`green-mlops doctor` lists them)"
+        )
     return pm
 
 

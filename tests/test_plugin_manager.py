@@ -438,3 +438,15 @@ def test_hooks_are_called_one_by_one_in_entry_point_order() -> None:
     ]
     assert [(f.plugin, f.hook) for f in failures] == [("bad", "green_mlops_meters")]
     assert "int" in failures[0].error
+
+
+def test_a_misspelled_disabled_plugin_is_said_with_the_names_there_are() -> None:
+    # GREEN_MLOPS_DISABLE_PLUGINS=raple left rapl on without a word
+    from green_mlops.log import GreenMlopsWarning
+    from green_mlops.plugin_manager import create_plugin_manager
+
+    with pytest.warns(
+        GreenMlopsWarning, match=r"'raple', which is no plugin here \(did you mean 'rapl'\?\)"
+    ):
+        pm = create_plugin_manager(frozenset({"raple"}))
+    assert pm.has_plugin("rapl")  # nothing was disabled, and that is what was said
