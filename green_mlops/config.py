@@ -325,6 +325,7 @@ class Settings:
                     f"{origin}={raw!r} is not valid{hint}: expected {meta['accepted']}"
                 ) from None
         settings = cls(**values)
+        _say_misspelled(env)
         if settings.intensity_providers != DEFAULT_INTENSITY_PROVIDERS:
             _check_provider_names(settings, *origins["intensity_providers"])
         if settings.intensity_basis == MARKET_BASED:
@@ -351,6 +352,27 @@ class Settings:
         """A copy with ``changes`` validated like keyword arguments to :meth:`load`."""
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return Settings.load(environ={}, **{**current, **changes})
+
+
+#: ``GREEN_MLOPS_*`` variables read outside the settings (a pilot's estimate, a scheduled job).
+OTHER_VARIABLES = frozenset({"GREEN_MLOPS_ESTIMATE", "GREEN_MLOPS_SCHEDULE"})
+_SAID: set[str] = set()
+
+
+def _say_misspelled(env: Mapping[str, str]) -> None:
+    """A ``GREEN_MLOPS_*`` variable close to a setting's name but none (GREEN_MLOPS_LOCATON) is
+    said once: it is ignored, and the setting it meant keeps its default. Variables close to
+    no name are left alone (a third-party plugin may read its own)."""
+    known = {f.metadata["env"] for f in dataclasses.fields(Settings)} | OTHER_VARIABLES
+    for name in env:
+        if not name.startswith(ENV_PREFIX) or name in known or name in _SAID:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        if close:
+            _SAID.add(name)
+            from green_mlops.log import warn_user
+
+            warn_user(f"{name} is not a setting, and is ignored: did you mean {close[0]}?")
 
 
 def _check_contract(settings: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,20 @@ def test_cache_dir_default_follows_xdg_cache_home_when_settings_load(
     assert Settings.load(environ={"GREEN_MLOPS_CACHE_DIR": "/x"}).cache_dir == Path("/x")
     rows = {row[0]: row[1] for row in settings_table()}
     assert rows["GREEN_MLOPS_CACHE_DIR"] == "$XDG_CACHE_HOME/green-mlops (~/.cache/green-mlops)"
+
+
+def test_a_misspelled_variable_is_said_once_with_the_setting_it_meant() -> None:
+    # GREEN_MLOPS_LOCATON=DE was ignored without a word (the world average priced the run)
+    from green_mlops.log import GreenMlopsWarning
+
+    env = {"GREEN_MLOPS_LOCATON": "DE", "GREEN_MLOPS_MY_PLUGIN_KEY": "x"}
+    with pytest.warns(GreenMlopsWarning) as caught:
+        assert Settings.load(environ=env).location is None
+    said = [str(w.message) for w in caught if issubclass(w.category, GreenMlopsWarning)]
+    assert said == [
+        "green-mlops: GREEN_MLOPS_LOCATON is not a setting, and is ignored: did you mean "
+        "GREEN_MLOPS_LOCATION?"
+    ]  # a third-party plugin's own variable (close to no setting) is left alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Settings.load(environ=env)  # said once
