@@ -320,6 +320,8 @@ class Settings:
                     raise ConfigError(
                         f"{origin}=<secret> is not valid: expected {meta['accepted']}"
                     ) from None
+                if "expected " in str(exc):  # the parser's message names the accepted form
+                    raise ConfigError(f"{origin}={raw!r} is not valid: {exc}") from None
                 hint = f" ({exc})" if str(exc) else ""
                 raise ConfigError(
                     f"{origin}={raw!r} is not valid{hint}: expected {meta['accepted']}"
@@ -329,7 +331,7 @@ class Settings:
         if settings.intensity_providers != DEFAULT_INTENSITY_PROVIDERS:
             _check_provider_names(settings, *origins["intensity_providers"])
         if settings.intensity_basis == MARKET_BASED:
-            _check_contract(settings)
+            _check_contract(settings, *origins.get("intensity_basis", ("", MARKET_BASED)))
         return settings
 
     @classmethod
@@ -375,18 +377,22 @@ def _say_misspelled(env: Mapping[str, str]) -> None:
             warn_user(f"{name} is not a setting, and is ignored: did you mean {close[0]}?")
 
 
-def _check_contract(settings: Settings) -> None:
+def _check_contract(settings: Settings, origin: str, raw: object) -> None:
     """The market-based basis qualifies the user's constant; without it (or without the
-    ``constant`` provider that prices with it) no contract figure would ever be reported."""
+    ``constant`` provider that prices with it) no contract figure would ever be reported.
+    ``origin`` and ``raw``: where the basis was set, and the value as given."""
     if settings.intensity_g_per_kwh is None:
         missing = "GREEN_MLOPS_INTENSITY_G_PER_KWH is not set: set it to the contract's gCO2e/kWh"
     elif "constant" not in settings.intensity_providers:
         missing = "GREEN_MLOPS_INTENSITY_PROVIDERS lacks `constant`: add it (e.g. constant,static)"
     else:
         return
+    given = f"{origin or 'GREEN_MLOPS_INTENSITY_BASIS'}={raw}"
+    if raw != MARKET_BASED:
+        given += f" ({MARKET_BASED})"
     raise ConfigError(
-        f"GREEN_MLOPS_INTENSITY_BASIS=market-based names the basis of a contract's figure, but "
-        f"{missing}, or unset GREEN_MLOPS_INTENSITY_BASIS"
+        f"{given} names the basis of a contract's figure, but {missing}, or unset "
+        "GREEN_MLOPS_INTENSITY_BASIS"
     )
 
 

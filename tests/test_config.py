@@ -182,3 +182,13 @@ def test_a_misspelled_variable_is_said_once_with_the_setting_it_meant() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Settings.load(environ=env)  # said once
+
+
+def test_messages_quote_the_value_given_and_the_accepted_form_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(environ={"GREEN_MLOPS_INTENSITY_BASIS": "market"})
+    assert str(info.value).startswith("GREEN_MLOPS_INTENSITY_BASIS=market (market-based) names")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(environ={"GREEN_MLOPS_LOCATION": "XX"})
+    assert str(info.value).startswith("GREEN_MLOPS_LOCATION='XX' is not valid: unknown location")
+    assert str(info.value).count("expected") == 1
