@@ -15,6 +15,7 @@ import psutil
 
 from green_mlops import job
 from green_mlops.hookspecs import hookimpl
+from green_mlops.log import warn_once
 from green_mlops.meters import (
     Component,
     Device,
@@ -229,6 +230,12 @@ def build_meter(
         info, tdp_override=settings.cpu_tdp_w, model_override=settings.cpu_model
     )
     basis = estimate.basis
+    if settings.cpu_model is not None and estimate.source == "default":
+        # the user named the CPU, and the name is not in the table: not used, said
+        warn_once(
+            f"GREEN_MLOPS_CPU_MODEL={settings.cpu_model!r} is not in the TDP table: {basis}",
+            fix=True,
+        )
     group = None
     if settings.share == "process":
         group = job.local_group()

@@ -214,6 +214,16 @@ def test_cpu_tdp_w_overrides_everything_and_cpu_model_overrides_detection() -> N
     assert "unknown CPU model 'Intel(R) Xeon(R) CPU @ 2.20GHz'" in detected.basis
 
 
+def test_a_cpu_model_setting_not_in_the_table_is_said_with_the_fix() -> None:
+    # GREEN_MLOPS_CPU_MODEL='Bogus CPU 9000' fell back to 12 W/core with only a note in the tags
+    from green_mlops.log import GreenMlopsWarning
+
+    bogus = Settings.load(environ={"GREEN_MLOPS_CPU_MODEL": "Bogus CPU 9000"})
+    with pytest.warns(GreenMlopsWarning, match=r"CPU_MODEL='Bogus CPU 9000' is not in the TDP"):
+        meter = build_meter(bogus, XEON_2S)
+    assert meter.tdp_w == 12.0 * 16 and "GREEN_MLOPS_CPU_TDP_W" in meter.basis
+
+
 def test_the_table_is_loaded_only_when_needed() -> None:
     cpu_models.load_tdp_table.cache_clear()
     [meter] = cpu_estimate.green_mlops_meters(Settings.load(environ={}, cpu_tdp_w=65))
