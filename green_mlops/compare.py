@@ -3,8 +3,12 @@ against a baseline, and totals by a tag or param. Framework-free: it takes
 :class:`~green_mlops.runs.RunRecord` objects, whichever store they were read from.
 
 Energy figures follow the run metrics (docs/mlflow-plugin.md, "Nested runs"): a run's
-``green/energy_kwh`` (and carbon, cost) is exclusive of its nested runs, so the totals here sum
-each joule once. A run's result is compared by the energy it took *including* its nested runs
+``green/energy_kwh`` (and carbon, cost) is exclusive of its nested runs, so the totals sum
+exclusive figures. Runs measured at the same time in one process (``green.concurrent_runs``)
+each measured the whole machine: a family whose members' sum exceeds its top run's inclusive
+figure is counted by that figure, a run inside another's measured time is counted in that one,
+and where the overlap cannot be known the total is an upper bound (:attr:`Group.upper_bound`).
+A run's result is compared by the energy it took *including* its nested runs
 (``green/inclusive/...`` where it has them): quality per kWh, the front and the baseline
 savings use :attr:`Row.inclusive_kwh` and :attr:`Row.inclusive_co2e_g`.
 
@@ -20,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from green_mlops.carbon import SKIPPED_DEFAULT
+from green_mlops.overlap import concurrent_runs, counted_once, family_sum, names
 from green_mlops.runs import RunRecord
 
 __all__ = [
@@ -101,11 +106,17 @@ class Row:
     group: str | None
     #: attribute -> why it is None.
     absent: Mapping[str, str] = field(default_factory=dict)
+    inclusive_cost: float | None = None
+    #: Unix seconds (the store's); ``green.concurrent_runs`` (runs alive at once, this one
+    #: included, each measuring the whole machine), None when not concurrent.
+    start_time: float | None = None
+    end_time: float | None = None
+    concurrent: int | None = None
 
     @property
     def marks(self) -> tuple[str, ...]:
         """Short words for what makes the numbers less than measured and fully priced."""
-        marks = []
+        marks = [f"concurrent ({self.concurrent} at once)"] if self.concurrent else []
         if self.estimated:
             marks.append(f"estimated ({'+'.join(self.estimated)})")
         elif self.measured is None and self.energy_kwh is not None:
@@ -134,6 +145,10 @@ class Group:
     best_metric: float | None
     best_quality_per_kwh: float | None
     absent: Mapping[str, str] = field(default_factory=dict)
+    #: Why the energy, CO2e and cost are upper bounds (None: each joule counted once).
+    upper_bound: str | None = None
+    #: What was counted once although several runs measured it.
+    counted_once: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -238,7 +253,9 @@ def compare(
     if base is not None:
         base = next(r for r in rows if r.run_id == base.run_id)
     groups = _groups(rows, by, mode) if by is not None else ()
-    notes = [EXCLUSIVE_NOTE, *_outside_children(records)]
+    total = _group(None, None, rows, mode)
+    notes = [total.upper_bound or EXCLUSIVE_NOTE, *total.counted_once]
+    notes += _outside_children(records)
     if metric is None:
         notes.append("no metric chosen: quality per kWh and the front need --metric NAME")
     return Comparison(
@@ -248,7 +265,7 @@ def compare(
         by=by,
         baseline=base,
         groups=groups,
-        total=_group(None, None, rows, mode),
+        total=total,
         notes=tuple(notes),
     )
 
@@ -284,6 +301,7 @@ def _row(record: RunRecord, metric: str | None, mode: str, by: str | None) -> Ro
     if duration is None:
         absent["duration_s"] = "no green/duration_s and no end time (still running?)"
     inclusive_kwh = m.get("green/inclusive/energy_kwh", energy)
+    inclusive_cost = m.get("green/inclusive/cost", cost)
     inclusive_co2e = m.get("green/inclusive/co2e_g", co2e)
     if inclusive_kwh is None:
         absent["inclusive_kwh"] = absent["energy_kwh"]
@@ -361,6 +379,10 @@ def _row(record: RunRecord, metric: str | None, mode: str, by: str | None) -> Ro
         vs_baseline=None,
         group=None if group is None else _text(group),
         absent=absent,
+        inclusive_cost=inclusive_cost,
+        start_time=record.start_time,
+        end_time=record.end_time,
+        concurrent=concurrent_runs(tags),
     )
 
 
@@ -482,6 +504,7 @@ def _groups(rows: Sequence[Row], by: str, mode: str) -> tuple[Group, ...]:
 def _group(key: str | None, value: str | None, rows: Sequence[Row], mode: str) -> Group:
     absent: dict[str, str] = {}
     sums: dict[str, float | None] = {}
+    units, once, unknown = counted_once(rows)
     for attr, metric_key in _SUMMED.items():
         lacking = [r.name for r in rows if getattr(r, attr) is None]
         if lacking:
@@ -489,7 +512,7 @@ def _group(key: str | None, value: str | None, rows: Sequence[Row], mode: str) -
             shown = ", ".join(lacking[:3]) + (" ..." if len(lacking) > 3 else "")
             absent[attr] = f"{len(lacking)} of {len(rows)} runs without {metric_key} ({shown})"
         else:
-            sums[attr] = math.fsum(getattr(r, attr) for r in rows)
+            sums[attr] = math.fsum(family_sum(top, members, attr) for top, members in units)
     currencies = {r.currency for r in rows if r.cost is not None}
     currency = next(iter(currencies)) if len(currencies) == 1 else None
     if len(currencies) > 1:
@@ -509,6 +532,12 @@ def _group(key: str | None, value: str | None, rows: Sequence[Row], mode: str) -
         best_metric=best,
         best_quality_per_kwh=max(qualities) if qualities else None,
         absent=absent,
+        upper_bound=None
+        if not unknown
+        else f"totals are upper bounds: {names(unknown)} ran at the same time "
+        "(green.concurrent_runs), each measuring the whole machine, and how much they overlap "
+        "cannot be known from their totals, so the overlap is counted more than once",
+        counted_once=tuple(once),
     )
 
 

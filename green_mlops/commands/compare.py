@@ -247,12 +247,19 @@ def _grid(c: Comparison, absent: str) -> tuple[list[str], list[list[str]]]:
 
 
 def _group_cells(g: Group, c: Comparison, absent: str) -> list[str]:
-    cost = (_num(g.cost) or absent) + (f" {g.currency}" if g.currency else "")
+    """A total's cells; ``≤`` before a sum that counts an overlap more than once (an upper
+    bound: :attr:`Group.upper_bound`)."""
+    at_most = "≤ " if g.upper_bound else ""
+
+    def show(value: float | None) -> str:
+        return at_most + _num(value) if value is not None else absent
+
+    cost = show(g.cost) + (f" {g.currency}" if g.currency else "")
     cells = [
         "(not set)" if g.value is None and g.key is not None else g.value or "all runs",
         str(g.runs),
-        _num(g.energy_kwh) or absent,
-        _num(g.co2e_g) or absent,
+        show(g.energy_kwh),
+        show(g.co2e_g),
         cost.strip(),
     ]
     if c.metric is not None:
@@ -284,10 +291,12 @@ def _absent_lines(c: Comparison) -> list[str]:
     for group in (*c.groups, c.total):
         for attr, why in group.absent.items():
             reasons.setdefault((attr, why), []).append(f"total {group.value or 'all runs'}")
+        if group.upper_bound and group is not c.total:  # the total's is among the notes
+            reasons.setdefault(("≤", group.upper_bound), []).append(f"total {group.value}")
     lines = []
     for (attr, why), names in reasons.items():
         who = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        lines.append(f"{attr} absent for {who}: {why}")
+        lines.append(f"≤ in {who}: {why}" if attr == "≤" else f"{attr} absent for {who}: {why}")
     return lines
 
 

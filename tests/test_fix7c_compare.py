@@ -1,0 +1,194 @@
+"""``green-mlops compare`` defects a new-user trial found (TRIAL-7 items 1, 7, 8), on real runs
+made by the real plugin on a real MLflow server:
+
+- runs measured at the same time in one process (threads, like Optuna's ``n_jobs=2`` with
+  ``track_in_mlflow``; the nested runs of an ``mlflow.sklearn`` parameter search) each measured
+  the whole machine: the total must not sum them as if disjoint;
+- the default table at 80 columns (non-tty, CI) cut every cell;
+- a Lightning run tested after fit has two quality-per-kWh figures: compare says which energy
+  it divides by.
+
+Every expected number is computed here from the runs' own metrics, read back with
+``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from green_mlops.cli import main
+from green_mlops.compare import EXCLUSIVE_NOTE, compare
+from green_mlops.integrations.mlflow.reader import read_runs
+from tests.green_runs import plugin_env
+from tests.mlflow_server import MlflowServer
+
+REL = 1e-9
+
+_RUNS = """
+import json, sys, threading, time
+import mlflow
+
+def busy(seconds):
+    end = time.perf_counter() + seconds
+    x = 0
+    while time.perf_counter() < end:
+        x += 1
+    return x
+
+par, grid = sys.argv[1], sys.argv[2]
+ids = {}
+
+# Optuna's shape (study.optimize(n_jobs=2) with track_in_mlflow): MLflow's active run is
+# thread-local, so each trial is a top-level run that overlaps the study's run
+mlflow.set_experiment(par)
+def trial(i, wait):
+    time.sleep(wait)
+    with mlflow.start_run(run_name=f"trial-{i}") as run:
+        ids[f"trial-{i}"] = run.info.run_id
+        busy(0.8)
+        mlflow.log_metric("score", (i - 1.5) ** 2 + 0.1)
+
+with mlflow.start_run(run_name="study") as run:
+    ids["study"] = run.info.run_id
+    busy(0.3)
+    for pair in ((0, 1), (2, 3)):
+        threads = [threading.Thread(target=trial, args=(i, 0.4 * k)) for k, i in enumerate(pair)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    busy(0.3)
+
+# the trial's ml/sk.py: GridSearchCV with mlflow.sklearn autologging (parent + nested runs)
+from sklearn.datasets import load_digits
+from sklearn.model_selection import GridSearchCV
+from sklearn.tree import DecisionTreeClassifier
+import mlflow.sklearn
+mlflow.set_experiment(grid)
+mlflow.sklearn.autolog(log_models=False, max_tuning_runs=10, silent=True)
+X, y = load_digits(return_X_y=True)
+gs = GridSearchCV(DecisionTreeClassifier(random_state=0), {"max_depth": [2, 4, 8, 16]}, cv=3)
+gs.fit(X, y)
+print(json.dumps(ids))
+"""
+
+
+@dataclass(frozen=True)
+class Made:
+    server: MlflowServer
+    par: str
+    grid: str
+    ids: dict[str, str]
+
+    def metrics(self, run_id: str) -> dict[str, float]:
+        return dict(MlflowClient(self.server.url).get_run(run_id).data.metrics)
+
+
+@pytest.fixture(scope="module")
+def made(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Made:
+    work = tmp_path_factory.mktemp("fix7c")
+    tag = uuid.uuid4().hex[:8]
+    par, grid = f"par-{tag}", f"grid-{tag}"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_RUNS), par, grid],
+        cwd=work,
+        env=plugin_env(mlflow_server, work),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+    return Made(mlflow_server, par, grid, json.loads(lines[-1]))
+
+
+# --- 1. concurrent runs are not summed as if disjoint -----------------------------------------
+
+
+def test_top_level_runs_inside_a_concurrent_run_are_counted_once(made: Made) -> None:
+    records = read_runs(made.server.url, [made.par])
+    c = compare(records, metric="score", mode="min")
+    study = made.metrics(made.ids["study"])
+    trials = [made.metrics(made.ids[f"trial-{i}"]) for i in range(4)]
+    tags = {r.name: r.tags for r in records}
+    # what the trial saw: every run measured the whole machine and says it ran concurrently
+    assert all(int(tags[name]["green.concurrent_runs"]) >= 2 for name in tags)
+    summed = study["green/energy_kwh"] + math.fsum(t["green/energy_kwh"] for t in trials)
+    assert summed > 1.2 * study["green/energy_kwh"]  # the old total: +20 % or more
+    # the study was measured throughout the trials' time: its figures already hold theirs
+    assert math.isclose(c.total.energy_kwh or 0.0, study["green/energy_kwh"], rel_tol=REL)
+    assert math.isclose(c.total.co2e_g or 0.0, study["green/co2e_g"], rel_tol=REL)
+    assert math.isclose(c.total.cost or 0.0, study["green/cost"], rel_tol=REL)
+    assert c.total.upper_bound is None
+    assert EXCLUSIVE_NOTE in c.notes
+    once = [n for n in c.notes if "inside study's measured time" in n]
+    assert len(once) == 1 and all(f"trial-{i}" in once[0] for i in range(4))
+    assert all(any(m.startswith("concurrent (") for m in r.marks) for r in c.rows)
+
+
+def test_overlapping_runs_that_no_run_covers_make_the_total_an_upper_bound(
+    made: Made, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # without the study, trial-0 and trial-1 overlap (and 2 with 3): how much is not known
+    records = read_runs(made.server.url, [made.par], filter_string="attributes.run_name != 'study'")
+    c = compare(records)
+    assert sorted(r.name for r in c.rows) == [f"trial-{i}" for i in range(4)]
+    bound = c.total.upper_bound
+    assert bound is not None and bound.startswith("totals are upper bounds")
+    assert all(f"trial-{i}" in bound for i in range(4))
+    assert EXCLUSIVE_NOTE not in c.notes and bound in c.notes
+    summed = math.fsum(made.metrics(made.ids[f"trial-{i}"])["green/energy_kwh"] for i in range(4))
+    assert math.isclose(c.total.energy_kwh or 0.0, summed, rel_tol=REL)
+    code = main(
+        [
+            "compare",
+            "--tracking-uri",
+            made.server.url,
+            "--experiment",
+            made.par,
+            "--filter",
+            "attributes.run_name != 'study'",
+            "--format",
+            "markdown",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "every joule is counted once" not in out
+    assert f"| all runs | 4 | ≤ {summed:.3g} |" in out and "totals are upper bounds" in out
+
+
+def test_a_parameter_search_family_never_exceeds_the_parents_inclusive_figure(
+    made: Made,
+) -> None:
+    records = read_runs(made.server.url, [made.grid])
+    parents = [r for r in records if r.parent_id is None]
+    assert len(parents) == 1, [r.name for r in records]
+    parent = parents[0]
+    children = [r for r in records if r.parent_id == parent.run_id]
+    assert len(children) == 4
+    inclusive = parent.metrics["green/inclusive/energy_kwh"]
+    summed = parent.metrics["green/energy_kwh"] + math.fsum(
+        r.metrics["green/energy_kwh"] for r in children
+    )
+    # the trial's finding: the children overlap, so parent exclusive + children > inclusive
+    assert any("green.concurrent_runs" in r.tags for r in children)
+    assert summed > inclusive * (1 + 1e-6)
+    c = compare(records)
+    assert math.isclose(c.total.energy_kwh or 0.0, inclusive, rel_tol=REL)
+    assert math.isclose(
+        c.total.co2e_g or 0.0, parent.metrics["green/inclusive/co2e_g"], rel_tol=REL
+    )
+    assert math.isclose(c.total.cost or 0.0, parent.metrics["green/inclusive/cost"], rel_tol=REL)
+    assert c.total.upper_bound is None and EXCLUSIVE_NOTE in c.notes
+    assert any(
+        n.startswith(f"{parent.name}: its nested runs measured the same time") for n in c.notes
+    )
