@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from green_mlops.config import Settings
 from green_mlops.integrations.lightning._namespaces import classes
+from green_mlops.integrations.lightning.stages import report_for_run
 from green_mlops.integrations.mlflow.writer import RunWriter
 from green_mlops.log import warn_once
 from green_mlops.session import Measurement, Result, claim, lookup, release
@@ -148,6 +149,7 @@ class Output:
             document["footprint"] = dataclasses.asdict(whole)
             document["reporting_sentence"] = reporting_sentence(whole)
         document["tags"] = dict(tags)
+        stage = _stage(trainer)
         for logger in trainer.loggers:
             try:
                 if id(logger) in self._mlflow:
@@ -155,8 +157,9 @@ class Output:
                         continue
                     writer = self._writer(logger)
                     writer.tags(tags)
-                    if report:
-                        writer.report(document)
+                    if report:  # with the run's earlier stages in this process (.stages)
+                        key = ("mlflow", writer.tracking_uri, writer.run_id)
+                        writer.report(report_for_run(key, document, stage))
                     if world == 1:  # at step = seconds since the run's measurement began
                         earlier = metrics.get("green/duration_s", 0.0) - result.snapshot.duration_s
                         writer.power(result.power, result.snapshot.started_at - earlier)
@@ -164,8 +167,9 @@ class Output:
                 elif report and getattr(logger, "log_dir", None):
                     path = os.path.join(str(logger.log_dir), "green_report.json")
                     os.makedirs(os.path.dirname(path), exist_ok=True)
+                    merged = report_for_run(("dir", os.path.abspath(path)), document, stage)
                     with open(path, "w", encoding="utf-8") as fh:
-                        json.dump(document, fh, indent=2, default=str)
+                        json.dump(merged, fh, indent=2, default=str)
             except Exception as exc:
                 warn_once(f"EnergyMonitor could not write to {type(logger).__name__}: {exc}")
 
@@ -204,6 +208,12 @@ def interrupted_tags(
             "interrupted: the totals are this process's only (ranks not combined)"
         )
     return tags
+
+
+def _stage(trainer: pl.Trainer) -> str:
+    """The stage ending (``fit``, ``validate``, ``test``, ``predict``)."""
+    fn = trainer.state.fn
+    return str(getattr(fn, "value", fn) or "unknown")
 
 
 def _mlflow_run_id(logger: Any) -> str | None:
