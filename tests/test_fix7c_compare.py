@@ -192,3 +192,38 @@ def test_a_parameter_search_family_never_exceeds_the_parents_inclusive_figure(
     assert any(
         n.startswith(f"{parent.name}: its nested runs measured the same time") for n in c.notes
     )
+
+
+# --- 2. the default table at 80 columns ---------------------------------------------------------
+
+
+def _table(made: Made, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    code = main(["compare", "--tracking-uri", made.server.url, "--experiment", made.par, *args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_the_default_table_shows_every_cell_whole_at_80_columns(
+    made: Made,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    columns: int,
+) -> None:
+    monkeypatch.setenv("COLUMNS", str(columns))  # what a CI job (no terminal) gets: rich's 80
+    args = ("--metric", "score", "--mode", "min", "--baseline", "trial-0", "--by", "green.measured")
+    out = _table(made, capsys, *args)
+    assert "…" not in out
+    c = compare(read_runs(made.server.url, [made.par]), metric="score", mode="min")
+    for row in c.rows:
+        assert row.name in out
+        per_kwh = [row.quality_per_kwh] if row.name != "study" else []  # study: no score
+        for value in (row.energy_kwh, row.co2e_g, row.cost, *per_kwh):
+            assert value is not None and format(value, ".3g") in out
+        assert ", ".join(row.marks) in out
+    assert format(c.total.energy_kwh or 0.0, ".3g") in out
+    # wide enough, it stays one table
+    monkeypatch.setenv("COLUMNS", "400")
+    wide = _table(made, capsys, *args)
+    assert "┃" in wide and "…" not in wide

@@ -358,27 +358,56 @@ def _title(c: Comparison) -> str:
 
 
 def _print_table(c: Comparison) -> None:
+    """The rich tables; where a table's cells cannot all be shown whole at the console's
+    width (80 columns without a terminal, CI), one block per run (and per total) instead."""
     from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(highlight=False)
+    headers, cells = _grid(c, "—")
+    _print_grid(console, _title(c), headers, cells, lead=2, numbers=range(2, len(headers) - 1))
+    totals = [_group_cells(group, c, "—") for group in (*c.groups, c.total)]
+    title = "Totals" + (f" by {c.by}" if c.by else "")
+    _print_grid(console, title, _group_headers(c), totals, lead=1, numbers=())
+    for line in (*c.notes, *_absent_lines(c)):
+        console.print(f"- {escape(line)}", soft_wrap=True)
+
+
+def _print_grid(
+    console: Any,
+    title: str,
+    headers: Sequence[str],
+    cells: Sequence[Sequence[str]],
+    *,
+    lead: int,
+    numbers: Sequence[int],
+) -> None:
+    """One rich table, or, where it would cut a cell at the console's width, per row a line
+    of its first ``lead`` cells (the run, its front/baseline label) and a ``label  value``
+    line for each other cell that is not empty."""
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(highlight=False)
-    table = Table(title=escape(_title(c)))
-    headers, cells = _grid(c, "—")
+    table = Table(title=escape(title))
     for i, header in enumerate(headers):
-        right = 1 < i < len(headers) - 1
-        table.add_column(escape(header), justify="right" if right else "left", no_wrap=i < 2)
+        right = i in numbers
+        table.add_column(escape(header), justify="right" if right else "left", no_wrap=i < lead)
     for row_cells in cells:
         table.add_row(*(escape(cell) for cell in row_cells))
-    console.print(table)
-    totals = Table(title="Totals" + (f" by {escape(c.by)}" if c.by else ""))
-    for header in _group_headers(c):
-        totals.add_column(escape(header))
-    for group in (*c.groups, c.total):
-        totals.add_row(*(escape(cell) for cell in _group_cells(group, c, "—")))
-    console.print(totals)
-    for line in (*c.notes, *_absent_lines(c)):
-        console.print(f"- {escape(line)}", soft_wrap=True)
+    with console.capture() as captured:
+        console.print(table)
+    text = captured.get()
+    if "…" not in text or any("…" in cell for row_cells in cells for cell in row_cells):
+        console.file.write(text)  # no cell cut (rich cuts a cell it cannot wrap with "…")
+        return
+    console.print(escape(title), soft_wrap=True)
+    width = max(len(label) for label in headers[lead:])
+    for row_cells in cells:
+        head = [cell for cell in reversed(row_cells[:lead]) if cell]
+        console.print(escape(head[0] + "".join(f"  [{cell}]" for cell in head[1:])), soft_wrap=True)
+        for label, cell in zip(headers[lead:], row_cells[lead:], strict=True):
+            if cell:
+                console.print(f"  {escape(label.ljust(width))}  {escape(cell)}", soft_wrap=True)
 
 
 # --- the plot ----------------------------------------------------------------------------------
