@@ -9,8 +9,9 @@ each measured the whole machine: a family whose members' sum exceeds its top run
 figure is counted by that figure, a run inside another's measured time is counted in that one,
 and where the overlap cannot be known the total is an upper bound (:attr:`Group.upper_bound`).
 A run's result is compared by the energy it took *including* its nested runs
-(``green/inclusive/...`` where it has them): quality per kWh, the front and the baseline
-savings use :attr:`Row.inclusive_kwh` and :attr:`Row.inclusive_co2e_g`.
+(``green/inclusive/...`` where it has them), over the whole run (every stage): quality per
+kWh, the front and the baseline savings use :attr:`Row.inclusive_kwh` and
+:attr:`Row.inclusive_co2e_g`.
 
 A quantity that cannot be computed is ``None``, never 0, with the reason in :attr:`Row.absent`
 (or :attr:`Group.absent`).
@@ -258,6 +259,8 @@ def compare(
     notes += _outside_children(records)
     if metric is None:
         notes.append("no metric chosen: quality per kWh and the front need --metric NAME")
+    else:
+        notes += _per_kwh_notes(records, rows, metric)
     return Comparison(
         rows=tuple(rows),
         metric=metric,
@@ -268,6 +271,29 @@ def compare(
         total=total,
         notes=tuple(notes),
     )
+
+
+def _per_kwh_notes(records: Sequence[RunRecord], rows: Sequence[Row], metric: str) -> list[str]:
+    """Which energy quality per kWh divides by; the runs whose own figure (EnergyMonitor's,
+    at its last validation) differs, with both values."""
+    notes = [
+        f"quality/kWh divides {metric} (its latest value) by the run's whole energy, nested runs "
+        "and every stage (fit, test) included: green/inclusive/energy_kwh, else green/energy_kwh"
+    ]
+    own = {r.run_id: r.metrics.get(f"green/quality/{metric}_per_kwh") for r in records}
+    differ = [
+        f"{r.name} {own[r.run_id]:.4g} (compare: {r.quality_per_kwh:.4g})"
+        for r in rows
+        if r.quality_per_kwh is not None
+        and own.get(r.run_id) is not None
+        and not math.isclose(own[r.run_id] or 0.0, r.quality_per_kwh, rel_tol=1e-6)
+    ]
+    if differ:
+        notes.append(
+            f"green/quality/{metric}_per_kwh differs: EnergyMonitor divides by the energy at its "
+            f"last validation, without the stages after it (test): {', '.join(differ)}"
+        )
+    return notes
 
 
 # --- one run -----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import sys
 import textwrap
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -227,3 +228,93 @@ def test_the_default_table_shows_every_cell_whole_at_80_columns(
     monkeypatch.setenv("COLUMNS", "400")
     wide = _table(made, capsys, *args)
     assert "┃" in wide and "…" not in wide
+
+
+# --- 3. which energy quality per kWh divides by ---------------------------------------------------
+
+_FIT_THEN_TEST = """
+import json, sys
+import lightning as L
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from green_mlops.integrations.lightning import EnergyMonitor
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1024, 16, generator=g)
+y = (x[:, :2].sum(dim=1) > 0).long()
+train = DataLoader(TensorDataset(x[:512], y[:512]), batch_size=64)
+val = DataLoader(TensorDataset(x[512:768], y[512:768]), batch_size=128)
+test = DataLoader(TensorDataset(x[768:].repeat(20, 1), y[768:].repeat(20)), batch_size=64)
+
+class Classifier(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 2))
+
+    def training_step(self, batch, _):
+        xb, yb = batch
+        return nn.functional.cross_entropy(self.net(xb), yb)
+
+    def validation_step(self, batch, _):
+        xb, yb = batch
+        self.log("val_acc", (self.net(xb).argmax(dim=1) == yb).float().mean())
+
+    def test_step(self, batch, _):
+        xb, yb = batch
+        self.log("test_acc", (self.net(xb).argmax(dim=1) == yb).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+logger = MLFlowLogger(experiment_name=sys.argv[1], run_name="fit-then-test")
+torch.manual_seed(0)
+trainer = L.Trainer(
+    max_epochs=2, accelerator="cpu", logger=logger,
+    callbacks=[EnergyMonitor(monitor="val_acc", mode="max")], enable_progress_bar=False,
+    enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+)
+model = Classifier()
+trainer.fit(model, train, val)
+trainer.test(model, test)
+print(json.dumps({"run_id": logger.run_id}))
+"""
+
+
+def test_compare_says_which_energy_quality_per_kwh_divides_by(
+    mlflow_server: MlflowServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    experiment = f"fit-test-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run(  # the callback alone (plugin off), as in the trial's lt/pl_train.py
+        [sys.executable, "-c", textwrap.dedent(_FIT_THEN_TEST), experiment],
+        cwd=tmp_path,
+        env=plugin_env(mlflow_server, tmp_path, GREEN_MLOPS_ENABLE="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+    m = dict(MlflowClient(mlflow_server.url).get_run(json.loads(lines[-1])["run_id"]).data.metrics)
+    own = m["green/quality/val_acc_per_kwh"]
+    whole = m["val_acc"] / m["green/energy_kwh"]
+    assert own > whole * 1.001  # the callback's figure leaves out the test stage's energy
+    c = compare(read_runs(mlflow_server.url, [experiment]), metric="val_acc")
+    (row,) = c.rows
+    assert math.isclose(row.quality_per_kwh or 0.0, whole, rel_tol=REL)
+    said = [n for n in c.notes if n.startswith("quality/kWh divides val_acc")]
+    assert said and "every stage (fit, test)" in said[0]
+    (differs,) = [n for n in c.notes if n.startswith("green/quality/val_acc_per_kwh differs")]
+    assert f"fit-then-test {own:.4g} (compare: {whole:.4g})" in differs
+    code = main(
+        [
+            *("compare", "--tracking-uri", mlflow_server.url, "--experiment", experiment),
+            *("--metric", "val_acc", "--format", "markdown"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and said[0] in out and differs in out
