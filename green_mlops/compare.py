@@ -218,7 +218,7 @@ def by_month(records: Sequence[RunRecord]) -> tuple[Period, ...]:
         shares = [
             None
             if total.energy_kwh is None
-            else math.fsum(r.energy_kwh or 0.0 for r in rows if r.measured is measured)
+            else _group("", "", [r for r in rows if r.measured is measured], "max").energy_kwh
             for measured in (True, False, None)
         ]
         periods.append(Period(experiment, month, total, *shares))

@@ -27,7 +27,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from green_mlops.cli import main
-from green_mlops.compare import EXCLUSIVE_NOTE, compare
+from green_mlops.compare import EXCLUSIVE_NOTE, by_month, compare
 from green_mlops.integrations.mlflow.reader import read_runs
 from tests.green_runs import plugin_env
 from tests.mlflow_server import MlflowServer
@@ -318,3 +318,12 @@ def test_compare_says_which_energy_quality_per_kwh_divides_by(
     )
     out = capsys.readouterr().out
     assert code == 0 and said[0] in out and differs in out
+
+
+def test_a_months_measured_and_estimated_shares_count_concurrent_runs_once(made: Made) -> None:
+    (period,) = by_month(read_runs(made.server.url, [made.par]))
+    study = made.metrics(made.ids["study"])["green/energy_kwh"]
+    assert math.isclose(period.total.energy_kwh or 0.0, study, rel_tol=REL)
+    # every run here is an estimate (rapl, nvml disabled): the estimated share is the total
+    assert math.isclose(period.estimated_kwh or 0.0, study, rel_tol=REL)
+    assert period.measured_kwh == 0.0 and period.unknown_kwh == 0.0
