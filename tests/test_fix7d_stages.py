@@ -162,3 +162,27 @@ def test_fit_then_validate_with_price_and_embodied_verifies_in_log_dir(tmp_path:
     assert rep["metrics"]["green/sci_g_per_run"] > 0 and rep["metrics"]["green/cost"] > 0
     out = io.StringIO()
     assert verify_file(path, Console(file=out, width=200)) == 0, out.getvalue()
+
+
+def cpu(joules: float) -> dict[str, float]:
+    return {"cpu": joules}
+
+
+def test_the_chart_starts_at_the_run_start_whatever_the_intervals(tmp_path: Path) -> None:
+    """Trial 7 with GREEN_MLOPS_ENABLE=1: a 0.94 s run whose timeline has a long first interval
+    (0 to 0.76 s) was drawn from 0.76 s on (each level at its interval's end only). Each
+    interval is drawn over its whole span."""
+    energy = {
+        "started_at": 50.0,
+        "duration_s": 0.94,
+        "joules": 9.4,
+        "joules_by_component": cpu(9.4),
+        "timeline": [
+            {"time": 50.0, "joules_by_component": {}},
+            {"time": 50.76, "joules_by_component": cpu(7.6)},
+            {"time": 50.94, "joules_by_component": cpu(9.4)},
+        ],
+    }
+    steps = power_steps({"energy": energy})["cpu"]
+    assert steps == [pytest.approx((0.0, 0.76, 10.0)), pytest.approx((0.76, 0.94, 10.0))]
+    assert draw_power({"energy": energy}, tmp_path / "p.png")
