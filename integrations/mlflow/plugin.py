@@ -1,10 +1,8 @@
 """The MLflow plugin: every MLflow run of the process gets energy, carbon and efficiency metrics.
 
 Wraps ``MlflowClient.create_run``/``set_terminated`` (and ``start_run`` for resumed runs), gives
-each run a :class:`~green_mlops.session.Measurement` and writes it through
-:class:`~.writer.RunWriter`. Run lifecycle, lingering terminated runs, nested runs, rates and
-the spool: see docs/mlflow-plugin.md.
-"""
+each run a :class:`~green_mlops.session.Measurement`, written by :class:`~.writer.RunWriter`.
+Lifecycle, nested runs, SIGTERM, rates, the spool: docs/mlflow-plugin.md."""
 
 from __future__ import annotations
 
@@ -22,7 +20,12 @@ from typing import Any
 from green_mlops import job, nodes, session
 from green_mlops.config import Settings
 from green_mlops.extras import install_command
-from green_mlops.integrations.mlflow.writer import UPLOAD_WAIT_S, RunWriter, wait_uploads
+from green_mlops.integrations.mlflow.writer import (
+    UPLOAD_WAIT_S,
+    RunWriter,
+    on_sigterm,
+    wait_uploads,
+)
 from green_mlops.log import warn_once
 from green_mlops.metrics import EXCLUSIVE_KEYS, is_additive
 from green_mlops.session import Measurement, Result
@@ -38,6 +41,7 @@ TOTALS_AGE_FRACTION = 0.005
 #: A run created this many seconds after the ``start_time`` it is given records work done before
 #: it existed (mlflow.sklearn's search candidates): it is not measured (docs/mlflow-plugin.md).
 BACKDATED_S = 1.0
+_LATE = "(e.g. mlflow.sklearn's search candidates): not measured, its energy is in the parent's"
 
 
 @dataclass
@@ -79,12 +83,9 @@ class _State:
 
 
 def autolog(settings: Settings | Mapping[str, Any] | None = None, **overrides: Any) -> None:
-    """Measure every MLflow run created or resumed from now on in this process.
-
-    Raises ConfigError at once for a bad setting (nothing is instrumented then). Idempotent;
-    a second call replaces the settings for runs created afterwards. Without MLflow installed
-    nothing happens, and a :class:`~green_mlops.GreenMlopsWarning` says how to install it.
-    """
+    """Measure every MLflow run created or resumed from now on in this process. Raises
+    ConfigError at once for a bad setting (nothing instrumented). Idempotent; a second call sets
+    later runs' settings. Without MLflow, a :class:`~green_mlops.GreenMlopsWarning` says so."""
     resolved = Settings.resolve(settings, **overrides)
     with _state.lock:
         if _instrument():
@@ -161,13 +162,11 @@ def forecast(
     step: int | None = None,
     max_duration_s: float | None = None,
 ) -> Any:
-    """The measured run's totals when ``progress`` (0, 1] of its loop is done (e.g.
-    ``step / total_steps``): a :class:`~green_mlops.forecast.Forecast` of its energy, duration
-    and carbon with a band (docs/forecasts.md), also logged to the run as ``green/forecast/*``
-    at ``step`` (default: the run's seconds, as its totals). The run: ``run_id``, else the
-    active MLflow run. None before a steady state, or when that run is not measured (both
-    said once). Call it every few hundred steps, not per step. Raises ValueError for a
-    ``progress`` outside (0, 1]."""
+    """The totals of run ``run_id`` (default: the active run) when ``progress`` (0, 1] of its
+    loop is done: a :class:`~green_mlops.forecast.Forecast` with a band (docs/forecasts.md),
+    also logged as ``green/forecast/*`` at ``step`` (default: the run's seconds). None before a
+    steady state or for a run not measured (said once). Call it every few hundred steps.
+    Raises ValueError for a ``progress`` outside (0, 1]."""
     from green_mlops.forecast import check_request
 
     check_request(progress, max_duration_s)
@@ -193,8 +192,7 @@ def forecast(
 
 
 def flush(timeout: float = UPLOAD_WAIT_S) -> bool:
-    """Wait (at most ``timeout`` s) for the reports and charts of ended runs to be sent.
-    Returns whether all were. Done for you at interpreter exit."""
+    """Wait (at most ``timeout`` s; done at exit) for ended runs' reports to be sent: all were?"""
     return wait_uploads(timeout)
 
 
@@ -278,8 +276,7 @@ def _wrap_set_terminated(original: Callable[..., Any]) -> Callable[..., Any]:
             run = _state.runs.get(run_id) or _state.lingering.get(run_id)
         if run is not None:
             status = kwargs.get("status") or (args[0] if args else None) or "FINISHED"
-            # final values land before the status changes; with the server down the
-            # termination is spooled with them instead of waiting for MLflow's retries
+            # final values land before the status; server down: the termination is spooled
             if _finish(run, status=str(status), terminating=True):
                 return None
         return original(self, run_id, *args, **kwargs)
@@ -318,11 +315,7 @@ def _active_settings() -> Settings | None:
 
 
 def _backdated(late: float) -> dict[str, str]:
-    why = (
-        f"created {late:.3g} s after its start_time, after the work it records (e.g. a "
-        "parameter search's candidates logged by mlflow.sklearn): not measured, the energy of "
-        "that work is in the run active meanwhile (the parent)"
-    )
+    why = f"created {late:.3g} s after its start_time, after the work it records {_LATE}"
     return {"green.not_reported": f"green/*: {why}", "green.measured_span": f"none: {why}"}
 
 
@@ -369,11 +362,16 @@ def _begin(
                 run.gather.open()
             _state.runs[run_id] = run
             _activate(run)
-            if _state.sink is None or not _state.sink.is_alive():
-                _state.sink = _Sink(settings.log_interval_s)
-                _state.sink.start()
+            on_sigterm(_kill_runs)
+            _start_sink(settings.log_interval_s)
     except Exception:
         log.exception("green-mlops: could not start measuring MLflow run %s", run_id)
+
+
+def _start_sink(interval_s: float) -> None:
+    if _state.sink is None or not _state.sink.is_alive():  # holds ``_state.lock``
+        _state.sink = _Sink(interval_s)
+        _state.sink.start()
 
 
 def _activate(run: _Run) -> None:
@@ -428,18 +426,13 @@ def _child_done(run: _Run, result: Result) -> None:
 
 def _previous_totals(previous: Any) -> dict[str, float]:
     """The green totals an earlier segment of a resumed run logged (added to the new ones)."""
-    try:
-        metrics = previous.data.metrics
-    except Exception:
-        return {}
+    metrics = getattr(getattr(previous, "data", None), "metrics", None) or {}
     return {k: float(v) for k, v in metrics.items() if is_additive(k)}
 
 
 def _finish(run: _Run, *, status: str | None, terminating: bool = False) -> bool:
-    """Send the final values synchronously; the run then lingers. Never raises.
-
-    Returns True when the server could not be reached and the termination was spooled (the
-    caller then skips MLflow's own ``set_terminated``)."""
+    """Send the final values synchronously; the run then lingers. Never raises. True: the server
+    was unreachable and the termination spooled (the caller skips MLflow's ``set_terminated``)."""
     try:
         with _state.lock:
             if _state.runs.get(run.run_id) is run:
@@ -483,11 +476,21 @@ def _revive(run: _Run) -> None:
         with _state.lock:
             _state.runs[run.run_id] = run
             _activate(run)
-            if _state.sink is None or not _state.sink.is_alive():
-                _state.sink = _Sink(run.measurement.settings.log_interval_s)
-                _state.sink.start()
+            _start_sink(run.measurement.settings.log_interval_s)
     except Exception:
         log.exception("green-mlops: could not resume measuring MLflow run %s", run.run_id)
+
+
+def _kill_runs() -> None:
+    """SIGTERM (:func:`.writer.on_sigterm`): end the measured runs KILLED, final values first,
+    newest first (children before their parents, as MLflow's stack ends them)."""
+    from mlflow.tracking.client import MlflowClient
+
+    with _state.lock:
+        runs = list(_state.runs.values())[::-1]
+    for run in runs:
+        with contextlib.suppress(Exception):
+            MlflowClient(run.writer.tracking_uri).set_terminated(run.run_id, "KILLED")
 
 
 def _discard_lingering(*, keep: str | None) -> None:
@@ -502,8 +505,8 @@ def _discard_lingering(*, keep: str | None) -> None:
 
 
 def _at_exit() -> None:
-    """Interpreter exit: end MLflow's active run as its own atexit handler would (that one runs
-    after this), finish revived runs, stop the lingering ones."""
+    """Interpreter exit: end MLflow's active run as its own atexit handler would (run after
+    this one), finish revived runs, stop the lingering ones; then the writer's handler runs."""
     try:
         if _state.originals:
             import mlflow
@@ -516,7 +519,6 @@ def _at_exit() -> None:
         for run in runs:
             _finish(run, status=None)
         _discard_lingering(keep=None)
-        # the writer's own exit handler runs next: reports not sent in time, the last replay
     except Exception:
         log.exception("green-mlops: finishing at interpreter exit failed")
 
@@ -568,8 +570,7 @@ def _send(
 
 def _queue(run: _Run, result: Result, *, final: bool, extra_tags: Mapping[str, str]) -> None:
     """The totals when due (always when final), new power points, changed tags, the report."""
-    writer = run.writer
-    gather = run.gather
+    writer, gather = run.writer, run.gather
     gathered_by = run.measurement.extra_tags.get("green.job.gathered_by")
     if gather is not None and gathered_by is None:  # every node's totals: the job's
         result = nodes.merge(

@@ -1,17 +1,18 @@
 """The one way out to MLflow, for the plugin and the Lightning ``EnergyMonitor``: metrics at the
-agreed steps, tags, the report and chart, bounded requests, and the spool when the server is down.
-
-See docs/mlflow-plugin.md (step convention, spool, bounded sends).
-"""
+agreed steps, tags, the report and chart, bounded requests, the spool when the server is down,
+delivery at exit and on SIGTERM. See docs/mlflow-plugin.md (steps, spool, bounded sends)."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -32,6 +33,7 @@ __all__ = [
     "RunGone",
     "RunWriter",
     "deliver",
+    "on_sigterm",
     "replay_spool",
     "shown_uri",
     "wait_uploads",
@@ -68,26 +70,20 @@ class RunGone(Exception):
 
 class RunWriter:
     """Writes one MLflow run. Queue values, then :meth:`flush` sends them as one batch (split
-    at MLflow's per-request limits) or, when the server does not take it, spools it.
-
-    Steps (one convention for every writer): :meth:`totals` at step = whole seconds since the
-    run's measurement began (earlier segments of a resumed run included), so the value MLflow
-    shows (the one at the highest step) is the latest cumulative total; :meth:`series` at the
-    caller's step; :meth:`power` at step = whole seconds since the run's start. Thread-safe:
-    hold :attr:`lock` to queue and flush atomically.
-    """
+    at MLflow's per-request limits) or, when the server does not take it, spools it. Steps (one
+    convention for every writer): :meth:`totals` at whole seconds since the run's measurement
+    began (resumed runs: earlier segments included), so the value MLflow shows (the highest
+    step's) is the latest total; :meth:`series` at the caller's step; :meth:`power` at whole
+    seconds since the run's start. Thread-safe: hold :attr:`lock` to queue and flush at once."""
 
     def __init__(self, tracking_uri: str, run_id: str, settings: Settings) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.settings = settings
         self.lock = threading.RLock()
-        #: Why the run can no longer be written (deleted); None while it can.
-        self.dead: str | None = None
-        #: ``seconds`` of the last :meth:`totals` queued (None: none yet).
-        self.totals_sent_at: float | None = None
-        #: Unix time of the latest power point queued.
-        self.power_until = 0.0
+        self.dead: str | None = None  # why the run can no longer be written (deleted)
+        self.totals_sent_at: float | None = None  # ``seconds`` of the last totals queued
+        self.power_until = 0.0  # Unix time of the latest power point queued
         self._tags_sent: dict[str, str] = {}
         self._metrics: list[tuple[str, float, int, int]] = []
         self._tags: dict[str, str] = {}
@@ -106,9 +102,8 @@ class RunWriter:
                 f"from {iso_utc(self._down_since)} ({self._kept} batch(es) kept in the spool, sent "
                 "when the server answers again or by `green-mlops sync`)"
             )
-        if not spans:
-            return None
-        return "the tracking server did not take green values " + "; ".join(spans[-5:])
+        said = "; ".join(spans[-5:])
+        return f"the tracking server did not take green values {said}" if spans else None
 
     @property
     def spool_path(self) -> Path:
@@ -174,11 +169,10 @@ class RunWriter:
     # -- sending -------------------------------------------------------------------------------
 
     def flush(self, *, report_later: bool = False) -> str:
-        """Send what is queued (the spool of this run first, to keep the order). Returns
-        "sent"; "down" (no answer from the server) or "unsent" (refused), spooled either way
-        when the spool can be used; "gone" (the run was deleted); "idle" (nothing queued).
-        ``report_later``: the report and chart go from a background thread
-        (:func:`wait_uploads`). Never raises for a failed delivery."""
+        """Send what is queued (this run's spool first, to keep the order). Returns "sent";
+        "down" (no answer) or "unsent" (refused), spooled either way when the spool can be used;
+        "gone" (the run was deleted); "idle" (nothing queued). ``report_later``: the report and
+        chart go from a background thread (:func:`wait_uploads`). Never raises for a failure."""
         with self.lock:
             batch = self.take()
             if self.dead:
@@ -249,11 +243,9 @@ class RunWriter:
             "tracking_uri": self.tracking_uri,
             "terminate": {"status": status, "end_time": int(time.time() * 1000)},
         }
-        try:
+        with contextlib.suppress(Exception):
             deliver(record)
             return False
-        except Exception:
-            pass
         return _keep(
             self.spool_path,
             record,
@@ -430,10 +422,9 @@ def _deleted(client: Any, run_id: str) -> bool:
 
 
 def _log_report(client: Any, run_id: str, report: dict[str, Any]) -> None:
-    """The report, its HTML view and the chart in one upload, from a directory of our own:
-    MLflow's ``log_dict``/``log_figure`` use ``TemporaryDirectory``, whose exit-time finalizer
-    deletes it under an upload still running at interpreter exit. A view that cannot be made
-    is left out and said in ``green.notes``; the JSON report goes all the same."""
+    """The report, its HTML view and the chart in one upload, from a directory of our own (the
+    ``TemporaryDirectory`` of MLflow's ``log_dict``/``log_figure`` is deleted under an upload
+    running at exit). A view that cannot be made is said in ``green.notes``; the JSON goes."""
     folder = Path(tempfile.mkdtemp(prefix="green-mlops-"))
     try:
         green = folder / Path(REPORT_ARTIFACT).parent
@@ -549,28 +540,17 @@ def _at_exit() -> None:
 
 
 def _say_pending(paths: Iterable[Path]) -> None:
-    """Once, at exit: what this process's runs still have in the spool (a server that did not
-    answer in time), where it is kept, and that ``green-mlops sync`` delivers it. The tracking
-    URIs are shown without their credentials."""
-    runs: list[str] = []
-    uris: dict[str, None] = {}
-    folders: dict[str, None] = {}
-    for path in paths:
-        kept = spool.pending(path)
-        if kept is None:
-            continue
-        what, targets = kept
-        runs.append(f"run {path.stem}: {what}")
-        uris.update((shown_uri(uri), None) for uri in targets)
-        folders[str(path.parent)] = None
-    if not runs:
+    """Once, at exit: what this process's runs still have in the spool, where, and that
+    ``green-mlops sync`` delivers it (tracking URIs without their credentials)."""
+    pending = [(path, kept) for path in paths if (kept := spool.pending(path)) is not None]
+    if not pending:
         return
     log.warning(
         "green-mlops: not delivered before exit (the tracking server %s did not take them in "
         "time): %s; kept in %s; run `green-mlops sync` when the server answers to deliver them",
-        ", ".join(uris) or "?",
-        "; ".join(runs),
-        ", ".join(folders),
+        ", ".join(dict.fromkeys(shown_uri(u) for _, (_, uris) in pending for u in uris)) or "?",
+        "; ".join(f"run {path.stem}: {what}" for path, (what, _) in pending),
+        ", ".join(dict.fromkeys(str(path.parent) for path, _ in pending)),
     )
 
 
@@ -583,6 +563,36 @@ def _replay_spooled() -> None:
             continue
         except Exception:
             break
+
+
+#: Called on SIGTERM, in order, before the exit-time delivery (:func:`on_sigterm`).
+_on_term: dict[Callable[[], None], None] = {}
+
+
+def on_sigterm(finish: Callable[[], None]) -> None:
+    """On SIGTERM (torchrun, Slurm): ``finish()``, the exit-time delivery (at most
+    :data:`UPLOAD_WAIT_S` + :data:`EXIT_REPLAY_S` in all), then die of it as by default. Only
+    for the default handler, from the main thread: never one the user or a framework installed."""
+    _on_term[finish] = None
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    if signal.getsignal(signum) is not _sigterm:
+        return  # chained by a handler installed since (Lightning's), where SIG_DFL was not
+    # from a thread: the main thread, interrupted here, may hold a lock the sends need
+    ender = threading.Thread(target=_terminating, name="green-mlops-sigterm", daemon=True)
+    ender.start()
+    ender.join(UPLOAD_WAIT_S + EXIT_REPLAY_S)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # never swallowed
+
+
+def _terminating() -> None:
+    for finish in [*_on_term, _at_exit]:  # none raises
+        finish()
 
 
 # Registered at import, before the plugin's own handler: handlers run last-in first-out, so
