@@ -186,3 +186,65 @@ def test_the_chart_starts_at_the_run_start_whatever_the_intervals(tmp_path: Path
     steps = power_steps({"energy": energy})["cpu"]
     assert steps == [pytest.approx((0.0, 0.76, 10.0)), pytest.approx((0.76, 0.94, 10.0))]
     assert draw_power({"energy": energy}, tmp_path / "p.png")
+
+
+def _stage_report(start: float, seconds: float, joules: float, run_s: float, pue: float) -> Any:
+    """A one-stage report as Result.report() writes it (constant power, 400 g/kWh)."""
+    from green_mlops.session import accounting_block
+    from green_mlops.verify import report_digests
+
+    energy = {
+        "started_at": start,
+        "duration_s": seconds,
+        "devices": [{"device": "cpu:0", "component": "cpu", "joules": joules, "uncertainty": 0.1}],
+        "phases": {
+            "test": {
+                "name": "test",
+                "duration_s": seconds,
+                "entries": 1,
+                "joules_by_device": {"cpu:0": joules},
+                "joules": joules,
+            }
+        },
+        "timeline": [{"time": start, "joules_by_component": {}}],
+        "joules": joules,
+        "kwh": joules / J_PER_KWH,
+        "joules_by_component": {"cpu": joules},
+    }
+    accounting = accounting_block(
+        None, [(start, 0.0), (start + seconds, joules)], None, None, {}, {}
+    )
+    accounting["pue"] = pue
+    return {
+        "schema": "green-mlops/report/v2",
+        "metrics": {"green/duration_s": run_s},
+        "energy": energy,
+        "accounting": accounting,
+        "digests": report_digests(accounting),
+    }
+
+
+def test_a_stage_that_cannot_be_merged_keeps_the_earlier_report_whole(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from green_mlops.integrations.lightning.stages import report_for_run
+
+    key = ("test", "unmergeable")
+    first = report_for_run(key, _stage_report(10.0, 2.0, 20.0, 2.0, 1.2), "fit")
+    assert first["energy"]["stages"] == [
+        {"stage": "fit", "started_at": 10.0, "duration_s": 2.0, "joules": 20.0}
+    ]
+    second = report_for_run(key, _stage_report(13.0, 1.0, 5.0, 3.0, 1.5), "test")
+    assert "could not be merged" in caplog.text and "accounting.pue differs" in caplog.text
+    assert second["energy"]["joules"] == 5.0
+    assert second["earlier_stage_reports"] == [first]  # nothing measured is lost
+    merged = report_for_run(("test", "same-pue"), _stage_report(10.0, 2.0, 20.0, 2.0, 1.2), "fit")
+    merged = report_for_run(("test", "same-pue"), _stage_report(13.0, 1.0, 5.0, 3.0, 1.2), "test")
+    assert merged["energy"]["joules"] == 25.0 and merged["energy"]["duration_s"] == 3.0
+    assert merged["accounting"]["timeline"] == [
+        [10.0, 0.0],
+        [12.0, 20.0],
+        [13.0, 20.0],
+        [14.0, 25.0],
+    ]
+    assert merged["energy"]["devices"][0]["joules"] == 25.0
