@@ -58,7 +58,10 @@ def run_demo(
 
     from green_mlops.integrations.lightning import AdaptiveValidation, EnergyMonitor
 
-    monitor = EnergyMonitor(monitor="val_acc", mode="max", target=0.97, settings=settings)
+    # with AdaptiveValidation val_acc covers only the examples evaluated: no quality from it
+    # (the sweep compares test_acc, measured on the whole test set)
+    quality = {} if adaptive else {"monitor": "val_acc", "mode": "max", "target": 0.97}
+    monitor = EnergyMonitor(settings=settings, **quality)
     callbacks: list[Any] = [monitor]
     if adaptive:
         callbacks.append(AdaptiveValidation(monitor="val_loss", mode="min", upper=5.0))
