@@ -46,6 +46,7 @@ __all__ = [
     "Estimate",
     "PilotError",
     "attach_estimate",
+    "check_estimate",
     "estimate",
     "estimate_trend",
     "parse_scale",
@@ -429,21 +430,52 @@ def save_estimate(path: Path, pilot_run_id: str, result: Estimate) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+#: What :data:`ESTIMATE_ENV` accepts (said when it names something else).
+ESTIMATE_FORM = (
+    "expected the path of a file written by `green-mlops estimate --save` (JSON with "
+    "pilot_run_id, energy_kwh > 0, low_kwh, high_kwh)"
+)
+
+
+def _read_estimate(name: str) -> tuple[str, float, float, float]:
+    """The pilot, energy, band of the estimate file ``name``; raises (OSError, ValueError, ...)."""
+    data = json.loads(Path(name).read_text())
+    pilot, kwh = str(data["pilot_run_id"]), float(data["energy_kwh"])
+    low, high = float(data["low_kwh"]), float(data["high_kwh"])
+    if not (math.isfinite(kwh) and kwh > 0):
+        raise ValueError(f"energy_kwh={kwh!r} is not > 0")
+    return pilot, kwh, low, high
+
+
+def _problem(exc: Exception) -> str:
+    return f"no key {exc}" if isinstance(exc, KeyError) else str(exc)
+
+
+def check_estimate(environ: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`~green_mlops.config.ConfigError` when :data:`ESTIMATE_ENV` names no
+    estimate file: checked when a measured run is about to be created, so this bad setting
+    fails before anything is measured, as the others do (not in a line at the run's end)."""
+    name = (os.environ if environ is None else environ).get(ESTIMATE_ENV)
+    if name:
+        try:
+            _read_estimate(name)
+        except Exception as exc:
+            why = f"{ESTIMATE_ENV}={name!r} cannot be read as an estimate ({_problem(exc)})"
+            raise ConfigError(f"{why}: {ESTIMATE_FORM}") from None
+
+
 def attach_estimate(
     metrics: dict[str, float], tags: dict[str, str], environ: Mapping[str, str] | None = None
 ) -> None:
     """For a run started with :data:`ESTIMATE_ENV`: the pilot's tags, the estimate and
-    :data:`ERROR_KEY` from the run's ``green/energy_kwh``; a file that cannot be read is said in
-    ``green.problems`` and the error is absent (``green.not_reported``). Never raises."""
+    :data:`ERROR_KEY` from the run's ``green/energy_kwh``; a file that cannot be read (any more:
+    :func:`check_estimate` checked it at the start) is said in ``green.problems`` and the
+    error is absent (``green.not_reported``). Never raises."""
     name = (os.environ if environ is None else environ).get(ESTIMATE_ENV)
     if not name:
         return
     try:
-        data = json.loads(Path(name).read_text())
-        pilot, kwh = str(data["pilot_run_id"]), float(data["energy_kwh"])
-        low, high = float(data["low_kwh"]), float(data["high_kwh"])
-        if not (math.isfinite(kwh) and kwh > 0):
-            raise ValueError(f"energy_kwh={kwh!r} is not > 0")
+        pilot, kwh, low, high = _read_estimate(name)
     except Exception as exc:  # never harm the run
         why = f"{ESTIMATE_ENV}={name!r} is not a `green-mlops estimate --save` file ({exc})"
         log.warning("green-mlops: %s", why)

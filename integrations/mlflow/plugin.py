@@ -28,6 +28,7 @@ from green_mlops.integrations.mlflow.writer import (
 )
 from green_mlops.log import warn_once
 from green_mlops.metrics import EXCLUSIVE_KEYS, is_additive
+from green_mlops.pilot import check_estimate
 from green_mlops.session import Measurement, Result
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def autolog(settings: Settings | Mapping[str, Any] | None = None, **overrides: A
     ConfigError at once for a bad setting (nothing instrumented). Idempotent; a second call sets
     later runs' settings. Without MLflow, a :class:`~green_mlops.GreenMlopsWarning` says so."""
     resolved = Settings.resolve(settings, **overrides)
+    check_estimate()
     with _state.lock:
         if _instrument():
             _state.settings = resolved
@@ -311,6 +313,8 @@ def _active_settings() -> Settings | None:
     with _state.lock:
         if _state.error is not None:
             raise _state.error
+        if _state.settings is not None:
+            check_estimate()  # GREEN_MLOPS_ESTIMATE: a file made before the run, or refused
         return _state.settings
 
 
@@ -320,10 +324,8 @@ def _backdated(late: float) -> dict[str, str]:
 
 
 def _parent_id(run: Any) -> str | None:
-    try:
-        return run.data.tags.get("mlflow.parentRunId")  # type: ignore[no-any-return]
-    except Exception:
-        return None
+    tags = getattr(getattr(run, "data", None), "tags", None) or {}
+    return tags.get("mlflow.parentRunId")
 
 
 # --- per-run lifecycle ----------------------------------------------------------------------
