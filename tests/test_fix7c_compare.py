@@ -14,6 +14,7 @@ Every expected number is computed here from the runs' own metrics, read back wit
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import subprocess
@@ -134,6 +135,22 @@ def test_top_level_runs_inside_a_concurrent_run_are_counted_once(made: Made) -> 
     once = [n for n in c.notes if "inside study's measured time" in n]
     assert len(once) == 1 and all(f"trial-{i}" in once[0] for i in range(4))
     assert all(any(m.startswith("concurrent (") for m in r.marks) for r in c.rows)
+
+
+def test_the_dashboard_says_a_months_total_is_an_upper_bound_not_counted_once(made: Made) -> None:
+    # the overview printed "every joule is counted once" under every month, overlaps or not
+    from green_mlops.integrations.mlflow.app.pages import overview_page
+
+    records = read_runs(made.server.url, [made.par], filter_string="attributes.run_name != 'study'")
+    periods = by_month(records)
+    assert any(p.total.upper_bound for p in periods)
+    page = overview_page({"1": made.par}, periods, None, "")
+    note = html.escape(EXCLUSIVE_NOTE)
+    assert "upper bound" in page and note not in page
+    whole = overview_page(
+        {"1": made.par}, by_month(read_runs(made.server.url, [made.par])), None, ""
+    )
+    assert note in whole and "upper-bound" not in whole
 
 
 def test_overlapping_runs_that_no_run_covers_make_the_total_an_upper_bound(

@@ -119,9 +119,17 @@ def overview_page(
         f'<div class="wide"><table class="sortable overview">{_head(headers)}<tbody>'
         + "".join(rows)
         + "</tbody></table></div>",
-        f'<p class="note">{escape(EXCLUSIVE_NOTE)}. Measured share: the energy of runs whose '
-        "every meter measured (green.measured = true); estimated: runs with an estimate.</p>",
     ]
+    # where overlapping runs could not be counted once, the period's total is an upper bound
+    bounds = sorted(
+        {f"{p.experiment} {p.month}: {p.total.upper_bound}" for p in periods if p.total.upper_bound}
+    )
+    counted = "" if bounds else f"{EXCLUSIVE_NOTE}. "
+    body.append(
+        f'<p class="note">{escape(counted)}Measured share: the energy of runs whose every meter '
+        "measured (green.measured = true); estimated: runs with an estimate.</p>"
+    )
+    body += [f'<p class="note upper-bound">{escape(b)}</p>' for b in bounds]
     body += [f'<p class="note absent">{escape(a)}</p>' for a in absent[:20]]
     if not periods:
         body.append('<p class="note">No runs in the experiments you may read.</p>')
