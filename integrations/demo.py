@@ -60,8 +60,10 @@ def run_demo(
 
     # with AdaptiveValidation val_acc covers only the examples evaluated: no quality from it
     # (the sweep compares test_acc, measured on the whole test set)
-    quality = {} if adaptive else {"monitor": "val_acc", "mode": "max", "target": 0.97}
-    monitor = EnergyMonitor(settings=settings, **quality)
+    if adaptive:
+        monitor = EnergyMonitor(settings=settings)
+    else:
+        monitor = EnergyMonitor(monitor="val_acc", mode="max", target=0.97, settings=settings)
     callbacks: list[Any] = [monitor]
     if adaptive:
         callbacks.append(AdaptiveValidation(monitor="val_loss", mode="min", upper=5.0))
