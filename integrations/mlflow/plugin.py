@@ -97,8 +97,7 @@ def autolog(settings: Settings | Mapping[str, Any] | None = None, **overrides: A
 
 
 def autolog_from_env() -> None:
-    """The entry-point path: GREEN_MLOPS_ENABLE is set. A bad configuration is raised when a run
-    is about to be created (so no run is left RUNNING), not during ``import mlflow``."""
+    """The entry-point path (GREEN_MLOPS_ENABLE): a bad configuration is raised at run creation."""
     from green_mlops.config import ConfigError
 
     with _state.lock:
@@ -352,6 +351,7 @@ def _begin(
             return  # another integration (the Lightning callback) measures and logs it
         run = _Run(run_id, RunWriter(str(client.tracking_uri), run_id, settings), measurement)
         if previous is not None:
+            run.measurement.extra_tags["green.run_status"] = "RUNNING"  # not the last end's
             run.measurement.offsets = _previous_totals(previous)
             # the earlier segments are not in this process's parent: it leaves out ours only
             run.subtracted = {
@@ -475,6 +475,7 @@ def _revive(run: _Run) -> None:
                 return
             del _state.lingering[run.run_id]
         _discard_lingering(keep=run.run_id)
+        run.measurement.extra_tags["green.run_status"] = "RUNNING"  # not the last end's
         with _state.lock:
             _state.runs[run.run_id] = run
             _activate(run)
@@ -484,13 +485,12 @@ def _revive(run: _Run) -> None:
 
 
 def _kill_runs() -> None:
-    """SIGTERM (:func:`.writer.on_sigterm`): end the measured runs KILLED, final values first,
-    newest first (children before their parents, as MLflow's stack ends them)."""
+    """SIGTERM (:func:`.writer.on_sigterm`): end the measured runs KILLED, children first."""
     from mlflow.tracking.client import MlflowClient
 
     with _state.lock:
         runs = list(_state.runs.values())[::-1]
-    for run in runs:
+    for run in runs:  # newest first: children before their parents, as MLflow ends them
         with contextlib.suppress(Exception):
             MlflowClient(run.writer.tracking_uri).set_terminated(run.run_id, "KILLED")
 
