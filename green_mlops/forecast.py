@@ -428,8 +428,9 @@ def price(
         ("co2e_high_g", forecast.high_j, forecast.high_duration_s),
     ):
         rest_j = max(0.0, joules - forecast.spent_j) * pue
-        span = max(1e-9, seconds - forecast.elapsed_s)
-        pieces = resolve(chain, now, now + span)
+        stop = now + max(1e-9, seconds - forecast.elapsed_s)
+        span = stop - now  # in the pieces' float resolution (Unix seconds: ~0.2 us)
+        pieces = resolve(chain, now, stop)
         covered = sum(p.end - p.start for p in pieces)
         grams = sum(rest_j * (p.end - p.start) / span * p.g_per_kwh for p in pieces)
         gap = max(0.0, span - covered) / span
@@ -440,7 +441,7 @@ def price(
         out[name] = spent_g + grams / J_PER_KWH
         if name == "co2e_g":
             sources = ", ".join(sorted({p.series.describe() for p in pieces}))
-            current = f"the current {current_g_per_kwh:g} g/kWh"
+            current = f"the current {current_g_per_kwh or 0:g} g/kWh"  # (used where set)
             if not sources:  # no series covers the remaining time
                 basis = f"remaining time priced at {current} (no intensity series covers it)"
             else:

@@ -216,6 +216,24 @@ def test_the_remaining_time_is_priced_by_the_intensity_forecast_else_the_current
     )
 
 
+def test_a_short_remainder_at_todays_unix_time_is_priced_exactly() -> None:
+    # at now ~ 1.8e9 s, (now + span) - now loses ~0.2 us: a 0.5 s remainder's carbon was
+    # 3e-7 high relative (a flaky test of the run's PUE, at rel 1e-6)
+    forecaster, _ = feed([10.0] * 8, seconds_per_j=0.0002)
+    forecast = forecaster.forecast(Plan(total_steps=230))
+    assert forecast is not None
+    rest_s = forecast.duration_s - forecast.elapsed_s
+    assert 0 < rest_s < 1
+    now = 1_800_000_000.123
+    whole = [(now - 10, now + 10, 400.0)]
+    chain = [_series(whole, "fc")]
+    priced = price(forecast, spent_g=5.0, now=now, chain=chain, current_g_per_kwh=300.0)
+    rest_g = (forecast.energy_j - forecast.spent_j) / 3.6e6 * 400
+    assert priced.co2e_g == pytest.approx(5.0 + rest_g, rel=1e-12, abs=0)
+    # all of it covered by the series: no current intensity needed (it raised TypeError)
+    assert price(forecast, spent_g=5.0, now=now, chain=chain).co2e_g == priced.co2e_g
+
+
 class SteppedMeter(ClockMeter):
     """Energy = the integral of ``watts`` over a ManualClock's time (the test sets ``watts``)."""
 
