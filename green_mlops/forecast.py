@@ -429,7 +429,7 @@ def price(
     ):
         rest_j = max(0.0, joules - forecast.spent_j) * pue
         stop = now + max(1e-9, seconds - forecast.elapsed_s)
-        span = stop - now  # in the pieces' float resolution (Unix seconds: ~0.2 us)
+        span = max(1e-9, stop - now)  # in the pieces' float resolution (Unix s: ~0.2 us)
         pieces = resolve(chain, now, stop)
         covered = sum(p.end - p.start for p in pieces)
         grams = sum(rest_j * (p.end - p.start) / span * p.g_per_kwh for p in pieces)
