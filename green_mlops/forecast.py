@@ -441,7 +441,10 @@ def price(
         out[name] = spent_g + grams / J_PER_KWH
         if name == "co2e_g":
             sources = ", ".join(sorted({p.series.describe() for p in pieces}))
-            current = f"the current {current_g_per_kwh or 0:g} g/kWh"  # (used where set)
+            # (needed only where time is left uncovered, and then set: else returned above)
+            current = (
+                "" if current_g_per_kwh is None else f"the current {current_g_per_kwh:g} g/kWh"
+            )
             if not sources:  # no series covers the remaining time
                 basis = f"remaining time priced at {current} (no intensity series covers it)"
             else:
