@@ -168,13 +168,14 @@ def near_ties(seed: int, epochs: int = 16, n: int = 3000) -> np.ndarray:
 
 
 def replay_pairs(
-    validator: AdaptiveValidator, rows: np.ndarray, batch: int = 100
+    validator: AdaptiveValidator, rows: np.ndarray, batch: int = 100, declare: bool = False
 ) -> list[tuple[int, int, Decision, float]]:
     """Replay lazily (the incumbent from its own row); per run with a comparison: (run,
-    incumbent run, decision, the pair's exact full-set mean difference)."""
+    incumbent run, decision, the pair's exact full-set mean difference). ``declare``: pass
+    N to ``begin`` as the callback does."""
     out, incumbent = [], -1
     for epoch, row in enumerate(rows):
-        validator.begin()
+        validator.begin(population=row.size if declare else None)
         for start in range(0, row.size, batch):
             if validator.should_stop:
                 break
@@ -210,6 +211,44 @@ def test_every_decision_is_exact_or_within_the_tolerance_and_it_saves_more() -> 
         assert tolerance is not None or zone_calls == 0
     # measured: 14 % strict, 23 % (28 % with calls on the running mean's side alone)
     assert saved[eps] > saved[None] + 0.05
+
+
+def test_with_a_tolerance_the_first_run_stops_after_a_batch_and_decisions_hold() -> None:
+    """Given N, the first run (nothing to compare with) stops after its first batch; its
+    other values are evaluated lazily, as deep as later comparisons need. The strict mode
+    keeps its full first pass."""
+    costs = {}
+    for tolerance, declare in ((0.01, False), (0.01, True), (None, True)):
+        cost = 0.0
+        for seed in range(3):
+            rows = near_ties(seed)
+            validator = AdaptiveValidator(upper=5.0, tolerance=tolerance)
+            pairs = replay_pairs(validator, rows, declare=declare)
+            for _, _, decision, mu in pairs:
+                exact = Decision.IMPROVED if mu < 0 else Decision.NOT_IMPROVED
+                assert decision is exact or (tolerance is not None and abs(mu) < tolerance)
+            assert pairs[0][0] == 1  # run 1 was compared with run 0
+            cost += validator.evaluated_total / validator.population_total
+        costs[tolerance, declare] = cost / 3
+    first = AdaptiveValidator(upper=5.0, tolerance=0.01)
+    first.begin(population=3000)
+    first.observe(np.full(100, 0.5))
+    assert first.should_stop
+    outcome = first.end()
+    assert (outcome.evaluated, outcome.exact, outcome.improved) == (100, False, True)
+    assert outcome.value == 0.5 and first.needs_weights and first.known == 100
+    nan = AdaptiveValidator(upper=5.0, tolerance=0.01)  # a non-finite value: a full pass
+    nan.begin(population=300)
+    nan.observe(np.array([0.5, np.nan]))
+    assert not nan.should_stop
+    nan.observe(np.full(298, 0.5))
+    assert math.isnan(nan.end().value)
+    strict = AdaptiveValidator(upper=5.0)
+    strict.begin(population=3000)
+    strict.observe(np.full(100, 0.5))
+    assert not strict.should_stop
+    # measured: 0.766 without N, 0.708 with it; strict 0.849 either way
+    assert costs[0.01, True] < costs[0.01, False] - 0.01
 
 
 def test_alpha_is_spent_per_pair_of_runs_with_a_tolerance() -> None:
@@ -276,27 +315,29 @@ class Recorder(Callback):
 
 
 class Net(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)
-        )
-
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         return F.cross_entropy(self.net(x), y)
 
+    def __init__(self, per_token: bool = False) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)
+        )
+        self.per_token = per_token
+
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         x, y = batch
-        return {
-            "per_example_loss": F.cross_entropy(self.net(x), y, reduction="none").clamp(max=5.0)
-        }
+        loss = F.cross_entropy(self.net(x), y, reduction="none").clamp(max=5.0)
+        return {"per_example_loss": torch.cat([loss, loss]) if self.per_token else loss}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
-def fit_net(root: Path, **adaptive: Any) -> tuple[tuple[int, str], Recorder, AdaptiveValidation]:
+def fit_net(
+    root: Path, per_token: bool = False, limit_val_batches: int | None = None, **adaptive: Any
+) -> tuple[tuple[int, str], Recorder, AdaptiveValidation]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4500, 8, generator=gen)
     y = (x[:, 0] + x[:, 1] ** 2 - 1 + 0.8 * torch.randn(4500, generator=gen) > 0).long()
@@ -322,8 +363,9 @@ def fit_net(root: Path, **adaptive: Any) -> tuple[tuple[int, str], Recorder, Ada
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=True,
+        limit_val_batches=limit_val_batches,
         callbacks=[callback, es, mc, record],
-    ).fit(Net(), train, val)
+    ).fit(Net(per_token), train, val)
     return (es.stopped_epoch, Path(mc.best_model_path).name.split("-")[0]), record, callback
 
 
@@ -335,7 +377,7 @@ def test_a_fit_with_a_tolerance_decides_as_its_replay_and_logs_the_tolerance(
     validator = AdaptiveValidator(upper=5.0, tolerance=0.02)
     incumbent, replayed = -1, []
     for run, batches in enumerate(full_record.values[: len(record.logged)]):
-        validator.begin()
+        validator.begin(population=4000)  # what the callback reads off the dataset
         for i, batch in enumerate(batches):
             if validator.should_stop:
                 break
@@ -352,6 +394,24 @@ def test_a_fit_with_a_tolerance_decides_as_its_replay_and_logs_the_tolerance(
     assert "green/validation/tolerance" not in full_record.logged[0]  # strict: not logged
     assert callback.validator.skipped_total > 0
     assert decided == full  # (here; in general only up to calls inside the zone)
+    # the first run stopped after its first batch (200 of 4000) and logged that estimate
+    assert record.logged[0]["green/validation/fraction_evaluated"] == 0.05
+    assert record.logged[0]["green/validation/exact"] == 0.0
+    assert record.logged[0]["val_loss"] == pytest.approx(float(np.mean(record.values[0][0])))
+
+
+@pytest.mark.parametrize("cut", ["limit_val_batches", "per_token"])
+def test_the_first_run_is_a_full_pass_where_n_is_not_certain(tmp_path: Path, cut: str) -> None:
+    """A limit_val_batches cut, or a validation_step that does not give one value per example
+    (here two per example), leave N unknown before the first full pass: it is made."""
+    trainer_args: dict[str, Any] = {"limit_val_batches": 10} if cut == "limit_val_batches" else {}
+    _, record, callback = fit_net(
+        tmp_path, tolerance=0.02, per_token=cut == "per_token", **trainer_args
+    )
+    first = record.logged[0]
+    assert first["green/validation/fraction_evaluated"] == 1.0
+    assert first["green/validation/exact"] == 1.0
+    assert callback.validator.skipped_total > 0  # later runs still stop early
 
 
 def test_bad_tolerance_is_refused_by_the_callback_naming_it() -> None:

@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from green_mlops.adaptive.betting import FloatArray, check_tolerance, comparison_budget
 from green_mlops.adaptive.comparison import Decision, PairedComparison
+from green_mlops.adaptive.persistence import load_state, state_of
 from green_mlops.adaptive.rounding import (
     FLOAT32_ROUNDING_MARGIN,
     ROUNDING_MARGIN,
@@ -182,6 +183,8 @@ class AdaptiveValidator:
         self._incumbent_run = 0
         self._running = False
         self._es_tracked = True
+        #: With a tolerance, the declared N while the first run is evaluated on a prefix only.
+        self._first: int | None = None
 
     # -- state queries ---------------------------------------------------------------------
 
@@ -220,19 +223,36 @@ class AdaptiveValidator:
     @property
     def should_stop(self) -> bool:
         """True once the rest of this run cannot change its decision."""
+        if self._first is not None:
+            return 0 < self._n < self._first
         test = self._test
         return test is not None and test.decision is not Decision.UNDECIDED and test.n < test.N
 
     # -- one run ---------------------------------------------------------------------------
 
-    def begin(self) -> None:
-        """Start a validation run."""
+    def begin(self, population: int | None = None) -> None:
+        """Start a validation run. ``population``: the number of per-example values a full
+        pass yields (N), where the driver knows it. With a tolerance and early "improved",
+        the first run (no incumbent yet) then stops after its first batch: it decides
+        nothing, and the incumbent's other values are evaluated lazily, only as deep as
+        later comparisons need (docs/adaptive-validation.md, "The first run")."""
         self._values = []
         self._n = 0
         self._incumbent_run = 0
         self._running = True
         self._test = None
+        self._first = None
         inc = self.incumbent
+        if population is not None and population < 1:
+            raise ValueError(f"population must be None or >= 1, got {population}")
+        if (
+            inc is None
+            and population is not None
+            and self.tolerance is not None
+            and self.improves_early
+            and self.problem is None
+        ):
+            self._first = population
         if not self.enabled or self.problem is not None or inc is None:
             return
         if not bool(np.all(np.isfinite(inc[: self.known]))):
@@ -334,6 +354,11 @@ class AdaptiveValidator:
         if self.known == inc.size:
             self.incumbent_value = self._round(float(np.mean(inc)))
 
+    def full_first(self) -> None:
+        """Evaluate this first run in full after all (before its second batch): the driver
+        found that its batches do not yield one value per example of the declared N."""
+        self._first = None
+
     def observe(self, values: Sequence[float] | npt.ArrayLike) -> Decision:
         """Add one batch of per-example values (in visiting order)."""
         if not self._running:
@@ -354,6 +379,8 @@ class AdaptiveValidator:
                     "the incumbent's run: the validation set changed"
                 )
             self._check_bounds(batch)
+            if self._first is not None and not bool(np.all(np.isfinite(batch))):
+                self._first = None  # a non-finite value: a full pass, its mean logged as is
             return Decision.UNDECIDED
         decision = test.update(batch)
         if test.out_of_bounds is not None and self.problem is None:
@@ -373,6 +400,14 @@ class AdaptiveValidator:
         lazy = self._incumbent_run
         if values.size == 0:
             raise ValueError("the validation run produced no per-example values")
+        first, self._first = self._first, None
+        if first is not None and values.size > first:
+            raise ValueError(
+                f"the first validation run yielded more than the {first} per-example values "
+                "declared (population)"
+            )
+        if first is not None and values.size < first:
+            return self._end_first(values, first)
         self.evaluated_total += values.size + lazy
         self.population_total += population
         run, self.runs = self.runs, self.runs + 1
@@ -420,6 +455,19 @@ class AdaptiveValidator:
         return Outcome(
             value, exact, cls != "not", decision, values.size, population, k, alpha_k, lazy
         )
+
+    def _end_first(self, values: FloatArray, population: int) -> Outcome:
+        """The first run, evaluated on a prefix: it becomes the incumbent (as at the full
+        set: nothing to beat) known on that prefix; its logged value is the prefix's mean."""
+        self.evaluated_total += values.size
+        self.population_total += population
+        run, self.runs = self.runs, self.runs + 1
+        value, _ = self._place(float(np.mean(values)), "improved_by_delta", early=True)
+        inc = np.full(population, np.nan)
+        inc[: values.size] = values
+        self._new_incumbent(inc, values.size, None, "improved_by_delta", run)
+        self._track(value)
+        return Outcome(value, False, True, Decision.IMPROVED, values.size, population, 0, 0.0, 0)
 
     # -- what is logged --------------------------------------------------------------------
 
@@ -513,77 +561,7 @@ class AdaptiveValidator:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume (the incumbent's weights are the driver's): the
         incumbent's values (NaN where unknown), the best values, counters."""
-        return {
-            "version": 2,
-            "mode": self.mode,
-            "alpha": self.alpha,
-            "lower": self.lower,
-            "upper": self.upper,
-            "precision": self.precision,
-            "incumbent_mode": self.incumbent_mode,
-            "min_delta": self.min_delta,
-            "best": self.best,
-            "es_best": self.es_best,
-            "incumbent": None if self.incumbent is None else self.incumbent.copy(),
-            "known": self.known,
-            "incumbent_value": self.incumbent_value,
-            "es_value": self.es_value,
-            "comparisons": self.comparisons,
-            "evaluated_total": self.evaluated_total,
-            "population_total": self.population_total,
-            "problem": self.problem,
-            "tolerance": self.tolerance,
-            "horizon": self.horizon,
-            "runs": self.runs,
-            "incumbent_run": self.incumbent_run,
-        }
+        return state_of(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        version = state.get("version")
-        if version not in (1, 2):
-            raise ValueError(f"unknown AdaptiveValidator state version {version!r}")
-        if state["mode"] != self.mode:
-            raise ValueError(
-                f"the checkpoint was written with mode={state['mode']!r}, this run has "
-                f"mode={self.mode!r}"
-            )
-        incumbent = state["incumbent"]
-        self.incumbent = None if incumbent is None else np.asarray(incumbent, np.float64).copy()
-        self.best = float(state["best"])
-        self.comparisons = int(state["comparisons"])
-        self.evaluated_total = int(state["evaluated_total"])
-        self.problem = state["problem"]
-        size = 0 if self.incumbent is None else self.incumbent.size
-        if version == 1:  # values mode: complete incumbent, logged values all exact
-            self.known = size
-            self.incumbent_value = None if self.incumbent is None else self.best
-            self.es_best = self.best  # exact when min_delta == 0; else see below
-            self.es_value = None
-            self.population_total = self.evaluated_total + int(state["skipped_total"])
-            # EarlyStopping's best was not recorded: without it no early "improved"
-            self._es_tracked = self.min_delta == 0
-        else:
-            self.known = int(state["known"])
-            value = state["incumbent_value"]
-            self.incumbent_value = None if value is None else float(value)
-            self.es_best = float(state["es_best"])
-            es_value = state["es_value"]
-            self.es_value = None if es_value is None else float(es_value)
-            self.population_total = int(state["population_total"])
-            if float(state["min_delta"]) != self.min_delta:
-                raise ValueError(
-                    f"the checkpoint was written with EarlyStopping min_delta="
-                    f"{state['min_delta']}, this run has {self.min_delta}"
-                )
-        for name in ("tolerance", "horizon"):
-            if state.get(name) != getattr(self, name):
-                raise ValueError(
-                    f"the checkpoint was written with {name}={state.get(name)!r}, this run has "
-                    f"{name}={getattr(self, name)!r}"
-                )
-        self.runs = int(state.get("runs", self.comparisons + (size > 0)))
-        self.incumbent_run = int(state.get("incumbent_run", -1))
-        if self.known > size:
-            raise ValueError(f"state has {self.known} known values of {size}")
-        self._test = None
-        self._running = False
+        load_state(self, state)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 from typing_extensions import override
 
 from green_mlops.adaptive import AdaptiveValidator, Outcome
@@ -30,6 +30,7 @@ from green_mlops.integrations.lightning.secondary import (
     wanted,
 )
 from green_mlops.integrations.lightning.validation_energy import validation_joules
+from green_mlops.integrations.lightning.validation_set import dataset_length, full_pass
 from green_mlops.log import warn_user
 from green_mlops.units import J_PER_KWH
 
@@ -258,6 +259,7 @@ class AdaptiveValidation(Callback):
         self._outcome: Outcome | None = None  # the primary's, once it is finished
         self._tally = SecondaryTally()
         self._said_single = False
+        self._first_batch: int | None = None  # a lazy first run: the batch size to check
 
     @staticmethod
     def permute_once(dataset: Dataset[T], seed: int = 0) -> PermutedDataset[T]:
@@ -310,7 +312,7 @@ class AdaptiveValidation(Callback):
         self._padded_seen = 0
         self._eval_values = []
         self._incumbent_copy.release()
-        self._total = _dataset_length(trainer)
+        self._total = dataset_length(trainer)
         self._fitting_run = trainer.state.fn == TrainerFn.FITTING
         self._limits, self._outcome = None, None
         if self._fitting_run:
@@ -324,7 +326,8 @@ class AdaptiveValidation(Callback):
                     "AdaptiveValidation(secondary='lazy') does nothing here: the fit has one "
                     "validation dataloader (it applies to the second and later ones)"
                 )
-            self.validator.begin()
+            population, self._first_batch = full_pass(trainer, self._total)
+            self.validator.begin(population=population)
 
     @override
     def on_validation_batch_start(
@@ -374,6 +377,10 @@ class AdaptiveValidation(Callback):
         if not self._fitting_run:
             self._eval_values.append(array)
             return
+        if self._first_batch is not None:  # a first run stopping after this batch
+            if values.numel() != self._first_batch:  # not one value per example: no N
+                self.validator.full_first()
+            self._first_batch = None
         with refusing():
             if self.validator.incumbent_missing(array.size):  # same answer on every rank
                 theirs = self._incumbent_copy.outputs(trainer, pl_module, batch, batch_idx)
@@ -583,16 +590,3 @@ class AdaptiveValidation(Callback):
                 "its weights are not in the checkpoint"
             )
         self._incumbent_copy.restore(weights)
-
-
-def _dataset_length(trainer: pl.Trainer) -> int | None:
-    loaders: Any = trainer.val_dataloaders
-    if isinstance(loaders, (list, tuple)) and loaders:
-        loaders = loaders[0]  # the monitored one
-    dataset = getattr(loaders, "dataset", None)
-    if dataset is None or isinstance(dataset, IterableDataset):
-        return None
-    try:
-        return len(dataset)
-    except TypeError:
-        return None
