@@ -20,12 +20,12 @@ A quantity that cannot be computed is ``None``, never 0, with the reason in :att
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from green_mlops.carbon import SKIPPED_DEFAULT
-from green_mlops.overlap import concurrent_runs, counted_once, family_sum, names
+from green_mlops.overlap import concurrent_runs, counted_once, family_sum, names, outside_children
 from green_mlops.runs import RunRecord
 
 __all__ = [
@@ -113,6 +113,9 @@ class Row:
     start_time: float | None = None
     end_time: float | None = None
     concurrent: int | None = None
+    #: Created after the work it records (mlflow.sklearn's search candidates): not measured,
+    #: its energy is its parent's (``green.measured_span`` "none: ...").
+    in_parent: bool = False
 
     @property
     def marks(self) -> tuple[str, ...]:
@@ -215,10 +218,12 @@ def by_month(records: Sequence[RunRecord]) -> tuple[Period, ...]:
     periods = []
     for (experiment, month), rows in sorted(cells.items()):
         total = _group("month", month, rows, "max")
+        ids = {r.run_id for r in rows}
+        own = [r for r in rows if not (r.in_parent and r.parent_id in ids)]  # (parent's energy)
         shares = [
             None
             if total.energy_kwh is None
-            else _group("", "", [r for r in rows if r.measured is measured], "max").energy_kwh
+            else _group("", "", [r for r in own if r.measured is measured], "max").energy_kwh
             for measured in (True, False, None)
         ]
         periods.append(Period(experiment, month, total, *shares))
@@ -256,7 +261,7 @@ def compare(
     groups = _groups(rows, by, mode) if by is not None else ()
     total = _group(None, None, rows, mode)
     notes = [total.upper_bound or EXCLUSIVE_NOTE, *total.counted_once]
-    notes += _outside_children(records)
+    notes += outside_children(records)
     if metric is None:
         notes.append("no metric chosen: quality per kWh and the front need --metric NAME")
     else:
@@ -409,6 +414,8 @@ def _row(record: RunRecord, metric: str | None, mode: str, by: str | None) -> Ro
         start_time=record.start_time,
         end_time=record.end_time,
         concurrent=concurrent_runs(tags),
+        in_parent=record.parent_id is not None
+        and tags.get("green.measured_span", "").startswith("none:"),
     )
 
 
@@ -531,8 +538,13 @@ def _group(key: str | None, value: str | None, rows: Sequence[Row], mode: str) -
     absent: dict[str, str] = {}
     sums: dict[str, float | None] = {}
     units, once, unknown = counted_once(rows)
+    ids = {r.run_id for r in rows}  # a run whose energy is its parent's adds 0 beside it
     for attr, metric_key in _SUMMED.items():
-        lacking = [r.name for r in rows if getattr(r, attr) is None]
+        lacking = [
+            r.name
+            for r in rows
+            if getattr(r, attr) is None and not (r.in_parent and r.parent_id in ids)
+        ]
         if lacking:
             sums[attr] = None
             shown = ", ".join(lacking[:3]) + (" ..." if len(lacking) > 3 else "")
@@ -565,27 +577,6 @@ def _group(key: str | None, value: str | None, rows: Sequence[Row], mode: str) -
         "cannot be known from their totals, so the overlap is counted more than once",
         counted_once=tuple(once),
     )
-
-
-def _outside_children(records: Iterable[RunRecord]) -> list[str]:
-    """A note for parents whose nested runs are not compared: their totals exclude them."""
-    ids = {r.run_id for r in records}
-    parents = {r.parent_id for r in records if r.parent_id in ids}
-    notes = []
-    for r in records:
-        inclusive = r.metrics.get("green/inclusive/energy_kwh")
-        own = r.metrics.get("green/energy_kwh")
-        if (
-            inclusive is not None
-            and own is not None
-            and inclusive > own
-            and r.run_id not in parents
-        ):
-            notes.append(
-                f"{r.name}: its nested runs are not among the runs compared; the totals exclude "
-                f"their {inclusive - own:.3g} kWh"
-            )
-    return notes
 
 
 def _finite(value: Any) -> Any:

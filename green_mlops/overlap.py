@@ -11,13 +11,14 @@ in a way their totals cannot tell (the sum is then an upper bound).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from green_mlops.compare import Row
+    from green_mlops.runs import RunRecord
 
-__all__ = ["concurrent_runs", "counted_once", "family_sum", "names"]
+__all__ = ["concurrent_runs", "counted_once", "family_sum", "names", "outside_children"]
 
 
 def concurrent_runs(tags: Mapping[str, str]) -> int | None:
@@ -111,3 +112,24 @@ def family_sum(top: Row, members: Sequence[Row], attr: str) -> float:
     if len(members) > 1 and cap is not None and total > cap * (1 + 1e-9):
         return float(cap)
     return total
+
+
+def outside_children(records: Iterable[RunRecord]) -> list[str]:
+    """A note for parents whose nested runs are not compared: their totals exclude them."""
+    ids = {r.run_id for r in records}
+    parents = {r.parent_id for r in records if r.parent_id in ids}
+    notes = []
+    for r in records:
+        inclusive = r.metrics.get("green/inclusive/energy_kwh")
+        own = r.metrics.get("green/energy_kwh")
+        if (
+            inclusive is not None
+            and own is not None
+            and inclusive > own
+            and r.run_id not in parents
+        ):
+            notes.append(
+                f"{r.name}: its nested runs are not among the runs compared; the totals exclude "
+                f"their {inclusive - own:.3g} kWh"
+            )
+    return notes
