@@ -336,7 +336,12 @@ class Net(pl.LightningModule):
 
 
 def fit_net(
-    root: Path, per_token: bool = False, limit_val_batches: int | None = None, **adaptive: Any
+    root: Path,
+    per_token: bool = False,
+    limit_val_batches: int | None = None,
+    val_batch: int = 200,
+    drop_last: bool = False,
+    **adaptive: Any,
 ) -> tuple[tuple[int, str], Recorder, AdaptiveValidation]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4500, 8, generator=gen)
@@ -349,7 +354,9 @@ def fit_net(
         generator=torch.Generator().manual_seed(0),
     )
     val = DataLoader(
-        AdaptiveValidation.permute_once(TensorDataset(x[500:], y[500:])), batch_size=200
+        AdaptiveValidation.permute_once(TensorDataset(x[500:], y[500:])),
+        batch_size=val_batch,
+        drop_last=drop_last,
     )
     callback = AdaptiveValidation(upper=5.0, **adaptive)
     es = EarlyStopping(monitor="val_loss", patience=3)
@@ -400,18 +407,35 @@ def test_a_fit_with_a_tolerance_decides_as_its_replay_and_logs_the_tolerance(
     assert record.logged[0]["val_loss"] == pytest.approx(float(np.mean(record.values[0][0])))
 
 
-@pytest.mark.parametrize("cut", ["limit_val_batches", "per_token"])
+@pytest.mark.parametrize("cut", ["limit_val_batches", "per_token", "drop_last"])
 def test_the_first_run_is_a_full_pass_where_n_is_not_certain(tmp_path: Path, cut: str) -> None:
-    """A limit_val_batches cut, or a validation_step that does not give one value per example
-    (here two per example), leave N unknown before the first full pass: it is made."""
-    trainer_args: dict[str, Any] = {"limit_val_batches": 10} if cut == "limit_val_batches" else {}
-    _, record, callback = fit_net(
-        tmp_path, tolerance=0.02, per_token=cut == "per_token", **trainer_args
-    )
+    """A limit_val_batches cut, a validation_step that does not give one value per example
+    (here two per example), or drop_last (13 batches of 300 hold 3,900 of the 4,000
+    examples) leave N unknown before the first full pass: it is made."""
+    args: dict[str, Any] = {
+        "limit_val_batches": {"limit_val_batches": 10},
+        "per_token": {"per_token": True},
+        "drop_last": {"val_batch": 300, "drop_last": True},
+    }[cut]
+    _, record, callback = fit_net(tmp_path, tolerance=0.02, **args)
     first = record.logged[0]
     assert first["green/validation/fraction_evaluated"] == 1.0
     assert first["green/validation/exact"] == 1.0
     assert callback.validator.skipped_total > 0  # later runs still stop early
+
+
+def test_every_value_returned_counts_with_one_process(tmp_path: Path) -> None:
+    """With one process nothing pads the set: a validation_step that returns more values than
+    examples (two per example here) is averaged over all of them, as Lightning would."""
+    _, record, _ = fit_net(tmp_path, per_token=True, enabled=False)
+    for logged, batches in zip(record.logged, record.values, strict=True):
+        assert logged["val_loss"] == pytest.approx(float(np.mean(np.concatenate(batches))))
+
+
+def test_a_numpy_tolerance_is_accepted() -> None:
+    assert AdaptiveValidation(upper=5.0, tolerance=np.float32(0.01)).tolerance == pytest.approx(
+        0.01
+    )
 
 
 def test_bad_tolerance_is_refused_by_the_callback_naming_it() -> None:
@@ -445,6 +469,8 @@ def test_an_unbounded_loss_with_a_tolerance_says_once_what_it_can_stop(
             AdaptiveValidation.permute_once(TensorDataset(x[100:], y[100:])), batch_size=100
         ),
     )
-    said = [r.getMessage() for r in caplog.records if "tolerance" in r.getMessage()]
-    assert len(said) == 1
-    assert "not improved" in said[0] and "in full" in said[0] and "upper=" in said[0]
+    said = [r for r in caplog.records if "tolerance" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING  # seen without configuring
+    text = said[0].getMessage()
+    assert "not improved" in text and "in full" in text and "upper=" in text
+    assert "beat the best by 0.05 or more" in text and "-0.05" not in text

@@ -7,6 +7,7 @@ inequality), and the alpha spent on the k-th test of a fit. See docs/betting-tes
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -65,7 +66,7 @@ def check_tolerance(tolerance: float | None, lower: float | None, upper: float |
     accepted = "pass None (strict) or a number >= 0 in the metric's units"
     if math.isfinite(span):
         accepted += f", less than the range of the per-example values (upper - lower = {span:g})"
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):  # (numpy too)
         raise ValueError(f"tolerance={tolerance!r}: {accepted}")
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance={tolerance!r}: {accepted}")

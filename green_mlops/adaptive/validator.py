@@ -146,7 +146,7 @@ class AdaptiveValidator:
                 f"horizon={horizon!r}: pass None or an int >= 1, the most validation runs of "
                 "the fit (e.g. max_epochs with one validation run per epoch)"
             )
-        self.tolerance = tolerance
+        self.tolerance = None if tolerance is None else float(tolerance)
         self.horizon = horizon
         #: Validation runs ended so far, and the run (0-based) that produced the incumbent.
         self.runs = 0

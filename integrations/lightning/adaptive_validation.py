@@ -220,7 +220,7 @@ class AdaptiveValidation(Callback):
                 tolerance=tolerance,
                 horizon=horizon,
             )
-        self.tolerance = tolerance
+        self.tolerance = self.validator.tolerance
         self.monitor = monitor
         self.mode = mode
         self.alpha = alpha
@@ -291,10 +291,11 @@ class AdaptiveValidation(Callback):
             trainer, self.validator, announce=True
         )
         if self.tolerance is not None and self.early_improved_off and trainer.is_global_zero:
-            log.info(
-                "AdaptiveValidation(tolerance=%g): runs worse than the best by more than -%g "
-                "stop early as 'not improved'; improving runs and near ties are evaluated in "
-                "full (%s), so the tolerance caps only the 'not improved' side. For both: clamp "
+            log.warning(
+                "AdaptiveValidation(tolerance=%g): only runs shown not to beat the best by %g "
+                "or more stop early (as 'not improved'); improving runs and near ties are "
+                "evaluated in full (%s), so the tolerance caps only the 'not improved' side. "
+                "For both: clamp "
                 "the per-example value and pass upper= (mode='min') or lower= (mode='max').",
                 self.tolerance,
                 self.tolerance,
@@ -526,7 +527,8 @@ class AdaptiveValidation(Callback):
             gathered = trainer.strategy.all_gather(values)  # [W, B]
             values = gathered.transpose(0, 1).reshape(-1)
         array = values.to(torch.float64).cpu().numpy()
-        if self._total is not None and start + array.size > self._total:
+        # (only DistributedSampler pads; with one process every value returned is kept)
+        if trainer.world_size > 1 and self._total is not None and start + array.size > self._total:
             array = array[: max(0, self._total - start)]
         return array
 

@@ -16,7 +16,8 @@ __all__ = ["dataset_length", "full_pass"]
 def full_pass(trainer: pl.Trainer, total: int | None) -> tuple[int | None, int | None]:
     """(N, the per-rank batch size) where a full pass over the monitored dataloader yields
     ``len(dataset)`` values: a map-style dataset, no ``limit_val_batches`` cut, a plain
-    ``batch_size``, and more than one batch; else (None, None)."""
+    ``batch_size`` whose batches hold exactly the dataset (no ``drop_last``), and more than one
+    batch; else (None, None)."""
     loaders: Any = trainer.val_dataloaders
     if isinstance(loaders, (list, tuple)) and loaders:
         loaders = loaders[0]
@@ -27,6 +28,11 @@ def full_pass(trainer: pl.Trainer, total: int | None) -> tuple[int | None, int |
     except TypeError:
         whole = False
     if total is None or not isinstance(size, int) or not whole or batches is None or batches < 2:
+        return None, None
+    # the batches must hold exactly the dataset's examples: not so with drop_last, a custom
+    # sampler, or a DistributedSampler that drops (each rank gets ceil(total / W) otherwise)
+    per_rank = -(-total // max(1, trainer.world_size))
+    if not (batches - 1) * size < per_rank <= batches * size:
         return None, None
     return total, size
 
